@@ -1,0 +1,164 @@
+"""The typed model configuration of the moue family (MODEL.md).
+
+``ModelConfig`` is frozen and keyword-only; ``__post_init__`` validates every field and every
+combination, raising ``ConfigError`` with the field, the value and what is allowed, e.g.
+``model.top_k (9) must be <= model.window (8)``. Dicts from TOML or Ray become a ``ModelConfig``
+at the edge (``ModelConfig.from_dict``) and never travel further inward.
+
+Notation (MODEL.md): ``L`` layers, ``d`` width, ``P`` pool size, ``f`` expert hidden size, ``k``
+top-k, ``w`` window, ``s`` stride, ``g`` layers per rotation step, ``n_s`` shared experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from moue_core.errors import ConfigError
+from moue_core.topology import Topology
+
+__all__ = ["ModelConfig", "ROUTERS", "BALANCES", "FFNS", "DISPATCHES"]
+
+ROUTERS = ("softmax", "norm", "trajectory")
+BALANCES = ("switch", "pool", "exposure", "none")
+FFNS = ("moe", "dense")
+DISPATCHES = ("auto", "grouped_mm", "triton")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """One model of the family. Defaults: a small MoUE-style rotational pool."""
+
+    # trunk
+    vocab_size: int = 256  # byte-level vocabulary
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256  # RoPE table length
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # feed-forward
+    ffn: Literal["moe", "dense"] = "moe"
+    dense_hidden: int = 512  # SwiGLU hidden size of dense baselines (ffn = "dense")
+    # expert pool and topology (MODEL.md section 1)
+    pool_size: int = 16
+    window: int = 8
+    stride: int = 4
+    group: int = 1
+    top_k: int = 2
+    expert_hidden: int = 128
+    n_shared: int = 0  # always-on shared experts per layer (layer-private)
+    require_reachable: bool = False  # reject (not warn) pools with unreachable experts
+    # router (MODEL.md section 2)
+    router: Literal["softmax", "norm", "trajectory"] = "softmax"
+    router_renorm: bool = True  # softmax/trajectory: renormalise gates over the selected k
+    router_shared: bool = False  # one router matrix for all layers (Omni-Router)
+    router_state_dim: int = 64  # trajectory router: GRU state size d_r
+    expert_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3)
+    expert_bias_rate: float = 1e-3
+    # balance losses (MODEL.md section 3)
+    balance: Literal["switch", "pool", "exposure", "none"] = "switch"
+    balance_coef: float = 1e-2
+    balance_prev_batch: bool = True  # pool loss: fbar from the previous micro-batch (UniPool)
+    z_loss_coef: float = 1e-3
+    # dispatch (MODEL.md section 5)
+    dispatch: Literal["auto", "grouped_mm", "triton"] = "auto"
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"model.{name}", v, "must be an integer >= 1")
+
+        def non_negative(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"model.{name}", v, "must be a number >= 0")
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ConfigError(f"model.{name}", v, f"must be one of {', '.join(allowed)}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_hidden",
+                     "pool_size", "window", "group", "top_k", "expert_hidden", "router_state_dim"):
+            positive(name)
+        for name in ("balance_coef", "z_loss_coef", "expert_bias_rate", "init_std", "norm_eps"):
+            non_negative(name)
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int):
+            raise ConfigError("model.stride", self.stride, "must be an integer >= 0")
+        if isinstance(self.n_shared, bool) or not isinstance(self.n_shared, int) or self.n_shared < 0:
+            raise ConfigError("model.n_shared", self.n_shared, "must be an integer >= 0")
+        if self.rope_theta <= 0:
+            raise ConfigError("model.rope_theta", self.rope_theta, "must be > 0")
+        choice("ffn", FFNS)
+        choice("router", ROUTERS)
+        choice("balance", BALANCES)
+        choice("dispatch", DISPATCHES)
+        if self.d_model % self.n_heads:
+            raise ConfigError("model.n_heads", self.n_heads, f"must divide d_model ({self.d_model})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(
+                "model.n_heads", self.n_heads,
+                f"must leave an even head size for RoPE (d_model / n_heads = {self.d_model // self.n_heads})",
+            )
+        # grouped_mm on fp32 CPU needs the inner dims to be multiples of 4 (MODEL.md section 5)
+        for name in ("d_model", "expert_hidden", "dense_hidden"):
+            if getattr(self, name) % 4:
+                raise ConfigError(f"model.{name}", getattr(self, name), "must be a multiple of 4")
+        if self.ffn == "moe":
+            if self.top_k > self.window:
+                raise ConfigError("model.top_k", self.top_k, f"must be <= model.window ({self.window})")
+            if self.window > self.pool_size:
+                raise ConfigError(
+                    "model.window", self.window, f"must be <= model.pool_size ({self.pool_size})"
+                )
+            if self.stride >= self.pool_size:
+                raise ConfigError(
+                    "model.stride", self.stride, f"must be in [0, model.pool_size ({self.pool_size}))"
+                )
+            topo = self.topology  # validates the remaining ring constraints
+            if topo.unreachable:
+                msg = f"{topo.unreachable} of {self.pool_size} experts are in no layer's window"
+                if self.require_reachable:
+                    raise ConfigError("model.stride", self.stride, f"leaves experts unreachable: {msg}")
+                warnings.warn(f"model.stride ({self.stride}): {msg} (dead weight)", stacklevel=3)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(n_layers=self.n_layers, pool_size=self.pool_size, window=self.window,
+                        stride=self.stride, group=self.group)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a plain dict (TOML, Ray); unknown keys are an error naming the key."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"model.{key}", values[key],
+                                  f"is not a model setting; allowed: {', '.join(sorted(known))}")
+        coerced = {}
+        for key, value in values.items():
+            default = known[key].default
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"model.{key}", value, "must be true or false")
+            elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            coerced[key] = value
+        return cls(**coerced)

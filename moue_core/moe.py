@@ -1,0 +1,181 @@
+"""The shared expert pool and its dropless dispatch (MODEL.md sections 4-5).
+
+Legend: ``T`` tokens, ``D`` model width, ``F`` expert hidden size, ``P`` pool size, ``K`` top-k,
+``S = T*K`` routed (token, slot) pairs, ``L`` layers, ``w`` active window width.
+
+Expert weights live once as pool tensors ``w_in_PDF2`` (gate and up projections side by side) and
+``w_out_PFD``, referenced by every layer, so gradients from all layers accumulate in the same rows.
+
+Dispatch of one layer, with no per-expert Python slicing of autograd tensors:
+
+1. one stable argsort of the ``S`` pool ids -> ``order_S``; ``token_S = order_S // K``;
+2. counts per expert (``bincount``) -> cumulative ``offs_P`` (int32);
+3. one gather of token rows ``x_SD = x_TD[token_S]``;
+4. grouped matmul ``x_SD @ w_in[p]`` per expert group -> SwiGLU -> times the gate -> grouped matmul
+   with ``w_out`` (``torch.nn.functional.grouped_mm``; empty groups cost nothing and get zero
+   gradient, so experts outside every window are never touched);
+5. gather-and-sum back to token order with one ``index_add``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moue_core.balance import balance_loss, pool_fraction, z_loss
+from moue_core.config import ModelConfig
+from moue_core.router import Route, Router
+
+__all__ = ["ExpertPool", "MoE", "RouterStats", "SwiGLU", "dispatch", "grouped_mm"]
+
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+class _GroupedMM(torch.autograd.Function):
+    """``out[s] = a[s] @ b[group(s)]`` with groups given by cumulative ends ``offs``.
+
+    Wraps ``grouped_mm`` so that backward also runs as grouped matmuls and tolerates the
+    non-contiguous (expanded) gradients autograd may hand it, which the raw op rejects.
+    """
+
+    @staticmethod
+    def forward(ctx, a_SK: torch.Tensor, b_GKN: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a_SK, b_GKN, offs_G)
+        return _grouped_mm(a_SK, b_GKN, offs=offs_G)
+
+    @staticmethod
+    def backward(ctx, grad_SN: torch.Tensor):
+        a_SK, b_GKN, offs_G = ctx.saved_tensors
+        grad_SN = grad_SN.contiguous()
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _grouped_mm(grad_SN, b_GKN.transpose(-2, -1), offs=offs_G)
+        if ctx.needs_input_grad[1]:
+            # 2D x 2D with groups along the reduction dim gives one [K, N] block per group
+            grad_b = _grouped_mm(a_SK.t(), grad_SN, offs=offs_G)
+        return grad_a, grad_b, None
+
+
+def grouped_mm(a_SK: torch.Tensor, b_GKN: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
+    return _GroupedMM.apply(a_SK, b_GKN, offs_G)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN: ``W2 (silu(W1 x) * W3 x)``; gate and up fused in one matrix."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.w_in = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_in(x).split(self.hidden, dim=-1)
+        return self.w_out(F.silu(gate) * up)
+
+
+class ExpertPool(nn.Module):
+    """``P`` SwiGLU experts stored as ``[P, D, 2F]`` and ``[P, F, D]``."""
+
+    def __init__(self, pool_size: int, d_model: int, hidden: int, init_std: float) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.w_in_PDF2 = nn.Parameter(torch.empty(pool_size, d_model, 2 * hidden))
+        self.w_out_PFD = nn.Parameter(torch.empty(pool_size, hidden, d_model))
+        nn.init.normal_(self.w_in_PDF2, std=init_std)
+        nn.init.normal_(self.w_out_PFD, std=init_std)
+
+
+def dispatch(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor, pool: ExpertPool) -> torch.Tensor:
+    """Dropless top-k mixture: ``y_t = sum_k gate_tk * expert_(id_tk)(x_t)``."""
+    T, K = ids_TK.shape
+    P = pool.w_in_PDF2.shape[0]
+    ids_S = ids_TK.reshape(-1)
+    order_S = ids_S.argsort(stable=True)
+    token_S = order_S // K
+    offs_P = ids_S.bincount(minlength=P).cumsum(0).to(torch.int32)
+    x_SD = x_TD.index_select(0, token_S)
+    gate_up_SF2 = grouped_mm(x_SD, pool.w_in_PDF2, offs_P)
+    gate_SF, up_SF = gate_up_SF2.split(pool.hidden, dim=-1)
+    gates_S1 = gates_TK.reshape(-1, 1).index_select(0, order_S)
+    h_SF = F.silu(gate_SF) * up_SF * gates_S1
+    y_SD = grouped_mm(h_SF, pool.w_out_PFD, offs_P)
+    return x_TD.new_zeros(T, x_TD.shape[1]).index_add(0, token_S, y_SD)
+
+
+@dataclass
+class RouterStats:
+    """Per-layer routing statistics of one forward pass (detached), for logging and balancing."""
+
+    load_LP: torch.Tensor  # tokens routed to each pool expert, per layer
+    load_Lw: torch.Tensor  # the same per window slot (what expert-bias balancing uses)
+    entropy_L: torch.Tensor  # mean router entropy (nats) over tokens
+    lse_L: torch.Tensor  # mean logsumexp of the router logits
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+class MoE(nn.Module):
+    """Router + shared pool + balance losses for all layers of one model.
+
+    ``forward(layer, x_TD, state)`` computes one layer's routed FFN; ``finish(routes)`` turns the
+    layers' routes into the auxiliary loss and ``RouterStats``. ``window`` is the active window width
+    (smaller than ``cfg.window`` while a converted model's window widens; see ``convert``).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pool = ExpertPool(cfg.pool_size, cfg.d_model, cfg.expert_hidden, cfg.init_std)
+        self.router = Router(cfg)
+        self.window = cfg.window
+        if cfg.balance == "pool" and cfg.balance_prev_batch:
+            # fbar of the previous training micro-batch (balancing state: training mode only)
+            self.register_buffer("prev_fbar_P", torch.zeros(cfg.pool_size))
+            self.register_buffer("has_prev_fbar", torch.zeros((), dtype=torch.bool))
+
+    def set_window(self, window: int) -> None:
+        if not self.cfg.top_k <= window <= self.cfg.window:
+            raise ValueError(f"window ({window}) must be in [top_k ({self.cfg.top_k}), {self.cfg.window}]")
+        self.window = window
+
+    def forward(
+        self, layer: int, x_TD: torch.Tensor, state_TR: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Route, torch.Tensor | None]:
+        route, state_TR = self.router(layer, x_TD, state_TR, self.window)
+        y_TD = dispatch(x_TD, route.ids_TK, route.gates_TK, self.pool)
+        return y_TD, route, state_TR
+
+    def finish(self, routes: list[Route]) -> tuple[torch.Tensor, RouterStats]:
+        cfg, P, w = self.cfg, self.cfg.pool_size, self.window
+        load_Lw = torch.stack([r.slots_TK.reshape(-1).bincount(minlength=w) for r in routes]).float()
+        T_K = routes[0].slots_TK.numel()
+        frac_Lw = load_Lw / T_K
+        prob_Lw = torch.stack([r.probs_Tw.mean(dim=0) for r in routes])
+        ids_Lw = torch.stack([r.window_ids_w for r in routes])
+        lse_LT = [torch.logsumexp(r.logits_Tw.float(), dim=-1) for r in routes]
+
+        prev = None
+        if cfg.balance == "pool" and cfg.balance_prev_batch:
+            if self.has_prev_fbar:
+                prev = self.prev_fbar_P
+            if self.training:
+                self.prev_fbar_P.copy_(pool_fraction(frac_Lw, ids_Lw, P))
+                self.has_prev_fbar.fill_(True)
+        bal = balance_loss(cfg.balance, cfg.balance_coef, frac_Lw=frac_Lw, prob_Lw=prob_Lw,
+                           ids_Lw=ids_Lw, pool_size=P, prev_fbar_P=prev)
+        zl = z_loss(cfg.z_loss_coef, lse_LT) if cfg.z_loss_coef else bal.new_zeros(())
+        with torch.no_grad():
+            load_LP = load_Lw.new_zeros(len(routes), P).scatter_add_(1, ids_Lw, load_Lw)
+            entropy_L = torch.stack(
+                [-(r.probs_Tw * r.probs_Tw.clamp_min(1e-30).log()).sum(-1).mean() for r in routes]
+            )
+            stats = RouterStats(
+                load_LP=load_LP, load_Lw=load_Lw, entropy_L=entropy_L,
+                lse_L=torch.stack([lse.mean() for lse in lse_LT]).detach(),
+                balance_loss=bal.detach(), z_loss=zl.detach(),
+            )
+        return bal + zl, stats

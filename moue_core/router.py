@@ -1,0 +1,157 @@
+"""Routers of the moue family (MODEL.md section 2): one module routes every layer.
+
+Tensor names carry their shapes (torchtitan style). Legend:
+
+    T tokens   D model width   L layers   P pool size   W window (max)   w window (now)
+    K top-k    R trajectory state size
+
+Every router scores only the ``w`` experts of layer ``l``'s window ``C_l`` (so experts outside the
+window never influence selection), picks the top-k, and returns pool ids and gates:
+
+- ``softmax``: logits ``z = W_l x``; probabilities ``softmax(z)``; gates are the selected
+  probabilities, renormalised over the k (Mixtral) when ``router_renorm`` else raw (Switch).
+- ``norm``: UniPool's NormRouter, ``s = sigma * c * relu(z / (||z|| + eps))``; the selected scores
+  are the gates (not renormalised). ``c`` is a Monte Carlo constant (``norm_constant``).
+- ``trajectory``: the MoUE-style universal router. A per-token state carried down the depth,
+  ``r_l = GRUCell(A_l x_l, r_(l-1))``, ``r_0 = 0``, one GRU for all layers, per-layer ``A_l``;
+  logits ``z_l = W_l x_l + U[C_l] r_l`` with universal expert keys ``U: [P, R]``. Gates as softmax.
+- ``router_shared``: one pool-wide matrix ``[P, D]`` for all layers (Omni-Router); otherwise
+  per-layer matrices ``[L, W, D]`` indexed by window slot (row ``j`` scores expert ``(o_l + j) mod P``).
+
+For the balance losses every router also reports ``probs = softmax(z)`` over the window (the
+"router probability" ``p`` of MODEL.md section 3), whatever its gates are.
+
+Expert-bias balancing (aux-loss-free, DeepSeek-V3): a buffer ``bias_LW`` added to the selection
+scores only; ``update_bias`` moves it after each optimizer step, outside the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moue_core.config import ModelConfig
+
+__all__ = ["Router", "Route", "norm_constant"]
+
+
+def norm_constant(window: int, top_k: int, *, samples: int = 200_000, seed: int = 0) -> float:
+    """Monte Carlo ``c = E[1 / sqrt(sum of the k largest y_j^2)]``, ``y = relu(x / ||x||)``.
+
+    ``x ~ N(0, I_w)``; samples where every ``y_j`` is zero (all ``x_j <= 0``) are dropped, since
+    such a token gets no positive score at all. With this ``c`` the selected NormRouter scores are
+    about 1 at initialisation (UniPool).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, window, generator=g, dtype=torch.float64)
+    y = torch.relu(x / x.norm(dim=1, keepdim=True))
+    top = y.topk(top_k, dim=1).values.pow(2).sum(dim=1)
+    top = top[top > 0]
+    return float((1.0 / top.sqrt()).mean())
+
+
+@dataclass
+class Route:
+    """One layer's routing decision for ``T`` tokens."""
+
+    ids_TK: torch.Tensor  # pool ids of the selected experts (int64)
+    slots_TK: torch.Tensor  # the same experts as window slots 0..w-1
+    gates_TK: torch.Tensor  # gate weights (differentiable)
+    probs_Tw: torch.Tensor  # softmax(z) over the window (differentiable), for balance losses
+    logits_Tw: torch.Tensor  # router logits over the window (z-loss, statistics)
+    window_ids_w: torch.Tensor  # pool ids of the window, in slot order
+
+
+class Router(nn.Module):
+    """Routes every layer of a model; ``forward(layer, x_TD, state_TR, window)``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        L, P, W, D, R = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model, cfg.router_state_dim
+        topo = cfg.topology
+        # window_ids_LW[l, j] = (o_l + j) mod P; the window of width w < W is its first w columns
+        self.register_buffer(
+            "window_ids_LW",
+            torch.tensor([topo.window_ids(layer) for layer in range(L)], dtype=torch.long),
+            persistent=False,
+        )
+        if cfg.router_shared:
+            self.weight_PD = nn.Parameter(torch.empty(P, D))
+        else:
+            self.weight_LWD = nn.Parameter(torch.empty(L, W, D))
+        if cfg.router == "trajectory":
+            self.proj_LRD = nn.Parameter(torch.empty(L, R, D))
+            self.gru = nn.GRUCell(R, R)
+            self.keys_PR = nn.Parameter(torch.empty(P, R))
+        if cfg.router == "norm":
+            self.sigma = nn.Parameter(torch.ones(()))
+            self.register_buffer("norm_c", torch.tensor(norm_constant(W, cfg.top_k)), persistent=False)
+        if cfg.expert_bias:
+            self.register_buffer("bias_LW", torch.zeros(L, W))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name in ("weight_PD", "weight_LWD", "proj_LRD", "keys_PR"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), std=std)
+
+    def initial_state(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.router != "trajectory":
+            return None
+        return x_TD.new_zeros(x_TD.shape[0], self.cfg.router_state_dim)
+
+    def forward(
+        self, layer: int, x_TD: torch.Tensor, state_TR: torch.Tensor | None, window: int
+    ) -> tuple[Route, torch.Tensor | None]:
+        cfg = self.cfg
+        window_ids_w = self.window_ids_LW[layer, :window]
+        if cfg.router_shared:
+            weight_wD = self.weight_PD[window_ids_w]
+        else:
+            weight_wD = self.weight_LWD[layer, :window]
+        logits_Tw = x_TD @ weight_wD.t()
+        if cfg.router == "trajectory":
+            state_TR = self.gru(x_TD @ self.proj_LRD[layer].t(), state_TR)
+            logits_Tw = logits_Tw + state_TR @ self.keys_PR[window_ids_w].t()
+        probs_Tw = logits_Tw.float().softmax(dim=-1)
+        if cfg.router == "norm":
+            unit_Tw = logits_Tw / (logits_Tw.norm(dim=-1, keepdim=True) + 1e-6)
+            scores_Tw = self.sigma * self.norm_c * torch.relu(unit_Tw)
+        else:
+            scores_Tw = probs_Tw
+        select_Tw = scores_Tw.detach()
+        if cfg.expert_bias:
+            select_Tw = select_Tw + self.bias_LW[layer, :window]
+        slots_TK = select_Tw.topk(cfg.top_k, dim=-1, sorted=False).indices
+        gates_TK = scores_Tw.gather(1, slots_TK)
+        if cfg.router != "norm" and cfg.router_renorm:
+            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+        route = Route(
+            ids_TK=window_ids_w[slots_TK],
+            slots_TK=slots_TK,
+            gates_TK=gates_TK.to(x_TD.dtype),
+            probs_Tw=probs_Tw,
+            logits_Tw=logits_Tw,
+            window_ids_w=window_ids_w,
+        )
+        return route, state_TR
+
+    @torch.no_grad()
+    def update_bias(self, load_Lw: torch.Tensor) -> None:
+        """``b_i += u * sign(mean load - load_i)`` per layer, over the active window slots.
+
+        ``load_Lw`` holds the tokens routed to each window slot since the last update. Call after
+        the optimizer step (it is balancing state, never touched by the forward pass).
+        """
+        if not self.cfg.expert_bias:
+            return
+        w = load_Lw.shape[1]
+        load_Lw = load_Lw.to(self.bias_LW.dtype)
+        delta = torch.sign(load_Lw.mean(dim=1, keepdim=True) - load_Lw)
+        self.bias_LW[:, :w] += self.cfg.expert_bias_rate * delta
+
