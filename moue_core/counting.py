@@ -1,0 +1,110 @@
+"""Counting (MODEL.md section 6): every number a study logs about a model's size and compute.
+
+All counts come from the config alone (pure Python, no model is built), so a dry run can price a
+thousand trials in milliseconds; ``check_counts`` verifies them against a built model's
+``sum(p.numel())``.
+
+Conventions (``CONVENTION`` is logged as ``count.convention``; analysis never mixes conventions):
+
+- ``n_params_embedding``: input embedding + unembedding, ``2 * V * D`` (untied).
+- ``n_params_total``: every other stored parameter (attention, norms, routers, the whole pool,
+  shared experts, dense FFNs); ``n_params_total + n_params_embedding == sum(p.numel())``.
+- ``n_params_active``: non-embedding parameters one token uses: attention, norms, the router rows of
+  its layer's window (``w * D`` per layer; the trajectory router adds its per-layer projection, the
+  shared GRU once per layer it runs in, and the ``w`` expert keys), ``k`` routed experts and ``n_s``
+  shared experts per layer (or the dense FFN).
+- ``flops_per_token`` (training, forward + backward): ``6 * n_params_active`` (Kaplan et al. 2020,
+  2 FLOPs per multiply-add forward, twice that backward) ``+ 6 * L * S * D`` for attention scores
+  and values over a context of ``S`` tokens (Kaplan's ``2 n_layer n_ctx d_attn`` forward, times 3,
+  no causal halving) ``+ 6 * D * V`` for the unembedding. ``compute = flops_per_token * tokens``.
+- A GRU layer counted as its matrices and biases, applied once per layer (trajectory router).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from moue_core.config import ModelConfig
+
+__all__ = ["CONVENTION", "Counts", "count", "check_counts"]
+
+CONVENTION = "moue-v1:6N_active+6LSD+6DV"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Counts:
+    n_params_total: int
+    n_params_active: int
+    n_params_embedding: int
+    flops_per_token: int
+    virtual_width: int
+    physical_width: int
+    reuse: float
+    log10_paths: float
+    exposure_min: int
+    exposure_max: int
+    seq_len: int
+    convention: str = CONVENTION
+
+    def compute(self, tokens: int) -> int:
+        """Training FLOPs for ``tokens`` tokens."""
+        return self.flops_per_token * tokens
+
+    def as_params(self) -> dict[str, float | int]:
+        """Flat ``derived.*`` names of TRACKING.md."""
+        skip = {"convention", "seq_len"}
+        return {f"derived.{k}": v for k, v in asdict(self).items() if k not in skip}
+
+
+def _router_params(cfg: ModelConfig, *, active: bool) -> int:
+    L, P, W, D, R = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model, cfg.router_state_dim
+    if active:
+        n = L * W * D  # the window rows each layer scores
+    else:
+        n = P * D if cfg.router_shared else L * W * D
+    if cfg.router == "trajectory":
+        gru = 2 * (3 * R * R) + 2 * (3 * R)  # weight_ih, weight_hh, bias_ih, bias_hh
+        n += L * R * D + (L * gru if active else gru) + (L * W * R if active else P * R)
+    if cfg.router == "norm":
+        n += 1  # sigma
+    return n
+
+
+def count(cfg: ModelConfig, *, seq_len: int | None = None) -> Counts:
+    """All counts of ``cfg`` for training at context ``seq_len`` (default ``cfg.max_seq_len``)."""
+    S = cfg.max_seq_len if seq_len is None else seq_len
+    L, D, V = cfg.n_layers, cfg.d_model, cfg.vocab_size
+    trunk = L * (4 * D * D + 2 * D) + D  # attention (qkv + out), two norms per block, final norm
+    embedding = 2 * V * D
+    if cfg.ffn == "dense":
+        ffn = L * 3 * D * cfg.dense_hidden
+        total = active = trunk + ffn
+        virtual = physical = exp_min = exp_max = 0
+        reuse = paths = 0.0
+    else:
+        expert = 3 * D * cfg.expert_hidden
+        shared = L * cfg.n_shared * expert
+        total = trunk + cfg.pool_size * expert + shared + _router_params(cfg, active=False)
+        active = trunk + L * cfg.top_k * expert + shared + _router_params(cfg, active=True)
+        topo = cfg.topology
+        virtual, physical, reuse = topo.virtual_width, topo.physical_width, topo.reuse
+        paths = topo.log10_paths(cfg.top_k)
+        exp_min, exp_max = min(topo.exposure), max(topo.exposure)
+    flops = 6 * active + 6 * L * S * D + 6 * D * V
+    return Counts(
+        n_params_total=total, n_params_active=active, n_params_embedding=embedding,
+        flops_per_token=flops, virtual_width=virtual, physical_width=physical, reuse=reuse,
+        log10_paths=paths, exposure_min=exp_min, exposure_max=exp_max, seq_len=S,
+    )
+
+
+def check_counts(model, cfg: ModelConfig) -> Counts:
+    """``count(cfg)`` after asserting its parts sum to the built model's ``sum(p.numel())``."""
+    counts = count(cfg)
+    numel = sum(p.numel() for p in model.parameters())
+    if counts.n_params_total + counts.n_params_embedding != numel:
+        raise AssertionError(
+            f"counting is wrong: total {counts.n_params_total} + embedding "
+            f"{counts.n_params_embedding} != sum(p.numel()) {numel}"
+        )
+    return counts
