@@ -7,7 +7,8 @@ Four sources, chosen by ``DataConfig.corpus``:
   ``tests``, ``idle_test``, ``site-packages`` or ``__pycache__`` left out.
 - a text file or a folder. A folder means every non-hidden regular file below it, at any depth,
   sorted by relative POSIX path; files that contain a NUL byte are taken as binary and skipped
-  (the rule ``git`` uses), so the separator below never occurs inside a document.
+  (the rule ``git`` uses), so the separator below never occurs inside a document. Empty files are
+  skipped everywhere; a single named file is read as it is.
 - a pre-tokenised token file: ``*.bin`` (raw little-endian tokens of ``DataConfig.token_dtype``) or
   ``*.npy`` (a 1-D ``uint16``/``uint32`` array; its own dtype is used). Memory-mapped, never copied.
 - ``"hf:<name>"``: the ``train`` split of a Hugging Face dataset (optional extra ``moue[hf]``),
@@ -195,18 +196,20 @@ def _list_files(root: Path, *, suffix: str, excluded_dirs: frozenset[str]) -> li
     return sorted(found)
 
 
-def _is_val(doc: str, val_fraction: float) -> bool:
+def _split_hash(doc: str) -> float:
+    """Where ``doc`` falls in [0, 1) under the split rule; below ``val_fraction`` means validation."""
     digest = hashlib.sha256(f"{SPLIT_RULE}:{doc}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _split_docs(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Hash split of two or more documents, with at least one on each side (module docstring)."""
-    val = [d for d in docs if _is_val(d, val_fraction)]
-    if not val:  # force the document nearest to the threshold into validation
-        val = [min(docs, key=lambda d: hashlib.sha256(f"{SPLIT_RULE}:{d}".encode()).digest())]
-    if len(val) == len(docs):
-        val = val[1:]
+    """Hash split of two or more documents, keeping at least one on each side: when no document
+    falls below ``val_fraction`` the lowest goes to validation; when all do, the highest to train."""
+    val = [d for d in docs if _split_hash(d) < val_fraction]
+    if not val:
+        val = [min(docs, key=_split_hash)]
+    elif len(val) == len(docs):
+        val.remove(max(docs, key=_split_hash))
     chosen = set(val)
     return [d for d in docs if d not in chosen], val
 
