@@ -1,0 +1,107 @@
+"""``moue bench moe``: one MoE layer against a dense SwiGLU FFN of the same active FLOPs.
+
+The MoE layer (router over its window, top-k, dropless grouped-matmul dispatch, balance and z-loss)
+and a dense SwiGLU of hidden ``k*f`` run forward + backward on the same ``[T, d]`` input,
+interleaved (dense, MoE, dense, MoE, ...) so that machine noise hits both alike; the reported figure
+is the median over pairs of ``time(MoE) / time(dense)``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from moue_core.config import ModelConfig
+from moue_core.moe import MoE, SwiGLU
+from moue_core.runtime import tune_malloc
+
+__all__ = ["MoEShape", "SHAPES", "bench_moe"]
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    name: str
+    tokens: int
+    d_model: int
+    expert_hidden: int
+    pool_size: int
+    window: int
+    top_k: int
+
+
+SHAPES = (
+    MoEShape("main", 4096, 256, 512, 16, 16, 2),
+    MoEShape("fine", 4096, 256, 128, 64, 64, 8),
+    MoEShape("pooled", 4096, 256, 512, 64, 16, 2),
+)
+
+
+def _time_fwd_bwd(fn, params: list[torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> float:
+    for p in (x, *params):
+        p.grad = None  # as after optimizer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    y = fn(x)
+    y.backward(grad)
+    return time.perf_counter() - t0
+
+
+def bench_shape(shape: MoEShape, *, repeats: int = 15, warmup: int = 3, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        # one layer of a larger pool leaves the experts of the other layers' windows unused here
+        warnings.filterwarnings("ignore", message=r"model.stride .* experts are in no layer's window")
+        cfg = ModelConfig(n_layers=1, d_model=shape.d_model, n_heads=4, pool_size=shape.pool_size,
+                          window=shape.window, stride=0, top_k=shape.top_k,
+                          expert_hidden=shape.expert_hidden, balance="switch")
+    moe = MoE(cfg)
+    dense = SwiGLU(shape.d_model, shape.top_k * shape.expert_hidden)
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=cfg.init_std)
+    x = torch.randn(shape.tokens, shape.d_model, requires_grad=True)
+    grad = torch.randn(shape.tokens, shape.d_model)
+
+    def moe_layer(x_TD: torch.Tensor) -> torch.Tensor:
+        y_TD, route, _ = moe(0, x_TD, None)
+        aux, _ = moe.finish([route])
+        return y_TD + aux  # the aux loss joins the graph as a scalar
+
+    ratios, dense_s, moe_s = [], [], []
+    for i in range(warmup + repeats):
+        td = _time_fwd_bwd(dense, list(dense.parameters()), x, grad)
+        tm = _time_fwd_bwd(moe_layer, list(moe.parameters()), x, grad)
+        if i >= warmup:
+            dense_s.append(td)
+            moe_s.append(tm)
+            ratios.append(tm / td)
+    return {
+        "ratio": statistics.median(ratios),
+        "dense_ms": 1e3 * statistics.median(dense_s),
+        "moe_ms": 1e3 * statistics.median(moe_s),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+    }
+
+
+def bench_moe(*, repeats: int = 15, shapes: tuple[MoEShape, ...] = SHAPES) -> dict:
+    """Results per shape plus the ``ratio_<shape>`` summary keys and the environment."""
+    malloc_tuned = tune_malloc()
+    out: dict = {
+        "malloc_tuned": malloc_tuned,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "dtype": "float32",
+        "device": "cpu",
+        "repeats": repeats,
+        "shapes": {},
+    }
+    for shape in shapes:
+        res = bench_shape(shape, repeats=repeats)
+        out["shapes"][shape.name] = {**shape.__dict__, **res}
+        out[f"ratio_{shape.name}"] = res["ratio"]
+    return out

@@ -1,0 +1,125 @@
+"""The ``moue`` command line.
+
+Every command validates its input first: bad input prints one line naming the field, the value and
+what is allowed, and exits with code 2 before anything is launched or written. Heavy imports
+(torch, ray, mlflow, analysis) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from moue_core.errors import ConfigError
+
+app = typer.Typer(
+    name="moue",
+    help="Hyperparameter and scaling-law studies of MoE LMs with expert pools shared across layers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Performance benchmarks (ratios measured side by side in one run).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def fail(message: str) -> None:
+    """One-line error, exit code 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@bench_app.command("moe")
+def bench_moe_cmd(
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    repeats: int = typer.Option(15, min=1, help="Timed (dense, MoE) pairs per shape."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """One MoE layer vs a dense SwiGLU of hidden k*f (same active FLOPs), forward+backward.
+
+    Example: moue bench moe --json
+    """
+    if device not in ("cpu", "cuda"):
+        fail(f"--device ({device!r}) must be one of cpu, cuda")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        typer.echo("no CUDA device on this machine: the GPU benchmark was not run")
+        raise typer.Exit(0)
+    if device == "cuda":
+        fail("--device ('cuda') the GPU benchmark is not implemented yet (issue 6); use cpu")
+    from moue_core.bench import bench_moe
+
+    result = bench_moe(repeats=repeats)
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"torch {result['torch']}, {result['threads']} threads, {result['dtype']}, "
+               f"malloc tuned: {result['malloc_tuned']}, {repeats} interleaved pairs per shape")
+    typer.echo(f"{'shape':8} {'T':>5} {'d':>4} {'f':>4} {'P':>3} {'w':>3} {'k':>2} "
+               f"{'dense ms':>9} {'MoE ms':>8} {'ratio':>6} {'min-max':>11}")
+    for name, r in result["shapes"].items():
+        typer.echo(f"{name:8} {r['tokens']:>5} {r['d_model']:>4} {r['expert_hidden']:>4} "
+                   f"{r['pool_size']:>3} {r['window']:>3} {r['top_k']:>2} {r['dense_ms']:>9.1f} "
+                   f"{r['moe_ms']:>8.1f} {r['ratio']:>6.3f} {r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}")
+
+
+@app.command("convert")
+def convert_cmd(
+    checkpoint: Path = typer.Argument(..., help="Layerwise MoE checkpoint (.pt) with 'config' and 'model'."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the converted checkpoint."),
+    window: int = typer.Option(..., "--window", help="Target window w (experts per layer E <= w <= L*E)."),
+    router_init: str = typer.Option("zero", help="Router rows of newly visible experts: zero or copy."),
+) -> None:
+    """Convert a layerwise MoE checkpoint into a MoUE-style model with identical logits at w = E.
+
+    The input holds {'config': ModelConfig fields (window = experts per layer), 'model': state dict
+    of moue_core.LayerwiseMoEModel}; it is loaded with weights_only=True.
+
+    Example: moue convert layerwise.pt -o moue.pt --window 16
+    """
+    if not checkpoint.is_file():
+        fail(f"checkpoint ({str(checkpoint)!r}) must be an existing file")
+    if output.exists():
+        fail(f"--output ({str(output)!r}) already exists; choose a new path")
+    import torch
+
+    from moue_core import ModelConfig, convert_layerwise
+
+    try:
+        blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one user error
+        fail(f"checkpoint ({str(checkpoint)!r}) is not a readable torch checkpoint: {exc}".splitlines()[0])
+    if not isinstance(blob, dict) or "config" not in blob or "model" not in blob:
+        fail(f"checkpoint ({str(checkpoint)!r}) must hold the keys 'config' and 'model'")
+    source = ModelConfig.from_dict(blob["config"])
+    cfg, state = convert_layerwise(blob["model"], source, target_window=window, router_init=router_init)
+    torch.save({"config": cfg.to_dict(), "model": state, "start_window": source.window}, output)
+    typer.echo(f"wrote {output}: pool {cfg.pool_size}, window {source.window} -> {cfg.window}, "
+               f"stride {cfg.stride}")
+
+
+def _register_analysis() -> None:
+    try:
+        from analysis.cli import register
+    except ImportError as exc:  # the analysis package is being built alongside
+        if "analysis.cli" not in str(exc) and "analysis" not in str(exc):
+            raise
+        return
+    register(app)
+
+
+_register_analysis()
+
+
+def main() -> None:
+    """Console entry point: user errors become one line and exit code 2."""
+    try:
+        app()
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
