@@ -1,0 +1,92 @@
+"""The `moue` command line for the model family: bench moe, convert."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moue_core import LayerwiseMoEModel, ModelConfig, MoUEModel, layerwise_config
+from moue_core.bench import MoEShape, bench_moe
+from studies.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_moe_reports_ratios_per_shape() -> None:
+    shapes = (MoEShape("main", 64, 32, 16, 4, 4, 2), MoEShape("pooled", 64, 32, 16, 16, 4, 2))
+    result = bench_moe(repeats=2, shapes=shapes)
+    assert set(result) >= {"ratio_main", "ratio_pooled", "torch", "threads", "shapes"}
+    assert result["torch"] == torch.__version__
+    for name in ("main", "pooled"):
+        r = result["shapes"][name]
+        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+        assert r["dense_ms"] > 0 and r["moe_ms"] > 0
+
+
+def test_bench_moe_cuda_without_gpu_says_so_and_exits_0() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = runner.invoke(app, ["bench", "moe", "--device", "cuda"])
+    assert out.exit_code == 0
+    assert "no CUDA device" in out.output
+
+
+def test_bench_moe_bad_device_exits_2() -> None:
+    out = runner.invoke(app, ["bench", "moe", "--device", "tpu"])
+    assert out.exit_code == 2
+    assert "--device ('tpu') must be one of cpu, cuda" in out.output
+
+
+def test_convert_command_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16,
+                       expert_hidden=16, top_k=2, pool_size=8, window=4, stride=4)
+    src_cfg = layerwise_config(base, 4)
+    src = LayerwiseMoEModel(src_cfg)
+    ckpt = tmp_path / "layerwise.pt"
+    torch.save({"config": src_cfg.to_dict(), "model": src.state_dict()}, ckpt)
+    out_path = tmp_path / "moue.pt"
+    out = runner.invoke(app, ["convert", str(ckpt), "-o", str(out_path), "--window", "6"])
+    assert out.exit_code == 0, out.output
+    blob = torch.load(out_path, weights_only=True)
+    cfg = ModelConfig.from_dict(blob["config"])
+    assert (cfg.pool_size, cfg.window, blob["start_window"]) == (8, 6, 4)
+    model = MoUEModel(cfg)
+    model.load_state_dict(blob["model"])
+    model.set_window(blob["start_window"])
+    idx = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(model(idx).logits, src(idx), atol=1e-5, rtol=1e-5)
+
+    # bad input: one line, exit 2, nothing written
+    again = runner.invoke(app, ["convert", str(ckpt), "-o", str(out_path), "--window", "6"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    missing = runner.invoke(app, ["convert", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "x.pt"),
+                                  "--window", "6"])
+    assert missing.exit_code == 2 and "must be an existing file" in missing.output
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    bad = runner.invoke(app, ["convert", str(junk), "-o", str(tmp_path / "y.pt"), "--window", "6"])
+    assert bad.exit_code == 2 and "not a readable torch checkpoint" in bad.output
+    assert not (tmp_path / "y.pt").exists()
+
+
+def test_console_entry_turns_config_errors_into_exit_2(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "layerwise.pt"
+    src_cfg = layerwise_config(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2,
+                                           expert_hidden=16, pool_size=8, window=4, stride=4), 4)
+    torch.save({"config": src_cfg.to_dict(), "model": LayerwiseMoEModel(src_cfg).state_dict()}, ckpt)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from studies.cli import main; main()", "convert", str(ckpt),
+         "-o", str(tmp_path / "out.pt"), "--window", "99"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error: convert.target_window (99) must be in [experts per layer (4), L*E (8)]"]
+    assert not (tmp_path / "out.pt").exists()
