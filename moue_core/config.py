@@ -24,7 +24,7 @@ __all__ = ["ModelConfig", "ROUTERS", "BALANCES", "FFNS", "DISPATCHES"]
 ROUTERS = ("softmax", "norm", "trajectory")
 BALANCES = ("switch", "pool", "exposure", "none")
 FFNS = ("moe", "dense")
-DISPATCHES = ("auto", "grouped_mm", "triton")
+DISPATCHES = ("auto", "grouped_mm")  # "triton" joins with the GPU path (issue 6)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,9 +63,10 @@ class ModelConfig:
     balance: Literal["switch", "pool", "exposure", "none"] = "switch"
     balance_coef: float = 1e-2
     balance_prev_batch: bool = True  # pool loss: fbar from the previous micro-batch (UniPool)
+    balance_depth_weights: tuple[float, ...] = ()  # exposure loss: gamma_l per layer (empty: all 1)
     z_loss_coef: float = 1e-3
     # dispatch (MODEL.md section 5)
-    dispatch: Literal["auto", "grouped_mm", "triton"] = "auto"
+    dispatch: Literal["auto", "grouped_mm"] = "auto"
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -98,6 +99,13 @@ class ModelConfig:
         choice("router", ROUTERS)
         choice("balance", BALANCES)
         choice("dispatch", DISPATCHES)
+        gammas = self.balance_depth_weights
+        if not isinstance(gammas, tuple) or (gammas and (
+                len(gammas) != self.n_layers or not all(isinstance(g, (int, float)) and g > 0 for g in gammas))):
+            raise ConfigError("model.balance_depth_weights", gammas,
+                              f"must be empty or {self.n_layers} positive numbers (one per layer)")
+        if gammas and self.balance != "exposure":
+            raise ConfigError("model.balance_depth_weights", gammas, "applies only to balance = 'exposure'")
         if self.d_model % self.n_heads:
             raise ConfigError("model.n_heads", self.n_heads, f"must divide d_model ({self.d_model})")
         if (self.d_model // self.n_heads) % 2:
@@ -153,6 +161,8 @@ class ModelConfig:
         coerced = {}
         for key, value in values.items():
             default = known[key].default
+            if key == "balance_depth_weights" and isinstance(value, list):
+                value = tuple(value)
             if isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"model.{key}", value, "must be true or false")

@@ -165,8 +165,9 @@ class MoE(nn.Module):
             if self.training:
                 self.prev_fbar_P.copy_(pool_fraction(frac_Lw, ids_Lw, P))
                 self.has_prev_fbar.fill_(True)
+        gamma_L = prob_Lw.new_tensor(cfg.balance_depth_weights) if cfg.balance_depth_weights else None
         bal = balance_loss(cfg.balance, cfg.balance_coef, frac_Lw=frac_Lw, prob_Lw=prob_Lw,
-                           ids_Lw=ids_Lw, pool_size=P, prev_fbar_P=prev)
+                           ids_Lw=ids_Lw, pool_size=P, prev_fbar_P=prev, gamma_L=gamma_L)
         zl = z_loss(cfg.z_loss_coef, lse_LT) if cfg.z_loss_coef else bal.new_zeros(())
         with torch.no_grad():
             load_LP = load_Lw.new_zeros(len(routes), P).scatter_add_(1, ids_Lw, load_Lw)

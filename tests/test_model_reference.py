@@ -179,6 +179,22 @@ def test_pool_loss_is_unipool_formula_when_windows_tile() -> None:
     torch.testing.assert_close(loss_prev, 0.1 * 12 * (prev * pbar).sum())
 
 
+def test_exposure_depth_weights_reweight_layers() -> None:
+    topo = Topology(n_layers=2, pool_size=4, window=4, stride=0)
+    ids = torch.tensor([topo.window_ids(l) for l in range(2)])
+    uniform = torch.full((2, 4), 0.25)
+    skew = torch.tensor([[1.0, 0, 0, 0], [0.25, 0.25, 0.25, 0.25]])
+    flat = balance_loss("exposure", 1.0, frac_Lw=uniform, prob_Lw=uniform, ids_Lw=ids, pool_size=4,
+                        gamma_L=torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(flat, torch.tensor(1.0))  # uniform stays at its coefficient
+    args = dict(frac_Lw=skew, prob_Lw=skew, ids_Lw=ids, pool_size=4)
+    light = balance_loss("exposure", 1.0, gamma_L=torch.tensor([1.0, 3.0]), **args)
+    heavy = balance_loss("exposure", 1.0, gamma_L=torch.tensor([3.0, 1.0]), **args)
+    assert heavy > light  # weighting the skewed layer up raises the loss
+    cfg = BASE.replace(balance="exposure", balance_depth_weights=(1.0, 2.0, 3.0))
+    assert MoUEModel(cfg)(torch.randint(0, 64, (1, 8))).aux_loss > 0
+
+
 def test_z_loss_matches_definition() -> None:
     torch.manual_seed(0)
     cfg = BASE.replace(z_loss_coef=0.5, balance="none")
@@ -298,7 +314,9 @@ INVALID = [
     (dict(balance_coef=-0.1), "model.balance_coef (-0.1) must be a number >= 0"),
     (dict(n_shared=-1), "model.n_shared (-1) must be an integer >= 0"),
     (dict(n_layers=2.5), "model.n_layers (2.5) must be an integer >= 1"),
-    (dict(dispatch="cuda"), "model.dispatch ('cuda') must be one of auto, grouped_mm, triton"),
+    (dict(dispatch="cuda"), "model.dispatch ('cuda') must be one of auto, grouped_mm"),
+    (dict(balance="exposure", balance_depth_weights=(1.0, 2.0)), "model.balance_depth_weights ((1.0, 2.0)) must be empty or 4"),
+    (dict(balance="switch", balance_depth_weights=(1.0,) * 4), "model.balance_depth_weights ((1.0, 1.0, 1.0, 1.0)) applies only"),
 ]
 
 
