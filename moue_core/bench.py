@@ -8,6 +8,7 @@ is the median over pairs of ``time(MoE) / time(dense)``.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -105,3 +106,55 @@ def bench_moe(*, repeats: int = 15, shapes: tuple[MoEShape, ...] = SHAPES) -> di
         out["shapes"][shape.name] = {**shape.__dict__, **res}
         out[f"ratio_{shape.name}"] = res["ratio"]
     return out
+
+
+def matmul_gflops(*, n: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Dense ``n x n x n`` matmul throughput of this machine (best of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def bench_train(cfg, *, steps: int = 20, cache_dir) -> dict:
+    """Train ``cfg`` (a ``TrialConfig``) for ``steps`` steps; model GFLOP/s vs matmul GFLOP/s.
+
+    Model FLOPs come from the counting module (``flops_per_token``, its convention) over the time
+    spent inside training steps; the matmul reference is measured before and after training, in
+    this process, at the same dtype (fp32), and averaged.
+    """
+    import dataclasses
+    import resource
+
+    from moue_core.train import train
+
+    tc = dataclasses.replace(cfg.train, tokens=steps * cfg.train.batch_tokens,
+                             eval_every_tokens=10 * steps * cfg.train.batch_tokens)
+    cfg = dataclasses.replace(cfg, train=tc)
+    tune_malloc()
+    before = matmul_gflops()
+    result = train(cfg, None, cache_dir=cache_dir)
+    after = matmul_gflops()
+    matmul = (before + after) / 2
+    model = result.counts.flops_per_token * result.tokens / result.train_s / 1e9
+    return {
+        "model_gflops": model,
+        "matmul_gflops": matmul,
+        "ratio": model / matmul,
+        "tokens_per_s": result.tokens_per_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "steps": steps,
+        "batch_tokens": tc.batch_tokens,
+        "flops_per_token": result.counts.flops_per_token,
+        "n_params_active": result.counts.n_params_active,
+        "n_params_total": result.counts.n_params_total,
+        "count_convention": result.counts.convention,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+    }

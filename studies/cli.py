@@ -68,6 +68,100 @@ def bench_moe_cmd(
                    f"{r['moe_ms']:>8.1f} {r['ratio']:>6.3f} {r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}")
 
 
+DEFAULT_WORKSPACE = Path("moue_runs")
+QUICKSTART_TRIAL = Path(__file__).parent / "trials" / "quickstart.toml"
+
+
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Argument(None, help="Trial TOML ([model], [train], [data]); defaults apply without one."),
+    set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set model.pool_size=32 (repeatable)."),
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace: corpus cache and checkpoints."),
+    name: str = typer.Option("", help="Run name (default: the config file's stem)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from this run's last checkpoint."),
+) -> None:
+    """Train one trial with a progress bar and print its summary (debugging a study's trial).
+
+    Example: moue train studies/trials/quickstart.toml --set model.router=norm --set train.tokens=262144
+    """
+    from studies.trial import load_checkpoint, load_trial, save_checkpoint
+
+    cfg = load_trial(config, set_)
+    run_name = name or (config.stem if config else "trial")
+    run_dir = workspace.resolve() / "train" / run_name
+    ckpt_path = run_dir / "checkpoint.pt"
+    state = None
+    if resume:
+        if not ckpt_path.is_file():
+            fail(f"--resume ({str(ckpt_path)!r}) has no checkpoint to resume from")
+        state = load_checkpoint(ckpt_path)
+    elif ckpt_path.exists():
+        fail(f"--name ({run_name!r}) already has a run in {run_dir}; pass --resume or another --name")
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from moue_core.train import train
+
+    total = cfg.train.steps * cfg.train.batch_tokens
+
+    class ProgressSink:
+        def __init__(self, progress, task) -> None:
+            self.progress, self.task = progress, task
+
+        def report(self, metrics, step, checkpoint=None) -> None:
+            if checkpoint is not None:
+                save_checkpoint(ckpt_path, checkpoint)
+            if "val/loss" in metrics:
+                self.progress.update(self.task, completed=step, val=f"{metrics['val/loss']:.4f}")
+
+        def close(self) -> None:
+            pass
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
+                  TextColumn("val {task.fields[val]}"), TimeRemainingColumn()) as progress:
+        task = progress.add_task(run_name, total=total, val="-")
+        result = train(cfg, ProgressSink(progress, task), cache_dir=workspace.resolve() / "cache", resume=state)
+    c = result.counts
+    typer.echo(f"status            {result.status}{': ' + result.stop_reason if result.stop_reason else ''}")
+    typer.echo(f"parameters        {c.n_params_total:,} total, {c.n_params_active:,} active "
+               f"(+{c.n_params_embedding:,} embedding)")
+    typer.echo(f"virtual width     {c.virtual_width} (physical {c.physical_width}, reuse {c.reuse:.2f})")
+    val = "n/a" if result.final_val_loss is None else f"{result.final_val_loss:.4f}"
+    typer.echo(f"final val loss    {val} after {result.tokens:,} tokens ({result.flops:.3g} FLOPs)")
+    typer.echo(f"throughput        {result.tokens_per_s:,.0f} tokens/s "
+               f"(train {result.train_s:.1f} s, eval {result.eval_s:.1f} s, wall {result.wall_s:.1f} s)")
+    typer.echo(f"corpus            {result.corpus_fingerprint[:16]}  checkpoint {ckpt_path}")
+    if result.status != "finished":
+        raise typer.Exit(1)
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    config: Path = typer.Argument(QUICKSTART_TRIAL, help="Trial TOML (default: the quickstart trial)."),
+    steps: int = typer.Option(20, min=2, help="Optimizer steps to time."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace (corpus cache)."),
+) -> None:
+    """Model GFLOP/s of a training trial next to this machine's dense matmul GFLOP/s.
+
+    Example: moue bench train --json
+    """
+    from moue_core.bench import bench_train
+    from studies.trial import load_trial
+
+    cfg = load_trial(config)
+    result = bench_train(cfg, steps=steps, cache_dir=workspace.resolve() / "cache")
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{config.name}: {steps} steps of {result['batch_tokens']} tokens, torch {result['torch']}, "
+               f"{result['threads']} threads, fp32")
+    typer.echo(f"model  {result['model_gflops']:8.1f} GFLOP/s ({result['count_convention']})")
+    typer.echo(f"matmul {result['matmul_gflops']:8.1f} GFLOP/s (1024^3, same process)")
+    typer.echo(f"ratio  {result['ratio']:8.3f}   tokens/s {result['tokens_per_s']:,.0f}   "
+               f"peak RSS {result['peak_rss_mb']:.0f} MB")
+
+
 @app.command("convert")
 def convert_cmd(
     checkpoint: Path = typer.Argument(..., help="Layerwise MoE checkpoint (.pt) with 'config' and 'model'."),

@@ -1,0 +1,432 @@
+"""One trial: ``train(config, sink) -> TrialResult`` (ARCHITECTURE.md, "the path of one trial").
+
+Knows nothing of Ray or MLflow. The sink receives metrics at fixed token marks (TRACKING.md names,
+``step`` = tokens seen) with a checkpoint at each mark, and a last report with the trial's status.
+
+The loop is one straight line. At every mark (every ``train.eval_every_tokens`` tokens and at the
+end): evaluate on the fixed validation set, report, checkpoint. Between marks: forward, backward,
+clip, optimizer step, expert-bias update (outside the forward pass), window widening.
+
+Divergence (a non-finite loss or gradient norm, or a loss above ``train.max_loss``) ends the trial
+at once with status ``diverged`` and a reason; nothing raises. Resume: pass the last checkpoint
+(``resume=``) and the run continues with the same batches, schedule, optimizer and RNG state, so
+its loss curve equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from moue_core.config import ModelConfig
+from moue_core.convert import WindowSchedule
+from moue_core.counting import CONVENTION, Counts, count
+from moue_core.data import BatchSampler, Corpus, DataConfig, load_corpus, validation_set
+from moue_core.errors import ConfigError
+from moue_core.model import MoUEModel
+from moue_core.runtime import set_threads, tune_malloc
+
+__all__ = ["TrainConfig", "TrialConfig", "TrialResult", "Sink", "NullSink", "train", "lr_at",
+           "CHECKPOINT_VERSION"]
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation and budget of one trial. Token counts are rounded to whole optimizer steps."""
+
+    tokens: int = 1_000_000  # training budget
+    batch_tokens: int = 8192  # tokens per optimizer step (batch size = batch_tokens / seq_len)
+    seq_len: int = 128
+    lr: float = 3e-3
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2  # wsd: final fraction of steps spent decaying
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every_tokens: int = 262_144  # report marks; the same for every trial of a study
+    eval_batch: int = 32  # sequences per validation forward
+    max_loss: float = 100.0  # a loss above this counts as divergence
+    seed: int = 0  # model initialisation
+    threads: int = 0  # intra-op threads (0: leave torch's default)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    init_from: str = ""  # a converted checkpoint (``moue convert``) to start from
+    widen_tokens: int = 0  # converted models: tokens over which the window widens to model.window
+
+    def __post_init__(self) -> None:
+        def integer(name: str, low: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"train.{name}", v, f"must be an integer >= {low}")
+
+        def number(name: str, low: float, high: float = math.inf, *, open_low: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (v > low if open_low else v >= low) and v <= high
+            if not ok:
+                lo = "(" if open_low else "["
+                raise ConfigError(f"train.{name}", v, f"must be a number in {lo}{low}, {high}]")
+
+        for name, low in (("tokens", 1), ("batch_tokens", 1), ("seq_len", 1), ("eval_every_tokens", 1),
+                          ("eval_batch", 1), ("seed", 0), ("threads", 0), ("widen_tokens", 0)):
+            integer(name, low)
+        number("lr", 0.0, open_low=True)
+        number("warmup_frac", 0.0, 1.0)
+        number("decay_frac", 0.0, 1.0)
+        number("min_lr_ratio", 0.0, 1.0)
+        number("weight_decay", 0.0)
+        number("beta1", 0.0, 1.0)
+        number("beta2", 0.0, 1.0)
+        number("grad_clip", 0.0)
+        number("max_loss", 0.0, open_low=True)
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError("train.schedule", self.schedule, "must be one of cosine, wsd")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("train.device", self.device, "must be one of auto, cpu, cuda")
+        if self.batch_tokens % self.seq_len:
+            raise ConfigError("train.batch_tokens", self.batch_tokens,
+                              f"must be a multiple of train.seq_len ({self.seq_len})")
+        if self.tokens < self.batch_tokens:
+            raise ConfigError("train.tokens", self.tokens,
+                              f"must be at least one step (train.batch_tokens = {self.batch_tokens})")
+        if self.init_from and not Path(self.init_from).is_file():
+            raise ConfigError("train.init_from", self.init_from, "must be an existing checkpoint file")
+        if self.widen_tokens and not self.init_from:
+            raise ConfigError("train.widen_tokens", self.widen_tokens, "needs train.init_from (a converted model)")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_tokens
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_tokens // self.seq_len
+
+    @property
+    def eval_every_steps(self) -> int:
+        return max(1, self.eval_every_tokens // self.batch_tokens)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine to
+    ``min_lr_ratio * lr``, or warm-up-stable-decay (constant, then linear decay over the last
+    ``decay_frac`` of the steps)."""
+    total = cfg.steps
+    warmup = int(cfg.warmup_frac * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    floor = cfg.min_lr_ratio * cfg.lr
+    if cfg.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay = int(cfg.decay_frac * total)
+    start = total - decay
+    if step < start:
+        return cfg.lr
+    return cfg.lr - (cfg.lr - floor) * (step - start + 1) / max(1, decay)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialConfig:
+    """Everything one trial needs: the model, its training, its data."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError("train.seq_len", self.train.seq_len,
+                              f"must be <= model.max_seq_len ({self.model.max_seq_len})")
+        if self.model.ffn == "moe" and self.train.widen_tokens and self.model.window <= self.model.top_k:
+            raise ConfigError("train.widen_tokens", self.train.widen_tokens, "needs a window to widen")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrialConfig:
+        """From nested sections (``{"model": {...}, ...}``) and/or flat dotted keys
+        (``{"model.pool_size": 32}``): TOML files, ``--set`` overrides and Ray's configs."""
+        sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "data": {}}
+        for key, value in values.items():
+            if key in sections and isinstance(value, dict):
+                sections[key].update(value)
+                continue
+            head, _, rest = key.partition(".")
+            if head not in sections or not rest:
+                raise ConfigError(key, value, "is not a setting; use model.*, train.* or data.*")
+            sections[head][rest] = value
+        train_known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        train_values = {}
+        for key, value in sections["train"].items():
+            if key not in train_known:
+                raise ConfigError(f"train.{key}", value,
+                                  f"is not a train setting; allowed: {', '.join(sorted(train_known))}")
+            default = train_known[key].default
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            train_values[key] = value
+        return cls(model=ModelConfig.from_dict(sections["model"]), train=TrainConfig(**train_values),
+                   data=DataConfig.from_dict(sections["data"]))
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat dotted keys, as logged to MLflow (TRACKING.md)."""
+        out: dict[str, Any] = {}
+        for name in ("model", "train", "data"):
+            for key, value in dataclasses.asdict(getattr(self, name)).items():
+                out[f"{name}.{key}"] = list(value) if isinstance(value, tuple) else value
+        out["count.convention"] = CONVENTION
+        return out
+
+
+class Sink(Protocol):
+    def report(self, metrics: dict[str, Any], step: int, checkpoint: dict | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullSink:
+    """Keeps every report in memory (tests, direct use); checkpoints are deep copies.
+
+    A sink must persist (or copy) a checkpoint before ``report`` returns: its tensors are the live
+    model and optimizer state.
+    """
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[int, dict[str, Any]]] = []
+        self.checkpoints: list[tuple[int, dict]] = []
+
+    def report(self, metrics: dict[str, Any], step: int, checkpoint: dict | None = None) -> None:
+        self.reports.append((step, dict(metrics)))
+        if checkpoint is not None:
+            self.checkpoints.append((step, copy.deepcopy(checkpoint)))
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialResult:
+    status: Literal["finished", "diverged"]
+    stop_reason: str
+    tokens: int
+    final_val_loss: float | None
+    flops: int
+    wall_s: float
+    train_s: float
+    eval_s: float
+    tokens_per_s: float
+    counts: Counts
+    corpus_fingerprint: str
+    val_sha256: str
+
+
+def _param_groups(model: MoUEModel, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, scalars and the input embedding."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name.startswith("embed.") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def _evaluate(model: MoUEModel, val, batch: int, device: torch.device, autocast) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in val.batches(batch):
+        with autocast():
+            logits = model(x.to(device)).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+        n += y.numel()
+    model.train()
+    return total / n
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", name, "needs a CUDA device; this machine has none (use cpu or auto)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def train(
+    cfg: TrialConfig,
+    sink: Sink | None = None,
+    *,
+    cache_dir: str | Path,
+    resume: dict | None = None,
+) -> TrialResult:
+    """Train one trial; report to ``sink`` at every mark; return how it ended."""
+    t_start = time.perf_counter()
+    sink = sink or NullSink()
+    tc, mc = cfg.train, cfg.model
+    device = _resolve_device(tc.device)
+    tune_malloc()
+    set_threads(tc.threads or None)
+    corpus: Corpus = load_corpus(cfg.data, cache_dir=cache_dir)
+    if corpus.vocab_size > mc.vocab_size:
+        raise ConfigError("model.vocab_size", mc.vocab_size,
+                          f"must be >= the corpus vocabulary ({corpus.vocab_size})")
+    val = validation_set(corpus, seq_len=tc.seq_len, n_tokens=cfg.data.val_tokens)
+    sampler = BatchSampler(corpus, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=cfg.data.seed)
+    counts = count(mc, seq_len=tc.seq_len)
+
+    torch.manual_seed(tc.seed)
+    model = MoUEModel(mc).to(device)
+    schedule = None
+    if tc.init_from:
+        blob = torch.load(tc.init_from, map_location="cpu", weights_only=True)
+        if ModelConfig.from_dict(blob["config"]) != mc:
+            raise ConfigError("train.init_from", tc.init_from, "holds a model whose config differs from model.*")
+        model.load_state_dict(blob["model"])
+        start = int(blob.get("start_window", mc.window))
+        if tc.widen_tokens:
+            schedule = WindowSchedule(start=start, end=mc.window, start_step=0,
+                                      end_step=max(1, tc.widen_tokens // tc.batch_tokens))
+        else:
+            model.set_window(start)
+    optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr,
+                                  betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+    step = 0
+    timers = {"train": 0.0, "eval": 0.0}
+    if resume is not None:
+        if resume.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {resume.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        sampler.load_state_dict(resume["sampler"])
+        torch.set_rng_state(resume["rng"])
+        step = int(resume["step"])
+        timers = dict(resume["timers"])
+    forward = torch.compile(model) if tc.compile else model
+    use_bf16 = device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    base = dict(status="finished", stop_reason="", counts=counts, corpus_fingerprint=corpus.fingerprint,
+                val_sha256=val.sha256)
+    reachable_P = (torch.tensor(mc.topology.exposure) > 0) if mc.ffn == "moe" else None
+    window_sums = _Window(reachable_P)
+    mark_train_s = timers["train"]
+    resumed_at = step if resume is not None else None  # that mark was reported before the checkpoint
+    val_loss = resume["val_loss"] if resume is not None else math.nan
+    while True:
+        at_mark = step % tc.eval_every_steps == 0 or step == tc.steps
+        if at_mark and step != resumed_at:
+            t0 = time.perf_counter()
+            val_loss = _evaluate(model, val, tc.eval_batch, device, autocast)
+            timers["eval"] += time.perf_counter() - t0
+            interval_train_s = timers["train"] - mark_train_s
+            metrics = {"val/loss": val_loss, "lr": lr_at(min(step, tc.steps - 1), tc), **window_sums.means(),
+                       "tokens_per_s": window_sums.tokens / interval_train_s if interval_train_s > 0 else 0.0}
+            if not math.isfinite(val_loss):
+                return _diverged(sink, step, tc, f"validation loss is {val_loss}", timers, t_start, base)
+            ckpt = {"version": CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+                    "rng": torch.get_rng_state(), "timers": dict(timers), "val_loss": val_loss}
+            sink.report(metrics, step * tc.batch_tokens, checkpoint=ckpt)
+            window_sums = _Window(reachable_P)
+            mark_train_s = timers["train"]
+        if step == tc.steps:
+            break
+
+        # ---- one training step: the hot path
+        t0 = time.perf_counter()
+        if schedule is not None:
+            model.set_window(schedule.window_at(step))
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = next(sampler)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            out = forward(x)
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+            total = loss + out.aux_loss
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+        loss_v, gn_v = loss.item(), grad_norm.item()  # sync point: the divergence check needs them
+        if not (math.isfinite(loss_v) and math.isfinite(gn_v)) or loss_v > tc.max_loss:
+            optimizer.zero_grad(set_to_none=True)
+            timers["train"] += time.perf_counter() - t0
+            what = "loss" if not math.isfinite(loss_v) or loss_v > tc.max_loss else "gradient norm"
+            value = loss_v if what == "loss" else gn_v
+            return _diverged(sink, (step + 1) * tc.batch_tokens, tc,
+                             f"{what} {value:.4g} at step {step + 1} (lr {lr:.3g})", timers, t_start, base)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if out.stats is not None and mc.expert_bias:
+            model.moe.router.update_bias(out.stats.load_Lw)
+        step += 1
+        timers["train"] += time.perf_counter() - t0
+        window_sums.add(loss_v, gn_v, out.stats, tc.batch_tokens)
+
+    wall = time.perf_counter() - t_start
+    flops = counts.compute(tc.steps * tc.batch_tokens)
+    final = {"final/val_loss": val_loss, "final/tokens": tc.steps * tc.batch_tokens, "final/flops": flops,
+             "final/wall_s": wall, "final/train_s": timers["train"], "final/eval_s": timers["eval"],
+             "status": "finished"}
+    sink.report(final, tc.steps * tc.batch_tokens)
+    return TrialResult(tokens=tc.steps * tc.batch_tokens, final_val_loss=val_loss, flops=flops,
+                       wall_s=wall, train_s=timers["train"], eval_s=timers["eval"],
+                       tokens_per_s=tc.steps * tc.batch_tokens / max(timers["train"], 1e-9), **base)
+
+
+def _diverged(sink: Sink, tokens: int, tc: TrainConfig, reason: str, timers, t_start, base) -> TrialResult:
+    sink.report({"status": "diverged", "stop_reason": reason}, tokens)
+    wall = time.perf_counter() - t_start
+    return TrialResult(**{**base, "status": "diverged", "stop_reason": reason}, tokens=tokens,
+                       final_val_loss=None, flops=base["counts"].compute(tokens), wall_s=wall,
+                       train_s=timers["train"], eval_s=timers["eval"],
+                       tokens_per_s=tokens / max(timers["train"], 1e-9))
+
+
+class _Window:
+    """Running sums of the training metrics between two marks.
+
+    ``balance/load_cv`` and ``balance/dead_frac`` are over the pool: the tokens each reachable
+    expert processed in the interval, summed over layers (coefficient of variation; fraction of
+    reachable experts that processed none).
+    """
+
+    def __init__(self, reachable_P: torch.Tensor | None) -> None:
+        self.n = 0
+        self.tokens = 0
+        self.sums: dict[str, float] = {}
+        self.reachable_P = reachable_P
+        self.load_P: torch.Tensor | None = None
+
+    def add(self, loss: float, grad_norm: float, stats, tokens: int) -> None:
+        self.n += 1
+        self.tokens += tokens
+        vals = {"train/loss": loss, "grad_norm": grad_norm}
+        if stats is not None:
+            load_P = stats.load_LP.sum(dim=0)
+            self.load_P = load_P if self.load_P is None else self.load_P + load_P
+            vals.update({"balance/loss": float(stats.balance_loss), "router/entropy": float(stats.entropy_L.mean()),
+                         "router/z": float(stats.lse_L.mean())})
+        for k, v in vals.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self) -> dict[str, float]:
+        if not self.n:
+            return {}
+        out = {k: v / self.n for k, v in self.sums.items()}
+        if self.load_P is not None:
+            load = self.load_P[self.reachable_P].float()
+            out["balance/load_cv"] = float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
+            out["balance/dead_frac"] = float((load == 0).float().mean())
+        return out
