@@ -1,0 +1,297 @@
+"""The data behind every report figure, computed without plotly (testable without a browser).
+
+Each ``*_data`` function returns a frozen dataclass of plain arrays and labels; ``analysis.render``
+draws them. Bands are central ``level`` percentile intervals of the bootstrap predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from analysis.fitting import FitResult
+from analysis.nested import NestedTest
+
+__all__ = [
+    "Band",
+    "BootstrapData",
+    "HoldoutData",
+    "ModelRow",
+    "ParallelData",
+    "ParamRow",
+    "ResidualData",
+    "ScatterData",
+    "Series",
+    "architecture_labels",
+    "bootstrap_data",
+    "holdout_data",
+    "loss_vs_compute_data",
+    "loss_vs_virtual_width_data",
+    "model_rows",
+    "parallel_data",
+    "param_rows",
+    "residual_data",
+]
+
+ARCH_COLUMNS = ("model.pool_size", "model.window", "model.stride", "model.top_k", "model.router")
+_SHORT = {"model.pool_size": "P", "model.window": "w", "model.stride": "s", "model.top_k": "k",
+          "model.router": "router"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Series:
+    name: str
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+    text: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Band:
+    """A fitted curve with its bootstrap band."""
+
+    name: str
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScatterData:
+    title: str
+    x_label: str
+    y_label: str
+    points: tuple[Series, ...]
+    curves: tuple[Band, ...] = ()
+    log_x: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResidualData:
+    title: str
+    x_label: str
+    series: tuple[Series, ...]  # one per law: x = compute, y = log-residual
+
+
+@dataclass(frozen=True, kw_only=True)
+class HoldoutData:
+    title: str
+    series: tuple[Series, ...]  # per law: x = observed, y = predicted (held-out points)
+    summary: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BootstrapData:
+    title: str
+    samples: tuple[Series, ...]  # name = "law: parameter"; y = the bootstrap samples
+    estimates: tuple[float, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelData:
+    dimensions: tuple[tuple[str, tuple[float, ...]], ...]
+    color: tuple[float, ...]
+    color_label: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamRow:
+    law: str
+    parameter: str
+    estimate: float
+    lo: float | None
+    hi: float | None
+    kind: str  # "parameter" or "derived"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRow:
+    law: str
+    n_points: int
+    objective: float
+    holdout_rmse: float | None
+    holdout_mape: float | None
+    lr_stat: float | None
+    p_value: float | None
+    aic: float | None
+    bic: float | None
+    versus: str | None
+    notes: str
+
+
+def _col(frame, name: str) -> np.ndarray:
+    return frame.get_column(name).to_numpy()
+
+
+def architecture_labels(frame, columns: Sequence[str] = ARCH_COLUMNS) -> list[str]:
+    """A short architecture label per row from the columns that vary (``P=16 w=4``)."""
+    present = [c for c in columns if c in frame.columns and frame.get_column(c).n_unique() > 1]
+    if not present:
+        return ["all"] * frame.height
+    cols = {c: frame.get_column(c).to_list() for c in present}
+    return [" ".join(f"{_SHORT.get(c, c)}={cols[c][i]}" for c in present)
+            for i in range(frame.height)]
+
+
+def _band(name, x, samples, point, level):
+    q = [(1 - level) / 2, 1 - (1 - level) / 2]
+    lo, hi = np.nanquantile(samples, q, axis=0) if samples.shape[0] > 1 else (point, point)
+    return Band(name=name, x=tuple(map(float, x)), y=tuple(map(float, point)),
+                lo=tuple(map(float, lo)), hi=tuple(map(float, hi)))
+
+
+def loss_vs_compute_data(frame, *, loss: str, compute: str, fits: Mapping[str, FitResult],
+                         labels: Sequence[str]) -> ScatterData:
+    """Final loss against training compute, one series per architecture; compute-law curves
+    (``compute``) and compute-optimal frontiers (``chinchilla``) with bootstrap bands."""
+    x, y = _col(frame, compute), _col(frame, loss)
+    runs = frame.get_column("run_id").to_list() if "run_id" in frame.columns else [""] * len(x)
+    points = []
+    for lab in sorted(set(labels)):
+        m = [i for i, v in enumerate(labels) if v == lab]
+        points.append(Series(name=lab, x=tuple(float(x[i]) for i in m),
+                             y=tuple(float(y[i]) for i in m), text=tuple(runs[i] for i in m)))
+    grid = np.geomspace(x.min(), x.max() * 10, 60)
+    curves = []
+    for name, r in fits.items():
+        if name == "compute":
+            pt = r.predict({"C": grid})
+            bs = r.predict({"C": grid}, samples=True) if r.n_bootstrap > 1 else pt[None]
+            curves.append(_band("compute law", grid, bs, pt, r.level))
+        elif name == "chinchilla":
+            # compute-optimal frontier: N_opt(C), D_opt(C) from the fitted law at each C
+            curves.append(_frontier(r, grid))
+    return ScatterData(title="Loss vs compute by architecture", x_label=f"compute ({compute})",
+                       y_label=f"loss ({loss})", points=tuple(points), curves=tuple(curves))
+
+
+def _frontier(r: FitResult, grid: np.ndarray) -> Band:
+    from analysis.derived import _compute_optimal
+
+    def frontier(nat):
+        return _compute_optimal(nat[:, 0:1], nat[:, 1:2], nat[:, 2:3], nat[:, 3:4], nat[:, 4:5],
+                                grid[None, :] * 1.0)[2]
+
+    law = r.law_spec
+    nat = np.array([[r.params[k] for k in law.natural]])
+    pt = frontier(nat)[0]
+    bs = frontier(r.bootstrap) if r.n_bootstrap > 1 else pt[None]
+    return _band("chinchilla compute-optimal (C = 6ND)", grid, bs, pt, r.level)
+
+
+def loss_vs_virtual_width_data(frame, *, loss: str, n_col: str, v_col: str,
+                               d_col: str | None, fit: FitResult | None) -> ScatterData:
+    """Loss against virtual width at fixed active parameters (the largest token budget of each
+    size), with the fitted virtual-width law's curve and band per size."""
+    N, V, L = _col(frame, n_col), _col(frame, v_col), _col(frame, loss)
+    D = _col(frame, d_col) if d_col else None
+    points, curves = [], []
+    for n_val in np.unique(N):
+        m = N == n_val
+        if D is not None:
+            m &= D == D[m].max()
+        order = np.argsort(V[m])
+        points.append(Series(name=f"N={n_val:.3g}", x=tuple(map(float, V[m][order])),
+                             y=tuple(map(float, L[m][order]))))
+        if fit is not None:
+            vg = np.geomspace(V.min(), V.max(), 40)
+            data = {"N": np.full_like(vg, n_val), "V": vg}
+            if "D" in fit.law_spec.variables and D is not None:
+                data["D"] = np.full_like(vg, D[m].max())
+            pt = fit.predict(data)
+            bs = fit.predict(data, samples=True) if fit.n_bootstrap > 1 else pt[None]
+            curves.append(_band(f"{fit.law} N={n_val:.3g}", vg, bs, pt, fit.level))
+    return ScatterData(title="Loss vs virtual width at fixed active parameters",
+                       x_label=f"virtual width ({v_col})", y_label=f"loss ({loss})",
+                       points=tuple(points), curves=tuple(curves))
+
+
+def residual_data(frame, *, fits: Mapping[str, FitResult], compute: str) -> ResidualData:
+    """Residuals ``log L - prediction`` (log10 for log10 laws) against compute, per law."""
+    series = []
+    x = _col(frame, compute)
+    for name, r in fits.items():
+        law = r.law_spec
+        data = {v: _col(frame, r.variables[v]) for v in law.variables}
+        obs = law.target(_col(frame, r.loss))
+        pred = law.predict(np.asarray(r.theta)[None, :], data)[0]
+        series.append(Series(name=name, x=tuple(map(float, x)), y=tuple(map(float, obs - pred))))
+    return ResidualData(title="Residuals (log loss)", x_label=f"compute ({compute})",
+                        series=tuple(series))
+
+
+def holdout_data(fits: Mapping[str, FitResult]) -> HoldoutData:
+    """Held-out (largest-compute) points: observed against predicted by the fit without them."""
+    series, summary = [], []
+    for name, r in fits.items():
+        h = r.holdout
+        if h is None:
+            summary.append(f"{name}: no hold-out ({'; '.join(r.diagnostics.warnings) or 'off'})")
+            continue
+        series.append(Series(name=name, x=h.test_loss, y=h.test_pred))
+        summary.append(f"{name}: {h.n_test} points with {h.column} >= {h.min_value:.3g} held out "
+                       f"(fit on {h.n_train}); RMSE {h.rmse:.4f}, max |err| "
+                       f"{h.max_abs_error:.4f}, MAPE {h.mape:.2f}%, extrapolation x"
+                       f"{h.extrapolation_ratio:.2f}")
+    return HoldoutData(title="Hold-out: largest-compute group predicted by a fit without it",
+                       series=tuple(series), summary=tuple(summary))
+
+
+def bootstrap_data(fits: Mapping[str, FitResult]) -> BootstrapData:
+    """Bootstrap samples of every exponent of every law."""
+    samples, estimates = [], []
+    for name, r in fits.items():
+        if r.n_bootstrap < 2:
+            continue
+        law = r.law_spec
+        for p in law.exponents:
+            j = law.natural.index(p)
+            samples.append(Series(name=f"{name}: {p}", x=(), y=tuple(map(float, r.bootstrap[:, j]))))
+            estimates.append(r.params[p])
+    return BootstrapData(title="Bootstrap distributions of the exponents",
+                         samples=tuple(samples), estimates=tuple(estimates))
+
+
+def parallel_data(frame, *, loss: str, max_dims: int = 10) -> ParallelData:
+    """Parallel coordinates over the numeric config columns that vary, coloured by loss."""
+    dims = []
+    for c in frame.columns:
+        if not (c.startswith(("model.", "train.", "derived.")) and frame.schema[c].is_numeric()):
+            continue
+        v = frame.get_column(c)
+        if v.null_count() == 0 and v.n_unique() > 1:
+            dims.append((c, tuple(map(float, v.to_numpy()))))
+    dims = dims[:max_dims]
+    lossv = tuple(map(float, _col(frame, loss)))
+    return ParallelData(dimensions=tuple(dims) + ((loss, lossv),), color=lossv, color_label=loss)
+
+
+def param_rows(fits: Mapping[str, FitResult]) -> list[ParamRow]:
+    rows = []
+    for name, r in fits.items():
+        for k, v in r.params.items():
+            lo, hi = r.ci.get(k, (None, None))
+            rows.append(ParamRow(law=name, parameter=k, estimate=v, lo=lo, hi=hi,
+                                 kind="parameter"))
+        for k, v in r.derived.items():
+            lo, hi = r.derived_ci.get(k, (None, None))
+            rows.append(ParamRow(law=name, parameter=k, estimate=v, lo=lo, hi=hi, kind="derived"))
+    return rows
+
+
+def model_rows(fits: Mapping[str, FitResult], tests: Mapping[str, NestedTest]) -> list[ModelRow]:
+    rows = []
+    for name, r in fits.items():
+        t = tests.get(name)
+        h = r.holdout
+        rows.append(ModelRow(
+            law=name, n_points=r.provenance.n_points, objective=r.diagnostics.objective,
+            holdout_rmse=None if h is None else h.rmse, holdout_mape=None if h is None else h.mape,
+            lr_stat=None if t is None else t.lr_stat, p_value=None if t is None else t.p_value,
+            aic=None if t is None else t.aic, bic=None if t is None else t.bic,
+            versus=None if t is None else t.nested,
+            notes="; ".join(r.diagnostics.warnings)))
+    return rows

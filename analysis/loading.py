@@ -1,0 +1,258 @@
+"""MLflow -> polars: one typed row per finished trial of a study (TRACKING.md, schema 1).
+
+The loader reads only what TRACKING.md specifies: trial runs are tagged ``moue.kind = trial`` and
+``moue.schema``, children of a parent run tagged ``moue.kind = study``; params are strings that the
+loader casts back per column (all-int -> Int64, all-number -> Float64, true/false -> Boolean,
+otherwise String; ``None``/empty -> null); final metrics are ``final/*``; learning curves have
+``step`` = tokens seen.
+
+A trial is kept when its ``moue.status`` is ``finished`` (other statuses are listed in
+``include_statuses`` to keep them) and it has ``final/val_loss``; every other run is counted under
+its reason in :attr:`LoadedRuns.excluded`. Runs with a missing or newer ``moue.schema`` are refused,
+as are mixed corpora or counting conventions (load one sweep with ``parent_run_id``).
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from analysis.errors import AnalysisError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+__all__ = ["SCHEMA_VERSION", "LoadedRuns", "ParentRun", "default_tracking_uri", "load_runs"]
+
+SCHEMA_VERSION = 1
+STATUSES = ("finished", "early_stopped", "diverged", "failed")
+CURVE_METRICS = ("train/loss", "val/loss")
+_PARENT_TAGS = ("moue.study", "moue.spec_sha256", "moue.git_sha", "moue.git_dirty",
+                "moue.corpus_fingerprint", "moue.search", "moue.scheduler")
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+def default_tracking_uri(workspace: str | Path = "moue_runs") -> str:
+    """``sqlite:///<absolute workspace>/mlflow.db`` (ARCHITECTURE.md: absolute URI)."""
+    return f"sqlite:///{Path(workspace).expanduser().resolve() / 'mlflow.db'}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParentRun:
+    """A sweep's parent run: its id, name and the provenance tags of TRACKING.md."""
+
+    run_id: str
+    name: str
+    tags: Mapping[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedRuns:
+    """The trials of an experiment as a typed polars frame, and what was left out and why."""
+
+    experiment: str
+    experiment_id: str
+    tracking_uri: str
+    frame: pl.DataFrame = field(repr=False)
+    excluded: Mapping[str, int]
+    parents: tuple[ParentRun, ...]
+    curves: pl.DataFrame | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "excluded", types.MappingProxyType(dict(self.excluded)))
+
+    @property
+    def n_excluded(self) -> int:
+        return sum(self.excluded.values())
+
+    def summary(self) -> str:
+        """One line: kept and excluded counts by reason."""
+        parts = ", ".join(f"{v} {k}" for k, v in sorted(self.excluded.items()))
+        return (f"{self.frame.height} trials loaded from {self.experiment}"
+                + (f"; excluded: {parts}" if parts else ""))
+
+
+def _cast_column(values: Sequence[str | None]):
+    """Restore the type of one param column from its strings (see module docstring)."""
+    import polars as pl
+
+    vals = [None if v is None or v == "" or v == "None" else v for v in values]
+    present = [v for v in vals if v is not None]
+    if not present:
+        return pl.Series(vals, dtype=pl.String)
+    if all(_INT.match(v) for v in present):
+        return pl.Series([None if v is None else int(v) for v in vals], dtype=pl.Int64)
+    try:
+        floats = [None if v is None else float(v) for v in vals]
+        return pl.Series(floats, dtype=pl.Float64)
+    except ValueError:
+        pass
+    if all(v.lower() in ("true", "false") for v in present):
+        return pl.Series([None if v is None else v.lower() == "true" for v in vals],
+                         dtype=pl.Boolean)
+    return pl.Series(vals, dtype=pl.String)
+
+
+def _search_all(client, experiment_id: str, filter_string: str):
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string,
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _schema_of(run) -> int:
+    raw = run.data.tags.get("moue.schema")
+    if raw is None or not _INT.match(raw):
+        raise AnalysisError("moue.schema", raw, f"of run {run.info.run_id} is missing or not an "
+                            f"integer; this loader reads schema <= {SCHEMA_VERSION}")
+    if int(raw) > SCHEMA_VERSION:
+        raise AnalysisError("moue.schema", int(raw), f"of run {run.info.run_id} is newer than "
+                            f"this loader ({SCHEMA_VERSION}); upgrade moue to read it")
+    return int(raw)
+
+
+def load_runs(
+    experiment: str,
+    *,
+    tracking_uri: str,
+    parent_run_id: str | None = None,
+    curves: bool = False,
+    curve_metrics: Iterable[str] = CURVE_METRICS,
+    include_statuses: Iterable[str] = ("finished",),
+) -> LoadedRuns:
+    """Load the trials of ``experiment`` (optionally one sweep: ``parent_run_id``).
+
+    The frame has one row per kept trial: ``run_id``, ``parent_run_id``, ``trial_id``, ``status``,
+    ``seed``, ``corpus_fingerprint`` (the parent's tag), every param under its dotted name
+    (``model.pool_size``, ``derived.virtual_width``, ...), cast back to its type, and every
+    ``final/*`` metric. ``curves=True`` adds a long frame (``run_id``, ``key``, ``step``, ``value``)
+    of ``curve_metrics``, fetched with one bulk request per metric (per 100 runs), not per run.
+    """
+    import polars as pl
+    from mlflow import MlflowClient
+
+    include = tuple(include_statuses)
+    for s in include:
+        if s not in STATUSES:
+            raise AnalysisError("include_statuses", s, f"is not one of {', '.join(STATUSES)}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise AnalysisError("experiment", experiment,
+                            f"is not in {tracking_uri}; experiments: {', '.join(names) or 'none'}")
+    parents = _search_all(client, exp.experiment_id, "tags.`moue.kind` = 'study'")
+    if parent_run_id is not None:
+        if parent_run_id not in {p.info.run_id for p in parents}:
+            raise AnalysisError("parent_run_id", parent_run_id,
+                                f"is not a study run of {experiment}; parents: "
+                                + ", ".join(p.info.run_id for p in parents))
+        parents = [p for p in parents if p.info.run_id == parent_run_id]
+    for p in parents:
+        _schema_of(p)
+    flt = "tags.`moue.kind` = 'trial'"
+    if parent_run_id is not None:
+        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    trials = _search_all(client, exp.experiment_id, flt)
+    parent_tags = {p.info.run_id: p.data.tags for p in parents}
+
+    excluded: Counter[str] = Counter()
+    kept = []
+    for run in trials:
+        _schema_of(run)
+        status = run.data.tags.get("moue.status")
+        if status is None:
+            excluded["unfinished"] += 1
+        elif status not in STATUSES:
+            excluded[f"unknown status {status!r}"] += 1
+        elif status not in include:
+            excluded[status] += 1
+        elif run.info.status != "FINISHED":
+            excluded["unfinished"] += 1
+        elif "final/val_loss" not in run.data.metrics:
+            excluded["no final metrics"] += 1
+        else:
+            kept.append(run)
+
+    param_keys = sorted({k for r in kept for k in r.data.params})
+    metric_keys = sorted({k for r in kept for k in r.data.metrics if k.startswith("final/")})
+    columns: dict[str, pl.Series] = {
+        "run_id": pl.Series([r.info.run_id for r in kept], dtype=pl.String),
+        "parent_run_id": pl.Series([r.data.tags.get("mlflow.parentRunId") for r in kept],
+                                   dtype=pl.String),
+        "trial_id": pl.Series([r.data.tags.get("moue.trial_id") for r in kept], dtype=pl.String),
+        "status": pl.Series([r.data.tags.get("moue.status") for r in kept], dtype=pl.String),
+        "stop_reason": pl.Series([r.data.tags.get("moue.stop_reason") for r in kept],
+                                 dtype=pl.String),
+        "seed": _cast_column([r.data.tags.get("moue.seed") for r in kept]),
+        "corpus_fingerprint": pl.Series(
+            [parent_tags.get(r.data.tags.get("mlflow.parentRunId"), {}).get(
+                "moue.corpus_fingerprint") for r in kept], dtype=pl.String),
+    }
+    for key in param_keys:
+        columns[key] = _cast_column([r.data.params.get(key) for r in kept])
+    for key in metric_keys:
+        columns[key] = pl.Series([r.data.metrics.get(key) for r in kept], dtype=pl.Float64)
+    frame = pl.DataFrame(columns).sort("run_id")
+
+    for col, what in (("corpus_fingerprint", "corpora"), ("data.corpus", "corpora"),
+                      ("count.convention", "counting conventions")):
+        if col in frame.columns:
+            found = sorted({str(v) for v in frame.get_column(col).to_list() if v is not None})
+            if len(found) > 1:
+                raise AnalysisError(col, found, f"mixes {what} in {experiment}; load one sweep "
+                                    "with --parent RUN_ID (or filter) before fitting")
+
+    curve_frame = None
+    if curves:
+        curve_frame = _load_curves(client, list(frame.get_column("run_id")), tuple(curve_metrics))
+    return LoadedRuns(
+        experiment=experiment,
+        experiment_id=exp.experiment_id,
+        tracking_uri=tracking_uri,
+        frame=frame,
+        excluded=dict(excluded),
+        parents=tuple(ParentRun(run_id=p.info.run_id, name=p.info.run_name or "",
+                                tags={k: p.data.tags[k] for k in _PARENT_TAGS if k in p.data.tags})
+                      for p in parents),
+        curves=curve_frame,
+    )
+
+
+def _load_curves(client, run_ids: list[str], keys: tuple[str, ...]) -> pl.DataFrame:
+    """Metric histories of ``run_ids``: one bulk query per metric and 100 runs.
+
+    Uses the tracking store's ``get_metric_history_bulk_interval`` (SQL and REST stores, MLflow
+    >= 2.x) with a per-run limit above any realistic number of marks; falls back to one request
+    per run and metric for stores without it.
+    """
+    import polars as pl
+
+    rows: dict[str, list] = {"run_id": [], "key": [], "step": [], "value": []}
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    bulk = getattr(store, "get_metric_history_bulk_interval", None)
+    for key in keys:
+        for lo in range(0, len(run_ids), 100):
+            chunk = run_ids[lo:lo + 100]
+            try:
+                if bulk is None:
+                    raise NotImplementedError
+                found = [(m.run_id, m) for m in bulk(chunk, key, 1_000_000, None, None)]
+            except NotImplementedError:
+                found = [(rid, m) for rid in chunk for m in client.get_metric_history(rid, key)]
+            for rid, m in found:
+                rows["run_id"].append(rid)
+                rows["key"].append(key)
+                rows["step"].append(int(m.step))
+                rows["value"].append(float(m.value))
+    return pl.DataFrame(rows, schema={"run_id": pl.String, "key": pl.String, "step": pl.Int64,
+                                      "value": pl.Float64}).sort(["key", "run_id", "step"])

@@ -1,0 +1,73 @@
+"""The fitting objective: summed, weighted Huber loss of log-space residuals.
+
+``f(theta) = sum_n w_n * huber_delta(y_n - pred_n(theta))`` with ``y = log L`` (``log10 L`` for
+log10 laws) and ``huber_delta(r) = r^2 / 2`` for ``|r| <= delta``, ``delta (|r| - delta / 2)``
+beyond: the same function as ``scipy.special.huber(delta, r)``, summed (not averaged) as in Epoch
+AI's replication of Chinchilla. Gradient and exact Hessian are returned for batches of parameter
+vectors; weights may be one vector (all problems share the data: multi-start) or one row per
+problem (bootstrap resamples as multiplicity weights).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from analysis.laws import Law, weighted_gram
+
+__all__ = ["huber", "make_objective"]
+
+# Elements of the (chunk, n, P) Jacobian per block: small blocks keep every temporary in cache
+# (3x faster than one big block on a 2-core machine).
+_CHUNK_ELEMENTS = 300_000
+
+
+def huber(r: np.ndarray, delta: float) -> np.ndarray:
+    """Huber function with threshold ``delta`` (equal to ``scipy.special.huber(delta, r)``)."""
+    a = np.abs(r)
+    return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+
+
+def make_objective(law: Law, prep, y: np.ndarray, weights: np.ndarray, delta: float,
+                   *, hessian: bool = True):
+    """``fgh(theta_SP, idx_S) -> (f_S, g_SP, H_SPP)`` (``H`` is None when ``hessian=False``).
+
+    ``weights`` is (n,) shared by every problem, or (B, n) with problem ``idx[s]`` using row
+    ``idx[s]``.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    n, P = y.shape[0], law.n_params
+
+    def block(theta, w):
+        pred, J, cache = law.forward(theta, prep)
+        r = y[None, :] - pred
+        a = np.abs(r)
+        inside = a <= delta
+        f = (w * np.where(inside, 0.5 * r * r, delta * (a - 0.5 * delta))).sum(axis=1)
+        wpsi = w * np.clip(r, -delta, delta)
+        g = -np.stack([np.einsum("sn,sn->s", wpsi, Jp) for Jp in J], axis=1)
+        if not hessian:
+            return f, g, None
+        # d2 f = sum_n w [h''(r) J J^T - psi d2 pred]
+        H = weighted_gram(J, w * inside)
+        H -= law.hess(theta, prep, J, cache, wpsi)
+        return f, g, H
+
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, n * P))
+
+    def fgh(theta: np.ndarray, idx: np.ndarray):
+        theta = np.atleast_2d(theta)
+        S = theta.shape[0]
+        f = np.empty(S)
+        g = np.empty((S, P))
+        H = np.empty((S, P, P)) if hessian else None
+        for lo in range(0, S, chunk):
+            hi = min(S, lo + chunk)
+            w = weights[idx[lo:hi]] if weights.ndim == 2 else weights[None, :]
+            fb, gb, Hb = block(theta[lo:hi], w)
+            f[lo:hi], g[lo:hi] = fb, gb
+            if hessian:
+                H[lo:hi] = Hb
+        return f, g, H
+
+    return fgh

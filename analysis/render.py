@@ -1,0 +1,160 @@
+"""Draw the figure data of ``analysis.figures`` with plotly and assemble one self-contained page.
+
+The page embeds plotly.js once (in ``<head>``) and every figure as a ``div`` plus an inline
+script, so it works offline; it references no external resource.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+
+from analysis.figures import (
+    BootstrapData,
+    HoldoutData,
+    ModelRow,
+    ParallelData,
+    ParamRow,
+    ResidualData,
+    ScatterData,
+)
+
+__all__ = ["draw_bootstrap", "draw_holdout", "draw_parallel", "draw_residuals", "draw_scatter",
+           "page"]
+
+_LAYOUT = {"template": "plotly_white", "height": 480, "margin": {"l": 70, "r": 20, "t": 50,
+                                                                  "b": 60}}
+
+
+def _go():
+    try:
+        import plotly.graph_objects as go
+    except ImportError as e:  # pragma: no cover - plotly is a dependency
+        raise ImportError("the report needs plotly: pip install plotly") from e
+    return go
+
+
+def draw_scatter(data: ScatterData):
+    go = _go()
+    fig = go.Figure()
+    for s in data.points:
+        fig.add_trace(go.Scatter(x=s.x, y=s.y, mode="markers", name=s.name,
+                                 text=s.text or None, hovertemplate="%{x:.3g}, %{y:.4f}<br>%{text}"))
+    for c in data.curves:
+        fig.add_trace(go.Scatter(x=c.x + c.x[::-1], y=c.hi + c.lo[::-1], fill="toself",
+                                 line={"width": 0}, opacity=0.2, hoverinfo="skip",
+                                 name=f"{c.name} band", showlegend=False))
+        fig.add_trace(go.Scatter(x=c.x, y=c.y, mode="lines", name=c.name))
+    fig.update_layout(title=data.title, xaxis_title=data.x_label, yaxis_title=data.y_label,
+                      **_LAYOUT)
+    if data.log_x:
+        fig.update_xaxes(type="log")
+    return fig
+
+
+def draw_residuals(data: ResidualData):
+    go = _go()
+    fig = go.Figure()
+    for s in data.series:
+        fig.add_trace(go.Scatter(x=s.x, y=s.y, mode="markers", name=s.name))
+    fig.add_hline(y=0.0, line_dash="dot")
+    fig.update_layout(title=data.title, xaxis_title=data.x_label, yaxis_title="log L - pred",
+                      **_LAYOUT)
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def draw_holdout(data: HoldoutData):
+    go = _go()
+    fig = go.Figure()
+    lo, hi = math.inf, -math.inf
+    for s in data.series:
+        fig.add_trace(go.Scatter(x=s.x, y=s.y, mode="markers", name=s.name))
+        if s.x:
+            lo, hi = min(lo, *s.x, *s.y), max(hi, *s.x, *s.y)
+    if math.isfinite(lo):
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="perfect",
+                                 line={"dash": "dot", "color": "gray"}))
+    fig.update_layout(title=data.title, xaxis_title="observed loss",
+                      yaxis_title="predicted loss", **_LAYOUT)
+    return fig
+
+
+def draw_bootstrap(data: BootstrapData):
+    go = _go()
+    fig = go.Figure()
+    for s, est in zip(data.samples, data.estimates):
+        fig.add_trace(go.Histogram(x=s.y, name=f"{s.name} = {est:.4g}", opacity=0.6,
+                                   nbinsx=40))
+    fig.update_layout(title=data.title, barmode="overlay", xaxis_title="value",
+                      yaxis_title="resamples", **_LAYOUT)
+    return fig
+
+
+def draw_parallel(data: ParallelData):
+    go = _go()
+    fig = go.Figure(go.Parcoords(
+        line={"color": data.color, "colorscale": "Viridis", "showscale": True,
+              "colorbar": {"title": {"text": data.color_label}}},
+        dimensions=[{"label": name, "values": values} for name, values in data.dimensions]))
+    fig.update_layout(title="The sweep (parallel coordinates, colour = loss)", **_LAYOUT)
+    return fig
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def params_table(rows: Sequence[ParamRow], level: float) -> str:
+    return _table(["law", "quantity", "kind", "estimate", f"{level:.0%} low", f"{level:.0%} high"],
+                  [(r.law, r.parameter, r.kind, r.estimate, r.lo, r.hi) for r in rows])
+
+
+def models_table(rows: Sequence[ModelRow]) -> str:
+    return _table(["law", "points", "Huber objective", "hold-out RMSE", "hold-out MAPE %",
+                   "vs", "LR stat", "p", "AIC", "BIC", "notes"],
+                  [(r.law, r.n_points, r.objective, r.holdout_rmse, r.holdout_mape, r.versus,
+                    r.lr_stat, r.p_value, r.aic, r.bic, r.notes) for r in rows])
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:8px 0 24px}td,th{border:1px solid #ccc;padding:3px 8px;
+font-size:13px;text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}
+.figure{margin:16px 0 32px}.note{color:#555;font-size:13px}code{font-size:12px}"""
+
+
+def page(*, title: str, sections: Sequence[tuple[str, str]], figures: Mapping[str, object],
+         ) -> str:
+    """The HTML page: ``sections`` are (heading, inner HTML); a section's HTML may contain
+    ``{{figure:NAME}}`` placeholders replaced by the figure ``NAME`` of ``figures``."""
+    from plotly.offline import get_plotlyjs
+
+    parts = []
+    for heading, inner in sections:
+        for name, fig in figures.items():
+            token = "{{figure:" + name + "}}"
+            if token in inner:
+                div = fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
+                                  div_id=f"fig-{name}", config={"displaylogo": False,
+                                                                "responsive": True})
+                inner = inner.replace(token, f'<div class="figure" data-figure="{name}">{div}</div>')
+        parts.append(f"<section><h2>{html.escape(heading)}</h2>{inner}</section>")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script></head><body>"
+        f"<h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>\n"
+    )

@@ -1,0 +1,96 @@
+"""The loader against a real MLflow SQLite store populated as TRACKING.md specifies."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from analysis import AnalysisError, load_runs
+from analysis.loading import default_tracking_uri
+
+
+def test_one_typed_row_per_finished_trial(logged_study):
+    uri, exp, pid, _ = logged_study
+    runs = load_runs(exp, tracking_uri=uri)
+    df = runs.frame
+    assert df.height == 48
+    assert runs.excluded == {"diverged": 2, "failed": 1, "early_stopped": 1, "unfinished": 1}
+    assert "48 trials loaded" in runs.summary() and "2 diverged" in runs.summary()
+    assert df.schema["model.d_model"] == pl.Int64
+    assert df.schema["train.lr"] == pl.Float64
+    assert df.schema["train.use_compile"] == pl.Boolean
+    assert df.schema["model.router"] == pl.String
+    assert df.schema["derived.n_params_active"] == pl.Float64
+    assert df.schema["final/val_loss"] == pl.Float64
+    assert set(df.get_column("parent_run_id")) == {pid}
+    assert set(df.get_column("corpus_fingerprint")) == {"sha256:stdlib-3.11"}
+    assert df.get_column("run_id").n_unique() == 48
+    assert runs.parents[0].run_id == pid
+    assert runs.parents[0].tags["moue.git_sha"] == "0123456789abcdef"
+    # the derived virtual width is what the study logged: n_layers * window
+    assert (df.get_column("derived.virtual_width")
+            == df.get_column("model.n_layers") * df.get_column("model.window")).all()
+
+
+def test_include_statuses_and_parent_filter(logged_study):
+    uri, exp, pid, _ = logged_study
+    runs = load_runs(exp, tracking_uri=uri, parent_run_id=pid,
+                     include_statuses=("finished", "early_stopped"))
+    assert runs.frame.height == 49
+    assert "early_stopped" not in runs.excluded
+    with pytest.raises(AnalysisError, match="parent_run_id"):
+        load_runs(exp, tracking_uri=uri, parent_run_id="nope")
+    with pytest.raises(AnalysisError, match="include_statuses"):
+        load_runs(exp, tracking_uri=uri, include_statuses=("done",))
+
+
+def test_curves_in_bulk(logged_study):
+    uri, exp, _, _ = logged_study
+    runs = load_runs(exp, tracking_uri=uri, curves=True)
+    c = runs.curves
+    assert set(c.get_column("key")) == {"train/loss", "val/loss"}
+    per_run = c.filter(pl.col("key") == "val/loss").group_by("run_id").agg(
+        pl.len().alias("n"), pl.col("step").max().alias("last"))
+    assert per_run.height == 48 and set(per_run.get_column("n")) == {5}
+    joined = per_run.join(runs.frame.select("run_id", "train.tokens"), on="run_id")
+    assert (joined.get_column("last") == joined.get_column("train.tokens")).all()
+
+
+def test_unknown_experiment_and_schema(logged_study, tmp_path):
+    uri, exp, _, _ = logged_study
+    with pytest.raises(AnalysisError, match=r"experiment \('nope'\) is not in .*vw_study"):
+        load_runs("nope", tracking_uri=uri)
+    from mlflow import MlflowClient
+
+    other = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=other)
+    eid = client.create_experiment("future", artifact_location=f"file://{tmp_path}/a")
+    client.create_run(eid, tags={"moue.kind": "trial", "moue.schema": "2"})
+    with pytest.raises(AnalysisError, match=r"moue.schema \(2\) .* newer than this loader"):
+        load_runs("future", tracking_uri=other)
+    eid = client.create_experiment("noschema", artifact_location=f"file://{tmp_path}/b")
+    client.create_run(eid, tags={"moue.kind": "trial"})
+    with pytest.raises(AnalysisError, match=r"moue.schema \(None\) .* missing"):
+        load_runs("noschema", tracking_uri=other)
+
+
+def test_mixed_corpora_and_conventions_are_refused(tmp_path):
+    from study_log import default_trials, log_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trials = default_trials()[:6]
+    p1 = log_study(uri, "mixed", trials, artifact_root=str(tmp_path / "a"))
+    log_study(uri, "mixed", trials, artifact_root=str(tmp_path / "a"),
+              corpus_fingerprint="sha256:other")
+    with pytest.raises(AnalysisError, match=r"corpus_fingerprint .* mixes corpora"):
+        load_runs("mixed", tracking_uri=uri)
+    assert load_runs("mixed", tracking_uri=uri, parent_run_id=p1).frame.height == 6
+    log_study(uri, "conv", trials, artifact_root=str(tmp_path / "a"))
+    log_study(uri, "conv", trials, artifact_root=str(tmp_path / "a"), convention="6N")
+    with pytest.raises(AnalysisError, match=r"count.convention .* mixes counting conventions"):
+        load_runs("conv", tracking_uri=uri)
+
+
+def test_default_tracking_uri_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/moue_runs/mlflow.db"
