@@ -243,3 +243,11 @@ def test_moue_train_command_runs_and_resumes(tmp_path) -> None:
     assert again.exit_code == 2 and "already has a run" in again.output
     resumed = runner.invoke(app, [*args, "--resume"])
     assert resumed.exit_code == 0, resumed.output
+
+
+def test_torch_compile_option_trains_like_eager(cache_dir) -> None:
+    """train.compile = true: the MoE dispatch runs eagerly (graph break), the rest is compiled."""
+    eager = train(tiny(ARCHITECTURES["layerwise"], dict(tokens=4096)), None, cache_dir=cache_dir)
+    compiled = train(tiny(ARCHITECTURES["layerwise"], dict(tokens=4096, compile=True)), None, cache_dir=cache_dir)
+    assert compiled.status == "finished"
+    assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, abs=1e-4)
