@@ -1,29 +1,40 @@
 """moue_core: the model family, counting, data and the single-trial training function.
 
-Pure torch and single-device: nothing here imports ray, mlflow, optuna or plotly.
+Pure torch and single-device: nothing here imports ray, mlflow, optuna or plotly. Attributes load
+lazily, so ``import moue_core.config`` / ``moue_core.counting`` (pure Python) never import torch:
+search spaces and spec validation count parameters without it.
 """
 
-from moue_core.config import ModelConfig
-from moue_core.convert import LayerwiseMoEModel, WindowSchedule, convert_layerwise, layerwise_config
-from moue_core.counting import CONVENTION, Counts, check_counts, count
-from moue_core.errors import ConfigError
-from moue_core.model import ModelOutput, MoUEModel
-from moue_core.moe import RouterStats
-from moue_core.topology import Topology
+from __future__ import annotations
 
-__all__ = [
-    "CONVENTION",
-    "ConfigError",
-    "Counts",
-    "LayerwiseMoEModel",
-    "ModelConfig",
-    "ModelOutput",
-    "MoUEModel",
-    "RouterStats",
-    "Topology",
-    "WindowSchedule",
-    "check_counts",
-    "convert_layerwise",
-    "count",
-    "layerwise_config",
-]
+import importlib
+
+_EXPORTS = {
+    "ModelConfig": "moue_core.config",
+    "Topology": "moue_core.topology",
+    "ConfigError": "moue_core.errors",
+    "CONVENTION": "moue_core.counting",
+    "Counts": "moue_core.counting",
+    "count": "moue_core.counting",
+    "check_counts": "moue_core.counting",
+    "MoUEModel": "moue_core.model",
+    "ModelOutput": "moue_core.model",
+    "RouterStats": "moue_core.moe",
+    "LayerwiseMoEModel": "moue_core.convert",
+    "WindowSchedule": "moue_core.convert",
+    "convert_layerwise": "moue_core.convert",
+    "layerwise_config": "moue_core.convert",
+    "DataConfig": "moue_core.data",
+    "TrainConfig": "moue_core.train",
+    "TrialConfig": "moue_core.train",
+    "TrialResult": "moue_core.train",
+    "train": "moue_core.train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'moue_core' has no attribute {name!r}")
