@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.fitting import FitResult
+from analysis.fitting import FitResult, percentile_interval
 from analysis.nested import NestedTest
 
 __all__ = [
@@ -137,8 +137,7 @@ def architecture_labels(frame, columns: Sequence[str] = ARCH_COLUMNS) -> list[st
 
 
 def _band(name, x, samples, point, level):
-    q = [(1 - level) / 2, 1 - (1 - level) / 2]
-    lo, hi = np.nanquantile(samples, q, axis=0) if samples.shape[0] > 1 else (point, point)
+    lo, hi = percentile_interval(samples, level) if samples.shape[0] > 1 else (point, point)
     return Band(name=name, x=tuple(map(float, x)), y=tuple(map(float, point)),
                 lo=tuple(map(float, lo)), hi=tuple(map(float, hi)))
 

@@ -40,6 +40,7 @@ __all__ = [
     "HoldoutResult",
     "Provenance",
     "fit",
+    "percentile_interval",
     "prepare_points",
 ]
 
@@ -381,14 +382,14 @@ def prepare_points(frame, *, law: Law, loss: str, variables: Mapping[str, str],
             raise AnalysisError("weights", weights, "must be finite, >= 0 and not all zero")
     if cluster is None and "run_id" in cols:
         cluster = "run_id"
-    if cluster is None:
-        keys = np.array([f"row{i}" for i in range(n)])
+    if cluster is None:  # every row its own cluster, in row order
+        clusters, cluster_index = np.array([str(i) for i in range(n)]), np.arange(n)
     else:
         kv = _column(frame, cluster)
         if kv is None:
             raise AnalysisError("cluster", cluster, f"is not a column; columns: {', '.join(cols)}")
         keys = np.array([str(v) for v in kv.tolist()])
-    clusters, cluster_index = np.unique(keys, return_inverse=True)
+        clusters, cluster_index = np.unique(keys, return_inverse=True)
     if "C" in data:
         compute, compute_column = data["C"], variables["C"]
     elif (fl := _column(frame, "final/flops")) is not None and np.all(np.isfinite(
@@ -527,6 +528,7 @@ def fit(
     context: DerivedContext | None = None,
     filter_desc: str = "",
     source: str = "",
+    starts: np.ndarray | None = None,
     options: FitOptions = FitOptions(),
 ) -> FitResult:
     """Fit ``law`` to the rows of ``frame`` (a polars DataFrame or a mapping of columns).
@@ -537,6 +539,7 @@ def fit(
     ``n_bootstrap >= 1000`` for reported intervals, ``0`` to skip the bootstrap; ``holdout=None``
     skips the hold-out fit. ``context`` fixes where derived quantities are evaluated (default: a
     target compute 10x the largest ``6 N D`` in the data, the observed V range, the largest N).
+    ``starts`` replaces the law's start grid (rows of fitted parameters, ``law.params`` order).
     """
     spec = get_law(law)
     if not delta > 0:
@@ -555,7 +558,13 @@ def fit(
 
     prep = spec.prepare(pts.data)
     y = spec.target(pts.loss)
-    starts = spec.start_grid()
+    if starts is None:
+        starts = spec.start_grid()
+    else:
+        starts = np.atleast_2d(np.asarray(starts, dtype=np.float64))
+        if starts.shape[1] != spec.n_params:
+            raise AnalysisError("starts", starts.shape, f"must have {spec.n_params} columns "
+                                f"({', '.join(spec.params)})")
     res = _optimize(spec, prep, y, pts.weights, delta, starts, options, continuation=True)
     b, basin = _best_basin(spec, res)
     theta = res.x[b]
@@ -584,14 +593,13 @@ def fit(
             else np.empty((boot.shape[0], 0))
     else:
         boot_derived = np.empty((0, len(derived_names)))
-    q = [(1 - level) / 2, 1 - (1 - level) / 2]
     ci = {}
     dci = {}
     if boot.shape[0] > 1:
-        lo, hi = np.nanquantile(boot, q, axis=0)
+        lo, hi = percentile_interval(boot, level)
         ci = {k: (float(lo[j]), float(hi[j])) for j, k in enumerate(nat_names)}
         if derived_names:
-            dlo, dhi = np.nanquantile(boot_derived, q, axis=0)
+            dlo, dhi = percentile_interval(boot_derived, level)
             dci = {k: (float(dlo[j]), float(dhi[j])) for j, k in enumerate(derived_names)}
 
     ho = None
@@ -644,6 +652,26 @@ def fit(
             source=source,
         ),
     )
+
+
+def percentile_interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Central ``level`` percentile interval of each column of ``samples`` (B, Q), ignoring NaN.
+
+    Columns with infinite samples (e.g. ``n_cutoff`` when V never stops helping) use the
+    inverted-CDF definition, since interpolating between infinities is undefined.
+    """
+    q = [(1 - level) / 2, 1 - (1 - level) / 2]
+    samples = np.atleast_2d(samples)
+    lo, hi = np.empty(samples.shape[1]), np.empty(samples.shape[1])
+    for j in range(samples.shape[1]):
+        col = samples[:, j]
+        col = col[~np.isnan(col)]
+        if col.size == 0:
+            lo[j] = hi[j] = np.nan
+            continue
+        method = "linear" if np.all(np.isfinite(col)) else "inverted_cdf"
+        lo[j], hi[j] = np.quantile(col, q, method=method)
+    return lo, hi
 
 
 def _single(frame, col: str) -> str | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.errors import AnalysisError
-from analysis.fitting import FitResult
+from analysis.fitting import FitResult, percentile_interval
 
 __all__ = ["Baseline", "GateResult", "GateRow", "compare", "read_baseline", "write_baseline"]
 
@@ -112,13 +112,12 @@ def compare(baseline: FitResult, new: FitResult, *, level: float = 0.95) -> Gate
     paired = (baseline.provenance.clusters == new.provenance.clusters
               and baseline.seed == new.seed
               and baseline.bootstrap.shape[0] == new.bootstrap.shape[0])
-    q = [(1 - level) / 2, 1 - (1 - level) / 2]
     rows = []
     for j, name in zip(idx, law.exponents):
         b, n = baseline.params[name], new.params[name]
         if paired:
             diff = new.bootstrap[:, j] - baseline.bootstrap[:, j]
-            lo, hi = (float(v) for v in np.nanquantile(diff, q))
+            lo, hi = (float(v[0]) for v in percentile_interval(diff[:, None], level))
             rows.append(GateRow(parameter=name, baseline=b, new=n, difference=n - b,
                                 interval=(lo, hi), method="paired", p_value=None,
                                 passed=bool(lo <= 0.0 <= hi)))

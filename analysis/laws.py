@@ -99,13 +99,14 @@ class _LSEModel:
                 J.append(parts[0] if len(parts) == 1 else sum(parts[1:], parts[0]))
         return m + np.log(tot), J, w
 
-    def hess(self, theta, prep, J, cache, c: np.ndarray) -> np.ndarray:
-        """``sum_n c[s, n] * d2 pred[s, n]``, shape (S, P, P)."""
+    def objective_hessian(self, theta, prep, J, cache, a: np.ndarray, c: np.ndarray):
+        """``sum_n a J J^T - sum_n c d2 pred`` (S, P, P), with ``d2 pred = sum_k s_k F_k F_k^T -
+        J J^T``: one weighted Gram matrix with ``a + c`` minus the per-term blocks."""
         S, P = theta.shape
-        out = -weighted_gram(J, c)
-        if cache is not None:  # + sum_k s_k F_k F_k^T, block by block
+        out = weighted_gram(J, a + c if cache is not None else a)
+        if cache is not None:
             for wk, (ps, _, outer) in zip(cache, prep["terms"]):
-                out[:, ps[:, None], ps[None, :]] += ((c * wk) @ outer).reshape(S, ps.size, ps.size)
+                out[:, ps[:, None], ps[None, :]] -= ((c * wk) @ outer).reshape(S, ps.size, ps.size)
         return out
 
     def to_natural(self, theta: np.ndarray) -> np.ndarray:
@@ -158,7 +159,8 @@ class _ClarkModel:
         ]
         return pred, J, None
 
-    def hess(self, theta, prep, J, cache, c):
+    def objective_hessian(self, theta, prep, J, cache, a, c):
+        """``sum_n a J J^T - sum_n c d2 pred``; ``d2 pred`` by central differences of ``J``."""
         S, P = theta.shape
         out = np.empty((S, P, P))
         for p in range(P):
@@ -169,7 +171,7 @@ class _ClarkModel:
             J_up, J_down = self.forward(up, prep)[1], self.forward(down, prep)[1]
             for q in range(P):
                 out[:, q, p] = np.einsum("sn,sn->s", c, (J_up[q] - J_down[q]) / (2 * h))
-        return 0.5 * (out + out.transpose(0, 2, 1))
+        return weighted_gram(J, a) - 0.5 * (out + out.transpose(0, 2, 1))
 
     def to_natural(self, theta):
         out = theta.copy()
@@ -236,9 +238,11 @@ class Law:
         """Predicted response ``pred`` (S, n), its Jacobian (a list of P arrays (S, n)), a cache."""
         return self.model.forward(np.atleast_2d(theta), prep)
 
-    def hess(self, theta: np.ndarray, prep, J: list[np.ndarray], cache, c: np.ndarray) -> np.ndarray:
-        """``sum_n c[s, n] * Hessian(pred[s, n])``, shape (S, P, P)."""
-        return self.model.hess(theta, prep, J, cache, c)
+    def objective_hessian(self, theta: np.ndarray, prep, J: list[np.ndarray], cache,
+                          a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """``sum_n a[s, n] J J^T - sum_n c[s, n] Hessian(pred[s, n])``, shape (S, P, P): the
+        Hessian of a sum of per-point losses with second derivative ``a`` and first ``-c``."""
+        return self.model.objective_hessian(theta, prep, J, cache, a, c)
 
     def predict(self, theta: np.ndarray, data: Data) -> np.ndarray:
         """Predicted response (log L or log10 L), shape (S, n)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis.laws import Law, weighted_gram
+from analysis.laws import Law
 
 __all__ = ["huber", "make_objective"]
 
@@ -49,9 +49,7 @@ def make_objective(law: Law, prep, y: np.ndarray, weights: np.ndarray, delta: fl
         if not hessian:
             return f, g, None
         # d2 f = sum_n w [h''(r) J J^T - psi d2 pred]
-        H = weighted_gram(J, w * inside)
-        H -= law.hess(theta, prep, J, cache, wpsi)
-        return f, g, H
+        return f, g, law.objective_hessian(theta, prep, J, cache, w * inside, wpsi)
 
     chunk = max(1, _CHUNK_ELEMENTS // max(1, n * P))
 

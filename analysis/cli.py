@@ -1,0 +1,363 @@
+"""The analysis commands of ``moue``: ``report``, ``fit``, ``check`` and ``bench-fit``.
+
+``studies/cli.py`` owns the ``moue`` app and calls :func:`register`. Importing this module is cheap
+(typer only); numpy, polars, scipy, plotly and mlflow load inside the commands. Unusable input
+prints one line naming the field, the value and what is allowed, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register"]
+
+_TRACKING = typer.Option("--tracking-uri", help="MLflow tracking URI (default: sqlite:///"
+                         "<workspace>/mlflow.db, absolute).")
+_WORKSPACE = typer.Option("--workspace", help="moue workspace directory.")
+_PARENT = typer.Option("--parent", help="Only this sweep (parent run id) of the experiment.")
+
+
+def _fail(e: Exception) -> typer.Exit:
+    typer.echo(f"error: {e}", err=True)
+    return typer.Exit(code=2)
+
+
+def _uri(tracking_uri: str | None, workspace: Path) -> str:
+    from analysis.loading import default_tracking_uri
+
+    return tracking_uri or default_tracking_uri(workspace)
+
+
+def _check_laws(laws: list[str]) -> None:
+    from analysis.laws import get_law
+
+    for name in laws:
+        get_law(name)
+
+
+def report_cmd(
+    experiment: Annotated[str, typer.Argument(help="Study (MLflow experiment) name.")],
+    law: Annotated[list[str] | None, typer.Option("--law", help="Law to fit (repeatable); "
+                                                  "default: compute, chinchilla and the three "
+                                                  "virtual-width forms.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file (default: "
+                                                "<workspace>/reports/<experiment>.html).")] = None,
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+    workspace: Annotated[Path, _WORKSPACE] = Path("moue_runs"),
+    parent: Annotated[str | None, _PARENT] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+    log_artifact: Annotated[bool, typer.Option("--log-artifact/--no-log-artifact",
+                                               help="Log the report to the parent run(s).")
+                            ] = True,
+    png: Annotated[Path | None, typer.Option("--png", help="Also write PNGs here (needs the "
+                                             "'png' extra: kaleido + Chromium).")] = None,
+) -> None:
+    """Fit the study's scaling laws and write one self-contained HTML report.
+
+    Example: moue report virtual_width --law chinchilla --law vw_multiplicative -o vw.html
+    """
+    from analysis.errors import AnalysisError
+    from analysis.report import DEFAULT_REPORT_LAWS, write_report
+
+    laws = list(law) if law else list(DEFAULT_REPORT_LAWS)
+    out = output or (workspace / "reports" / f"{experiment}.html")
+    try:
+        _check_laws(laws)
+        if bootstrap < 0:
+            raise AnalysisError("--bootstrap", bootstrap, "must be >= 0")
+        res = write_report(experiment, tracking_uri=_uri(tracking_uri, workspace), output=out,
+                           laws=laws, parent_run_id=parent, n_bootstrap=bootstrap, seed=seed,
+                           log_artifact=log_artifact, png_dir=png)
+    except AnalysisError as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote {res.path} ({len(res.fits)} laws fitted, {len(res.figures)} figures)")
+    for name, why in res.skipped.items():
+        typer.echo(f"skipped {name}: {why}")
+    for note in res.notes:
+        typer.echo(f"note: {note}")
+    if res.logged_to:
+        typer.echo(f"logged as an artifact of {', '.join(res.logged_to)}")
+
+
+def _parse_float(name: str, raw: str | None) -> float | None:
+    from analysis.errors import AnalysisError
+
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise AnalysisError(name, raw, "must be a number (e.g. 1e21)") from None
+
+
+def _read_table(path: Path):
+    import polars as pl
+
+    from analysis.errors import AnalysisError
+
+    if not path.exists():
+        raise AnalysisError("FILE", str(path), "does not exist")
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    if path.suffix.lower() == ".parquet":
+        return pl.read_parquet(path)
+    if path.suffix.lower() == ".csv" or suffixes == ".csv.gz":
+        return pl.read_csv(path)
+    raise AnalysisError("FILE", str(path), "must be .csv, .csv.gz or .parquet")
+
+
+def _apply_sets(frame, sets: list[str], law) -> tuple[object, dict[str, str]]:
+    """``VAR=COLUMN`` or ``VAR=SQL expression`` (polars SQL over the columns)."""
+    import polars as pl
+
+    from analysis.errors import AnalysisError
+
+    variables: dict[str, str] = {}
+    for item in sets:
+        var, sep, expr = item.partition("=")
+        var, expr = var.strip(), expr.strip()
+        if not sep or not var or not expr:
+            raise AnalysisError("--set", item, "must be VAR=COLUMN or VAR=EXPRESSION")
+        if var not in law.variables:
+            raise AnalysisError("--set", var, f"is not a variable of law {law.name} "
+                                f"({', '.join(law.variables)})")
+        if expr in frame.columns:
+            variables[var] = expr
+            continue
+        try:
+            frame = frame.with_columns(pl.sql_expr(expr).alias(f"{var} = {expr}"))
+        except Exception as e:  # polars raises several error types for a bad SQL expression
+            raise AnalysisError("--set", item, "is neither a column nor a valid SQL expression "
+                                f"over the columns ({type(e).__name__}); columns: "
+                                + ", ".join(frame.columns)) from None
+        variables[var] = f"{var} = {expr}"
+    missing = [v for v in law.variables if v not in variables]
+    if missing:
+        raise AnalysisError("--set", ", ".join(missing), f"must be given for law {law.name} "
+                            f"(e.g. --set {missing[0]}=COLUMN)")
+    return frame, variables
+
+
+def fit_cmd(
+    file: Annotated[Path, typer.Argument(help="Table to fit: .csv, .csv.gz or .parquet.")],
+    law: Annotated[str, typer.Option("--law", help="Law name (see `moue fit --help`).")],
+    loss: Annotated[str, typer.Option("--loss", help="Loss column.")],
+    set_: Annotated[list[str], typer.Option("--set", help="VAR=COLUMN or VAR=SQL expression, "
+                                            "one per law variable (repeatable).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object."
+                                          )] = False,
+    where: Annotated[str | None, typer.Option("--where", help="Keep rows matching this SQL "
+                                              "predicate, e.g. \"loss < 3\".")] = None,
+    delta: Annotated[float, typer.Option("--delta", help="Huber delta (log-loss units).")] = 1e-3,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples (0: none).")] = 1000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    cluster: Annotated[str | None, typer.Option("--cluster", help="Column whose rows resample "
+                                                "together (e.g. a run id).")] = None,
+    weight: Annotated[str | None, typer.Option("--weight", help="Per-row weight column.")] = None,
+    holdout_min: Annotated[str | None, typer.Option("--holdout-min", help="Hold out rows whose "
+                                                    "compute is >= this (default: the "
+                                                    "largest-compute group).")] = None,
+    holdout_column: Annotated[str | None, typer.Option("--holdout-column", help="Column of "
+                                                       "the hold-out axis.")] = None,
+    no_holdout: Annotated[bool, typer.Option("--no-holdout")] = False,
+    samples: Annotated[bool, typer.Option("--samples", help="Include bootstrap samples in "
+                                          "--json.")] = False,
+) -> None:
+    """Fit a scaling law to any table.
+
+    Example (Epoch's Chinchilla data): moue fit data.csv --law chinchilla --loss loss
+    --set N="Model Size" --set D='"Training FLOP" / (6 * "Model Size")' --holdout-min 1e21
+    """
+    import warnings
+
+    from analysis.errors import AnalysisError
+    from analysis.fitting import Holdout, fit
+    from analysis.laws import get_law
+
+    try:
+        spec = get_law(law)
+        frame = _read_table(file)
+        if where:
+            import polars as pl
+
+            try:
+                frame = frame.filter(pl.sql_expr(where))
+            except Exception as e:  # polars raises several error types for a bad predicate
+                raise AnalysisError("--where", where, f"is not a valid SQL predicate "
+                                    f"({type(e).__name__})") from None
+        frame, variables = _apply_sets(frame, set_, spec)
+        holdout = None if no_holdout else Holdout(
+            column=holdout_column, min_value=_parse_float("--holdout-min", holdout_min))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fit(frame, law=law, loss=loss, variables=variables, delta=delta,
+                         n_bootstrap=bootstrap, seed=seed, cluster=cluster, weights=weight,
+                         holdout=holdout, filter_desc=where or "", source=str(file))
+    except AnalysisError as e:
+        raise _fail(e) from None
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
+    if as_json:
+        d = result.to_dict()
+        if not samples:
+            d.pop("bootstrap")
+        typer.echo(json.dumps(d, allow_nan=False))
+        return
+    _print_fit(result)
+
+
+def _print_fit(r) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"{r.law}: {r.law_spec.formula}  ({r.provenance.n_points} points, "
+              f"Huber delta {r.delta:g})")
+    for col in ("quantity", "estimate", f"{r.level:.0%} low", f"{r.level:.0%} high"):
+        t.add_column(col, justify="right")
+    for k, v in list(r.params.items()) + list(r.derived.items()):
+        lo, hi = r.ci.get(k) or r.derived_ci.get(k) or (None, None)
+        t.add_row(k, f"{v:.5g}", "" if lo is None else f"{lo:.5g}", "" if hi is None else
+                  f"{hi:.5g}")
+    console.print(t)
+    d = r.diagnostics
+    console.print(f"objective {d.objective:.6g}, |grad| {d.grad_norm:.2g}, best start "
+                  f"{d.status}; {d.n_best_basin}/{d.n_starts} starts reached the best basin; "
+                  f"on a bound: {', '.join(d.on_bound) or 'none'}")
+    if r.holdout is not None:
+        h = r.holdout
+        console.print(f"hold-out ({h.n_test} points with {h.column} >= {h.min_value:.3g}, fit on "
+                      f"{h.n_train}): RMSE {h.rmse:.4f}, max |err| {h.max_abs_error:.4f}, "
+                      f"MAPE {h.mape:.2f}%, extrapolation x{h.extrapolation_ratio:.2f}")
+
+
+def check_cmd(
+    experiment: Annotated[str, typer.Argument(help="Study (MLflow experiment) name.")],
+    baseline: Annotated[Path, typer.Option("--baseline", help="Baseline JSON.")],
+    write_baseline: Annotated[bool, typer.Option("--write-baseline", help="Fit and write the "
+                                                 "baseline instead of checking.")] = False,
+    law: Annotated[list[str] | None, typer.Option("--law", help="Laws to gate (default: the "
+                                                  "baseline's; when writing: chinchilla and the "
+                                                  "virtual-width laws that fit).")] = None,
+    level: Annotated[float, typer.Option("--level", help="Confidence level.")] = 0.95,
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+    workspace: Annotated[Path, _WORKSPACE] = Path("moue_runs"),
+    parent: Annotated[str | None, _PARENT] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples when writing a "
+                                           "baseline (checks reuse the baseline's).")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed when writing a baseline.")] = 0,
+) -> None:
+    """Gate fitted exponents against a baseline: exit 0 pass, 1 regression, 2 unusable input.
+
+    Example: moue check virtual_width --baseline baselines/virtual_width.json
+    """
+    import warnings
+
+    from analysis.errors import AnalysisError
+    from analysis.fitting import fit
+    from analysis.gate import compare, read_baseline
+    from analysis.gate import write_baseline as write
+    from analysis.loading import load_runs
+    from analysis.report import fit_laws
+
+    try:
+        if law:
+            _check_laws(list(law))
+        if not 0 < level < 1:
+            raise AnalysisError("--level", level, "must be in (0, 1)")
+        base = None if write_baseline else read_baseline(baseline)
+        runs = load_runs(experiment, tracking_uri=_uri(tracking_uri, workspace),
+                         parent_run_id=parent)
+        flt = "moue.status = finished" + (f", parent {parent}" if parent else "")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if write_baseline:
+                if bootstrap < 2:
+                    raise AnalysisError("--bootstrap", bootstrap, "must be >= 2 for a baseline")
+                laws = list(law) if law else ["chinchilla", "vw_additive", "vw_multiplicative"]
+                fits, skipped = fit_laws(runs.frame, laws=laws, n_bootstrap=bootstrap, seed=seed,
+                                         filter_desc=flt)
+                if law and skipped:  # laws asked for by name must fit
+                    name, why = next(iter(skipped.items()))
+                    raise AnalysisError(f"law {name}", experiment, f"cannot be fitted: {why}")
+                if not fits:
+                    raise AnalysisError("experiment", experiment, "has no law that can be "
+                                        "fitted: " + "; ".join(skipped.values()))
+            else:
+                laws = list(law) if law else list(base.fits)
+                fits = {}
+                for name in laws:
+                    if name not in base.fits:
+                        raise AnalysisError("--law", name, "is not in the baseline (it has "
+                                            + ", ".join(base.fits) + ")")
+                    b = base.fits[name]
+                    fits[name] = fit(runs.frame, law=name, loss=b.loss, variables=b.variables,
+                                     delta=b.delta, n_bootstrap=b.n_bootstrap, seed=b.seed,
+                                     level=b.level, holdout=None, filter_desc=flt)
+                results = [compare(base.fits[name], fits[name], level=level) for name in laws]
+    except AnalysisError as e:
+        raise _fail(e) from None
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
+    if write_baseline:
+        path = write(baseline, experiment=experiment, fits=fits)
+        typer.echo(f"wrote baseline {path} ({', '.join(fits)}; {runs.frame.height} runs)")
+        for name, why in skipped.items():
+            typer.echo(f"skipped {name}: {why}")
+        return
+    _print_gate(results)
+    if not all(r.passed for r in results):
+        raise typer.Exit(code=1)
+
+
+def _print_gate(results) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(120, Console().width))
+    for r in results:
+        t = Table(title=f"{r.law}: {r.method} test at {r.level:.0%}"
+                  + (f" (joint Wald chi2={r.joint_stat:.3g}, df={r.joint_df}, "
+                     f"p={r.joint_p:.3g})" if r.joint_stat is not None else ""))
+        for col in ("parameter", "baseline", "new", "difference", "interval", "verdict"):
+            t.add_column(col, justify="right")
+        for row in r.rows:
+            t.add_row(row.parameter, f"{row.baseline:.5g}", f"{row.new:.5g}",
+                      f"{row.difference:+.3g}",
+                      f"[{row.interval[0]:+.3g}, {row.interval[1]:+.3g}]"
+                      + ("" if row.p_value is None else f" p={row.p_value:.3g}"), row.verdict)
+        console.print(t)
+    failed = [r.law for r in results if not r.passed]
+    console.print("regression in " + ", ".join(failed) if failed else "pass")
+
+
+def bench_fit_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    reference_starts: Annotated[int, typer.Option(
+        "--reference-starts", help="Starts the scipy reference loop runs (an even subset of the "
+        "4,500; its time is scaled to the full grid). 0 or >= 4500: all of them.")] = 450,
+) -> None:
+    """Benchmark the vectorised full-grid Chinchilla fit against a scipy L-BFGS-B loop.
+
+    Example: moue bench fit --json
+    """
+    from analysis.bench import run_fit_bench
+    from analysis.errors import AnalysisError
+
+    try:
+        run_fit_bench(json=as_json, reference_starts=reference_starts, stream=sys.stdout)
+    except AnalysisError as e:
+        raise _fail(e) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``report``, ``fit``, ``check`` and ``bench-fit`` to the ``moue`` app."""
+    app.command("report")(report_cmd)
+    app.command("fit")(fit_cmd)
+    app.command("check")(check_cmd)
+    app.command("bench-fit")(bench_fit_cmd)
