@@ -20,7 +20,9 @@ Method (per problem, vectorised over the batch):
   objectives are ~1e-3, and a test against ``max(|f|, 1)`` stops at once (the scipy
   default-tolerance pitfall described in FITTING.md);
 - ``"stalled"``: no decrease of ``f`` is possible even within a vanishing radius (the point is
-  resolved to floating point, or sits on a plateau); ``"max_iter"``: the budget ran out.
+  resolved to floating point, or sits on a plateau), or ``f`` fell by less than 1e-10 of itself
+  over the last 50 iterations (a crawl along a flat ridge: a parameter that the data do not
+  identify running towards a bound); ``"max_iter"``: the budget ran out.
 
 Shapes: ``S`` problems in the batch, ``P`` parameters.
 """
@@ -40,6 +42,7 @@ ObjectiveFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, n
 _RADIUS_START = 1.0
 _RADIUS_MAX = 1e3
 _RADIUS_MIN = 1e-13
+_WINDOW = 50
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +123,8 @@ def minimize_batched(
     status[conv & ~done] = "converged"
     active = np.flatnonzero(~(done | conv))
 
-    for _ in range(max_iter):
+    f_window = np.full((_WINDOW, S), np.inf)  # f over the last _WINDOW iterations (ring)
+    for it in range(max_iter):
         if active.size == 0:
             break
         xa, fa, ga, Ha = x[active], f[active], g[active], H[active]
@@ -155,6 +159,12 @@ def minimize_batched(
         conv = ids[pg_norm_of(ids) <= gtol]
         status[conv] = "converged"
         stalled = active[~accept & (r < _RADIUS_MIN * (1.0 + np.abs(xa).max(axis=1)))]
+        # A crawl along a flat ridge (a parameter running off to a bound or infinity): the
+        # objective moved by less than 1e-10 of itself over the last _WINDOW iterations.
+        old_f = f_window[it % _WINDOW, active]
+        crawl = active[old_f - f[active] <= 1e-10 * np.abs(f[active])]
+        f_window[it % _WINDOW, active] = f[active]
+        stalled = np.union1d(stalled, crawl)
         status[stalled] = "stalled"
         finished = np.zeros(S, dtype=bool)
         finished[conv] = True
