@@ -1,0 +1,149 @@
+"""``virtual_width``: does reaching more expert slots across depth help, at matched active parameters?
+
+The main space. Three architectures, each an explicit family of points on the same physical pool
+``P = L * E`` (``E`` experts per layer, the dial that varies virtual width):
+
+- ``layerwise`` — ordinary MoE: ``w = E, s = E`` (private experts), router ``softmax``, balance
+  ``switch`` (per layer). Virtual width ``V = L * E``.
+- ``unipool`` — UniPool-style global pool: ``w = P, s = 0``, router ``norm``, balance ``pool``.
+  ``V = L * P``.
+- ``moue`` — MoUE-style rotational pool: ``w = moue_window * E`` (capped at ``P - 1``), stride
+  from ``moue_overlap`` (``s = round(w * (1 - overlap))``, raised if needed until every expert is
+  reachable, always ``0 < s < w``), router ``trajectory``, balance ``exposure``. ``V = L * w``.
+
+Held fixed: ``d_model`` and everything the study fixes. Varied: the family, ``E``, and optionally
+``top_k`` and ``n_layers`` (empty lists keep the study's values).
+
+Matching (``match``):
+
+- ``"active"`` (default): every point is iso-active with the *matched MoE*, the layerwise point of
+  the same depth and ``E`` at the study's ``top_k`` and ``expert_hidden``. ``expert_hidden`` is
+  re-derived per point with ``match_expert_hidden`` so that the whole active count (attention,
+  router rows of the window, the trajectory router's state, ``k`` experts) is within
+  ``active_tol`` of the matched MoE's; changing ``k`` therefore keeps ``k * f`` about constant, and
+  a router's extra active parameters are paid for by slightly smaller experts. A point that cannot
+  be matched within the tolerance (``f`` moves in steps of 4) is pruned with the mismatch.
+- ``"none"``: MODEL.md's looser iso-active (same ``d, L`` and ``k * f``: ``f = f0 * k0 / k``);
+  the routers' differences in active parameters are left in and reported by the counts.
+
+Depth is *not* matched: a point at another ``n_layers`` keeps ``d`` and is matched to the
+layerwise MoE of its own depth, so its active count differs honestly from other depths'. That
+gives a law both an ``N_active`` axis (depth) and a virtual-width axis (family and ``E``) at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import product
+from typing import Any
+
+from moue_core.errors import ConfigError
+from search_spaces._common import half_up, layerwise_topology, listed, multiple_of_4
+from search_spaces._space import Candidate, Space
+from search_spaces.constraints import model_value, reaching_stride
+from search_spaces.matching import active_params, match_expert_hidden
+
+__all__ = ["SPACE", "FAMILIES", "build"]
+
+FAMILIES = ("layerwise", "unipool", "moue")
+_ROUTING = {  # family -> (router, balance): the published pairing of each architecture
+    "layerwise": ("softmax", "switch"),
+    "unipool": ("norm", "pool"),
+    "moue": ("trajectory", "exposure"),
+}
+
+
+def _topology(family: str, L: int, E: int, opts: dict[str, Any], group: int) -> Candidate:
+    P = L * E
+    if family == "layerwise":
+        return layerwise_topology(L, E), None
+    if family == "unipool":
+        return {"model.pool_size": P, "model.window": P, "model.stride": 0}, None
+    w = min(opts["moue_window"] * E, P - 1)
+    if L < 2 or w < 2:
+        return None, f"moue family: a rotational pool needs n_layers >= 2 and window >= 2 (L={L}, E={E})"
+    s = min(max(half_up(w * (1 - opts["moue_overlap"])), 1), w - 1)
+    s = reaching_stride(n_layers=L, pool_size=P, window=w, stride=s, group=group)
+    if s is None or s >= w:
+        return None, f"moue family: no stride in (0, {w}) reaches all {P} experts with windows of {w} over {L} layers"
+    return {"model.pool_size": P, "model.window": w, "model.stride": s}, None
+
+
+def build(fixed: Mapping[str, Any], opts: dict[str, Any], *, family: str, E: int, top_k: int,
+          n_layers: int) -> Candidate:
+    """One point of the space (also used by the tests and the runner's dry run to explain it)."""
+    group = model_value(fixed, "group")
+    topo, reason = _topology(family, n_layers, E, opts, group)
+    if topo is None:
+        return None, reason
+    router, balance = _ROUTING[family]
+    point = {"model.n_layers": n_layers, "model.top_k": top_k, **topo,
+             "model.router": router, "model.balance": balance}
+    if group != 1:
+        point["model.group"] = 1
+    if family == "moue" and opts["router_state_dim"]:
+        point["model.router_state_dim"] = opts["router_state_dim"]
+    k0, f0 = model_value(fixed, "top_k"), model_value(fixed, "expert_hidden")
+    if opts["match"] == "none":
+        point["model.expert_hidden"] = multiple_of_4(f0 * k0 / top_k)
+        return point, None
+    # the matched MoE: layerwise, same depth and E (at least k0 experts), the study's k and f
+    e_ref = max(E, k0)
+    matched = {**fixed, **point, **layerwise_topology(n_layers, e_ref), "model.router": "softmax",
+               "model.top_k": k0, "model.expert_hidden": f0}
+    if group != 1:
+        matched["model.group"] = 1
+    if top_k > point["model.window"]:
+        return point, None  # impossible anyway; check_point names the constraint
+    try:
+        target = active_params(matched)
+        point["model.expert_hidden"] = match_expert_hidden({**fixed, **point}, target)
+        got = active_params({**fixed, **point})
+    except ConfigError as err:  # the study's own settings cannot make this model: prune, saying why
+        return point, str(err)
+    if abs(got - target) > opts["active_tol"] * target:
+        return point, (f"active parameters {got} differ from the matched layerwise MoE's {target} by "
+                       f"{100 * (got - target) / target:+.1f}% (space.active_tol = {opts['active_tol']})")
+    return point, None
+
+
+def _candidates(fixed: Mapping[str, Any], opts: dict[str, Any]) -> list[Candidate]:
+    out = []
+    for L, k, E, family in product(listed(opts["n_layers"], fixed, "n_layers"), listed(opts["top_k"], fixed, "top_k"),
+                                   opts["experts_per_layer"], opts["families"]):
+        out.append(build(fixed, opts, family=family, E=E, top_k=k, n_layers=L))
+    return out
+
+
+def _define(trial, fixed: Mapping[str, Any], opts: dict[str, Any]) -> Candidate:
+    family = trial.suggest_categorical("space.family", opts["families"])
+    E = trial.suggest_categorical("space.experts_per_layer", opts["experts_per_layer"])
+    k = trial.suggest_categorical("model.top_k", listed(opts["top_k"], fixed, "top_k"))
+    L = trial.suggest_categorical("model.n_layers", listed(opts["n_layers"], fixed, "n_layers"))
+    return build(fixed, opts, family=family, E=E, top_k=k, n_layers=L)
+
+
+SPACE = Space(
+    name="virtual_width",
+    description="layerwise vs UniPool-style vs MoUE-style pools over experts per layer (virtual width), "
+                "top-k and depth, iso-active with the matched layerwise MoE",
+    defaults={
+        "families": list(FAMILIES),
+        "experts_per_layer": [2, 4, 8],
+        "top_k": [],  # empty: the study's model.top_k
+        "n_layers": [],  # empty: the study's model.n_layers
+        "moue_window": 2,  # rotational window, in experts per layer
+        "moue_overlap": 0.5,  # fraction of a window shared with the next layer's
+        "match": "active",
+        "active_tol": 0.02,
+        "router_state_dim": 0,  # trajectory router state size for the moue family; 0: the study's
+    },
+    smoke={"experts_per_layer": [2], "router_state_dim": 8, "active_tol": 0.1},
+    candidates=_candidates,
+    define_fn=_define,
+    choices={"families": FAMILIES, "match": ("active", "none")},
+    bounds={"experts_per_layer": (1, 1024), "top_k": (1, 1024), "n_layers": (1, 1024),
+            "moue_window": (2, 1024), "moue_overlap": (0.0, 0.95), "active_tol": (0.0, 1.0),
+            "router_state_dim": (0, 65536)},
+    item_types={"top_k": int, "n_layers": int},
+)
