@@ -1,0 +1,351 @@
+"""Driver-side MLflow writer: one parent run per sweep, one child run per trial (TRACKING.md).
+
+Only the Ray driver writes to MLflow (the sweep runner wraps :class:`Tracker` in a Tune callback),
+so a SQLite store on the driver is safe; a team points ``tracking_uri`` at an ``mlflow server``.
+This module imports no Ray.
+
+Idempotency, so that a restarted driver (``moue sweep --resume``) keeps every run:
+
+- the parent is found by its ``moue.sweep_id`` tag and set RUNNING again, never duplicated;
+- a child is found by ``mlflow.parentRunId`` + ``moue.trial_id``; params already on it are not
+  logged again (MLflow refuses to change a param);
+- metrics are deduplicated per run and key by step: a trial restored from a checkpoint re-reports
+  marks it already reported, and those are dropped. On re-attaching to an existing child, the
+  largest step of ``val/loss`` (reported at every mark) is read once and every report at or
+  below it is dropped.
+
+Everything is written with ``log_batch`` (metrics buffered, ``flush_every`` at a time).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import numbers
+import operator
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+__all__ = ["SCHEMA_VERSION", "STATUSES", "Tracker", "environment_info", "git_info"]
+
+SCHEMA_VERSION = 1
+STATUSES = ("finished", "early_stopped", "diverged", "failed")
+ORPHAN_REASON = "sweep ended while the trial was running"
+_MAX_METRICS_PER_BATCH = 1000  # MLflow LogBatch limits (REST API docs: "Request Limits")
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow >= 2.x
+_DEDUP_KEY = "val/loss"  # reported at every mark (moue_core.train), so its last step is the floor
+_VERSIONED = ("torch", "ray", "mlflow", "optuna", "polars", "numpy", "moue")
+
+
+def _quote(field: str, value: str) -> str:
+    """``value`` as a filter-string literal; ids with quotes are refused rather than escaped."""
+    if "'" in value or "\\" in value:
+        raise ValueError(f"{field} {value!r} must not contain quotes or backslashes")
+    return f"'{value}'"
+
+
+def _with_fixed(field: str, given: Mapping[str, Any], fixed: Mapping[str, str]) -> dict[str, str]:
+    """``given`` tags (as strings) plus ``fixed`` ones; a given tag may not contradict a fixed one."""
+    out = {k: str(v) for k, v in given.items()}
+    for key, value in fixed.items():
+        if key in out and out[key] != value:
+            raise ValueError(f"{field}[{key!r}] = {out[key]!r} conflicts with the value set by "
+                             f"the tracker ({value!r}); leave it out")
+        out[key] = value
+    return out
+
+
+class Tracker:
+    """Writes one sweep to MLflow: ``start_parent``, then ``trial_run`` / ``log_metrics`` /
+    ``finish_trial`` per trial, then ``finish_parent``. Errors from MLflow propagate."""
+
+    def __init__(self, *, tracking_uri: str, experiment: str, flush_every: int = 50) -> None:
+        if flush_every < 1:
+            raise ValueError(f"flush_every = {flush_every!r} must be >= 1")
+        if tracking_uri.startswith("sqlite:") and not tracking_uri.startswith("sqlite:////"):
+            raise ValueError(f"tracking_uri = {tracking_uri!r} must be an absolute SQLite URI, "
+                             "sqlite:////abs/path/mlflow.db (trials run in other directories)")
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.flush_every = flush_every
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_id = self._experiment_id()
+        self._parent_id: str | None = None
+        self._children: dict[str, str] = {}  # trial_id -> run_id, for this parent
+        self._existing: dict[str, Any] = {}  # trial_id -> Run found in the store, not yet attached
+        self._last_step: dict[str, dict[str, int]] = {}  # run_id -> key -> last step logged
+        self._floor: dict[str, int] = {}  # run_id -> steps at or below this were logged before
+        self._pending: dict[str, list[Metric]] = {}  # run_id -> buffered metrics
+        self._n_pending = 0
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self._parent_id
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            if exp.lifecycle_stage != "active":
+                raise ValueError(f"experiment {self.experiment!r} is deleted in {self.tracking_uri}; "
+                                 "restore it (mlflow experiments restore) or use another name")
+            return exp.experiment_id
+        location = None
+        if self.tracking_uri.startswith("sqlite:////"):
+            # Artifacts next to the store: <dir of mlflow.db>/artifacts/<experiment>.
+            folder = re.sub(r"[^A-Za-z0-9._-]", "_", self.experiment)
+            db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            location = (db.parent / "artifacts" / folder).as_uri()
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def _search(self, filter_string: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                           max_results=1000, order_by=["attributes.start_time ASC"],
+                                           page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    # ---- parent
+
+    def start_parent(self, *, sweep_id: str, study: str, spec_text: str, spec_sha256: str,
+                     tags: Mapping[str, str], environment: Mapping[str, Any]) -> str:
+        """Create the sweep's parent run, or reuse the one tagged with ``sweep_id`` (a resumed sweep:
+        set RUNNING again; its spec must have the same ``spec_sha256``). Returns its run id."""
+        self.flush()
+        found = self._search(f"tags.`moue.sweep_id` = {_quote('sweep_id', sweep_id)} "
+                             "and tags.`moue.kind` = 'study'")
+        if found:
+            run = found[0]  # the oldest, should an earlier bug have left two
+            if run.data.tags.get("moue.spec_sha256") != spec_sha256:
+                raise ValueError(f"sweep {sweep_id!r} was started with spec sha256 "
+                                 f"{run.data.tags.get('moue.spec_sha256')}, not {spec_sha256}; "
+                                 "resume it with the same spec or start a new sweep")
+            self._children, self._existing = {}, {}
+            self._parent_id = run.info.run_id
+            if run.info.status != "RUNNING":
+                self.client.update_run(self._parent_id, status="RUNNING")
+            present = {f.path for f in self.client.list_artifacts(self._parent_id)}
+            children = self._search(f"tags.`mlflow.parentRunId` = '{self._parent_id}' "
+                                    "and tags.`moue.kind` = 'trial'")
+            for child in children:
+                self._existing.setdefault(child.data.tags.get("moue.trial_id", ""), child)
+        else:
+            fixed = {"moue.kind": "study", "moue.schema": str(SCHEMA_VERSION), "moue.study": study,
+                     "moue.spec_sha256": spec_sha256, "moue.sweep_id": sweep_id}
+            run = self.client.create_run(self.experiment_id, run_name=sweep_id,
+                                         tags=_with_fixed("tags", tags, fixed))
+            self._children, self._existing = {}, {}
+            self._parent_id = run.info.run_id
+            present = set()
+        if "spec.toml" not in present:
+            self.client.log_text(self._parent_id, spec_text, "spec.toml")
+        if "environment.json" not in present:
+            self.client.log_dict(self._parent_id, dict(environment), "environment.json")
+        return self._parent_id
+
+    def log_parent_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        """Upload a file (a report, a fit) to the parent run, under ``artifact_path`` if given."""
+        self.client.log_artifact(self._require_parent(), local_path, artifact_path)
+
+    def finish_parent(self, status: str = "FINISHED") -> None:
+        """Flush, close every child of this parent still RUNNING as KILLED with
+        ``moue.status = failed`` (no orphans), then terminate the parent with ``status``."""
+        parent = self._require_parent()
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"parent status {status!r} is not one of FINISHED, FAILED, KILLED")
+        self.flush()
+        running = self._search(f"tags.`mlflow.parentRunId` = '{parent}' "
+                               "and attributes.status = 'RUNNING'")
+        for run in running:
+            self.client.log_batch(run.info.run_id, tags=[RunTag("moue.status", "failed"),
+                                                         RunTag("moue.stop_reason", ORPHAN_REASON)],
+                                  synchronous=True)
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+        self.client.set_terminated(parent, status=status)
+
+    def _require_parent(self) -> str:
+        if self._parent_id is None:
+            raise RuntimeError("no parent run: call Tracker.start_parent(...) first")
+        return self._parent_id
+
+    # ---- trials
+
+    def trial_run(self, trial_id: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        """The child run of ``trial_id``: cached, found under the parent, or created.
+
+        ``tags`` must hold ``moue.seed``. Params are logged as strings (values longer than MLflow's
+        limit are cut to it), in batches, and only those not already on the run.
+        """
+        if trial_id in self._children:
+            return self._children[trial_id]
+        parent = self._require_parent()
+        if "moue.seed" not in tags:
+            raise ValueError(f"tags of trial {trial_id!r} lack 'moue.seed' (TRACKING.md)")
+        _quote("trial_id", trial_id)
+        fixed = {"mlflow.parentRunId": parent, "moue.kind": "trial",
+                 "moue.schema": str(SCHEMA_VERSION), "moue.trial_id": trial_id}
+        all_tags = _with_fixed("tags", tags, fixed)
+        values = {k: str(v)[:_MAX_PARAM_VALUE] for k, v in params.items()}
+        run = self._existing.pop(trial_id, None)
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags=all_tags)
+            logged: Mapping[str, str] = {}
+        else:  # re-attach after a driver restart
+            logged = run.data.params
+            for key, value in values.items():
+                if key in logged and logged[key] != value:
+                    raise ValueError(f"param {key!r} of trial {trial_id!r} is {value!r} now but "
+                                     f"{logged[key]!r} in run {run.info.run_id}; MLflow cannot "
+                                     "change a param, and a resumed trial should not")
+            history = self.client.get_metric_history(run.info.run_id, _DEDUP_KEY)
+            self._floor[run.info.run_id] = max((m.step for m in history), default=-1)
+            done = run.data.tags.get("moue.status") in ("finished", "early_stopped", "diverged")
+            if run.info.status != "RUNNING" and not done:  # e.g. closed as an orphan: reopen
+                self.client.update_run(run.info.run_id, status="RUNNING")
+        run_id = run.info.run_id
+        new = [Param(k, v) for k, v in values.items() if k not in logged]
+        for lo in range(0, len(new), _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=new[lo:lo + _MAX_PARAMS_PER_BATCH],
+                                  synchronous=True)
+        self._children[trial_id] = run_id
+        return run_id
+
+    def log_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
+        """Buffer the numeric, finite values of ``metrics`` at ``step`` (tokens seen).
+
+        Strings, None, bools and non-numbers are skipped, and so are NaN and +-inf (a diverged
+        trial is recorded by its status tag, not by a non-finite point). A (key, step) already
+        logged to this trial's run, or at or below the step it had reached before a driver
+        restart, is dropped. The buffer is written with ``log_batch`` once it holds
+        ``flush_every`` metrics, on :meth:`flush` and in ``finish_*``.
+        """
+        run_id = self._run_of(trial_id)
+        step = operator.index(step)
+        floor = self._floor.get(run_id, -1)
+        last = self._last_step.setdefault(run_id, {})
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                continue
+            value = float(value)
+            if not math.isfinite(value) or step <= floor or step <= last.get(key, -1):
+                continue
+            last[key] = step
+            self._pending.setdefault(run_id, []).append(Metric(key, value, now, step))
+            self._n_pending += 1
+        if self._n_pending >= self.flush_every:
+            self.flush()
+
+    def finish_trial(self, trial_id: str, *, status: str, stop_reason: str = "",
+                     final: Mapping[str, float] | None = None) -> None:
+        """Tag ``moue.status`` / ``moue.stop_reason``, log ``final`` (keys ``final/*``; only for
+        ``finished`` and ``early_stopped``: a diverged or failed trial has none) and terminate the
+        run: FINISHED, or FAILED for ``failed`` (a divergence is an expected, recorded outcome)."""
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} of trial {trial_id!r} is not one of "
+                             f"{', '.join(STATUSES)}")
+        run_id = self._run_of(trial_id)
+        self.flush()
+        metrics = []
+        if final and status in ("finished", "early_stopped"):
+            last = self._last_step.setdefault(run_id, {})
+            step = max([*last.values(), self._floor.get(run_id, -1), 0])
+            now = int(time.time() * 1000)
+            for key, value in final.items():
+                if not key.startswith("final/"):
+                    raise ValueError(f"final metric {key!r} of trial {trial_id!r} must be "
+                                     "named final/*")
+                if key not in last and math.isfinite(float(value)):
+                    metrics.append(Metric(key, float(value), now, step))
+                    last[key] = step
+        for lo in range(0, max(len(metrics), 1), _MAX_METRICS_PER_BATCH):
+            tags = [RunTag("moue.status", status), RunTag("moue.stop_reason", stop_reason)]
+            self.client.log_batch(run_id, metrics=metrics[lo:lo + _MAX_METRICS_PER_BATCH],
+                                  tags=tags if lo == 0 else [], synchronous=True)
+        self.client.set_terminated(run_id, status="FAILED" if status == "failed" else "FINISHED")
+
+    def flush(self) -> None:
+        """Write every buffered metric: one ``log_batch`` per run (per 1000 metrics)."""
+        pending, self._pending, self._n_pending = self._pending, {}, 0
+        for run_id, metrics in pending.items():
+            for lo in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
+                self.client.log_batch(run_id, metrics=metrics[lo:lo + _MAX_METRICS_PER_BATCH],
+                                      synchronous=True)
+
+    def _run_of(self, trial_id: str) -> str:
+        try:
+            return self._children[trial_id]
+        except KeyError:
+            raise KeyError(f"trial {trial_id!r} has no run yet: call Tracker.trial_run first") from None
+
+
+# ---- provenance
+
+
+def environment_info() -> dict[str, Any]:
+    """Python, platform, CPU count and package versions (read from installed metadata, nothing
+    imported), and GPU names, driver and CUDA version when ``nvidia-smi`` exists (else empty)."""
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "versions": versions,
+        "gpus": [],
+        "gpu_driver": "",
+        "cuda": "",
+    }
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return info
+    try:
+        query = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=20, check=True).stdout
+        rows = [[c.strip() for c in line.split(",")] for line in query.splitlines() if line.strip()]
+        info["gpus"] = [row[0] for row in rows]
+        info["gpu_driver"] = rows[0][1] if rows and len(rows[0]) > 1 else ""
+        banner = subprocess.run([smi], capture_output=True, text=True, timeout=20).stdout
+        found = re.search(r"CUDA Version:\s*([\d.]+)", banner)
+        info["cuda"] = found.group(1) if found else ""
+    except (OSError, subprocess.SubprocessError) as err:
+        info["gpu_error"] = f"nvidia-smi failed: {err}"
+    return info
+
+
+def git_info(path: str | os.PathLike[str] = ".") -> dict[str, str]:
+    """``moue.git_sha`` and ``moue.git_dirty`` (tracked files changed: "true"/"false") of the
+    repository holding ``path``; both "unknown" outside a repository or without ``git``."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {"moue.git_sha": "unknown", "moue.git_dirty": "unknown"}
+    return {"moue.git_sha": sha, "moue.git_dirty": "true" if dirty else "false"}
