@@ -162,6 +162,105 @@ def bench_train_cmd(
                f"peak RSS {result['peak_rss_mb']:.0f} MB")
 
 
+@app.command("sweep")
+def sweep_cmd(
+    spec: Path = typer.Argument(..., help="Study spec (studies/*.toml)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a crashed or interrupted sweep."),
+    address: str = typer.Option(None, help="Ray cluster to join: 'auto' or ray://head:10001 (default: local)."),
+    storage: str = typer.Option(None, help="Tune storage shared by all nodes (path or s3://...)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: the workspace's SQLite store)."),
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace directory."),
+    smoke: bool = typer.Option(False, "--smoke", help="Tiny model, few tokens: check the study end to end."),
+    dry_run_: bool = typer.Option(False, "--dry-run", help="Print every trial and its compute; launch nothing."),
+) -> None:
+    """Run a study's sweep on Ray Tune, logging every trial to MLflow.
+
+    Example: moue sweep studies/smoke.toml --dry-run
+    """
+    from studies.spec import load_study
+
+    study = load_study(spec, smoke=smoke)
+    if dry_run_:
+        _print_dry_run(study)
+        return
+    outcome = _sweep(study, workspace=workspace, resume=resume, address=address, storage=storage,
+                     tracking_uri=tracking_uri)
+    _print_outcome(outcome)
+
+
+def _sweep(study, *, workspace: Path, resume: bool, address, storage, tracking_uri):
+    from studies.runner import Workspace, run_sweep
+
+    if tracking_uri and tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        fail(f"--tracking-uri ({tracking_uri!r}) must be an absolute sqlite:////path (trials run elsewhere)")
+    return run_sweep(study, workspace=Workspace.at(workspace), resume=resume, address=address,
+                     storage=storage, tracking_uri=tracking_uri)
+
+
+def _print_outcome(outcome) -> None:
+    states = ", ".join(f"{n} {s}" for s, n in sorted(outcome.statuses.items()))
+    best = "n/a" if outcome.best_val_loss is None else f"{outcome.best_val_loss:.4f}"
+    typer.echo(f"sweep {outcome.name}: {outcome.trials} trials ({states}) in {outcome.wall_s:.0f} s; "
+               f"best val loss {best}")
+    typer.echo(f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id}, {outcome.tracking_uri}")
+    typer.echo(f"Tune state: {outcome.storage} (moue sweep ... --resume continues it)")
+
+
+def _print_dry_run(study) -> None:
+    from studies.runner import dry_run
+
+    rows, totals = dry_run(study)
+    typer.echo(f"study {study.name}{' (smoke)' if study.smoke else ''}: space {study.search.space}, "
+               f"{study.search.algorithm}, {study.budget_tokens:,} tokens per trial, scheduler {study.scheduler.kind}")
+    for row in rows:
+        settings = " ".join(f"{k}={v}" for k, v in row["point"].items())
+        typer.echo(f"  #{row['trial']:<3} active {row['active']:>10,}  total {row['total']:>10,}  "
+                   f"V {row['virtual_width']:>4}  compute {row['compute']:.3g}  {settings}")
+    for point, why in study.pruned:
+        settings = " ".join(f"{k}={v}" for k, v in point.items())
+        typer.echo(f"  pruned: {settings}: {why}")
+    typer.echo(f"total: {totals['trials']} trials, {totals['tokens']:,} tokens, {totals['compute']:.3g} FLOPs "
+               f"(at most; ASHA stops some early), {totals['pruned']} grid points pruned")
+
+
+@app.command("studies")
+def studies_cmd() -> None:
+    """List the shipped studies.
+
+    Example: moue studies
+    """
+    import tomllib
+
+    from studies.spec import shipped_studies
+
+    for path in shipped_studies():
+        doc = tomllib.loads(path.read_text())
+        search = doc.get("search", {})
+        typer.echo(f"{path.stem:16} {search.get('space', '?'):15} {search.get('algorithm', 'grid'):6} "
+                   f"{doc.get('description', '')}")
+
+
+@app.command("ui")
+def ui_cmd(
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace whose store to browse."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback unless you say otherwise)."),
+    port: int = typer.Option(5000, help="Port."),
+) -> None:
+    """Start the MLflow UI on the workspace's tracking store (bound to 127.0.0.1 by default).
+
+    Example: moue ui --port 5001
+    """
+    import subprocess
+
+    db = workspace.resolve() / "mlflow.db"
+    if not db.is_file():
+        fail(f"--workspace ({str(workspace)!r}) has no mlflow.db yet; run a sweep first")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
+           "--host", host, "--port", str(port)]
+    typer.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
+    raise typer.Exit(subprocess.call(cmd))
+
+
 @app.command("convert")
 def convert_cmd(
     checkpoint: Path = typer.Argument(..., help="Layerwise MoE checkpoint (.pt) with 'config' and 'model'."),

@@ -1,0 +1,449 @@
+"""The sweep runner: a study on Ray Tune (Optuna search, ASHA), every trial logged to MLflow.
+
+One adapter per framework and no wrapper hierarchy (STYLE.md):
+
+- ``trial_fn`` runs in a Ray worker: Tune's flat config -> ``TrialConfig`` -> ``moue_core.train``,
+  with a sink that turns each report into ``tune.report`` (+ a checkpoint) and resumes from
+  ``tune.get_checkpoint()`` after a worker failure or a driver restart.
+- ``MlflowCallback`` runs on the driver and is the only writer to MLflow (``studies.tracking``):
+  one parent run per sweep, one child per trial, batched logging, final status tags; picklable, so
+  ``Tuner.restore`` brings it back and it re-attaches to the same runs.
+- ``ProgressCallback`` replaces Ray's tables with one live line of state.
+
+Workspace layout (ARCHITECTURE.md): ``mlflow.db``, ``artifacts/``, ``ray/`` (Tune storage),
+``reports/``, ``cache/`` (tokenised corpora).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from moue_core.errors import ConfigError
+from studies.spec import Study
+
+__all__ = ["Workspace", "SweepOutcome", "run_sweep", "dry_run", "trial_fn", "MlflowCallback"]
+
+METRIC = "val_loss"  # what ASHA and the searchers optimise (a copy of TRACKING.md's val/loss)
+TIME_ATTR = "tokens"
+TRACKED = ("train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s", "balance/loss", "balance/load_cv",
+           "balance/dead_frac", "router/entropy", "router/z")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | Path) -> Workspace:
+        return cls(Path(path).expanduser().resolve())
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def ray(self) -> Path:
+        return self.root / "ray"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def create(self) -> None:
+        for d in (self.root, self.ray, self.cache, self.reports, self.root / "artifacts"):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def sweep_name(study: Study) -> str:
+    return f"{study.name}-smoke" if study.smoke else study.name
+
+
+def resolve_trial(study: Study, config: dict[str, Any]) -> dict[str, Any]:
+    """Tune's config of one trial -> the trial's full flat settings (fixed + point + budget)."""
+    point = dict(config.get("point", {}))
+    # Optuna's own search coordinates (``space.*``) are not settings: the space's define returned
+    # the point they map to
+    point.update({k: v for k, v in config.items() if k != "point" and not k.startswith("space.")})
+    if study.search.algorithm != "grid":
+        seed = study.search.seeds[0]
+        point.setdefault("train.seed", seed)
+        point.setdefault("data.seed", seed)
+    flat = study.trial_flat(point)
+    flat.setdefault("train.threads", max(1, int(study.resources.cpus)))
+    return flat
+
+
+# ------------------------------------------------------------------------------ in the worker
+
+
+def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str) -> None:
+    """One Tune trial (runs in a Ray worker process)."""
+    import torch
+
+    from moue_core.train import TrialConfig, train
+
+    flat = resolve_trial(study, config)
+    cfg = TrialConfig.from_dict({k: v for k, v in flat.items() if not k.startswith("convert.")})
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    train(cfg, _TuneSink(), cache_dir=cache_dir, resume=state)
+
+
+class _TuneSink:
+    def report(self, metrics: dict[str, Any], step: int, checkpoint: dict | None = None) -> None:
+        import torch
+
+        out = dict(metrics)
+        out[TIME_ATTR] = step
+        if "val/loss" in metrics:
+            out[METRIC] = metrics["val/loss"]
+        elif metrics.get("status") == "diverged":
+            out[METRIC] = math.inf  # searchers see a diverged point as the worst, not as missing
+        elif "final/val_loss" in metrics:
+            out[METRIC] = metrics["final/val_loss"]
+        if checkpoint is None:
+            tune.report(out)
+            return
+        with tempfile.TemporaryDirectory(prefix="moue-ckpt-") as d:
+            torch.save(checkpoint, Path(d) / "state.pt")
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------ on the driver
+
+
+def trial_params(study: Study, flat: dict[str, Any]) -> dict[str, Any]:
+    """The params TRACKING.md asks for: the resolved config, the convention, derived counts."""
+    from moue_core.config import ModelConfig
+    from moue_core.counting import CONVENTION, count
+
+    model = {k.partition(".")[2]: v for k, v in flat.items() if k.startswith("model.")}
+    seq_len = int(flat.get("train.seq_len", 128))
+    counts = count(ModelConfig.from_dict(model), seq_len=seq_len)
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()}
+    params["count.convention"] = CONVENTION
+    params.update(counts.as_params())
+    return params
+
+
+class MlflowCallback(tune.Callback):
+    """Driver-side MLflow logging; the tracker is rebuilt lazily after unpickling (``Tuner.restore``)."""
+
+    def __init__(self, *, study: Study, tracking_uri: str, sweep_id: str, parent_tags: dict[str, str]) -> None:
+        self.study = study
+        self.tracking_uri = tracking_uri
+        self.sweep_id = sweep_id
+        self.parent_tags = parent_tags
+        self._tracker = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_tracker"] = None
+        return state
+
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from studies.tracking import Tracker, environment_info
+
+            self._tracker = Tracker(tracking_uri=self.tracking_uri, experiment=self.study.experiment)
+            self._tracker.start_parent(sweep_id=self.sweep_id, study=self.study.name, spec_text=self.study.source,
+                                       spec_sha256=self.study.sha256, tags=self.parent_tags,
+                                       environment=environment_info())
+        return self._tracker
+
+    def setup(self, **info) -> None:
+        self.tracker  # noqa: B018 - create or re-attach the parent run now
+
+    def _attach(self, trial) -> None:
+        flat = resolve_trial(self.study, trial.config)
+        seed = str(flat.get("train.seed", 0))
+        self.tracker.trial_run(trial.trial_id, params=trial_params(self.study, flat), tags={"moue.seed": seed})
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._attach(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._attach(trial)  # idempotent: cached run id
+        metrics = {k: result[k] for k in TRACKED if k in result}
+        if metrics:
+            self.tracker.log_metrics(trial.trial_id, metrics, step=int(result[TIME_ATTR]))
+            # one batched write per report: a driver crash then loses nothing the trial's checkpoint
+            # will not replay (reports come only at marks, a handful per trial)
+            self.tracker.flush()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._attach(trial)
+        last = trial.last_result or {}
+        status = last.get("status")
+        if status == "finished":
+            final = {k: last[k] for k in last if k.startswith("final/")}
+            self.tracker.finish_trial(trial.trial_id, status="finished", final=final)
+        elif status == "diverged":
+            self.tracker.finish_trial(trial.trial_id, status="diverged", stop_reason=str(last.get("stop_reason", "")))
+        else:
+            tokens = int(last.get(TIME_ATTR, 0))
+            self.tracker.finish_trial(trial.trial_id, status="early_stopped",
+                                      stop_reason=f"stopped by the {self.study.scheduler.kind} scheduler at {tokens} tokens",
+                                      final={"final/val_loss": last.get("val/loss", math.nan), "final/tokens": tokens})
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._attach(trial)
+        reason = "trial failed"
+        if getattr(trial, "error_file", None) and os.path.exists(trial.error_file):
+            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+            reason = lines[-1][:500] if lines else reason
+        self.tracker.finish_trial(trial.trial_id, status="failed", stop_reason=reason)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.tracker.finish_parent("FINISHED")
+
+
+class ProgressCallback(tune.Callback):
+    """One live line: finished / running / early-stopped / diverged / failed, best val loss, times."""
+
+    def __init__(self, *, total: int, concurrency: int, stream=None) -> None:
+        self.total, self.concurrency = total, max(1, concurrency)
+        self.stream = stream
+        self.t0 = time.time()
+        self.last_print = 0.0
+        self.best = math.inf
+        self.states: dict[str, str] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["stream"] = None  # streams do not pickle; a restored sweep prints to stderr
+        return state
+
+    def _line(self) -> str:
+        counts = {s: sum(1 for v in self.states.values() if v == s)
+                  for s in ("running", "finished", "early_stopped", "diverged", "failed")}
+        done = counts["finished"] + counts["early_stopped"] + counts["diverged"] + counts["failed"]
+        elapsed = time.time() - self.t0
+        eta = "?"
+        if done:
+            eta = f"{elapsed / done * max(0, self.total - done):.0f}s"
+        best = "-" if not math.isfinite(self.best) else f"{self.best:.4f}"
+        return (f"[moue] {done}/{self.total} done: {counts['finished']} finished, {counts['early_stopped']} "
+                f"early-stopped, {counts['diverged']} diverged, {counts['failed']} failed; "
+                f"{counts['running']} running | best val {best} | {elapsed:.0f}s elapsed, ~{eta} left")
+
+    def _emit(self, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self.last_print >= 5:
+            stream = self.stream or sys.stderr
+            print(self._line(), file=stream, flush=True)
+            self.last_print = now
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.states[trial.trial_id] = "running"
+        self._emit()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        v = result.get("val/loss")
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            self.best = min(self.best, v)
+        self._emit()
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        status = (trial.last_result or {}).get("status")
+        self.states[trial.trial_id] = status if status in ("finished", "diverged") else "early_stopped"
+        self._emit(force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.states[trial.trial_id] = "failed"
+        self._emit(force=True)
+
+
+# ------------------------------------------------------------------------------ the sweep
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    name: str
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str | None
+    storage: str
+    trials: int
+    statuses: dict[str, int]
+    best_val_loss: float | None
+    wall_s: float
+
+
+def _define(trial, *, space_name: str, fixed: dict, options: dict):
+    from search_spaces import get_space
+
+    return get_space(space_name).define(trial, fixed, options)
+
+
+def _ray_init(address: str | None, workspace: Workspace) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters bind to loopback; set token to use auth
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if ray.is_initialized():
+        return
+    env = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False, runtime_env={"env_vars": env})
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},
+                 _temp_dir=None)
+
+
+def run_sweep(
+    study: Study,
+    *,
+    workspace: Workspace,
+    resume: bool = False,
+    address: str | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    max_failures: int = 2,
+    progress_stream=None,
+) -> SweepOutcome:
+    """Run (or ``resume``) the study's sweep and return its outcome."""
+    # Ray warns when frequent per-mark checkpoints force experiment snapshots; that is by design here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from ray.tune.schedulers import ASHAScheduler
+
+    from studies.tracking import git_info
+
+    workspace.create()
+    uri = tracking_uri or study.tracking_uri or workspace.tracking_uri
+    storage_root = storage or str(workspace.ray)
+    name = sweep_name(study)
+    exp_dir = os.path.join(storage_root, name) if "://" not in storage_root else f"{storage_root.rstrip('/')}/{name}"
+    exists = tune.Tuner.can_restore(exp_dir) if "://" in exp_dir or os.path.isdir(exp_dir) else False
+    if resume and not exists:
+        raise ConfigError("--resume", exp_dir, "has no sweep state to resume; run without --resume")
+    if exists and not resume:
+        raise ConfigError("sweep", name, f"already has state in {exp_dir}; pass --resume to continue it")
+
+    _ray_init(address, workspace)
+    cpus = study.resources.cpus
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, study=study, cache_dir=str(workspace.cache)),
+        {"cpu": cpus, "gpu": study.resources.gpu},
+    )
+    total = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples
+    concurrency = study.search.max_concurrent or max(1, int((os.cpu_count() or 1) // cpus))
+    git = git_info(Path(__file__).resolve().parent.parent)
+    parent_tags = {
+        **git, "moue.search": study.search.algorithm, "moue.scheduler": study.scheduler.kind,
+        "moue.ray_storage": exp_dir, "moue.corpus_fingerprint": _corpus_fingerprint(study, workspace),
+        "moue.smoke": str(study.smoke).lower(),
+    }
+    callbacks = [MlflowCallback(study=study, tracking_uri=uri, sweep_id=name, parent_tags=parent_tags),
+                 ProgressCallback(total=total, concurrency=concurrency, stream=progress_stream)]
+    t0 = time.time()
+    if resume:
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = None
+        if study.scheduler.kind == "asha":
+            scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=study.budget_tokens,
+                                      grace_period=study.scheduler.grace_tokens,
+                                      reduction_factor=study.scheduler.reduction_factor)
+        search_alg = None
+        if study.search.algorithm == "grid":
+            param_space = {"point": tune.grid_search(study.points)}
+            num_samples = 1
+        else:
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+
+            sampler = (optuna.samplers.RandomSampler(seed=study.search.seed) if study.search.algorithm == "random"
+                       else optuna.samplers.TPESampler(seed=study.search.seed))
+            define = functools.partial(_define, space_name=study.search.space, fixed=study.fixed,
+                                       options=study.space_options)
+            search_alg = OptunaSearch(space=define, metric=METRIC, mode="min", sampler=sampler,
+                                      study_name=f"{name}-{study.sha256[:12]}")
+            param_space = {}
+            num_samples = study.search.num_samples
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, search_alg=search_alg,
+                                        num_samples=num_samples, max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_root, callbacks=callbacks, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
+        )
+    results = tuner.fit()
+    statuses: dict[str, int] = {}
+    best = math.inf
+    for trial_result in results:
+        last = trial_result.metrics or {}
+        status = last.get("status") or ("failed" if trial_result.error else "early_stopped")
+        statuses[status] = statuses.get(status, 0) + 1
+        v = last.get(METRIC)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            best = min(best, v)
+    parent = callbacks[0].tracker.parent_run_id
+    return SweepOutcome(name=name, experiment=study.experiment, tracking_uri=uri, parent_run_id=parent,
+                        storage=exp_dir, trials=len(results), statuses=statuses,
+                        best_val_loss=None if not math.isfinite(best) else best, wall_s=time.time() - t0)
+
+
+def _corpus_fingerprint(study: Study, workspace: Workspace) -> str:
+    """Build (or reuse) the study's corpus cache on the driver once, before trials race for it."""
+    from moue_core.data import DataConfig, load_corpus
+
+    data = {k.partition(".")[2]: v for k, v in study.fixed.items() if k.startswith("data.")}
+    data.pop("seed", None)
+    return load_corpus(DataConfig.from_dict(data), cache_dir=workspace.cache).fingerprint
+
+
+# ------------------------------------------------------------------------------ dry run
+
+
+def dry_run(study: Study) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each trial's settings with its counts and compute, and the totals; launches nothing."""
+    from studies.spec import preview_points
+
+    if study.search.algorithm == "grid":
+        points = study.points
+    else:
+        points = preview_points(study, study.search.num_samples)
+    rows = []
+    for i, point in enumerate(points):
+        flat = resolve_trial(study, point)
+        params = trial_params(study, flat)
+        compute = params["derived.flops_per_token"] * study.budget_tokens
+        rows.append({"trial": i, "point": point, "active": params["derived.n_params_active"],
+                     "total": params["derived.n_params_total"], "virtual_width": params["derived.virtual_width"],
+                     "reuse": params["derived.reuse"], "compute": compute})
+    totals = {"trials": len(rows), "compute": sum(r["compute"] for r in rows), "pruned": len(study.pruned),
+              "tokens": study.budget_tokens * len(rows)}
+    return rows, totals
+
+
+def remove_sweep_state(study: Study, workspace: Workspace) -> None:
+    """Delete a sweep's Tune state (used by tests and `moue run --fresh`)."""
+    shutil.rmtree(workspace.ray / sweep_name(study), ignore_errors=True)

@@ -1,0 +1,316 @@
+"""Study specs: the TOML a researcher writes, loaded and validated before anything starts.
+
+Format (every table but ``[search]`` and ``[budget]`` optional; see ``studies/*.toml``)::
+
+    name = "quickstart"                  # also the MLflow experiment unless [tracking] says otherwise
+    description = "one line"
+
+    [search]
+    space = "virtual_width"              # a search_spaces name
+    algorithm = "grid"                   # grid | tpe | random
+    num_samples = 0                      # tpe/random: trials to run (grid: must be 0, the grid decides)
+    seeds = [0, 1]                       # grid: every point runs once per seed (model init + batch order)
+    seed = 0                             # sampler seed (tpe/random)
+    max_concurrent = 0                   # 0: as many as the resources allow
+
+    [scheduler]
+    kind = "asha"                        # none | asha (time attribute: tokens seen)
+    grace_tokens = 131072
+    reduction_factor = 3
+
+    [budget]
+    tokens = 524288                      # per trial
+    marks = 4                            # report marks per trial (validation, checkpoint)
+
+    [resources]
+    cpus = 1                             # per trial
+    gpu = 0.0                            # per trial, a fraction shares a GPU
+
+    [tracking]
+    experiment = ""                      # default: name
+    tracking_uri = ""                    # default: the workspace's SQLite store
+
+    [analysis]
+    laws = ["compute", "vw_additive"]    # analysis.LAWS names
+
+    [space]                              # options of the search space (search_spaces.<space>.defaults)
+    [fixed.model] / [fixed.train] / [fixed.data]   # settings every trial shares
+    [smoke.model] / [smoke.train] / [smoke.data] / [smoke.budget] / [smoke.space]  # --smoke overrides
+
+Every error is a ``ConfigError`` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moue_core.errors import ConfigError
+
+__all__ = ["Study", "SearchSpec", "SchedulerSpec", "ResourcesSpec", "load_study", "STUDIES_DIR", "shipped_studies"]
+
+STUDIES_DIR = Path(__file__).parent
+ALGORITHMS = ("grid", "tpe", "random")
+SCHEDULERS = ("none", "asha")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpec:
+    space: str
+    algorithm: str = "grid"
+    num_samples: int = 0
+    seeds: tuple[int, ...] = (0,)
+    seed: int = 0
+    max_concurrent: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerSpec:
+    kind: str = "none"
+    grace_tokens: int = 0
+    reduction_factor: float = 3.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourcesSpec:
+    cpus: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Study:
+    name: str
+    description: str
+    search: SearchSpec
+    scheduler: SchedulerSpec
+    budget_tokens: int
+    marks: int
+    resources: ResourcesSpec
+    experiment: str
+    tracking_uri: str
+    laws: tuple[str, ...]
+    space_options: dict[str, Any]
+    fixed: dict[str, Any]  # flat dotted model.* / train.* / data.* settings
+    source: str  # the spec text as run
+    sha256: str
+    path: str
+    smoke: bool = False
+    points: list[dict[str, Any]] = field(default_factory=list)  # grid: resolved points (seed included)
+    pruned: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+    def trial_flat(self, point: dict[str, Any]) -> dict[str, Any]:
+        """The flat config of one trial: fixed settings, then the point, then the budget."""
+        return {**self.fixed, **point, "train.tokens": self.budget_tokens,
+                "train.eval_every_tokens": self.eval_every_tokens}
+
+    @property
+    def eval_every_tokens(self) -> int:
+        batch = int(self.fixed.get("train.batch_tokens", _train_default("batch_tokens")))
+        steps = max(1, self.budget_tokens // batch // self.marks)
+        return steps * batch
+
+
+def _train_default(name: str) -> Any:
+    from moue_core.train import TrainConfig  # imports torch: only reached when a default is needed
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
+
+
+_TOP_KEYS = {"name", "description", "search", "scheduler", "budget", "resources", "tracking", "analysis",
+             "space", "fixed", "smoke"}
+
+
+def _table(doc: dict, key: str, allowed: dict[str, type | tuple], *, required: tuple[str, ...] = ()) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(key, value, "must be a table")
+    for k, v in value.items():
+        if k not in allowed:
+            raise ConfigError(f"{key}.{k}", v, f"is not a setting of [{key}]; allowed: {', '.join(sorted(allowed))}")
+        types = allowed[k]
+        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)))
+        if not ok:
+            names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise ConfigError(f"{key}.{k}", v, f"must be of type {names}")
+    for k in required:
+        if k not in value:
+            raise ConfigError(f"{key}.{k}", None, "is required")
+    return value
+
+
+def _flatten_fixed(doc: dict, key: str) -> dict[str, Any]:
+    fixed = doc.get(key, {})
+    if not isinstance(fixed, dict):
+        raise ConfigError(key, fixed, "must be a table with [model], [train] and/or [data] sub-tables")
+    flat: dict[str, Any] = {}
+    for section, table in fixed.items():
+        allowed = ("model", "train", "data") if key == "fixed" else ("model", "train", "data", "budget", "space")
+        if section not in allowed or not isinstance(table, dict):
+            raise ConfigError(f"{key}.{section}", table, f"must be one of the tables {', '.join(allowed)}")
+        for k, v in table.items():
+            flat[f"{section}.{k}"] = v
+    return flat
+
+
+def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path | None = None) -> Study:
+    """Load, validate and resolve a study (grid points included); raise ``ConfigError`` on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("spec", str(path), "must be an existing study TOML file (see `moue studies`)")
+    text = p.read_text()
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("spec", str(path), f"is not valid TOML: {exc}") from None
+    for k, v in doc.items():
+        if k not in _TOP_KEYS:
+            raise ConfigError(k, v, f"is not a study setting; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    name = doc.get("name")
+    if not isinstance(name, str) or not name.strip() or not all(c.isalnum() or c in "-_" for c in name):
+        raise ConfigError("name", name, "must be a non-empty name of letters, digits, '-' and '_'")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError("description", description, "must be a string")
+
+    s = _table(doc, "search", {"space": str, "algorithm": str, "num_samples": int, "seeds": list, "seed": int,
+                               "max_concurrent": int}, required=("space",))
+    search = SearchSpec(space=s["space"], algorithm=s.get("algorithm", "grid"), num_samples=s.get("num_samples", 0),
+                        seeds=tuple(s.get("seeds", [0])), seed=s.get("seed", 0),
+                        max_concurrent=s.get("max_concurrent", 0))
+    if search.algorithm not in ALGORITHMS:
+        raise ConfigError("search.algorithm", search.algorithm, f"must be one of {', '.join(ALGORITHMS)}")
+    if search.algorithm == "grid" and search.num_samples:
+        raise ConfigError("search.num_samples", search.num_samples, "must be 0 (or absent) with algorithm 'grid'")
+    if search.algorithm != "grid" and search.num_samples < 1:
+        raise ConfigError("search.num_samples", search.num_samples,
+                          f"must be >= 1 with algorithm {search.algorithm!r}")
+    if not search.seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in search.seeds):
+        raise ConfigError("search.seeds", list(search.seeds), "must be a non-empty list of integers >= 0")
+    if len(set(search.seeds)) != len(search.seeds):
+        raise ConfigError("search.seeds", list(search.seeds), "must not repeat a seed")
+    if search.max_concurrent < 0:
+        raise ConfigError("search.max_concurrent", search.max_concurrent, "must be >= 0 (0: no limit)")
+
+    b = _table(doc, "budget", {"tokens": int, "marks": int}, required=("tokens",))
+    c = _table(doc, "scheduler", {"kind": str, "grace_tokens": int, "reduction_factor": (int, float)})
+    r = _table(doc, "resources", {"cpus": (int, float), "gpu": (int, float)})
+    t = _table(doc, "tracking", {"experiment": str, "tracking_uri": str})
+    a = _table(doc, "analysis", {"laws": list})
+    space_options = dict(_table(doc, "space", {k: object for k in doc.get("space", {})}))
+    fixed = _flatten_fixed(doc, "fixed")
+    if smoke:
+        overrides = _flatten_fixed(doc, "smoke")
+        for k, v in overrides.items():
+            section, _, rest = k.partition(".")
+            if section == "budget":
+                if rest not in ("tokens", "marks"):
+                    raise ConfigError(f"smoke.{k}", v, "must be budget.tokens or budget.marks")
+                b = {**b, rest: v}
+            elif section == "space":
+                space_options[rest] = v
+            else:
+                fixed[k] = v
+    else:
+        _flatten_fixed(doc, "smoke")  # validated even when unused
+
+    budget = b["tokens"]
+    marks = b.get("marks", 4)
+    if budget < 1:
+        raise ConfigError("budget.tokens", budget, "must be >= 1")
+    if marks < 1:
+        raise ConfigError("budget.marks", marks, "must be >= 1")
+    scheduler = SchedulerSpec(kind=c.get("kind", "none"), grace_tokens=c.get("grace_tokens", 0),
+                              reduction_factor=float(c.get("reduction_factor", 3.0)))
+    if scheduler.kind not in SCHEDULERS:
+        raise ConfigError("scheduler.kind", scheduler.kind, f"must be one of {', '.join(SCHEDULERS)}")
+    if scheduler.kind == "asha":
+        if not 0 < scheduler.grace_tokens < budget:
+            raise ConfigError("scheduler.grace_tokens", scheduler.grace_tokens,
+                              f"must be in (0, budget.tokens ({budget})) with ASHA")
+        if scheduler.reduction_factor <= 1:
+            raise ConfigError("scheduler.reduction_factor", scheduler.reduction_factor, "must be > 1")
+    resources = ResourcesSpec(cpus=float(r.get("cpus", 1.0)), gpu=float(r.get("gpu", 0.0)))
+    if resources.cpus <= 0:
+        raise ConfigError("resources.cpus", resources.cpus, "must be > 0")
+    if not 0 <= resources.gpu <= 8:
+        raise ConfigError("resources.gpu", resources.gpu, "must be in [0, 8] (a fraction shares one GPU)")
+    experiment = t.get("experiment") or name
+    from analysis.laws import LAWS  # pure Python registry (no scipy at import)
+
+    laws = a.get("laws", ["compute"])
+    for law in laws:
+        if law not in LAWS:
+            raise ConfigError("analysis.laws", law, f"must be one of {', '.join(LAWS)}")
+
+    from search_spaces import get_space, prune
+
+    space = get_space(search.space)
+    options = space.options(space_options)
+    if smoke:
+        options = space.options({**options, **space.smoke, **{k: v for k, v in space_options.items()}})
+    study = Study(
+        name=name, description=description, search=search, scheduler=scheduler, budget_tokens=budget,
+        marks=marks, resources=resources, experiment=experiment, tracking_uri=t.get("tracking_uri", ""),
+        laws=tuple(laws), space_options=options, fixed=fixed, source=text,
+        sha256=hashlib.sha256(text.encode()).hexdigest(), path=str(p.resolve()), smoke=smoke,
+    )
+    if search.algorithm == "grid":
+        points = space.grid(fixed, options)
+        kept, pruned = prune(points, fixed)
+        if not kept:
+            reasons = "; ".join(sorted({why for _, why in pruned})) or "the grid is empty"
+            raise ConfigError("search.space", search.space, f"yields no valid point with these settings: {reasons}")
+        for point in kept:
+            _validate_trial(study, point)
+        seeded = [{**pt, "train.seed": seed, "data.seed": seed} for pt in kept for seed in search.seeds]
+        study = dataclasses.replace(study, points=seeded, pruned=pruned)
+    else:
+        for point in preview_points(study, 3):
+            _validate_trial(study, point)
+    return study
+
+
+def preview_points(study: Study, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` points the define-by-run space yields for this study's sampler seed."""
+    import optuna
+
+    from search_spaces import get_space
+
+    space = get_space(study.search.space)
+    sampler = (optuna.samplers.RandomSampler(seed=study.search.seed) if study.search.algorithm == "random"
+               else optuna.samplers.TPESampler(seed=study.search.seed))
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        preview = optuna.create_study(sampler=sampler)
+        points = []
+        for _ in range(n):
+            trial = preview.ask()
+            derived = space.define(trial, study.fixed, study.space_options)
+            suggested = {k: v for k, v in trial.params.items() if not k.startswith("space.")}
+            points.append({**suggested, **(derived or {})})
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return points
+
+
+def _validate_trial(study: Study, point: dict[str, Any]) -> None:
+    """A trial built from the fixed settings and a point must be a valid ``TrialConfig``; an error
+    in a setting that came from ``[fixed]`` is reported as ``fixed.<section>.<key>``."""
+    from moue_core.train import TrialConfig
+
+    flat = {k: v for k, v in study.trial_flat(point).items() if not k.startswith("convert.")}
+    try:
+        TrialConfig.from_dict(flat)
+    except ConfigError as exc:
+        if exc.field in study.fixed and exc.field not in point:
+            raise ConfigError(f"fixed.{exc.field}", exc.value, exc.allowed) from None
+        raise
+
+
+def shipped_studies() -> list[Path]:
+    return sorted(STUDIES_DIR.glob("*.toml"))
