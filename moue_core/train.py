@@ -4,7 +4,9 @@ Knows nothing of Ray or MLflow. The sink receives metrics at fixed token marks (
 ``step`` = tokens seen) with a checkpoint at each mark, and a last report with the trial's status.
 
 The loop is one straight line. At every mark (every ``train.eval_every_tokens`` tokens and at the
-end): evaluate on the fixed validation set, report, checkpoint. Between marks: forward, backward,
+end): evaluate on the fixed validation set, report, checkpoint; the last mark's report also carries
+the ``final/*`` metrics and ``status = "finished"`` (one report, so a scheduler that stops trials at
+the budget cannot cut it off). Between marks: forward, backward,
 clip, optimizer step, expert-bias update (outside the forward pass), window widening.
 
 Divergence (a non-finite loss or gradient norm, or a loss above ``train.max_loss``) ends the trial
@@ -337,6 +339,11 @@ def train(
             ckpt = {"version": CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
                     "rng": torch.get_rng_state(), "timers": dict(timers), "val_loss": val_loss}
+            if step == tc.steps:  # the last mark carries the final metrics and the status
+                metrics.update({"final/val_loss": val_loss, "final/tokens": step * tc.batch_tokens,
+                                "final/flops": counts.compute(step * tc.batch_tokens),
+                                "final/wall_s": time.perf_counter() - t_start, "final/train_s": timers["train"],
+                                "final/eval_s": timers["eval"], "status": "finished"})
             sink.report(metrics, step * tc.batch_tokens, checkpoint=ckpt)
             window_sums = _Window(reachable_P)
             mark_train_s = timers["train"]
@@ -376,10 +383,6 @@ def train(
 
     wall = time.perf_counter() - t_start
     flops = counts.compute(tc.steps * tc.batch_tokens)
-    final = {"final/val_loss": val_loss, "final/tokens": tc.steps * tc.batch_tokens, "final/flops": flops,
-             "final/wall_s": wall, "final/train_s": timers["train"], "final/eval_s": timers["eval"],
-             "status": "finished"}
-    sink.report(final, tc.steps * tc.batch_tokens)
     return TrialResult(tokens=tc.steps * tc.batch_tokens, final_val_loss=val_loss, flops=flops,
                        wall_s=wall, train_s=timers["train"], eval_s=timers["eval"],
                        tokens_per_s=tc.steps * tc.batch_tokens / max(timers["train"], 1e-9), **base)

@@ -47,7 +47,7 @@ def test_validation_loss_falls_on_the_default_corpus(arch: str, cache_dir) -> No
     assert result.status == "finished"
     vals = [m["val/loss"] for _, m in sink.reports if "val/loss" in m]
     steps = [s for s, m in sink.reports if "val/loss" in m]
-    assert steps == [0, 24_576, 49_152, 73_728, 98_304]
+    assert steps == [0, 24_576, 49_152, 73_728, 98_304] and len(sink.reports) == 5
     assert vals[0] == pytest.approx(math.log(256), abs=0.1)  # untrained: uniform over bytes
     assert vals[-1] < vals[0] - 1.5, vals  # a real drop, not noise
     assert result.final_val_loss == vals[-1]
