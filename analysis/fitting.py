@@ -343,6 +343,11 @@ def prepare_points(frame, *, law: Law, loss: str, variables: Mapping[str, str],
     than parameters + 2, an axis with a single value, mixed corpora or counting conventions.
     """
     cols = _columns(frame)
+    n_rows = frame.height if hasattr(frame, "height") else (
+        len(frame[cols[0]]) if cols else 0)
+    if n_rows < law.n_params + 2:
+        raise AnalysisError("points", n_rows, f"are too few: law {law.name} has {law.n_params} "
+                            f"parameters and needs at least {law.n_params + 2} points")
     data = {}
     for var in law.variables:
         col = variables.get(var)

@@ -43,3 +43,33 @@ def logged_study(tmp_path_factory):
     ]
     pid = log_study(uri, "vw_study", trials, artifact_root=str(ws / "artifacts"))
     return uri, "vw_study", pid, ws
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """A test-local typer app with the analysis commands registered, and a runner."""
+    import typer
+    from typer.testing import CliRunner
+
+    from analysis.cli import register
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def report_html(logged_study, cli):
+    """``moue report`` on the logged study (200 resamples to stay quick); returns (path, result)."""
+    uri, exp, _, ws = logged_study
+    out = ws / "reports" / "vw_study.html"
+    laws = ["--law", "compute", "--law", "chinchilla", "--law", "vw_multiplicative", "--law",
+            "vw_interaction"]
+    result = cli("report", exp, "--tracking-uri", uri, "-o", out, "--bootstrap", "200", *laws)
+    assert result.exit_code == 0, result.output
+    return out, result

@@ -50,7 +50,7 @@ def default_trials() -> list[Trial]:
     """A 4 (size) x 3 (tokens) x 4 (window) grid: 48 trials."""
     out = []
     for (d, L), tokens, w in itertools.product(
-        [(64, 4), (96, 4), (128, 6), (192, 6)], [20_000_000, 60_000_000, 180_000_000],
+        [(64, 4), (128, 4), (256, 6), (512, 6)], [20_000_000, 120_000_000, 720_000_000],
         [2, 4, 8, 16],
     ):
         out.append(Trial(d_model=d, n_layers=L, window=w, pool_size=16, tokens=tokens))
