@@ -255,10 +255,14 @@ def bootstrap_data(fits: Mapping[str, FitResult]) -> BootstrapData:
 
 
 def parallel_data(frame, *, loss: str, max_dims: int = 10) -> ParallelData:
-    """Parallel coordinates over the numeric config columns that vary, coloured by loss."""
+    """Parallel coordinates over the numeric config columns that vary (``model.*``, ``train.*``,
+    then active parameters, virtual width and reuse), coloured by loss."""
     dims = []
-    for c in frame.columns:
-        if not (c.startswith(("model.", "train.", "derived.")) and frame.schema[c].is_numeric()):
+    preferred = ("derived.n_params_active", "derived.virtual_width", "derived.reuse")
+    candidates = ([c for c in frame.columns if c.startswith(("model.", "train."))]
+                  + [c for c in preferred if c in frame.columns])
+    for c in candidates:  # the sweep's axes first, then the derived quantities the laws use
+        if not frame.schema[c].is_numeric():
             continue
         v = frame.get_column(c)
         if v.null_count() == 0 and v.n_unique() > 1:

@@ -1,0 +1,112 @@
+"""Report: figure data computed without a browser; the page rendered by a real headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis import figures as F
+from analysis import fit, load_runs
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
+                                        else None)
+FIGURES = ("loss_vs_compute", "loss_vs_virtual_width", "residuals", "holdout", "bootstrap",
+           "parallel")
+
+
+@pytest.fixture(scope="module")
+def study(logged_study):
+    uri, exp, _, _ = logged_study
+    frame = load_runs(exp, tracking_uri=uri).frame
+    fits = {law: fit(frame, law=law, n_bootstrap=100, seed=0)
+            for law in ("compute", "vw_multiplicative")}
+    return frame, fits
+
+
+def test_loss_vs_compute_data(study):
+    frame, fits = study
+    labels = F.architecture_labels(frame)
+    assert sorted(set(labels)) == ["w=16", "w=2", "w=4", "w=8"]  # only the window varies
+    d = F.loss_vs_compute_data(frame, loss="final/val_loss", compute="final/flops", fits=fits,
+                               labels=labels)
+    assert len(d.points) == 4 and sum(len(s.x) for s in d.points) == frame.height
+    (band,) = d.curves  # the compute law's curve (chinchilla's frontier only when it is fitted)
+    lo, y, hi = (np.array(v) for v in (band.lo, band.y, band.hi))
+    assert np.all(lo <= y + 1e-12) and np.all(y <= hi + 1e-12) and np.all(hi > lo)
+
+
+def test_loss_vs_virtual_width_data(study):
+    frame, fits = study
+    d = F.loss_vs_virtual_width_data(frame, loss="final/val_loss",
+                                     n_col="derived.n_params_active",
+                                     v_col="derived.virtual_width", d_col="final/tokens",
+                                     fit=fits["vw_multiplicative"])
+    assert len(d.points) == 4 and all(len(s.x) == 4 for s in d.points)  # 4 sizes x 4 widths
+    assert all(s.x == tuple(sorted(s.x)) for s in d.points)
+    assert len(d.curves) == 4
+    # the fitted curve falls with V (gamma > 0) and tracks the points at the largest budget
+    for s, c in zip(d.points, d.curves):
+        assert c.y[0] > c.y[-1]
+        assert abs(np.interp(s.x[0], c.x, c.y) - s.y[0]) < 0.05
+
+
+def test_other_figure_data(study):
+    frame, fits = study
+    r = F.residual_data(frame, fits=fits, compute="final/flops")
+    assert [s.name for s in r.series] == ["compute", "vw_multiplicative"]
+    assert np.abs(r.series[1].y).max() < 0.03  # the right law leaves small residuals
+    h = F.holdout_data(fits)
+    assert len(h.series) == 2 and all("RMSE" in s for s in h.summary)
+    b = F.bootstrap_data(fits)
+    assert [s.name for s in b.samples] == ["compute: alpha", "vw_multiplicative: alpha",
+                                           "vw_multiplicative: gamma", "vw_multiplicative: beta"]
+    p = F.parallel_data(frame, loss="final/val_loss")
+    names = [n for n, _ in p.dimensions]
+    assert "model.window" in names and names[-1] == "final/val_loss"
+    assert "model.pool_size" not in names  # constant columns are left out
+    rows = F.param_rows(fits)
+    assert any(r.parameter == "gamma" and r.lo < r.estimate < r.hi for r in rows)
+
+
+def test_page_is_self_contained(report_html):
+    path, _ = report_html
+    text = path.read_text(encoding="utf-8")
+    assert text.count("<script type=\"text/javascript\">/**") <= 1
+    assert len(re.findall(r"plotly\.js v\d", text)) == 1  # the bundle's banner: embedded once
+    assert not re.search(r"<script[^>]+src=", text)
+    assert not re.search(r"<link[^>]+href=\"?https?:", text)
+    assert not re.search(r"@import|url\(\s*['\"]?https?:", text)
+    for name in FIGURES:
+        assert f'data-figure="{name}"' in text
+    for heading in ("Fitted laws", "Does virtual width help?", "Provenance"):
+        assert heading in text
+    assert "vw_multiplicative" in text and "sha256:stdlib-3.11" in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium at /usr/bin/chromium (CI's .ci/run "
+                    "installs it: apt-get install -y chromium)")
+def test_every_figure_renders_in_headless_chromium_offline(report_html, tmp_path):
+    path, _ = report_html
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           # offline: every host name fails to resolve, so any network fetch would fail
+           "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=20000",
+           "--dump-dom", path.as_uri()]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    dom = out.stdout
+    assert "</html>" in dom, out.stderr[-2000:]
+    parts = re.split(r'data-figure="', dom)[1:]
+    rendered = {}
+    for part in parts:
+        name = part.split('"', 1)[0]
+        rendered[name] = part.count('class="main-svg"')
+    assert set(rendered) == set(FIGURES)
+    missing = [n for n, k in rendered.items() if k == 0]
+    assert not missing, f"figures without a rendered plot SVG: {missing}"
+    assert 'class="js-plotly-plot"' in dom or "js-plotly-plot" in dom
