@@ -24,7 +24,7 @@ from moue_core.config import ModelConfig
 from moue_core.errors import ConfigError
 from moue_core.model import Attention, rope_tables
 
-__all__ = ["LayerwiseMoEModel", "WindowSchedule", "convert_layerwise", "layerwise_config"]
+__all__ = ["LayerwiseMoEModel", "WindowSchedule", "convert_layerwise", "layerwise_config", "widen_layerwise"]
 
 
 def layerwise_config(base: ModelConfig, experts_per_layer: int) -> ModelConfig:
@@ -125,19 +125,49 @@ def convert_layerwise(
             out[key] = value.clone()
     out["moe.pool.w_in_PDF2"] = torch.cat([state[f"blocks.{l}.moe.w_in"] for l in range(L)])
     out["moe.pool.w_out_PFD"] = torch.cat([state[f"blocks.{l}.moe.w_out"] for l in range(L)])
-    routers = [state[f"blocks.{l}.moe.router.weight"] for l in range(L)]  # [E, D] each
-    weight = routers[0].new_zeros(L, target_window, source.d_model)
-    topo = cfg.topology
-    for l in range(L):
-        for j, pool_id in enumerate(topo.window_ids(l)):
-            owner, e = divmod(pool_id, E)
-            if j < E:
-                assert owner == l, "layer l's first E slots are its own experts"
-                weight[l, j] = routers[l][e]
-            elif router_init == "copy":
-                weight[l, j] = routers[owner][e]
-    out["moe.router.weight_LWD"] = weight
+    routers_LED = torch.stack([state[f"blocks.{l}.moe.router.weight"] for l in range(L)])
+    out["moe.router.weight_LWD"] = _widen_router(routers_LED, target_window, router_init)
     return cfg, out
+
+
+def _widen_router(routers_LED: torch.Tensor, target_window: int, router_init: str) -> torch.Tensor:
+    """Per-layer router rows for windows of ``target_window`` slots on the layerwise ring.
+
+    Slot ``j`` of layer ``l`` scores pool expert ``p = (l*E + j) mod P``, owned by layer ``p // E``
+    as its expert ``p % E``: the first ``E`` slots are the layer's own rows; the others start at
+    zero or as a copy of the owner's row.
+    """
+    L, E, D = routers_LED.shape
+    P = L * E
+    weight = routers_LED.new_zeros(L, target_window, D)
+    weight[:, :E] = routers_LED
+    if router_init == "copy":
+        for l in range(L):
+            for j in range(E, target_window):
+                owner, e = divmod((l * E + j) % P, E)
+                weight[l, j] = routers_LED[owner, e]
+    return weight
+
+
+def widen_layerwise(
+    state: dict[str, torch.Tensor], base: ModelConfig, *, target_window: int, router_init: str = "zero"
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A ``MoUEModel`` state dict with the layerwise topology (``P = L*E, w = s = E``) -> the same
+    model with windows of ``target_window`` (start it at ``w = E``: identical logits)."""
+    L, E = base.n_layers, base.window
+    if base.ffn != "moe" or base.pool_size != L * E or base.stride != E % base.pool_size or base.router_shared:
+        raise ConfigError("convert.base", f"P={base.pool_size}, w={E}, s={base.stride}",
+                          "must be a layerwise MoE (P = L*E, w = s = E, per-layer softmax router)")
+    if not E <= target_window <= L * E:
+        raise ConfigError("convert.target_window", target_window, f"must be in [experts per layer ({E}), L*E ({L * E})]")
+    if router_init not in ("zero", "copy"):
+        raise ConfigError("convert.router_init", router_init, "must be one of zero, copy")
+    out = dict(state)
+    out["moe.router.weight_LWD"] = _widen_router(state["moe.router.weight_LWD"], target_window, router_init)
+    if "moe.router.bias_LW" in state:
+        bias = state["moe.router.bias_LW"]
+        out["moe.router.bias_LW"] = torch.cat([bias, bias.new_zeros(L, target_window - E)], dim=1)
+    return base.replace(window=target_window), out
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -219,8 +219,9 @@ def _print_dry_run(study) -> None:
     for point, why in study.pruned:
         settings = " ".join(f"{k}={v}" for k, v in point.items())
         typer.echo(f"  pruned: {settings}: {why}")
-    typer.echo(f"total: {totals['trials']} trials, {totals['tokens']:,} tokens, {totals['compute']:.3g} FLOPs "
-               f"(at most; ASHA stops some early), {totals['pruned']} grid points pruned")
+    early = " (at most: ASHA stops some trials early)" if study.scheduler.kind == "asha" else ""
+    typer.echo(f"total: {totals['trials']} trials, {totals['tokens']:,} tokens, {totals['compute']:.3g} FLOPs{early}, "
+               f"{totals['pruned']} grid points pruned")
 
 
 @app.command("studies")

@@ -91,13 +91,15 @@ def resolve_trial(study: Study, config: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ in the worker
 
 
-def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str) -> None:
+def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_checkpoint: str | None = None) -> None:
     """One Tune trial (runs in a Ray worker process)."""
     import torch
 
     from moue_core.train import TrialConfig, train
 
     flat = resolve_trial(study, config)
+    if "convert.router_init" in flat:
+        flat["train.init_from"] = _converted_checkpoint(flat, base_checkpoint, cache_dir)
     cfg = TrialConfig.from_dict({k: v for k, v in flat.items() if not k.startswith("convert.")})
     state = None
     checkpoint = tune.get_checkpoint()
@@ -105,6 +107,52 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str) -> None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     train(cfg, _TuneSink(), cache_dir=cache_dir, resume=state)
+
+
+def _converted_checkpoint(flat: dict[str, Any], base_checkpoint: str | None, cache_dir: str) -> str:
+    """The layerwise base widened to this trial's window (written once per window and router init)."""
+    import torch
+
+    from moue_core.config import ModelConfig
+    from moue_core.convert import widen_layerwise
+    from studies.trial import save_checkpoint
+
+    if base_checkpoint is None:
+        raise RuntimeError("a conversion trial needs the layerwise base checkpoint")
+    blob = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
+    base = ModelConfig.from_dict(blob["config"])
+    window, init = int(flat["model.window"]), str(flat["convert.router_init"])
+    path = Path(cache_dir) / "conversion" / f"{Path(base_checkpoint).stem}-w{window}-{init}.pt"
+    if not path.is_file():
+        cfg, state = widen_layerwise(blob["model"], base, target_window=window, router_init=init)
+        save_checkpoint(path, {"config": cfg.to_dict(), "model": state, "start_window": base.window})
+    return str(path)
+
+
+def train_conversion_base(study: Study, workspace: Workspace) -> str:
+    """Train the conversion study's layerwise base once (on the driver) for the study's budget."""
+    import dataclasses as dc
+
+    from moue_core.train import NullSink, TrialConfig, train
+    from search_spaces import layerwise_base
+    from studies.trial import save_checkpoint
+
+    point = study.points[0] if study.points else {}
+    base_flat = layerwise_base({**study.fixed, **point})
+    flat = {k: v for k, v in study.trial_flat(base_flat).items() if not k.startswith("convert.")}
+    flat.pop("train.widen_tokens", None)
+    flat.pop("train.init_from", None)
+    cfg = TrialConfig.from_dict(flat)
+    path = workspace.root / "conversion" / f"{sweep_name(study)}-base.pt"
+    if path.is_file():
+        return str(path)
+    sink = NullSink()
+    result = train(cfg, sink, cache_dir=workspace.cache)
+    if result.status != "finished":
+        raise RuntimeError(f"the layerwise base diverged: {result.stop_reason}")
+    state = sink.checkpoints[-1][1]["model"]
+    save_checkpoint(path, {"config": dc.asdict(cfg.model), "model": state, "val_loss": result.final_val_loss})
+    return str(path)
 
 
 class _TuneSink:
@@ -343,10 +391,13 @@ def run_sweep(
     if exists and not resume:
         raise ConfigError("sweep", name, f"already has state in {exp_dir}; pass --resume to continue it")
 
+    base = None
+    if study.search.space == "conversion":
+        base = train_conversion_base(study, workspace)
     _ray_init(address, workspace)
     cpus = study.resources.cpus
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, study=study, cache_dir=str(workspace.cache)),
+        tune.with_parameters(trial_fn, study=study, cache_dir=str(workspace.cache), base_checkpoint=base),
         {"cpu": cpus, "gpu": study.resources.gpu},
     )
     total = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples

@@ -35,7 +35,8 @@ Format (every table but ``[search]`` and ``[budget]`` optional; see ``studies/*.
 
     [space]                              # options of the search space (search_spaces.<space>.defaults)
     [fixed.model] / [fixed.train] / [fixed.data]   # settings every trial shares
-    [smoke.model] / [smoke.train] / [smoke.data] / [smoke.budget] / [smoke.space]  # --smoke overrides
+    [smoke.model] / [smoke.train] / [smoke.data] / [smoke.budget] / [smoke.space] / [smoke.scheduler]
+                                         # --smoke overrides
 
 Every error is a ``ConfigError`` naming the field, the value and what is allowed.
 """
@@ -148,7 +149,7 @@ def _flatten_fixed(doc: dict, key: str) -> dict[str, Any]:
         raise ConfigError(key, fixed, "must be a table with [model], [train] and/or [data] sub-tables")
     flat: dict[str, Any] = {}
     for section, table in fixed.items():
-        allowed = ("model", "train", "data") if key == "fixed" else ("model", "train", "data", "budget", "space")
+        allowed = ("model", "train", "data") if key == "fixed" else ("model", "train", "data", "budget", "space", "scheduler", "search")
         if section not in allowed or not isinstance(table, dict):
             raise ConfigError(f"{key}.{section}", table, f"must be one of the tables {', '.join(allowed)}")
         for k, v in table.items():
@@ -178,6 +179,37 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
 
     s = _table(doc, "search", {"space": str, "algorithm": str, "num_samples": int, "seeds": list, "seed": int,
                                "max_concurrent": int}, required=("space",))
+    b = _table(doc, "budget", {"tokens": int, "marks": int}, required=("tokens",))
+    c = _table(doc, "scheduler", {"kind": str, "grace_tokens": int, "reduction_factor": (int, float)})
+    r = _table(doc, "resources", {"cpus": (int, float), "gpu": (int, float)})
+    t = _table(doc, "tracking", {"experiment": str, "tracking_uri": str})
+    a = _table(doc, "analysis", {"laws": list})
+    space_options = dict(_table(doc, "space", {k: object for k in doc.get("space", {})}))
+    fixed = _flatten_fixed(doc, "fixed")
+    smoke_space: dict[str, Any] = {}
+    if smoke:
+        overrides = _flatten_fixed(doc, "smoke")
+        for k, v in overrides.items():
+            section, _, rest = k.partition(".")
+            if section == "budget":
+                if rest not in ("tokens", "marks"):
+                    raise ConfigError(f"smoke.{k}", v, "must be budget.tokens or budget.marks")
+                b = {**b, rest: v}
+            elif section == "space":
+                smoke_space[rest] = v
+            elif section == "scheduler":
+                if rest not in ("kind", "grace_tokens", "reduction_factor"):
+                    raise ConfigError(f"smoke.{k}", v, "must be scheduler.kind, grace_tokens or reduction_factor")
+                c = {**c, rest: v}
+            elif section == "search":
+                if rest != "num_samples":
+                    raise ConfigError(f"smoke.{k}", v, "must be search.num_samples")
+                s = {**s, rest: v}
+            else:
+                fixed[k] = v
+    else:
+        _flatten_fixed(doc, "smoke")  # validated even when unused
+
     search = SearchSpec(space=s["space"], algorithm=s.get("algorithm", "grid"), num_samples=s.get("num_samples", 0),
                         seeds=tuple(s.get("seeds", [0])), seed=s.get("seed", 0),
                         max_concurrent=s.get("max_concurrent", 0))
@@ -195,30 +227,11 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
     if search.max_concurrent < 0:
         raise ConfigError("search.max_concurrent", search.max_concurrent, "must be >= 0 (0: no limit)")
 
-    b = _table(doc, "budget", {"tokens": int, "marks": int}, required=("tokens",))
-    c = _table(doc, "scheduler", {"kind": str, "grace_tokens": int, "reduction_factor": (int, float)})
-    r = _table(doc, "resources", {"cpus": (int, float), "gpu": (int, float)})
-    t = _table(doc, "tracking", {"experiment": str, "tracking_uri": str})
-    a = _table(doc, "analysis", {"laws": list})
-    space_options = dict(_table(doc, "space", {k: object for k in doc.get("space", {})}))
-    fixed = _flatten_fixed(doc, "fixed")
-    if smoke:
-        overrides = _flatten_fixed(doc, "smoke")
-        for k, v in overrides.items():
-            section, _, rest = k.partition(".")
-            if section == "budget":
-                if rest not in ("tokens", "marks"):
-                    raise ConfigError(f"smoke.{k}", v, "must be budget.tokens or budget.marks")
-                b = {**b, rest: v}
-            elif section == "space":
-                space_options[rest] = v
-            else:
-                fixed[k] = v
-    else:
-        _flatten_fixed(doc, "smoke")  # validated even when unused
-
     budget = b["tokens"]
     marks = b.get("marks", 4)
+    for key in ("train.tokens", "train.eval_every_tokens"):
+        if key in fixed:
+            raise ConfigError(f"fixed.{key}", fixed[key], "is set by [budget] (tokens, marks); remove it")
     if budget < 1:
         raise ConfigError("budget.tokens", budget, "must be >= 1")
     if marks < 1:
@@ -249,9 +262,10 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
     from search_spaces import get_space, prune
 
     space = get_space(search.space)
-    options = space.options(space_options)
-    if smoke:
-        options = space.options({**options, **space.smoke, **{k: v for k, v in space_options.items()}})
+    options = space.options(space_options)  # defaults < [space]
+    if smoke:  # < the space's own smoke options < the spec's [smoke.space]
+        options = space.options({**options, **space.smoke, **smoke_space})
+    fixed["train.tokens"] = budget  # the spaces see the budget (e.g. widening as a fraction of it)
     study = Study(
         name=name, description=description, search=search, scheduler=scheduler, budget_tokens=budget,
         marks=marks, resources=resources, experiment=experiment, tracking_uri=t.get("tracking_uri", ""),
@@ -304,6 +318,10 @@ def _validate_trial(study: Study, point: dict[str, Any]) -> None:
     from moue_core.train import TrialConfig
 
     flat = {k: v for k, v in study.trial_flat(point).items() if not k.startswith("convert.")}
+    if "convert.router_init" in point:
+        # the runner trains and converts the layerwise base at launch; any existing file stands in
+        # for that checkpoint here, so the rest of the trial is still validated now
+        flat["train.init_from"] = study.path
     try:
         TrialConfig.from_dict(flat)
     except ConfigError as exc:

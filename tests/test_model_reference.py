@@ -344,3 +344,29 @@ def test_count_is_the_same_for_every_router_without_building() -> None:
         for shared in (False, True):
             cfg = BASE.replace(router=router, router_shared=shared, n_shared=1, router_state_dim=8)
             assert count(cfg) == check_counts(MoUEModel(cfg), cfg)
+
+
+@pytest.mark.parametrize("router_init", ["zero", "copy"])
+def test_widen_layerwise_moue_checkpoint(router_init: str) -> None:
+    from moue_core.convert import widen_layerwise
+
+    torch.manual_seed(4)
+    base = layerwise_config(BASE.replace(expert_bias=True), 4)
+    model = MoUEModel(base)
+    with torch.no_grad():
+        model.moe.router.bias_LW.uniform_(-0.01, 0.01)
+    idx = torch.randint(0, 64, (2, 16))
+    before = model(idx).logits
+    cfg, state = widen_layerwise(model.state_dict(), base, target_window=8, router_init=router_init)
+    wide = MoUEModel(cfg)
+    wide.load_state_dict(state, strict=True)
+    wide.set_window(4)
+    torch.testing.assert_close(wide(idx).logits, before, atol=1e-6, rtol=1e-6)
+    rows = wide.moe.router.weight_LWD[2, 4:]  # layer 2's new slots: experts 12.. = layer 0's (ring wraps)
+    if router_init == "copy":
+        torch.testing.assert_close(rows, model.moe.router.weight_LWD[0])
+    else:
+        assert (rows == 0).all()
+    with pytest.raises(ConfigError, match="must be a layerwise MoE"):
+        rotational = BASE.replace(pool_size=8, stride=2)
+        widen_layerwise(MoUEModel(rotational).state_dict(), rotational, target_window=8)
