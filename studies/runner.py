@@ -37,7 +37,7 @@ __all__ = ["Workspace", "SweepOutcome", "run_sweep", "dry_run", "trial_fn", "Mlf
 METRIC = "val_loss"  # what ASHA and the searchers optimise (a copy of TRACKING.md's val/loss)
 TIME_ATTR = "tokens"
 TRACKED = ("train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s", "balance/loss", "balance/load_cv",
-           "balance/dead_frac", "router/entropy", "router/z")
+           "balance/dead_frac", "router/entropy", "router/z", "trial/restored_from")
 
 
 @dataclass(frozen=True)
@@ -101,12 +101,17 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_check
     if "convert.router_init" in flat:
         flat["train.init_from"] = _converted_checkpoint(flat, base_checkpoint, cache_dir)
     cfg = TrialConfig.from_dict({k: v for k, v in flat.items() if not k.startswith("convert.")})
+    import ray
+
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    train(cfg, _TuneSink(), cache_dir=cache_dir, resume=state)
+    extra: dict[str, Any] = {"node_id": ray.get_runtime_context().get_node_id()}
+    if state is not None:  # a retry after a worker failure, or a restored sweep
+        extra["trial/restored_from"] = int(state["step"]) * cfg.train.batch_tokens
+    train(cfg, _TuneSink(extra), cache_dir=cache_dir, resume=state)
 
 
 def _converted_checkpoint(flat: dict[str, Any], base_checkpoint: str | None, cache_dir: str) -> str:
@@ -156,10 +161,16 @@ def train_conversion_base(study: Study, workspace: Workspace) -> str:
 
 
 class _TuneSink:
+    """Each report becomes one ``tune.report`` (with the checkpoint as a directory), plus ``extra``
+    (the node the trial runs on; where it was restored from)."""
+
+    def __init__(self, extra: dict[str, Any]) -> None:
+        self.extra = extra
+
     def report(self, metrics: dict[str, Any], step: int, checkpoint: dict | None = None) -> None:
         import torch
 
-        out = dict(metrics)
+        out = {**self.extra, **metrics}
         out[TIME_ATTR] = step
         if "val/loss" in metrics:
             out[METRIC] = metrics["val/loss"]
@@ -182,16 +193,20 @@ class _TuneSink:
 
 
 def trial_params(study: Study, flat: dict[str, Any]) -> dict[str, Any]:
-    """The params TRACKING.md asks for: the resolved config, the convention, derived counts."""
-    from moue_core.config import ModelConfig
-    from moue_core.counting import CONVENTION, count
+    """The params TRACKING.md asks for: the full resolved config (defaults included), the counting
+    convention and the derived counts."""
+    from moue_core.counting import count
+    from moue_core.train import TrialConfig
 
-    model = {k.partition(".")[2]: v for k, v in flat.items() if k.startswith("model.")}
-    seq_len = int(flat.get("train.seq_len", 128))
-    counts = count(ModelConfig.from_dict(model), seq_len=seq_len)
-    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()}
-    params["count.convention"] = CONVENTION
-    params.update(counts.as_params())
+    settings = {k: v for k, v in flat.items() if not k.startswith("convert.")}
+    if "convert.router_init" in flat:
+        settings["train.init_from"] = study.path  # resolved in the worker; validated like the spec
+    cfg = TrialConfig.from_dict(settings)
+    params = cfg.to_flat()
+    if "convert.router_init" in flat:
+        params["train.init_from"] = "layerwise base (converted in the trial)"
+    params.update({k: v for k, v in flat.items() if k.startswith("convert.")})
+    params.update(count(cfg.model, seq_len=cfg.train.seq_len).as_params())
     return params
 
 
@@ -395,13 +410,16 @@ def run_sweep(
     if study.search.space == "conversion":
         base = train_conversion_base(study, workspace)
     _ray_init(address, workspace)
+    import ray
+
     cpus = study.resources.cpus
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, study=study, cache_dir=str(workspace.cache), base_checkpoint=base),
         {"cpu": cpus, "gpu": study.resources.gpu},
     )
     total = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples
-    concurrency = study.search.max_concurrent or max(1, int((os.cpu_count() or 1) // cpus))
+    cluster_cpus = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
+    concurrency = study.search.max_concurrent or max(1, int(cluster_cpus // cpus))
     git = git_info(Path(__file__).resolve().parent.parent)
     parent_tags = {
         **git, "moue.search": study.search.algorithm, "moue.scheduler": study.scheduler.kind,

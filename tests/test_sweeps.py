@@ -1,0 +1,274 @@
+"""Sweeps on real components: a local Ray, a SQLite MLflow store, a two-node loopback cluster,
+an `mlflow server`, a killed driver and a killed worker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from studies.runner import Workspace, run_sweep
+from studies.spec import load_study, shipped_studies
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "studies" / "smoke.toml"
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    yield
+    ray.shutdown()
+
+
+def runs_of(uri: str, experiment: str):
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("moue.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("moue.kind") == "trial"]
+    return client, parents, children
+
+
+def check_schema(client, parents, children, *, n_trials: int) -> None:
+    assert len(parents) == 1, [p.info.run_id for p in parents]
+    parent = parents[0]
+    tags = parent.data.tags
+    for key in ("moue.schema", "moue.study", "moue.spec_sha256", "moue.git_sha", "moue.corpus_fingerprint",
+                "moue.search", "moue.scheduler", "moue.ray_storage"):
+        assert tags.get(key), key
+    assert tags["moue.schema"] == "1"
+    assert len(children) == n_trials
+    trial_ids = [c.data.tags["moue.trial_id"] for c in children]
+    assert len(set(trial_ids)) == n_trials, "exactly one run per trial"
+    for child in children:
+        t, p, m = child.data.tags, child.data.params, child.data.metrics
+        assert t["mlflow.parentRunId"] == parent.info.run_id
+        assert t["moue.schema"] == "1" and t["moue.seed"] in ("0", "1")
+        assert t["moue.status"] in ("finished", "early_stopped", "diverged", "failed")
+        assert child.info.status != "RUNNING"
+        for key in ("model.pool_size", "model.window", "model.stride", "model.top_k", "model.router",
+                    "model.balance", "train.tokens", "train.lr", "data.corpus", "count.convention",
+                    "derived.n_params_active", "derived.virtual_width", "derived.flops_per_token"):
+            assert key in p, key
+        assert {"val/loss", "train/loss", "lr", "grad_norm", "tokens_per_s", "balance/loss",
+                "router/entropy"} <= set(m)
+        history = client.get_metric_history(child.info.run_id, "val/loss")
+        steps = [h.step for h in history]
+        assert len(steps) == len(set(steps)), "no step logged twice"
+        if t["moue.status"] == "finished":
+            assert {"final/val_loss", "final/tokens", "final/flops", "final/wall_s", "final/train_s"} <= set(m)
+            assert m["final/tokens"] == float(p["train.tokens"])
+
+
+def test_smoke_sweep_on_local_ray_and_sqlite(local_ray, tmp_path) -> None:
+    study = load_study(SMOKE)
+    ws = Workspace.at(tmp_path / "ws")
+    outcome = run_sweep(study, workspace=ws)
+    assert outcome.trials == 6
+    client, parents, children = runs_of(ws.tracking_uri, "smoke")
+    check_schema(client, parents, children, n_trials=6)
+    statuses = [c.data.tags["moue.status"] for c in children]
+    assert "early_stopped" in statuses, "ASHA stops some trials"
+    assert "finished" in statuses
+    stopped = [c for c in children if c.data.tags["moue.status"] == "early_stopped"]
+    assert all(c.data.metrics["final/tokens"] < study.budget_tokens for c in stopped)
+    assert parents[0].info.status == "FINISHED"
+    art = client.list_artifacts(parents[0].info.run_id)
+    assert {"spec.toml", "environment.json"} <= {a.path for a in art}
+    # a second launch without --resume refuses (exit 2 path), nothing new written
+    from moue_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pass --resume"):
+        run_sweep(study, workspace=ws)
+    assert len(runs_of(ws.tracking_uri, "smoke")[2]) == 6
+
+
+@pytest.mark.parametrize("spec", [p.name for p in shipped_studies() if p.stem != "smoke"])
+def test_every_shipped_study_runs_as_smoke(spec: str, local_ray, tmp_path) -> None:
+    study = load_study(ROOT / "studies" / spec, smoke=True)
+    ws = Workspace.at(tmp_path / "ws")
+    outcome = run_sweep(study, workspace=ws)
+    n = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples
+    assert outcome.trials == n
+    client, parents, children = runs_of(ws.tracking_uri, study.experiment)
+    assert len(parents) == 1 and len(children) == n
+    assert all(c.data.tags["moue.status"] in ("finished", "early_stopped") for c in children), \
+        [(c.data.tags["moue.status"], c.data.tags.get("moue.stop_reason")) for c in children]
+    if spec == "conversion.toml":
+        assert (ws.root / "conversion" / "conversion-smoke-base.pt").is_file()
+        windows = sorted({int(c.data.params["model.window"]) for c in children})
+        assert len(windows) >= 2  # the control and a widened window
+
+
+def _moue(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from studies.cli import main; main()", *args], env=ENV,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def _write_spec(path: Path, *, tokens: int, marks: int, seeds: str = "[0, 1]", extra: str = "") -> Path:
+    text = SMOKE.read_text()
+    text = text.replace("tokens = 4096\nmarks = 4", f"tokens = {tokens}\nmarks = {marks}")
+    text = text.replace("seeds = [0, 1]", f"seeds = {seeds}")
+    text = text.replace('kind = "asha"', 'kind = "none"') + extra
+    path.write_text(text)
+    return path
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _finished_children(uri: str) -> int:
+    try:
+        _, _, children = runs_of(uri, "smoke")
+    except Exception:
+        return 0
+    return sum(1 for c in children if c.data.tags.get("moue.status") == "finished")
+
+
+def test_driver_killed_with_sigkill_resumes(tmp_path) -> None:
+    spec = _write_spec(tmp_path / "smoke.toml", tokens=8192, marks=4)
+    ws = tmp_path / "ws"
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    proc = _moue("sweep", str(spec), "--workspace", str(ws))
+    try:
+        _wait_for(lambda: _finished_children(uri) >= 2 or proc.poll() is not None, 300, "two finished trials")
+        assert proc.poll() is None, proc.stdout.read()
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=60)
+    assert _finished_children(uri) < 6, "the kill came mid-way"
+
+    resumed = _moue("sweep", str(spec), "--workspace", str(ws), "--resume")
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out
+    client, parents, children = runs_of(uri, "smoke")
+    check_schema(client, parents, children, n_trials=6)
+    assert all(c.data.tags["moue.status"] == "finished" for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_killed_worker_is_retried_from_its_checkpoint(local_ray, tmp_path) -> None:
+    import threading
+
+    spec = _write_spec(tmp_path / "smoke.toml", tokens=16384, marks=8, seeds="[0]")
+    study = load_study(spec)
+    ws = Workspace.at(tmp_path / "ws")
+    killed: list[int] = []
+
+    def killer() -> None:
+        # wait until some trial has checkpointed past its first mark, then kill that trial's process
+        def victim():
+            try:
+                client, _, children = runs_of(ws.tracking_uri, "smoke")
+            except Exception:
+                return None
+            for c in children:
+                hist = client.get_metric_history(c.info.run_id, "val/loss")
+                if len(hist) >= 3 and c.data.tags.get("moue.status") is None:
+                    out = subprocess.run(["pgrep", "-f", "ImplicitFunc"], capture_output=True, text=True)
+                    pids = [int(x) for x in out.stdout.split()]
+                    return pids or None
+            return None
+
+        pids = _wait_for(victim, 240, "a trial past its second mark")
+        os.kill(pids[0], signal.SIGKILL)
+        killed.append(pids[0])
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    outcome = run_sweep(study, workspace=ws)
+    thread.join(5)
+    assert killed, "no worker was killed"
+    client, parents, children = runs_of(ws.tracking_uri, "smoke")
+    check_schema(client, parents, children, n_trials=3)
+    assert outcome.statuses == {"finished": 3}
+    restored = [c for c in children if "trial/restored_from" in c.data.metrics]
+    assert restored, "a trial resumed from a checkpoint"
+    assert all(c.data.metrics["trial/restored_from"] > 0 for c in restored)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_loopback_cluster_with_mlflow_server(tmp_path) -> None:
+    """`ray start --head` + a second `ray start --address` node, an `mlflow server` on loopback,
+    and `moue sweep --address ... --tracking-uri http://...` from a driver process."""
+    port, mlflow_port = _free_port(), _free_port()
+    ray_tmp = tmp_path / "raytmp"
+    head = subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                           "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    server = None
+    try:
+        assert head.returncode == 0, head.stderr
+        worker = subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                                 "--num-cpus=1", "--disable-usage-stats"],
+                                env=ENV, capture_output=True, text=True, timeout=120)
+        assert worker.returncode == 0, worker.stderr
+        status = subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], env=ENV, capture_output=True,
+                                text=True, timeout=60)
+        assert status.stdout.count("node_") >= 2, status.stdout
+
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        import urllib.request
+
+        def healthy():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200
+            except Exception:
+                return False
+
+        _wait_for(healthy, 90, "the mlflow server")
+        spec = _write_spec(tmp_path / "smoke.toml", tokens=2048, marks=2)
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        sweep = _moue("sweep", str(spec), "--workspace", str(tmp_path / "ws"), "--address", f"127.0.0.1:{port}",
+                      "--tracking-uri", uri, "--storage", str(tmp_path / "shared-storage"))
+        out, _ = sweep.communicate(timeout=400)
+        assert sweep.returncode == 0, out
+        client, parents, children = runs_of(uri, "smoke")
+        check_schema(client, parents, children, n_trials=6)
+        assert parents[0].data.tags["moue.ray_storage"].startswith(str(tmp_path / "shared-storage"))
+        import json
+
+        nodes = set()
+        for result in (tmp_path / "shared-storage" / "smoke").glob("*/result.json"):
+            nodes |= {json.loads(line).get("node_id") for line in result.read_text().splitlines() if line}
+        nodes.discard(None)
+        assert len(nodes) == 2, f"trials ran on both nodes: {nodes}"
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGKILL)
+        subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
