@@ -339,8 +339,8 @@ def _print_gate(results) -> None:
 def bench_fit_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     reference_starts: Annotated[int, typer.Option(
-        "--reference-starts", help="Starts the scipy reference loop runs (an even subset of the "
-        "4,500; its time is scaled to the full grid). 0 or >= 4500: all of them.")] = 450,
+        "--reference-starts", help="Starts the scipy reference loop runs (a seeded random subset "
+        "of the 4,500; its time is scaled to the full grid). 0 or >= 4500: all of them.")] = 900,
 ) -> None:
     """Benchmark the vectorised full-grid Chinchilla fit against a scipy L-BFGS-B loop.
 

@@ -248,7 +248,8 @@ def bootstrap_data(fits: Mapping[str, FitResult]) -> BootstrapData:
         law = r.law_spec
         for p in law.exponents:
             j = law.natural.index(p)
-            samples.append(Series(name=f"{name}: {p}", x=(), y=tuple(map(float, r.bootstrap[:, j]))))
+            samples.append(Series(name=f"{name}: {p}", x=(),
+                                  y=tuple(map(float, r.bootstrap[:, j]))))
             estimates.append(r.params[p])
     return BootstrapData(title="Bootstrap distributions of the exponents",
                          samples=tuple(samples), estimates=tuple(estimates))

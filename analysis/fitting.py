@@ -19,7 +19,7 @@ import json
 import math
 import types
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -769,10 +769,3 @@ def _holdout(law: Law, frame, pts: _Points, spec: Holdout, delta: float,
         test_pred=tuple(float(v) for v in pred),
         test_axis=tuple(float(v) for v in axis[test]),
     )
-
-
-def check_sequence(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
-    """Raise unless every entry of ``values`` is in ``allowed``."""
-    for v in values:
-        if v not in allowed:
-            raise AnalysisError(name, v, f"is not one of {', '.join(allowed)}")

@@ -186,8 +186,8 @@ class Law:
 
     ``params`` are the fitted (log-space where noted) names, ``natural`` the reported names in the
     same order. ``bounds`` and ``grid`` are per fitted parameter; the start grid is their Cartesian
-    product. ``exponents`` (natural names) are what the regression gate watches. ``nested`` names the
-    same law without its virtual-width term (for the likelihood-ratio test).
+    product. ``exponents`` (natural names) are what the regression gate watches. ``nested``
+    names the same law without its virtual-width term (for the likelihood-ratio test).
     """
 
     name: str
@@ -232,7 +232,8 @@ class Law:
         return np.log10(loss) if self.log10 else np.log(loss)
 
     def prepare(self, data: Data):
-        return self.model.prepare({k: np.asarray(data[k], dtype=np.float64) for k in self.variables})
+        return self.model.prepare({k: np.asarray(data[k], dtype=np.float64)
+                                   for k in self.variables})
 
     def forward(self, theta: np.ndarray, prep):
         """Predicted response ``pred`` (S, n), its Jacobian (a list of P arrays (S, n)), a cache."""

@@ -40,7 +40,8 @@ def draw_scatter(data: ScatterData):
     fig = go.Figure()
     for s in data.points:
         fig.add_trace(go.Scatter(x=s.x, y=s.y, mode="markers", name=s.name,
-                                 text=s.text or None, hovertemplate="%{x:.3g}, %{y:.4f}<br>%{text}"))
+                                 text=s.text or None,
+                                 hovertemplate="%{x:.3g}, %{y:.4f}<br>%{text}"))
     for c in data.curves:
         fig.add_trace(go.Scatter(x=c.x + c.x[::-1], y=c.hi + c.lo[::-1], fill="toself",
                                  line={"width": 0}, opacity=0.2, hoverinfo="skip",
@@ -150,7 +151,8 @@ def page(*, title: str, sections: Sequence[tuple[str, str]], figures: Mapping[st
                 div = fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False,
                                   div_id=f"fig-{name}", config={"displaylogo": False,
                                                                 "responsive": True})
-                inner = inner.replace(token, f'<div class="figure" data-figure="{name}">{div}</div>')
+                block = f'<div class="figure" data-figure="{name}">{div}</div>'
+                inner = inner.replace(token, block)
         parts.append(f"<section><h2>{html.escape(heading)}</h2>{inner}</section>")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -80,7 +80,8 @@ def log_study(
         experiment, artifact_location=f"file://{artifact_root}")
     parent = client.create_run(exp_id, run_name=f"{experiment}-sweep", tags={
         "moue.kind": "study", "moue.schema": "1", "moue.study": experiment,
-        "moue.spec_sha256": "ab" * 32, "moue.git_sha": "0123456789abcdef", "moue.git_dirty": "false",
+        "moue.spec_sha256": "ab" * 32, "moue.git_sha": "0123456789abcdef",
+        "moue.git_dirty": "false",
         "moue.corpus_fingerprint": corpus_fingerprint, "moue.search": "grid",
         "moue.scheduler": "fifo", "moue.ray_storage": f"{artifact_root}/ray",
     })

@@ -142,8 +142,7 @@ def test_check_gate_end_to_end(cli, logged_study, tmp_path):
     assert r.exit_code == 2 and "does not exist" in r.stderr
 
 
-@pytest.mark.slow  # the full 4,500-start fit again (~10-20 s); the same agreement is checked
-def test_bench_fit_json(cli):  # fast in test_reference_fits.py::test_optimum_matches_scipy
+def test_bench_fit_json(cli):
     r = cli("bench-fit", "--json", "--reference-starts", "45")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout.strip().splitlines()[-1])

@@ -110,3 +110,18 @@ def test_every_figure_renders_in_headless_chromium_offline(report_html, tmp_path
     missing = [n for n, k in rendered.items() if k == 0]
     assert not missing, f"figures without a rendered plot SVG: {missing}"
     assert 'class="js-plotly-plot"' in dom or "js-plotly-plot" in dom
+
+
+def test_png_export_is_skipped_cleanly_without_kaleido(study, tmp_path):
+    import importlib.util
+
+    from analysis.render import draw_residuals
+    from analysis.report import _export_png
+
+    if importlib.util.find_spec("kaleido") is not None:
+        pytest.skip("kaleido is installed: the skip path is not reachable")
+    frame, fits = study
+    fig = draw_residuals(F.residual_data(frame, fits=fits, compute="final/flops"))
+    notes = _export_png({"residuals": fig}, tmp_path / "png")
+    assert notes == ["PNG export skipped: kaleido is not installed (pip install 'moue[png]')"]
+    assert not (tmp_path / "png").exists()
