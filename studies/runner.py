@@ -474,10 +474,23 @@ def run_sweep(
         v = last.get(METRIC)
         if isinstance(v, (int, float)) and math.isfinite(v):
             best = min(best, v)
-    parent = callbacks[0].tracker.parent_run_id
+    parent = _parent_run_id(uri, study.experiment, name)
     return SweepOutcome(name=name, experiment=study.experiment, tracking_uri=uri, parent_run_id=parent,
                         storage=exp_dir, trials=len(results), statuses=statuses,
                         best_val_loss=None if not math.isfinite(best) else best, wall_s=time.time() - t0)
+
+
+def _parent_run_id(uri: str, experiment: str, sweep_id: str) -> str | None:
+    """Look the parent up (after a restore the callback that wrote it lives inside Tune)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], max_results=1,
+                              filter_string=f"tags.`moue.sweep_id` = '{sweep_id}' and tags.`moue.kind` = 'study'")
+    return runs[0].info.run_id if runs else None
 
 
 def _corpus_fingerprint(study: Study, workspace: Workspace) -> str:
