@@ -333,7 +333,8 @@ def train(
             timers["eval"] += time.perf_counter() - t0
             interval_train_s = timers["train"] - mark_train_s
             metrics = {"val/loss": val_loss, "lr": lr_at(min(step, tc.steps - 1), tc), **window_sums.means(),
-                       "tokens_per_s": window_sums.tokens / interval_train_s if interval_train_s > 0 else 0.0}
+                       "tokens_per_s": window_sums.tokens / interval_train_s if interval_train_s > 0 else 0.0,
+                       "time/train_s": timers["train"], "time/eval_s": timers["eval"]}
             if not math.isfinite(val_loss):
                 return _diverged(sink, step, tc, f"validation loss is {val_loss}", timers, t_start, base)
             ckpt = {"version": CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),

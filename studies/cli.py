@@ -27,6 +27,21 @@ bench_app = typer.Typer(help="Performance benchmarks (ratios measured side by si
 app.add_typer(bench_app, name="bench")
 
 
+def user_errors(fn):
+    """Bad input (a ``ConfigError`` raised while validating) exits 2 with its one line."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
 def fail(message: str) -> None:
     """One-line error, exit code 2."""
     typer.echo(f"error: {message}", err=True)
@@ -34,6 +49,7 @@ def fail(message: str) -> None:
 
 
 @bench_app.command("moe")
+@user_errors
 def bench_moe_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     repeats: int = typer.Option(15, min=1, help="Timed (dense, MoE) pairs per shape."),
@@ -73,6 +89,7 @@ QUICKSTART_TRIAL = Path(__file__).parent / "trials" / "quickstart.toml"
 
 
 @app.command("train")
+@user_errors
 def train_cmd(
     config: Path = typer.Argument(None, help="Trial TOML ([model], [train], [data]); defaults apply without one."),
     set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set model.pool_size=32 (repeatable)."),
@@ -136,6 +153,7 @@ def train_cmd(
 
 
 @bench_app.command("train")
+@user_errors
 def bench_train_cmd(
     config: Path = typer.Argument(QUICKSTART_TRIAL, help="Trial TOML (default: the quickstart trial)."),
     steps: int = typer.Option(20, min=2, help="Optimizer steps to time."),
@@ -163,6 +181,7 @@ def bench_train_cmd(
 
 
 @app.command("sweep")
+@user_errors
 def sweep_cmd(
     spec: Path = typer.Argument(..., help="Study spec (studies/*.toml)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a crashed or interrupted sweep."),
@@ -262,7 +281,42 @@ def ui_cmd(
     raise typer.Exit(subprocess.call(cmd))
 
 
+@bench_app.command("sweep")
+@user_errors
+def bench_sweep_cmd(
+    spec: Path = typer.Argument(Path(__file__).parent / "smoke.toml", help="Study spec (default: smoke)."),
+    smoke: bool = typer.Option(False, "--smoke", help="Run the study's smoke version."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Sweep efficiency: time inside training steps / (wall time x concurrent trials), and the
+    per-trial overhead, from a fresh run of the study in a temporary workspace.
+
+    Example: moue bench sweep studies/quickstart.toml --json
+    """
+    import tempfile
+
+    from studies.runner import Workspace, run_sweep
+    from studies.spec import load_study
+
+    study = load_study(spec, smoke=smoke)
+    with tempfile.TemporaryDirectory(prefix="moue-bench-sweep-") as tmp:
+        outcome = run_sweep(study, workspace=Workspace.at(tmp))
+    slots = outcome.wall_s * outcome.concurrency
+    result = {
+        "study": study.name, "smoke": smoke, "trials": outcome.trials, "concurrency": outcome.concurrency,
+        "wall_s": outcome.wall_s, "train_s": outcome.train_s, "efficiency": outcome.train_s / slots,
+        "overhead_s_per_trial": (slots - outcome.train_s) / max(1, outcome.trials), "statuses": outcome.statuses,
+    }
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{study.name}: {outcome.trials} trials, {outcome.concurrency} at a time, wall {outcome.wall_s:.1f} s")
+    typer.echo(f"efficiency {result['efficiency']:.3f} (training-step time {outcome.train_s:.1f} s of "
+               f"{slots:.1f} slot-seconds); overhead {result['overhead_s_per_trial']:.2f} s per trial")
+
+
 @app.command("convert")
+@user_errors
 def convert_cmd(
     checkpoint: Path = typer.Argument(..., help="Layerwise MoE checkpoint (.pt) with 'config' and 'model'."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the converted checkpoint."),

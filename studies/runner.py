@@ -353,6 +353,8 @@ class SweepOutcome:
     statuses: dict[str, int]
     best_val_loss: float | None
     wall_s: float
+    train_s: float  # time inside training steps, summed over trials
+    concurrency: int
 
 
 def _define(trial, *, space_name: str, fixed: dict, options: dict):
@@ -457,7 +459,8 @@ def run_sweep(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=num_samples, max_concurrent_trials=concurrency),
+                                        num_samples=num_samples, max_concurrent_trials=concurrency,
+                                        reuse_actors=True),  # a trial starts in a warm worker (torch imported)
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_root, callbacks=callbacks, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
@@ -465,10 +468,13 @@ def run_sweep(
             ),
         )
     results = tuner.fit()
+    wall = time.time() - t0
     statuses: dict[str, int] = {}
     best = math.inf
+    train_s = 0.0
     for trial_result in results:
         last = trial_result.metrics or {}
+        train_s += float(last.get("time/train_s", 0.0))
         status = last.get("status") or ("failed" if trial_result.error else "early_stopped")
         statuses[status] = statuses.get(status, 0) + 1
         v = last.get(METRIC)
@@ -477,7 +483,8 @@ def run_sweep(
     parent = _parent_run_id(uri, study.experiment, name)
     return SweepOutcome(name=name, experiment=study.experiment, tracking_uri=uri, parent_run_id=parent,
                         storage=exp_dir, trials=len(results), statuses=statuses,
-                        best_val_loss=None if not math.isfinite(best) else best, wall_s=time.time() - t0)
+                        best_val_loss=None if not math.isfinite(best) else best, wall_s=wall, train_s=train_s,
+                        concurrency=min(concurrency, total))
 
 
 def _parent_run_id(uri: str, experiment: str, sweep_id: str) -> str | None:

@@ -272,9 +272,11 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
         laws=tuple(laws), space_options=options, fixed=fixed, source=text,
         sha256=hashlib.sha256(text.encode()).hexdigest(), path=str(p.resolve()), smoke=smoke,
     )
+    _probe_fixed(fixed)
     if search.algorithm == "grid":
-        points = space.grid(fixed, options)
+        points, pruned_by_space = space.grid_pruned(fixed, options)
         kept, pruned = prune(points, fixed)
+        pruned = [*pruned_by_space, *pruned]
         if not kept:
             reasons = "; ".join(sorted({why for _, why in pruned})) or "the grid is empty"
             raise ConfigError("search.space", search.space, f"yields no valid point with these settings: {reasons}")
@@ -286,6 +288,36 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
         for point in preview_points(study, 3):
             _validate_trial(study, point)
     return study
+
+
+def _probe_fixed(fixed: dict[str, Any]) -> None:
+    """Each ``[fixed]`` section on its own (the rest at defaults): an error in a setting the spec
+    fixed is named ``fixed.<section>.<key>`` before any point is generated. Combinations with the
+    searched settings are checked per point afterwards."""
+    import warnings
+
+    from moue_core.config import ModelConfig
+    from moue_core.data import DataConfig
+    from moue_core.train import TrialConfig
+
+    sections = {name: {k.partition(".")[2]: v for k, v in fixed.items() if k.startswith(name + ".")}
+                for name in ("model", "train", "data")}
+    for name, build in (("model", ModelConfig.from_dict), ("data", DataConfig.from_dict),
+                        ("train", lambda values: TrialConfig.from_dict({"train": values}).train)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a probe at default topology, not a model that runs
+                build(sections[name])
+        except ConfigError as exc:
+            if exc.field.startswith(f"{name}.") and exc.field[len(name) + 1:] in sections[name]:
+                raise ConfigError(f"fixed.{exc.field}", exc.value, exc.allowed) from None
+    try:  # the sections together (e.g. train.seq_len against model.max_seq_len)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            TrialConfig.from_dict(dict(sections))
+    except ConfigError as exc:
+        if exc.field in fixed:
+            raise ConfigError(f"fixed.{exc.field}", exc.value, exc.allowed) from None
 
 
 def preview_points(study: Study, n: int) -> list[dict[str, Any]]:

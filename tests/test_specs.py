@@ -1,0 +1,119 @@
+"""Study specs: validation before anything starts (exit 2, one line naming the field), dry runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moue_core.errors import ConfigError
+from studies.cli import app
+from studies.spec import load_study, shipped_studies
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = (ROOT / "studies" / "smoke.toml").read_text()
+runner = CliRunner()
+
+
+def edit(old: str, new: str) -> str:
+    assert old in SMOKE, old
+    return SMOKE.replace(old, new, 1)
+
+
+BAD_SPECS = [
+    (edit('name = "smoke"', 'name = "smoke test"'), "name"),
+    ("bogus = 1\n" + SMOKE, "bogus"),
+    (edit('space = "virtual_width"', 'space = "widths"'), "search.space"),
+    (edit('algorithm = "grid"', 'algorithm = "bayes"'), "search.algorithm"),
+    (edit('algorithm = "grid"', 'algorithm = "tpe"'), "search.num_samples"),
+    (edit('algorithm = "grid"', 'algorithm = "grid"\nnum_samples = 5'), "search.num_samples"),
+    (edit("seeds = [0, 1]", "seeds = [0, 0]"), "search.seeds"),
+    (edit("seeds = [0, 1]", 'seeds = "0"'), "search.seeds"),
+    (edit('kind = "asha"', 'kind = "hyperband"'), "scheduler.kind"),
+    (edit("grace_tokens = 1024", "grace_tokens = 100000"), "scheduler.grace_tokens"),
+    (edit("reduction_factor = 2", "reduction_factor = 1"), "scheduler.reduction_factor"),
+    (edit("tokens = 4096", "tokens = -5"), "budget.tokens"),
+    (edit("marks = 4", "marks = 0"), "budget.marks"),
+    (edit("cpus = 1", "cpus = 0"), "resources.cpus"),
+    (edit('laws = ["compute"]', 'laws = ["kaplan"]'), "analysis.laws"),
+    (edit("d_model = 32", "d_model = 0"), "fixed.model.d_model"),
+    (edit("lr = 3e-3", "lr = -1.0"), "fixed.train.lr"),
+    (edit("lr = 3e-3", 'lr = "fast"'), "fixed.train.lr"),
+    (edit("val_tokens = 2048", 'val_tokens = 2048\ncorpus = "/no/such/corpus"'), "fixed.data.corpus"),
+    (edit("[fixed.data]", "[fixed.optim]"), "fixed.optim"),
+    (edit("experts_per_layer = [2]", "experts_per_layer = [2]\nwidth = 3"), "space.width"),
+    (edit("[budget]", "[budget]\nepochs = 3"), "budget.epochs"),
+    (edit("[fixed.train]", "[fixed.train]\ntokens = 100"), "fixed.train.tokens"),
+    (edit("\nseq_len = 32", "\nseq_len = 64"), "fixed.train.seq_len"),
+]
+
+
+@pytest.mark.parametrize("text,field", BAD_SPECS, ids=[f for _, f in BAD_SPECS])
+def test_bad_spec_exits_2_naming_the_field_and_creates_nothing(text: str, field: str, tmp_path) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    ws = tmp_path / "ws"
+    out = runner.invoke(app, ["sweep", str(spec), "--workspace", str(ws)])
+    assert out.exit_code == 2, out.output
+    lines = [ln for ln in out.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field} ("), lines
+    assert not ws.exists(), "nothing launched or written"
+
+
+def test_there_are_at_least_fifteen_bad_specs() -> None:
+    assert len({f for _, f in BAD_SPECS}) >= 15
+
+
+def test_missing_and_broken_spec_files(tmp_path) -> None:
+    out = runner.invoke(app, ["sweep", str(tmp_path / "none.toml")])
+    assert out.exit_code == 2 and "must be an existing study TOML file" in out.output
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = [")
+    out = runner.invoke(app, ["sweep", str(broken)])
+    assert out.exit_code == 2 and "is not valid TOML" in out.output
+
+
+@pytest.mark.parametrize("path", shipped_studies(), ids=lambda p: p.stem)
+def test_shipped_specs_load_and_dry_run(path: Path) -> None:
+    for smoke in (False, True):
+        study = load_study(path, smoke=smoke)
+        out = runner.invoke(app, ["sweep", str(path), "--dry-run", *(["--smoke"] if smoke else [])])
+        assert out.exit_code == 0, out.output
+        n = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples
+        assert f"total: {n} trials" in out.output
+        assert out.output.count("  #") == n
+
+
+def test_dry_run_counts_and_compute_are_the_counting_module_s() -> None:
+    from moue_core import ModelConfig, count
+    from studies.runner import dry_run, resolve_trial
+
+    study = load_study(ROOT / "studies" / "quickstart.toml")
+    rows, totals = dry_run(study)
+    assert len(rows) == 18 and totals["trials"] == 18
+    for row in rows[:3]:
+        flat = resolve_trial(study, row["point"])
+        cfg = ModelConfig.from_dict({k[6:]: v for k, v in flat.items() if k.startswith("model.")})
+        c = count(cfg, seq_len=flat["train.seq_len"])
+        assert row["active"] == c.n_params_active and row["virtual_width"] == c.virtual_width
+        assert row["compute"] == c.flops_per_token * study.budget_tokens
+    assert totals["compute"] == sum(r["compute"] for r in rows)
+
+
+def test_smoke_overrides_apply_in_order() -> None:
+    full = load_study(ROOT / "studies" / "quickstart.toml")
+    smoke = load_study(ROOT / "studies" / "quickstart.toml", smoke=True)
+    assert full.budget_tokens == 163_840 and smoke.budget_tokens == 2048
+    assert full.fixed["model.d_model"] == 64 and smoke.fixed["model.d_model"] == 32
+    assert len(full.points) == 18 and len(smoke.points) == 3
+    assert smoke.space_options["experts_per_layer"] == [2]
+
+
+def test_tpe_study_validates_sampled_points_before_launch(tmp_path) -> None:
+    spec = tmp_path / "lr.toml"
+    # d_model 60 with 4 heads gives an odd head size: only a sampled point shows it
+    text = (ROOT / "studies" / "lr.toml").read_text().replace("[fixed.model]", "[space]\nd_models = [60]\n\n[fixed.model]")
+    spec.write_text(text)
+    with pytest.raises(ConfigError, match="head size"):
+        load_study(spec)
