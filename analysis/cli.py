@@ -355,9 +355,13 @@ def bench_fit_cmd(
         raise _fail(e) from None
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``report``, ``fit``, ``check`` and ``bench-fit`` to the ``moue`` app."""
+def register(app: typer.Typer, bench: typer.Typer | None = None) -> None:
+    """Add ``report``, ``fit``, ``check`` to the ``moue`` app, and the fit benchmark as ``fit`` of
+    its ``bench`` group (or as ``bench-fit`` when no group is given)."""
     app.command("report")(report_cmd)
     app.command("fit")(fit_cmd)
     app.command("check")(check_cmd)
-    app.command("bench-fit")(bench_fit_cmd)
+    if bench is not None:
+        bench.command("fit")(bench_fit_cmd)
+    else:
+        app.command("bench-fit")(bench_fit_cmd)

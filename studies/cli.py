@@ -38,6 +38,11 @@ def user_errors(fn):
         except ConfigError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except Exception as exc:
+            if type(exc).__name__ == "AnalysisError":  # analysis's own one-line user error
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
+            raise
 
     return wrapper
 
@@ -180,6 +185,55 @@ def bench_train_cmd(
                f"peak RSS {result['peak_rss_mb']:.0f} MB")
 
 
+QUICKSTART = Path(__file__).parent / "quickstart.toml"
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    spec: Path = typer.Argument(QUICKSTART, help="Study spec (default: studies/quickstart.toml)."),
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace directory."),
+    smoke: bool = typer.Option(False, "--smoke", help="Tiny version of the study (seconds)."),
+    bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the intervals."),
+) -> None:
+    """Everything on the embedded default: the sweep (local Ray, SQLite MLflow in the workspace),
+    the fits, the HTML report and a summary. Re-running after an interruption resumes.
+
+    Example: moue run studies/quickstart.toml
+    """
+    from analysis.report import write_report
+    from studies.runner import Workspace, run_sweep, sweep_name
+    from studies.spec import load_study
+
+    study = load_study(spec, smoke=smoke)
+    ws = Workspace.at(workspace)
+    resume = (ws.ray / sweep_name(study) / "tuner.pkl").is_file()
+    if resume:
+        typer.echo(f"resuming the sweep in {ws.ray / sweep_name(study)}")
+    outcome = run_sweep(study, workspace=ws, resume=resume)
+    _print_outcome(outcome)
+    out = ws.reports / f"{sweep_name(study)}.html"
+    res = write_report(study.experiment, tracking_uri=outcome.tracking_uri, output=out, laws=study.laws,
+                       parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0)
+    typer.echo("")
+    for name, fit in res.fits.items():
+        params = ", ".join(f"{k} = {v:.4g} [{fit.ci[k][0]:.3g}, {fit.ci[k][1]:.3g}]" for k, v in fit.params.items())
+        typer.echo(f"{name}: {params}")
+        if fit.holdout is not None:
+            h = fit.holdout
+            typer.echo(f"  hold-out ({h.n_test} largest-compute runs): RMSE {h.rmse:.4f}, max |err| "
+                       f"{h.max_abs_error:.4f}, MAPE {h.mape:.2f}%")
+    for name, test in res.tests.items():
+        typer.echo(f"{test.law} vs {test.nested}: LR {test.lr_stat:.2f} (df {test.df}), p = {test.p_value:.3g}; "
+                   f"AIC {test.aic:.1f} vs {test.aic_nested:.1f}")
+    for name, why in res.skipped.items():
+        typer.echo(f"{name}: not fitted: {why}")
+    for note in res.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"\nreport: {res.path}")
+    typer.echo(f"browse the runs: moue ui --workspace {workspace}   (MLflow UI on http://127.0.0.1:5000)")
+
+
 @app.command("sweep")
 @user_errors
 def sweep_cmd(
@@ -288,8 +342,10 @@ def bench_sweep_cmd(
     smoke: bool = typer.Option(False, "--smoke", help="Run the study's smoke version."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Sweep efficiency: time inside training steps / (wall time x concurrent trials), and the
-    per-trial overhead, from a fresh run of the study in a temporary workspace.
+    """Sweep efficiency (training-step time / wall x concurrency) and per-trial overhead.
+
+    The study runs fresh in a temporary workspace; efficiency counts only time inside training
+    steps (evaluation, start-up, checkpoints and Ray scheduling are overhead).
 
     Example: moue bench sweep studies/quickstart.toml --json
     """
@@ -298,8 +354,11 @@ def bench_sweep_cmd(
     from studies.runner import Workspace, run_sweep
     from studies.spec import load_study
 
+    import contextlib
+
     study = load_study(spec, smoke=smoke)
-    with tempfile.TemporaryDirectory(prefix="moue-bench-sweep-") as tmp:
+    # Ray prints its experiment table to stdout; keep stdout for the result alone
+    with tempfile.TemporaryDirectory(prefix="moue-bench-sweep-") as tmp, contextlib.redirect_stdout(sys.stderr):
         outcome = run_sweep(study, workspace=Workspace.at(tmp))
     slots = outcome.wall_s * outcome.concurrency
     result = {
@@ -351,17 +410,9 @@ def convert_cmd(
                f"stride {cfg.stride}")
 
 
-def _register_analysis() -> None:
-    try:
-        from analysis.cli import register
-    except ImportError as exc:  # the analysis package is being built alongside
-        if "analysis.cli" not in str(exc) and "analysis" not in str(exc):
-            raise
-        return
-    register(app)
+from analysis.cli import register as _register_analysis  # noqa: E402 - cheap: analysis imports lazily
 
-
-_register_analysis()
+_register_analysis(app, bench_app)
 
 
 def main() -> None:

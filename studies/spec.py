@@ -251,7 +251,7 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
         raise ConfigError("resources.cpus", resources.cpus, "must be > 0")
     if not 0 <= resources.gpu <= 8:
         raise ConfigError("resources.gpu", resources.gpu, "must be in [0, 8] (a fraction shares one GPU)")
-    experiment = t.get("experiment") or name
+    experiment = (t.get("experiment") or name) + ("-smoke" if smoke else "")  # smoke runs never mix in
     from analysis.laws import LAWS  # pure Python registry (no scipy at import)
 
     laws = a.get("laws", ["compute"])

@@ -104,7 +104,7 @@ def test_dry_run_counts_and_compute_are_the_counting_module_s() -> None:
 def test_smoke_overrides_apply_in_order() -> None:
     full = load_study(ROOT / "studies" / "quickstart.toml")
     smoke = load_study(ROOT / "studies" / "quickstart.toml", smoke=True)
-    assert full.budget_tokens == 163_840 and smoke.budget_tokens == 2048
+    assert full.budget_tokens == 1_228_800 and smoke.budget_tokens == 2048
     assert full.fixed["model.d_model"] == 64 and smoke.fixed["model.d_model"] == 32
     assert len(full.points) == 18 and len(smoke.points) == 3
     assert smoke.space_options["experts_per_layer"] == [2]
