@@ -117,3 +117,43 @@ def test_tpe_study_validates_sampled_points_before_launch(tmp_path) -> None:
     spec.write_text(text)
     with pytest.raises(ConfigError, match="head size"):
         load_study(spec)
+
+
+def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").create_experiment("probe")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from studies.cli import main; main()", "ui", "--workspace",
+                             str(ws), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the MLflow UI did not come up")
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if out.strip():  # iproute2 present: the listening socket is on loopback only
+            assert all("127.0.0.1" in line for line in out.strip().splitlines()), out
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    missing = runner.invoke(app, ["ui", "--workspace", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "has no mlflow.db" in missing.output
