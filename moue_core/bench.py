@@ -108,6 +108,58 @@ def bench_moe(*, repeats: int = 15, shapes: tuple[MoEShape, ...] = SHAPES) -> di
     return out
 
 
+LARGE_GPU_SHAPE = MoEShape("large", 32768, 1024, 512, 64, 64, 8)
+
+
+def bench_moe_cuda(*, repeats: int = 20, warmup: int = 5) -> dict:
+    """The Triton and grouped-matmul paths against a dense SwiGLU of hidden ``k*f``, bf16, on CUDA.
+
+    Same interleaving as the CPU benchmark; times are CUDA-event times of forward + backward.
+    ``fraction_<backend>_<shape>`` = dense time / MoE time (1.0: dense-equivalent throughput).
+    """
+    device = torch.device("cuda")
+    out: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0), "dtype": "bfloat16",
+                 "repeats": repeats, "shapes": {}}
+    for shape in (*SHAPES, LARGE_GPU_SHAPE):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"model.stride .* experts are in no layer's window")
+            base = ModelConfig(n_layers=1, d_model=shape.d_model, n_heads=4, pool_size=shape.pool_size,
+                               window=shape.window, stride=0, top_k=shape.top_k,
+                               expert_hidden=shape.expert_hidden, balance="switch")
+        dense = SwiGLU(shape.d_model, shape.top_k * shape.expert_hidden).to(device, torch.bfloat16)
+        x = torch.randn(shape.tokens, shape.d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn_like(x)
+        row = {**shape.__dict__}
+        for backend in ("triton", "grouped_mm"):
+            moe = MoE(base.replace(dispatch=backend)).to(device, torch.bfloat16)
+
+            def layer(x_TD, moe=moe):
+                y_TD, route, _ = moe(0, x_TD, None)
+                aux, _ = moe.finish([route])
+                return y_TD + aux.to(y_TD.dtype)
+
+            ratios = []
+            for i in range(warmup + repeats):
+                times = []
+                for fn, params in ((dense, list(dense.parameters())), (layer, list(moe.parameters()))):
+                    for p in (x, *params):
+                        p.grad = None
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn(x).backward(grad)
+                    end.record()
+                    torch.cuda.synchronize()
+                    times.append(start.elapsed_time(end))
+                if i >= warmup:
+                    ratios.append(times[1] / times[0])
+            ratio = statistics.median(ratios)
+            row[f"ratio_{backend}"] = ratio
+            out[f"fraction_{backend}_{shape.name}"] = 1.0 / ratio
+        out["shapes"][shape.name] = row
+    return out
+
+
 def matmul_gflops(*, n: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
     """Dense ``n x n x n`` matmul throughput of this machine (best of ``repeats``)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)

@@ -24,7 +24,7 @@ __all__ = ["ModelConfig", "ROUTERS", "BALANCES", "FFNS", "DISPATCHES"]
 ROUTERS = ("softmax", "norm", "trajectory")
 BALANCES = ("switch", "pool", "exposure", "none")
 FFNS = ("moe", "dense")
-DISPATCHES = ("auto", "grouped_mm")  # "triton" joins with the GPU path (issue 6)
+DISPATCHES = ("auto", "grouped_mm", "triton")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +66,7 @@ class ModelConfig:
     balance_depth_weights: tuple[float, ...] = ()  # exposure loss: gamma_l per layer (empty: all 1)
     z_loss_coef: float = 1e-3
     # dispatch (MODEL.md section 5)
-    dispatch: Literal["auto", "grouped_mm"] = "auto"
+    dispatch: Literal["auto", "grouped_mm", "triton"] = "auto"  # auto: Triton on CUDA, grouped_mm on CPU
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -29,7 +29,7 @@ from moue_core.balance import balance_loss, pool_fraction, z_loss
 from moue_core.config import ModelConfig
 from moue_core.router import Route, Router
 
-__all__ = ["ExpertPool", "MoE", "RouterStats", "SwiGLU", "dispatch", "grouped_mm"]
+__all__ = ["ExpertPool", "MoE", "RouterStats", "SwiGLU", "dispatch", "grouped_mm", "select_backend"]
 
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
@@ -90,21 +90,46 @@ class ExpertPool(nn.Module):
         nn.init.normal_(self.w_out_PFD, std=init_std)
 
 
-def dispatch(x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor, pool: ExpertPool) -> torch.Tensor:
-    """Dropless top-k mixture: ``y_t = sum_k gate_tk * expert_(id_tk)(x_t)``."""
+def dispatch(
+    x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor, pool: ExpertPool, *, backend: str = "grouped_mm"
+) -> torch.Tensor:
+    """Dropless top-k mixture: ``y_t = sum_k gate_tk * expert_(id_tk)(x_t)``.
+
+    ``backend``: ``grouped_mm`` (torch grouped matmuls; CPU and GPU) or ``triton`` (the fused
+    kernels of ``moue_core.triton_moe``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    """
     T, K = ids_TK.shape
     P = pool.w_in_PDF2.shape[0]
     ids_S = ids_TK.reshape(-1)
     order_S = ids_S.argsort(stable=True)
     token_S = order_S // K
     offs_P = ids_S.bincount(minlength=P).cumsum(0).to(torch.int32)
-    x_SD = x_TD.index_select(0, token_S)
-    gate_up_SF2 = grouped_mm(x_SD, pool.w_in_PDF2, offs_P)
-    gate_SF, up_SF = gate_up_SF2.split(pool.hidden, dim=-1)
-    gates_S1 = gates_TK.reshape(-1, 1).index_select(0, order_S)
-    h_SF = F.silu(gate_SF) * up_SF * gates_S1
-    y_SD = grouped_mm(h_SF, pool.w_out_PFD, offs_P)
+    gates_S = gates_TK.reshape(-1).index_select(0, order_S)
+    if backend == "triton":
+        from moue_core.triton_moe import triton_experts
+
+        y_SD = triton_experts(x_TD, token_S, gates_S, pool.w_in_PDF2, pool.w_out_PFD, offs_P)
+    else:
+        x_SD = x_TD.index_select(0, token_S)
+        gate_up_SF2 = grouped_mm(x_SD, pool.w_in_PDF2, offs_P)
+        gate_SF, up_SF = gate_up_SF2.split(pool.hidden, dim=-1)
+        h_SF = F.silu(gate_SF) * up_SF * gates_S.unsqueeze(1)
+        y_SD = grouped_mm(h_SF, pool.w_out_PFD, offs_P)
     return x_TD.new_zeros(T, x_TD.shape[1]).index_add(0, token_S, y_SD)
+
+
+def select_backend(choice: str, device: torch.device) -> str:
+    """``auto``: Triton on CUDA, grouped matmuls elsewhere; ``triton`` / ``grouped_mm`` force one."""
+    if choice == "grouped_mm":
+        return "grouped_mm"
+    if choice == "triton":
+        from moue_core.triton_moe import triton_available
+
+        if not triton_available(device):
+            raise RuntimeError(f"model.dispatch = 'triton' needs a CUDA device or TRITON_INTERPRET=1 "
+                               f"(this tensor is on {device})")
+        return "triton"
+    return "triton" if device.type == "cuda" else "grouped_mm"
 
 
 @dataclass
@@ -147,7 +172,8 @@ class MoE(nn.Module):
         self, layer: int, x_TD: torch.Tensor, state_TR: torch.Tensor | None
     ) -> tuple[torch.Tensor, Route, torch.Tensor | None]:
         route, state_TR = self.router(layer, x_TD, state_TR, self.window)
-        y_TD = dispatch(x_TD, route.ids_TK, route.gates_TK, self.pool)
+        backend = select_backend(self.cfg.dispatch, x_TD.device)
+        y_TD = dispatch(x_TD, route.ids_TK, route.gates_TK, self.pool, backend=backend)
         return y_TD, route, state_TR
 
     def finish(self, routes: list[Route]) -> tuple[torch.Tensor, RouterStats]:

@@ -72,7 +72,18 @@ def bench_moe_cmd(
         typer.echo("no CUDA device on this machine: the GPU benchmark was not run")
         raise typer.Exit(0)
     if device == "cuda":
-        fail("--device ('cuda') the GPU benchmark is not implemented yet (issue 6); use cpu")
+        from moue_core.bench import bench_moe_cuda
+
+        result = bench_moe_cuda(repeats=repeats)
+        if json_out:
+            typer.echo(json.dumps(result))
+            return
+        typer.echo(f"{result['device']}, torch {result['torch']}, bf16; fraction of dense-equivalent throughput")
+        for name, r in result["shapes"].items():
+            typer.echo(f"{name:8} T={r['tokens']:>6} d={r['d_model']:>5} f={r['expert_hidden']:>4} P={r['pool_size']:>3} "
+                       f"w={r['window']:>3} k={r['top_k']}  triton {1 / r['ratio_triton']:.3f}  "
+                       f"grouped_mm {1 / r['ratio_grouped_mm']:.3f}")
+        return
     from moue_core.bench import bench_moe
 
     result = bench_moe(repeats=repeats)

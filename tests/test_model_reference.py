@@ -314,7 +314,7 @@ INVALID = [
     (dict(balance_coef=-0.1), "model.balance_coef (-0.1) must be a number >= 0"),
     (dict(n_shared=-1), "model.n_shared (-1) must be an integer >= 0"),
     (dict(n_layers=2.5), "model.n_layers (2.5) must be an integer >= 1"),
-    (dict(dispatch="cuda"), "model.dispatch ('cuda') must be one of auto, grouped_mm"),
+    (dict(dispatch="cuda"), "model.dispatch ('cuda') must be one of auto, grouped_mm, triton"),
     (dict(balance="exposure", balance_depth_weights=(1.0, 2.0)), "model.balance_depth_weights ((1.0, 2.0)) must be empty or 4"),
     (dict(balance="switch", balance_depth_weights=(1.0,) * 4), "model.balance_depth_weights ((1.0, 1.0, 1.0, 1.0)) applies only"),
 ]
