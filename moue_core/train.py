@@ -65,6 +65,7 @@ class TrainConfig:
     threads: int = 0  # intra-op threads (0: leave torch's default)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    gpu_memory_fraction: float = 0.0  # CUDA: cap this process's share of the GPU (fractional trials); 0 = none
     init_from: str = ""  # a converted checkpoint (``moue convert``) to start from
     widen_tokens: int = 0  # converted models: tokens over which the window widens to model.window
 
@@ -94,6 +95,7 @@ class TrainConfig:
         number("beta2", 0.0, 1.0)
         number("grad_clip", 0.0)
         number("max_loss", 0.0, open_low=True)
+        number("gpu_memory_fraction", 0.0, 1.0)
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError("train.schedule", self.schedule, "must be one of cosine, wsd")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -275,6 +277,9 @@ def train(
     sink = sink or NullSink()
     tc, mc = cfg.train, cfg.model
     device = _resolve_device(tc.device)
+    if device.type == "cuda" and tc.gpu_memory_fraction:
+        # fractional-GPU trials (e.g. 4 per card) cannot starve each other of memory
+        torch.cuda.set_per_process_memory_fraction(tc.gpu_memory_fraction, device)
     tune_malloc()
     set_threads(tc.threads or None)
     corpus: Corpus = load_corpus(cfg.data, cache_dir=cache_dir)

@@ -85,6 +85,8 @@ def resolve_trial(study: Study, config: dict[str, Any]) -> dict[str, Any]:
         point.setdefault("data.seed", seed)
     flat = study.trial_flat(point)
     flat.setdefault("train.threads", max(1, int(study.resources.cpus)))
+    if 0 < study.resources.gpu < 1:  # a fractional GPU share is also a memory cap
+        flat.setdefault("train.gpu_memory_fraction", study.resources.gpu)
     return flat
 
 

@@ -96,3 +96,32 @@ def test_triton_bf16_on_cuda_matches_fp32_reference() -> None:
     pool_bf16 = pool.to(torch.bfloat16)
     got = dispatch(x.cuda().bfloat16(), ids.cuda(), gates.cuda().bfloat16(), pool_bf16, backend="triton")
     torch.testing.assert_close(got.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_fractional_gpu_share_becomes_a_memory_cap() -> None:
+    from pathlib import Path
+
+    from studies.runner import resolve_trial
+    from studies.spec import load_study
+
+    root = Path(__file__).resolve().parent.parent
+    study = load_study(root / "studies" / "smoke.toml")
+    import dataclasses
+
+    shared = dataclasses.replace(study, resources=dataclasses.replace(study.resources, gpu=0.25))
+    flat = resolve_trial(shared, {"point": study.points[0]})
+    assert flat["train.gpu_memory_fraction"] == 0.25
+    assert "train.gpu_memory_fraction" not in resolve_trial(study, {"point": study.points[0]})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_training_step_on_cuda(tmp_path) -> None:
+    from moue_core.train import TrialConfig, train
+
+    cfg = TrialConfig.from_dict({"model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "max_seq_len": 64,
+                                           "expert_hidden": 64, "pool_size": 8, "window": 4, "stride": 2},
+                                 "train": {"tokens": 8192, "batch_tokens": 2048, "seq_len": 64, "device": "cuda",
+                                           "gpu_memory_fraction": 0.25},
+                                 "data": {"val_tokens": 4096}})
+    assert train(cfg, None, cache_dir=tmp_path).status == "finished"
