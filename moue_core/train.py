@@ -341,7 +341,7 @@ def train(
                        "tokens_per_s": window_sums.tokens / interval_train_s if interval_train_s > 0 else 0.0,
                        "time/train_s": timers["train"], "time/eval_s": timers["eval"]}
             if not math.isfinite(val_loss):
-                return _diverged(sink, step, tc, f"validation loss is {val_loss}", timers, t_start, base)
+                return _diverged(sink, step * tc.batch_tokens, f"validation loss is {val_loss}", timers, t_start, base)
             ckpt = {"version": CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
                     "rng": torch.get_rng_state(), "timers": dict(timers), "val_loss": val_loss}
@@ -377,7 +377,7 @@ def train(
             timers["train"] += time.perf_counter() - t0
             what = "loss" if not math.isfinite(loss_v) or loss_v > tc.max_loss else "gradient norm"
             value = loss_v if what == "loss" else gn_v
-            return _diverged(sink, (step + 1) * tc.batch_tokens, tc,
+            return _diverged(sink, (step + 1) * tc.batch_tokens,
                              f"{what} {value:.4g} at step {step + 1} (lr {lr:.3g})", timers, t_start, base)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -394,7 +394,7 @@ def train(
                        tokens_per_s=tc.steps * tc.batch_tokens / max(timers["train"], 1e-9), **base)
 
 
-def _diverged(sink: Sink, tokens: int, tc: TrainConfig, reason: str, timers, t_start, base) -> TrialResult:
+def _diverged(sink: Sink, tokens: int, reason: str, timers, t_start, base) -> TrialResult:
     sink.report({"status": "diverged", "stop_reason": reason}, tokens)
     wall = time.perf_counter() - t_start
     return TrialResult(**{**base, "status": "diverged", "stop_reason": reason}, tokens=tokens,

@@ -234,7 +234,7 @@ def run_cmd(
             h = fit.holdout
             typer.echo(f"  hold-out ({h.n_test} largest-compute runs): RMSE {h.rmse:.4f}, max |err| "
                        f"{h.max_abs_error:.4f}, MAPE {h.mape:.2f}%")
-    for name, test in res.tests.items():
+    for test in res.tests.values():
         typer.echo(f"{test.law} vs {test.nested}: LR {test.lr_stat:.2f} (df {test.df}), p = {test.p_value:.3g}; "
                    f"AIC {test.aic:.1f} vs {test.aic_nested:.1f}")
     for name, why in res.skipped.items():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -377,8 +376,7 @@ def _ray_init(address: str | None, workspace: Workspace) -> None:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False, runtime_env={"env_vars": env})
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},
-                 _temp_dir=None)
+                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
 
 
 def run_sweep(
@@ -533,8 +531,3 @@ def dry_run(study: Study) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     totals = {"trials": len(rows), "compute": sum(r["compute"] for r in rows), "pruned": len(study.pruned),
               "tokens": study.budget_tokens * len(rows)}
     return rows, totals
-
-
-def remove_sweep_state(study: Study, workspace: Workspace) -> None:
-    """Delete a sweep's Tune state (used by tests and `moue run --fresh`)."""
-    shutil.rmtree(workspace.ray / sweep_name(study), ignore_errors=True)
