@@ -28,6 +28,7 @@ def local_ray():
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.shutdown()  # never reuse a connection to a cluster an earlier test stopped
     yield
     ray.shutdown()
 
@@ -73,44 +74,8 @@ def check_schema(client, parents, children, *, n_trials: int) -> None:
             assert m["final/tokens"] == float(p["train.tokens"])
 
 
-def test_smoke_sweep_on_local_ray_and_sqlite(local_ray, tmp_path) -> None:
-    study = load_study(SMOKE)
-    ws = Workspace.at(tmp_path / "ws")
-    outcome = run_sweep(study, workspace=ws)
-    assert outcome.trials == 6
-    client, parents, children = runs_of(ws.tracking_uri, "smoke")
-    check_schema(client, parents, children, n_trials=6)
-    statuses = [c.data.tags["moue.status"] for c in children]
-    assert "early_stopped" in statuses, "ASHA stops some trials"
-    assert "finished" in statuses
-    stopped = [c for c in children if c.data.tags["moue.status"] == "early_stopped"]
-    assert all(c.data.metrics["final/tokens"] < study.budget_tokens for c in stopped)
-    assert parents[0].info.status == "FINISHED"
-    art = client.list_artifacts(parents[0].info.run_id)
-    assert {"spec.toml", "environment.json"} <= {a.path for a in art}
-    # a second launch without --resume refuses (exit 2 path), nothing new written
-    from moue_core.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="pass --resume"):
-        run_sweep(study, workspace=ws)
-    assert len(runs_of(ws.tracking_uri, "smoke")[2]) == 6
-
-
-@pytest.mark.parametrize("spec", [p.name for p in shipped_studies() if p.stem != "smoke"])
-def test_every_shipped_study_runs_as_smoke(spec: str, local_ray, tmp_path) -> None:
-    study = load_study(ROOT / "studies" / spec, smoke=True)
-    ws = Workspace.at(tmp_path / "ws")
-    outcome = run_sweep(study, workspace=ws)
-    n = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples
-    assert outcome.trials == n
-    client, parents, children = runs_of(ws.tracking_uri, study.experiment)
-    assert len(parents) == 1 and len(children) == n
-    assert all(c.data.tags["moue.status"] in ("finished", "early_stopped") for c in children), \
-        [(c.data.tags["moue.status"], c.data.tags.get("moue.stop_reason")) for c in children]
-    if spec == "conversion.toml":
-        assert (ws.root / "conversion" / "conversion-smoke-base.pt").is_file()
-        windows = sorted({int(c.data.params["model.window"]) for c in children})
-        assert len(windows) >= 2  # the control and a widened window
+# The subprocess tests come first: they stop every Ray process on the machine when they end
+# (`ray stop --force`), which must not hit the in-process cluster the later tests share.
 
 
 def _moue(*args: str, **kw) -> subprocess.Popen:
@@ -170,46 +135,6 @@ def test_driver_killed_with_sigkill_resumes(tmp_path) -> None:
     assert all(c.data.tags["moue.status"] == "finished" for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
     assert parents[0].info.status == "FINISHED"
-
-
-def test_killed_worker_is_retried_from_its_checkpoint(local_ray, tmp_path) -> None:
-    import threading
-
-    spec = _write_spec(tmp_path / "smoke.toml", tokens=16384, marks=8, seeds="[0]")
-    study = load_study(spec)
-    ws = Workspace.at(tmp_path / "ws")
-    killed: list[int] = []
-
-    def killer() -> None:
-        # wait until some trial has checkpointed past its first mark, then kill that trial's process
-        def victim():
-            try:
-                client, _, children = runs_of(ws.tracking_uri, "smoke")
-            except Exception:
-                return None
-            for c in children:
-                hist = client.get_metric_history(c.info.run_id, "val/loss")
-                if len(hist) >= 3 and c.data.tags.get("moue.status") is None:
-                    out = subprocess.run(["pgrep", "-f", "ImplicitFunc"], capture_output=True, text=True)
-                    pids = [int(x) for x in out.stdout.split()]
-                    return pids or None
-            return None
-
-        pids = _wait_for(victim, 240, "a trial past its second mark")
-        os.kill(pids[0], signal.SIGKILL)
-        killed.append(pids[0])
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    outcome = run_sweep(study, workspace=ws)
-    thread.join(5)
-    assert killed, "no worker was killed"
-    client, parents, children = runs_of(ws.tracking_uri, "smoke")
-    check_schema(client, parents, children, n_trials=3)
-    assert outcome.statuses == {"finished": 3}
-    restored = [c for c in children if "trial/restored_from" in c.data.metrics]
-    assert restored, "a trial resumed from a checkpoint"
-    assert all(c.data.metrics["trial/restored_from"] > 0 for c in restored)
 
 
 def _free_port() -> int:
@@ -272,3 +197,85 @@ def test_two_node_loopback_cluster_with_mlflow_server(tmp_path) -> None:
             os.killpg(server.pid, signal.SIGKILL)
         subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=120)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_smoke_sweep_on_local_ray_and_sqlite(local_ray, tmp_path) -> None:
+    study = load_study(SMOKE)
+    ws = Workspace.at(tmp_path / "ws")
+    outcome = run_sweep(study, workspace=ws)
+    assert outcome.trials == 6
+    client, parents, children = runs_of(ws.tracking_uri, "smoke")
+    check_schema(client, parents, children, n_trials=6)
+    statuses = [c.data.tags["moue.status"] for c in children]
+    assert "early_stopped" in statuses, "ASHA stops some trials"
+    assert "finished" in statuses
+    stopped = [c for c in children if c.data.tags["moue.status"] == "early_stopped"]
+    assert all(c.data.metrics["final/tokens"] < study.budget_tokens for c in stopped)
+    assert parents[0].info.status == "FINISHED"
+    art = client.list_artifacts(parents[0].info.run_id)
+    assert {"spec.toml", "environment.json"} <= {a.path for a in art}
+    # a second launch without --resume refuses (exit 2 path), nothing new written
+    from moue_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pass --resume"):
+        run_sweep(study, workspace=ws)
+    assert len(runs_of(ws.tracking_uri, "smoke")[2]) == 6
+
+
+@pytest.mark.parametrize("spec", [p.name for p in shipped_studies() if p.stem != "smoke"])
+def test_every_shipped_study_runs_as_smoke(spec: str, local_ray, tmp_path) -> None:
+    study = load_study(ROOT / "studies" / spec, smoke=True)
+    ws = Workspace.at(tmp_path / "ws")
+    outcome = run_sweep(study, workspace=ws)
+    n = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples
+    assert outcome.trials == n
+    client, parents, children = runs_of(ws.tracking_uri, study.experiment)
+    assert len(parents) == 1 and len(children) == n
+    assert all(c.data.tags["moue.status"] in ("finished", "early_stopped") for c in children), \
+        [(c.data.tags["moue.status"], c.data.tags.get("moue.stop_reason")) for c in children]
+    if spec == "conversion.toml":
+        assert (ws.root / "conversion" / "conversion-smoke-base.pt").is_file()
+        windows = sorted({int(c.data.params["model.window"]) for c in children})
+        assert len(windows) >= 2  # the control and a widened window
+
+
+def test_killed_worker_is_retried_from_its_checkpoint(local_ray, tmp_path) -> None:
+    import threading
+
+    spec = _write_spec(tmp_path / "smoke.toml", tokens=16384, marks=8, seeds="[0]")
+    study = load_study(spec)
+    ws = Workspace.at(tmp_path / "ws")
+    killed: list[int] = []
+
+    def killer() -> None:
+        # wait until some trial has checkpointed past its first mark, then kill that trial's process
+        def victim():
+            try:
+                client, _, children = runs_of(ws.tracking_uri, "smoke")
+            except Exception:
+                return None
+            for c in children:
+                hist = client.get_metric_history(c.info.run_id, "val/loss")
+                if len(hist) >= 3 and c.data.tags.get("moue.status") is None:
+                    out = subprocess.run(["pgrep", "-f", "ImplicitFunc"], capture_output=True, text=True)
+                    pids = [int(x) for x in out.stdout.split()]
+                    return pids or None
+            return None
+
+        pids = _wait_for(victim, 240, "a trial past its second mark")
+        os.kill(pids[0], signal.SIGKILL)
+        killed.append(pids[0])
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    outcome = run_sweep(study, workspace=ws)
+    thread.join(5)
+    assert killed, "no worker was killed"
+    client, parents, children = runs_of(ws.tracking_uri, "smoke")
+    check_schema(client, parents, children, n_trials=3)
+    assert outcome.statuses == {"finished": 3}
+    restored = [c for c in children if "trial/restored_from" in c.data.metrics]
+    assert restored, "a trial resumed from a checkpoint"
+    assert all(c.data.metrics["trial/restored_from"] > 0 for c in restored)
+
+
