@@ -94,6 +94,7 @@ def resolve_trial(study: Study, config: dict[str, Any]) -> dict[str, Any]:
 
 def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_checkpoint: str | None = None) -> None:
     """One Tune trial (runs in a Ray worker process)."""
+    import ray
     import torch
 
     from moue_core.train import TrialConfig, train
@@ -102,8 +103,6 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_check
     if "convert.router_init" in flat:
         flat["train.init_from"] = _converted_checkpoint(flat, base_checkpoint, cache_dir)
     cfg = TrialConfig.from_dict({k: v for k, v in flat.items() if not k.startswith("convert.")})
-    import ray
-
     state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
