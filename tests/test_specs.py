@@ -101,6 +101,16 @@ def test_dry_run_counts_and_compute_are_the_counting_module_s() -> None:
     assert totals["compute"] == sum(r["compute"] for r in rows)
 
 
+def test_boolean_space_options_reach_the_space(tmp_path) -> None:
+    text = (ROOT / "studies" / "pool_size.toml").read_text().replace("[analysis]", "[space]\ninclude_layerwise = false\n\n[analysis]")
+    spec = tmp_path / "pool.toml"
+    spec.write_text(text)
+    without = load_study(spec)
+    with_layerwise = load_study(ROOT / "studies" / "pool_size.toml")
+    assert without.space_options["include_layerwise"] is False
+    assert len(without.points) < len(with_layerwise.points)
+
+
 def test_smoke_overrides_apply_in_order() -> None:
     full = load_study(ROOT / "studies" / "quickstart.toml")
     smoke = load_study(ROOT / "studies" / "quickstart.toml", smoke=True)
