@@ -185,16 +185,14 @@ class MoE(nn.Module):
         ids_Lw = torch.stack([r.window_ids_w for r in routes])
         lse_LT = [torch.logsumexp(r.logits_Tw.float(), dim=-1) for r in routes]
 
-        prev = None
-        if cfg.balance == "pool" and cfg.balance_prev_batch:
-            if self.has_prev_fbar:
-                prev = self.prev_fbar_P
-            if self.training:
-                self.prev_fbar_P.copy_(pool_fraction(frac_Lw, ids_Lw, P))
-                self.has_prev_fbar.fill_(True)
+        use_prev = cfg.balance == "pool" and cfg.balance_prev_batch
+        prev = self.prev_fbar_P if use_prev and self.has_prev_fbar else None
         gamma_L = prob_Lw.new_tensor(cfg.balance_depth_weights) if cfg.balance_depth_weights else None
         bal = balance_loss(cfg.balance, cfg.balance_coef, frac_Lw=frac_Lw, prob_Lw=prob_Lw,
                            ids_Lw=ids_Lw, pool_size=P, prev_fbar_P=prev, gamma_L=gamma_L)
+        if use_prev and self.training:  # after the loss read it: this batch's fbar is the next one's
+            self.prev_fbar_P.copy_(pool_fraction(frac_Lw, ids_Lw, P))
+            self.has_prev_fbar.fill_(True)
         zl = z_loss(cfg.z_loss_coef, lse_LT) if cfg.z_loss_coef else bal.new_zeros(())
         with torch.no_grad():
             load_LP = load_Lw.new_zeros(len(routes), P).scatter_add_(1, ids_Lw, load_Lw)

@@ -175,3 +175,25 @@ def test_trajectory_state_is_carried_across_depth() -> None:
     r2_fresh, _ = router(1, x, state, cfg.window)
     assert not torch.allclose(r2.logits_Tw, r2_fresh.logits_Tw)
     assert s1.shape == (8, cfg.router_state_dim)
+
+
+def test_pool_loss_uses_the_previous_micro_batch_statistic() -> None:
+    """UniPool's default: the second batch's loss pairs its probabilities with the first batch's
+    load fractions (not its own)."""
+    from moue_core.balance import balance_loss
+
+    torch.manual_seed(3)
+    cfg = make_cfg("rotational", "softmax", "pool")
+    model = MoUEModel(cfg)
+    model(torch.randint(0, 64, (2, 16)))
+    first_fbar = model.moe.prev_fbar_P.clone()
+    out, routes = run(model, torch.randint(0, 64, (2, 16)))
+    P, w = cfg.pool_size, cfg.window
+    frac = torch.stack([r.slots_TK.reshape(-1).bincount(minlength=w) for r in routes]).float() / 32 / cfg.top_k
+    prob = torch.stack([r.probs_Tw.mean(0) for r in routes])
+    ids = torch.stack([r.window_ids_w for r in routes])
+    kw = dict(frac_Lw=frac, prob_Lw=prob, ids_Lw=ids, pool_size=P)
+    with_prev = balance_loss("pool", cfg.balance_coef, prev_fbar_P=first_fbar, **kw)
+    with_own = balance_loss("pool", cfg.balance_coef, **kw)
+    assert not torch.allclose(with_prev, with_own)  # the two batches route differently
+    torch.testing.assert_close(out.stats.balance_loss, with_prev.detach())
