@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from analysis.errors import AnalysisError
 from moue_core.errors import ConfigError
 
 app = typer.Typer(
@@ -35,14 +36,9 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ConfigError as exc:
+        except (ConfigError, AnalysisError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        except Exception as exc:
-            if type(exc).__name__ == "AnalysisError":  # analysis's own one-line user error
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(2) from None
-            raise
 
     return wrapper
 

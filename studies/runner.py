@@ -176,8 +176,6 @@ class _TuneSink:
             out[METRIC] = metrics["val/loss"]
         elif metrics.get("status") == "diverged":
             out[METRIC] = math.inf  # searchers see a diverged point as the worst, not as missing
-        elif "final/val_loss" in metrics:
-            out[METRIC] = metrics["final/val_loss"]
         if checkpoint is None:
             tune.report(out)
             return
@@ -219,10 +217,12 @@ class MlflowCallback(tune.Callback):
         self.sweep_id = sweep_id
         self.parent_tags = parent_tags
         self._tracker = None
+        self._attached: set[str] = set()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_tracker"] = None
+        state["_attached"] = set()  # a restored driver re-attaches each trial to its run
         return state
 
     @property
@@ -240,15 +240,19 @@ class MlflowCallback(tune.Callback):
         self.tracker  # noqa: B018 - create or re-attach the parent run now
 
     def _attach(self, trial) -> None:
+        """Create or find the trial's run once per driver (params are resolved and counted once)."""
+        if trial.trial_id in self._attached:
+            return
         flat = resolve_trial(self.study, trial.config)
         seed = str(flat.get("train.seed", 0))
         self.tracker.trial_run(trial.trial_id, params=trial_params(self.study, flat), tags={"moue.seed": seed})
+        self._attached.add(trial.trial_id)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._attach(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._attach(trial)  # idempotent: cached run id
+        self._attach(trial)
         metrics = {k: result[k] for k in TRACKED if k in result}
         if metrics:
             self.tracker.log_metrics(trial.trial_id, metrics, step=int(result[TIME_ATTR]))
