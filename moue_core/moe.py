@@ -186,7 +186,8 @@ class MoE(nn.Module):
         lse_LT = [torch.logsumexp(r.logits_Tw.float(), dim=-1) for r in routes]
 
         use_prev = cfg.balance == "pool" and cfg.balance_prev_batch
-        prev = self.prev_fbar_P if use_prev and self.has_prev_fbar else None
+        # a copy: the loss keeps it for backward while the buffer is updated below
+        prev = self.prev_fbar_P.clone() if use_prev and self.has_prev_fbar else None
         gamma_L = prob_Lw.new_tensor(cfg.balance_depth_weights) if cfg.balance_depth_weights else None
         bal = balance_loss(cfg.balance, cfg.balance_coef, frac_Lw=frac_Lw, prob_Lw=prob_Lw,
                            ids_Lw=ids_Lw, pool_size=P, prev_fbar_P=prev, gamma_L=gamma_L)
