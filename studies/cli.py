@@ -291,7 +291,8 @@ def _print_dry_run(study) -> None:
 
     rows, totals = dry_run(study)
     typer.echo(f"study {study.name}{' (smoke)' if study.smoke else ''}: space {study.search.space}, "
-               f"{study.search.algorithm}, {study.budget_tokens:,} tokens per trial, scheduler {study.scheduler.kind}")
+               f"{study.search.algorithm}, {' / '.join(f'{b:,}' for b in study.budgets)} tokens per trial, "
+               f"scheduler {study.scheduler.kind}")
     for row in rows:
         settings = " ".join(f"{k}={v}" for k, v in row["point"].items())
         typer.echo(f"  #{row['trial']:<3} active {row['active']:>10,}  total {row['total']:>10,}  "

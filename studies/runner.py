@@ -527,10 +527,10 @@ def dry_run(study: Study) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     for i, point in enumerate(points):
         flat = resolve_trial(study, point)
         params = trial_params(study, flat)
-        compute = params["derived.flops_per_token"] * study.budget_tokens
-        rows.append({"trial": i, "point": point, "active": params["derived.n_params_active"],
+        compute = params["derived.flops_per_token"] * flat["train.tokens"]
+        rows.append({"trial": i, "point": point, "tokens": flat["train.tokens"], "active": params["derived.n_params_active"],
                      "total": params["derived.n_params_total"], "virtual_width": params["derived.virtual_width"],
                      "reuse": params["derived.reuse"], "compute": compute})
     totals = {"trials": len(rows), "compute": sum(r["compute"] for r in rows), "pruned": len(study.pruned),
-              "tokens": study.budget_tokens * len(rows)}
+              "tokens": sum(r["tokens"] for r in rows)}
     return rows, totals

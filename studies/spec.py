@@ -19,7 +19,8 @@ Format (every table but ``[search]`` and ``[budget]`` optional; see ``studies/*.
     reduction_factor = 3
 
     [budget]
-    tokens = 524288                      # per trial
+    tokens = 524288                      # per trial; a list (grid only, no ASHA) makes the token
+                                         # budget a grid axis: every point runs at every budget
     marks = 4                            # report marks per trial (validation, checkpoint)
 
     [resources]
@@ -88,7 +89,7 @@ class Study:
     description: str
     search: SearchSpec
     scheduler: SchedulerSpec
-    budget_tokens: int
+    budget_tokens: int  # the largest budget (ASHA's max_t; what the spaces see as train.tokens)
     marks: int
     resources: ResourcesSpec
     experiment: str
@@ -102,17 +103,27 @@ class Study:
     smoke: bool = False
     points: list[dict[str, Any]] = field(default_factory=list)  # grid: resolved points (seed included)
     pruned: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    budgets: tuple[int, ...] = ()  # every token budget, ascending (one entry unless [budget] lists several)
+
+    def trial_tokens(self, point: dict[str, Any]) -> int:
+        """A trial's token budget: the point's own (several budgets) or the study's."""
+        return int(point.get("train.tokens", self.budget_tokens))
 
     def trial_flat(self, point: dict[str, Any]) -> dict[str, Any]:
         """The flat config of one trial: fixed settings, then the point, then the budget."""
-        return {**self.fixed, **point, "train.tokens": self.budget_tokens,
-                "train.eval_every_tokens": self.eval_every_tokens}
+        tokens = self.trial_tokens(point)
+        return {**self.fixed, **point, "train.tokens": tokens,
+                "train.eval_every_tokens": self.eval_every(tokens)}
+
+    def eval_every(self, tokens: int) -> int:
+        """Tokens between report marks for a trial of ``tokens`` (``marks`` per trial)."""
+        batch = int(self.fixed.get("train.batch_tokens", _train_default("batch_tokens")))
+        steps = max(1, tokens // batch // self.marks)
+        return steps * batch
 
     @property
     def eval_every_tokens(self) -> int:
-        batch = int(self.fixed.get("train.batch_tokens", _train_default("batch_tokens")))
-        steps = max(1, self.budget_tokens // batch // self.marks)
-        return steps * batch
+        return self.eval_every(self.budget_tokens)
 
 
 def _train_default(name: str) -> Any:
@@ -181,7 +192,7 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
 
     s = _table(doc, "search", {"space": str, "algorithm": str, "num_samples": int, "seeds": list, "seed": int,
                                "max_concurrent": int}, required=("space",))
-    b = _table(doc, "budget", {"tokens": int, "marks": int}, required=("tokens",))
+    b = _table(doc, "budget", {"tokens": (int, list), "marks": int}, required=("tokens",))
     c = _table(doc, "scheduler", {"kind": str, "grace_tokens": int, "reduction_factor": (int, float)})
     r = _table(doc, "resources", {"cpus": (int, float), "gpu": (int, float)})
     t = _table(doc, "tracking", {"experiment": str, "tracking_uri": str})
@@ -229,13 +240,15 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
     if search.max_concurrent < 0:
         raise ConfigError("search.max_concurrent", search.max_concurrent, "must be >= 0 (0: no limit)")
 
-    budget = b["tokens"]
+    budgets = _budgets(b["tokens"])
+    budget = budgets[-1]
     marks = b.get("marks", 4)
     for key in ("train.tokens", "train.eval_every_tokens"):
         if key in fixed:
             raise ConfigError(f"fixed.{key}", fixed[key], "is set by [budget] (tokens, marks); remove it")
-    if budget < 1:
-        raise ConfigError("budget.tokens", budget, "must be >= 1")
+    if len(budgets) > 1 and search.algorithm != "grid":
+        raise ConfigError("budget.tokens", list(budgets),
+                          f"must be one number with algorithm {search.algorithm!r} (a list of budgets is a grid axis)")
     if marks < 1:
         raise ConfigError("budget.marks", marks, "must be >= 1")
     scheduler = SchedulerSpec(kind=c.get("kind", "none"), grace_tokens=c.get("grace_tokens", 0),
@@ -243,6 +256,10 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
     if scheduler.kind not in SCHEDULERS:
         raise ConfigError("scheduler.kind", scheduler.kind, f"must be one of {', '.join(SCHEDULERS)}")
     if scheduler.kind == "asha":
+        if len(budgets) > 1:
+            raise ConfigError("scheduler.kind", scheduler.kind,
+                              "must be 'none' when budget.tokens lists several budgets (ASHA would stop the "
+                              "short-budget trials that a scaling fit needs)")
         if not 0 < scheduler.grace_tokens < budget:
             raise ConfigError("scheduler.grace_tokens", scheduler.grace_tokens,
                               f"must be in (0, budget.tokens ({budget})) with ASHA")
@@ -272,13 +289,18 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
         name=name, description=description, search=search, scheduler=scheduler, budget_tokens=budget,
         marks=marks, resources=resources, experiment=experiment, tracking_uri=t.get("tracking_uri", ""),
         laws=tuple(laws), space_options=options, fixed=fixed, source=text,
-        sha256=hashlib.sha256(text.encode()).hexdigest(), path=str(p.resolve()), smoke=smoke,
+        sha256=hashlib.sha256(text.encode()).hexdigest(), path=str(p.resolve()), smoke=smoke, budgets=budgets,
     )
     _probe_fixed(fixed)
     if search.algorithm == "grid":
-        points, pruned_by_space = space.grid_pruned(fixed, options)
-        kept, pruned = prune(points, fixed)
-        pruned = [*pruned_by_space, *pruned]
+        kept, pruned = [], []
+        for tokens in budgets:  # the spaces see each budget (e.g. widening as a fraction of it)
+            fixed_b = {**fixed, "train.tokens": tokens}
+            points, pruned_by_space = space.grid_pruned(fixed_b, options)
+            kept_b, pruned_b = prune(points, fixed_b)
+            tag = {"train.tokens": tokens} if len(budgets) > 1 else {}
+            kept += [{**pt, **tag} for pt in kept_b]
+            pruned += [({**pt, **tag}, why) for pt, why in [*pruned_by_space, *pruned_b]]
         if not kept:
             reasons = "; ".join(sorted({why for _, why in pruned})) or "the grid is empty"
             raise ConfigError("search.space", search.space, f"yields no valid point with these settings: {reasons}")
@@ -290,6 +312,16 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
         for point in preview_points(study, 3):
             _validate_trial(study, point)
     return study
+
+
+def _budgets(value: Any) -> tuple[int, ...]:
+    """``budget.tokens``: one positive integer or a non-empty list of distinct ones (sorted)."""
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ConfigError("budget.tokens", value, "must be an integer >= 1 or a non-empty list of them")
+    if len(set(values)) != len(values):
+        raise ConfigError("budget.tokens", value, "must not repeat a budget")
+    return tuple(sorted(values))
 
 
 def _probe_fixed(fixed: dict[str, Any]) -> None:
