@@ -46,6 +46,13 @@ BAD_SPECS = [
     (edit("[budget]", "[budget]\nepochs = 3"), "budget.epochs"),
     (edit("[fixed.train]", "[fixed.train]\ntokens = 100"), "fixed.train.tokens"),
     (edit("\nseq_len = 32", "\nseq_len = 64"), "fixed.train.seq_len"),
+    # several token budgets: a grid axis, never with ASHA or a sampler
+    (edit("tokens = 4096", "tokens = []"), "budget.tokens"),
+    (edit("tokens = 4096", "tokens = [4096, 4096]"), "budget.tokens"),
+    (edit("tokens = 4096", 'tokens = [2048, "4096"]'), "budget.tokens"),
+    (edit("tokens = 4096", "tokens = [2048, 4096]"), "scheduler.kind"),
+    (edit('kind = "asha"', 'kind = "none"').replace('algorithm = "grid"', 'algorithm = "tpe"\nnum_samples = 2')
+     .replace("tokens = 4096", "tokens = [2048, 4096]"), "budget.tokens"),
 ]
 
 
@@ -99,6 +106,28 @@ def test_dry_run_counts_and_compute_are_the_counting_module_s() -> None:
         assert row["active"] == c.n_params_active and row["virtual_width"] == c.virtual_width
         assert row["compute"] == c.flops_per_token * study.budget_tokens
     assert totals["compute"] == sum(r["compute"] for r in rows)
+
+
+def test_several_budgets_make_a_grid_axis() -> None:
+    from studies.runner import dry_run, resolve_trial
+
+    study = load_study(ROOT / "studies" / "vw_scaling.toml")
+    assert study.budgets == (614_400, 1_228_800, 2_457_600) and study.budget_tokens == 2_457_600
+    by_budget: dict[int, list] = {}
+    for point in study.points:
+        by_budget.setdefault(point["train.tokens"], []).append(point)
+    assert sorted(by_budget) == list(study.budgets)
+    strip = [[{k: v for k, v in p.items() if k != "train.tokens"} for p in pts] for pts in by_budget.values()]
+    assert strip[0] == strip[1] == strip[2] and len(strip[0]) == 9  # the same 9 models at every budget
+    rows, totals = dry_run(study)
+    batch = study.fixed["train.batch_tokens"]
+    for row in rows:
+        flat = resolve_trial(study, {"point": row["point"]})
+        assert flat["train.tokens"] == row["tokens"] == row["point"]["train.tokens"]
+        assert flat["train.eval_every_tokens"] == row["tokens"] // batch // study.marks * batch
+    same_model = [r for r in rows if r["point"]["model.n_layers"] == 2 and r["point"]["model.router"] == "softmax"]
+    assert [r["compute"] / same_model[0]["compute"] for r in same_model] == [1.0, 2.0, 4.0]
+    assert totals["tokens"] == 9 * sum(study.budgets)
 
 
 def test_boolean_space_options_reach_the_space(tmp_path) -> None:

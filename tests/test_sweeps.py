@@ -237,6 +237,9 @@ def test_every_shipped_study_runs_as_smoke(spec: str, local_ray, tmp_path) -> No
         assert (ws.root / "conversion" / "conversion-smoke-base.pt").is_file()
         windows = sorted({int(c.data.params["model.window"]) for c in children})
         assert len(windows) >= 2  # the control and a widened window
+    if len(study.budgets) > 1:  # every trial ran its own budget
+        assert sorted({int(c.data.metrics["final/tokens"]) for c in children}) == list(study.budgets)
+        assert all(int(c.data.metrics["final/tokens"]) == int(c.data.params["train.tokens"]) for c in children)
 
 
 def test_killed_worker_is_retried_from_its_checkpoint(local_ray, tmp_path) -> None:
