@@ -130,7 +130,10 @@ def bench_moe_cuda(*, repeats: int = 20, warmup: int = 5) -> dict:
         dense = SwiGLU(shape.d_model, shape.top_k * shape.expert_hidden).to(device, torch.bfloat16)
         x = torch.randn(shape.tokens, shape.d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn_like(x)
-        row = {**shape.__dict__}
+        from moue_core.triton_moe import LARGE, choose_blocks
+
+        row = {**shape.__dict__, "blocks": "LARGE" if choose_blocks(
+            shape.tokens * shape.top_k, shape.d_model, shape.expert_hidden) is LARGE else "SMALL"}
         for backend in ("triton", "grouped_mm"):
             moe = MoE(base.replace(dispatch=backend)).to(device, torch.bfloat16)
 

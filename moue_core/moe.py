@@ -105,17 +105,25 @@ def dispatch(
     token_S = order_S // K
     offs_P = ids_S.bincount(minlength=P).cumsum(0).to(torch.int32)
     gates_S = gates_TK.reshape(-1).index_select(0, order_S)
+    w_in, w_out, x_in = pool.w_in_PDF2, pool.w_out_PFD, x_TD
+    if torch.is_autocast_enabled(x_TD.device.type):
+        # autocast does not reach custom autograd functions or Triton: the expert matmuls run in
+        # the autocast dtype (bf16 on GPU) like any autocast linear, accumulating in fp32; the
+        # casts are differentiable, so the fp32 parameters get fp32 gradients
+        low = torch.get_autocast_dtype(x_TD.device.type)
+        x_in, gates_S, w_in, w_out = (t.to(low) for t in (x_TD, gates_S, w_in, w_out))
     if backend == "triton":
         from moue_core.triton_moe import triton_experts
 
-        y_SD = triton_experts(x_TD, token_S, gates_S, pool.w_in_PDF2, pool.w_out_PFD, offs_P)
+        y_SD = triton_experts(x_in, token_S, gates_S, w_in, w_out, offs_P)
     else:
-        x_SD = x_TD.index_select(0, token_S)
-        gate_up_SF2 = grouped_mm(x_SD, pool.w_in_PDF2, offs_P)
+        x_SD = x_in.index_select(0, token_S)
+        gate_up_SF2 = grouped_mm(x_SD, w_in, offs_P)
         gate_SF, up_SF = gate_up_SF2.split(pool.hidden, dim=-1)
         h_SF = F.silu(gate_SF) * up_SF * gates_S.unsqueeze(1)
-        y_SD = grouped_mm(h_SF, pool.w_out_PFD, offs_P)
-    return x_TD.new_zeros(T, x_TD.shape[1]).index_add(0, token_S, y_SD)
+        y_SD = grouped_mm(h_SF, w_out, offs_P)
+    # the k contributions of a token are summed in the residual stream's dtype (fp32 under autocast)
+    return x_TD.new_zeros(T, x_TD.shape[1]).index_add(0, token_S, y_SD.to(x_TD.dtype))
 
 
 def select_backend(choice: str, device: torch.device) -> str:

@@ -20,9 +20,24 @@ one partial tile), and each program finds its expert by counting the tile ends `
 ``BLOCK_P``-wide vector loads. Programs past the last tile mask all their loads and stores.
 Nothing is read back to the host, so the launch never waits for the router.
 
-Block sizes: ``BLOCK_M = 64`` rows (a tile of one expert), ``BLOCK_N = 64`` output columns,
-``BLOCK_K = 32`` reduction step, ``BLOCK_P = 128`` experts per scan step; bf16 (or fp32) inputs,
-fp32 accumulation, output in the input dtype.
+Block sizes (:class:`Blocks`, chosen per call by :func:`choose_blocks`; ``BLOCK_P = 128`` experts
+per scan step in both): bf16 (or fp32) inputs, fp32 accumulation, output in the input dtype.
+
+- ``SMALL`` (the default): ``BLOCK_M = 64`` rows (a tile of one expert), ``BLOCK_N = 64`` output
+  columns, ``BLOCK_K = 32`` reduction step, 4 warps, 3 stages. Little padding when experts get few
+  tokens (fine-grained pools, small batches).
+- ``LARGE`` (``S >= 8192`` routed slots and ``d, f >= 256``, e.g. the benchmark's T = 32768,
+  d = 1024, f = 512, 64 experts, k = 8): ``BLOCK_M = 128``, ``BLOCK_K = 32``, 8 warps, 3 stages;
+  ``BLOCK_N = 64`` in the first kernel (it keeps two accumulators, gate and up) and 128 in the
+  second. Bigger row tiles halve the reloads of the expert weights per token row. ``BLOCK_K = 64``
+  was tried and rejected: the first kernel then spills 136 bytes of registers on sm_80 (255
+  registers) and sits at 255 on sm_90a; with 32 it needs 237 (sm_80) / 192 (sm_90a), no spills.
+
+Both compile for sm_80 (``mma``) and sm_90a (``wgmma``) without a GPU through Triton's AOT path;
+:func:`compile_report` gives registers, spills (local memory) and shared memory per kernel from the
+cubin (``cuobjdump -res-usage``), and the tests require no spills and a tensor-core instruction in
+the PTX. Whether the LARGE tiles are the fastest on an H100 is for ``moue bench moe --device cuda``
+to say; without a GPU nothing here has been timed.
 
 Backward: ``TritonExperts`` recomputes the forward with grouped matmuls (activation recomputation;
 ``torch._grouped_mm``) and differentiates that, so training runs end to end on this path; fused
@@ -34,14 +49,40 @@ On CPU the kernels run under ``TRITON_INTERPRET=1`` (correctness tests only; spe
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_experts", "triton_available", "BLOCK_M"]
+__all__ = ["triton_experts", "triton_available", "Blocks", "SMALL", "LARGE", "choose_blocks", "compile_report"]
 
-BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_P = 64, 64, 32, 128
+BLOCK_P = 128
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch settings of the two kernels (see the module docstring)."""
+
+    m: int  # rows of one expert per program (BLOCK_M), both kernels
+    n_up: int  # output columns per program in the first kernel (two accumulators)
+    n_down: int  # output columns per program in the second kernel
+    k: int  # reduction step (BLOCK_K)
+    warps: int
+    stages: int
+
+
+SMALL = Blocks(m=64, n_up=64, n_down=64, k=32, warps=4, stages=3)
+LARGE = Blocks(m=128, n_up=64, n_down=128, k=32, warps=8, stages=3)
+BLOCK_M = SMALL.m  # the default tile height (kept for callers that size buffers by it)
+
+
+def choose_blocks(S: int, D: int, F: int) -> Blocks:
+    """``LARGE`` tiles for big problems (``S`` routed slots, model width ``D``, expert width ``F``)."""
+    return LARGE if S >= 8192 and min(D, F) >= 256 else SMALL
 
 
 def triton_available(device: torch.device) -> bool:
@@ -127,23 +168,24 @@ def _down_kernel(h_ptr, w_ptr, gate_ptr, offs_ptr, tile_ends_ptr, y_ptr,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _launch(x_TD, token_S, gates_S, w_in_PDF2, w_out_PFD, offs_P) -> torch.Tensor:
+def _launch(x_TD, token_S, gates_S, w_in_PDF2, w_out_PFD, offs_P, blocks: Blocks | None = None) -> torch.Tensor:
     S, D = token_S.shape[0], x_TD.shape[1]
     P, F = w_out_PFD.shape[0], w_out_PFD.shape[1]
+    b = blocks or choose_blocks(S, D, F)
     counts_P = torch.diff(offs_P, prepend=offs_P.new_zeros(1))
-    tile_ends_P = torch.cumsum((counts_P + BLOCK_M - 1) // BLOCK_M, 0).to(torch.int32)
-    max_tiles = triton.cdiv(S, BLOCK_M) + P
+    tile_ends_P = torch.cumsum((counts_P + b.m - 1) // b.m, 0).to(torch.int32)
+    max_tiles = triton.cdiv(S, b.m) + P
     x_TD, w_in_PDF2, w_out_PFD = x_TD.contiguous(), w_in_PDF2.contiguous(), w_out_PFD.contiguous()
     h_SF = torch.empty(S, F, device=x_TD.device, dtype=x_TD.dtype)
-    _up_kernel[(max_tiles, triton.cdiv(F, BLOCK_N))](
+    _up_kernel[(max_tiles, triton.cdiv(F, b.n_up))](
         x_TD, token_S, w_in_PDF2, offs_P, tile_ends_P, h_SF, D, F, P,
         x_TD.stride(0), w_in_PDF2.stride(0), w_in_PDF2.stride(1), w_in_PDF2.stride(2), h_SF.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P)
+        BLOCK_M=b.m, BLOCK_N=b.n_up, BLOCK_K=b.k, BLOCK_P=BLOCK_P, num_warps=b.warps, num_stages=b.stages)
     y_SD = torch.empty(S, D, device=x_TD.device, dtype=x_TD.dtype)
-    _down_kernel[(max_tiles, triton.cdiv(D, BLOCK_N))](
+    _down_kernel[(max_tiles, triton.cdiv(D, b.n_down))](
         h_SF, w_out_PFD, gates_S.contiguous(), offs_P, tile_ends_P, y_SD, F, D, P,
         h_SF.stride(0), w_out_PFD.stride(0), w_out_PFD.stride(1), w_out_PFD.stride(2), y_SD.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_P=BLOCK_P)
+        BLOCK_M=b.m, BLOCK_N=b.n_down, BLOCK_K=b.k, BLOCK_P=BLOCK_P, num_warps=b.warps, num_stages=b.stages)
     return y_SD
 
 
@@ -151,9 +193,9 @@ class TritonExperts(torch.autograd.Function):
     """Forward with the Triton kernels; backward by recomputing with grouped matmuls."""
 
     @staticmethod
-    def forward(ctx, x_TD, token_S, gates_S, w_in_PDF2, w_out_PFD, offs_P):
+    def forward(ctx, x_TD, token_S, gates_S, w_in_PDF2, w_out_PFD, offs_P, blocks=None):
         ctx.save_for_backward(x_TD, token_S, gates_S, w_in_PDF2, w_out_PFD, offs_P)
-        return _launch(x_TD, token_S, gates_S, w_in_PDF2, w_out_PFD, offs_P)
+        return _launch(x_TD, token_S, gates_S, w_in_PDF2, w_out_PFD, offs_P, blocks)
 
     @staticmethod
     def backward(ctx, grad_SD):
@@ -170,9 +212,57 @@ class TritonExperts(torch.autograd.Function):
             wanted = [t for t in leaves if t.requires_grad]
             grads = iter(torch.autograd.grad(y, wanted, grad_SD))
         gx, gg, gwi, gwo = (next(grads) if t.requires_grad else None for t in leaves)
-        return gx, None, gg, gwi, gwo, None
+        return gx, None, gg, gwi, gwo, None, None
 
 
-def triton_experts(x_TD, token_S, gates_S, w_in_PDF2, w_out_PFD, offs_P) -> torch.Tensor:
-    """``y_S = gate_s * expert_e(x[token_s])`` for tokens sorted by expert (see module docstring)."""
-    return TritonExperts.apply(x_TD, token_S.to(torch.int32), gates_S, w_in_PDF2, w_out_PFD, offs_P)
+def triton_experts(x_TD, token_S, gates_S, w_in_PDF2, w_out_PFD, offs_P, blocks: Blocks | None = None) -> torch.Tensor:
+    """``y_S = gate_s * expert_e(x[token_s])`` for tokens sorted by expert (see module docstring);
+    ``blocks`` forces a tile configuration (default: :func:`choose_blocks`)."""
+    return TritonExperts.apply(x_TD, token_S.to(torch.int32), gates_S, w_in_PDF2, w_out_PFD, offs_P, blocks)
+
+
+# ------------------------------------------------------------------------------ ahead-of-time compile
+
+_KERNEL_ARGS = {
+    "_up_kernel": ("x_ptr", "tok_ptr", "w_ptr", "offs_ptr", "tile_ends_ptr", "h_ptr", "D", "F", "P",
+                   "stride_xt", "stride_we", "stride_wd", "stride_wf", "stride_hs"),
+    "_down_kernel": ("h_ptr", "w_ptr", "gate_ptr", "offs_ptr", "tile_ends_ptr", "y_ptr", "F", "D", "P",
+                     "stride_hs", "stride_we", "stride_wf", "stride_wd", "stride_ys"),
+}
+_INT_PTRS = {"tok_ptr", "offs_ptr", "tile_ends_ptr"}
+_RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def compile_report(arch: int = 90, dtype: str = "bf16", blocks: Blocks = SMALL) -> dict[str, dict]:
+    """Compile both kernels for an NVIDIA GPU of compute capability ``arch`` (80, 90, ...) without
+    one: Triton's ahead-of-time path down to a cubin with the ptxas Triton ships, then the cubin's
+    resource usage from the bundled ``cuobjdump``. Per kernel: ``registers`` per thread,
+    ``spill_bytes`` (local memory + stack: registers that did not fit), ``shared_bytes`` (Triton's
+    dynamic shared memory for the pipelined tiles), ``mma`` (the tensor-core instruction family in
+    the PTX: ``wgmma`` on Hopper, ``mma`` on Ampere, ``None`` if the dots fell back to FMAs)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels = {"_up_kernel": (_up_kernel, blocks.n_up), "_down_kernel": (_down_kernel, blocks.n_down)}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out = {}
+    for name, (fn, block_n) in kernels.items():
+        signature = {a: ("*i32" if a in _INT_PTRS else f"*{dtype}") if a.endswith("_ptr") else "i32"
+                     for a in _KERNEL_ARGS[name]}
+        constexprs = {"BLOCK_M": blocks.m, "BLOCK_N": block_n, "BLOCK_K": blocks.k, "BLOCK_P": BLOCK_P}
+        signature.update(dict.fromkeys(constexprs, "constexpr"))
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": blocks.warps, "num_stages": blocks.stages})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"{name}.cubin")
+            with open(path, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        reg, stack, static_shared, local = map(int, _RES.search(usage).groups())
+        ptx = compiled.asm["ptx"]
+        mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else None
+        out[name] = {"registers": reg, "spill_bytes": stack + local, "mma": mma,
+                     "shared_bytes": static_shared + compiled.metadata.shared,
+                     "target": f"sm_{arch}{'a' if arch == 90 else ''}", "dtype": dtype, "blocks": blocks}
+    return out

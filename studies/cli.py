@@ -65,7 +65,8 @@ def bench_moe_cmd(
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
-        typer.echo("no CUDA device on this machine: the GPU benchmark was not run")
+        typer.echo("no CUDA device on this machine: the GPU benchmark was not run (nothing timed)")
+        _print_compile_report()
         raise typer.Exit(0)
     if device == "cuda":
         from moue_core.bench import bench_moe_cuda
@@ -77,7 +78,7 @@ def bench_moe_cmd(
         typer.echo(f"{result['device']}, torch {result['torch']}, bf16; fraction of dense-equivalent throughput")
         for name, r in result["shapes"].items():
             typer.echo(f"{name:8} T={r['tokens']:>6} d={r['d_model']:>5} f={r['expert_hidden']:>4} P={r['pool_size']:>3} "
-                       f"w={r['window']:>3} k={r['top_k']}  triton {1 / r['ratio_triton']:.3f}  "
+                       f"w={r['window']:>3} k={r['top_k']}  triton {1 / r['ratio_triton']:.3f} ({r['blocks']} tiles)  "
                        f"grouped_mm {1 / r['ratio_grouped_mm']:.3f}")
         return
     from moue_core.bench import bench_moe
@@ -94,6 +95,24 @@ def bench_moe_cmd(
         typer.echo(f"{name:8} {r['tokens']:>5} {r['d_model']:>4} {r['expert_hidden']:>4} "
                    f"{r['pool_size']:>3} {r['window']:>3} {r['top_k']:>2} {r['dense_ms']:>9.1f} "
                    f"{r['moe_ms']:>8.1f} {r['ratio']:>6.3f} {r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}")
+
+
+def _print_compile_report() -> None:
+    """What can be checked without a GPU: the bf16 kernels compiled for an H100 (sm_90a)."""
+    import warnings
+
+    from moue_core import triton_moe as tm
+
+    typer.echo("the bf16 Triton kernels compiled ahead of time for sm_90a (H100), no GPU needed:")
+    for blocks_name in ("SMALL", "LARGE"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = tm.compile_report(90, "bf16", getattr(tm, blocks_name))
+        for kernel, r in report.items():
+            b = r["blocks"]
+            typer.echo(f"  {blocks_name:5} {kernel:12} tile {b.m}x{b.n_up if kernel == '_up_kernel' else b.n_down}x{b.k} "
+                       f"{b.warps} warps: {r['registers']} registers, {r['spill_bytes']} B spilled, "
+                       f"{r['shared_bytes'] // 1024} KiB shared, {r['mma']}")
 
 
 DEFAULT_WORKSPACE = Path("moue_runs")

@@ -30,6 +30,9 @@ def test_bench_moe_cuda_without_gpu_says_so_and_exits_0() -> None:
     out = runner.invoke(app, ["bench", "moe", "--device", "cuda"])
     assert out.exit_code == 0
     assert "no CUDA device" in out.output
+    # what it can check without a GPU: the kernels compiled for an H100, on tensor cores, no spills
+    kernel_lines = [ln for ln in out.output.splitlines() if "_kernel" in ln]
+    assert len(kernel_lines) == 4 and all("wgmma" in ln and " 0 B spilled" in ln for ln in kernel_lines)
 
 
 def test_bench_moe_bad_device_exits_2() -> None:
