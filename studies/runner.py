@@ -290,13 +290,19 @@ class MlflowCallback(tune.Callback):
 class ProgressCallback(tune.Callback):
     """One live line: finished / running / early-stopped / diverged / failed, best val loss, times."""
 
-    def __init__(self, *, total: int, concurrency: int, stream=None) -> None:
+    def __init__(self, *, total: int, concurrency: int, stream=None, total_tokens: int = 0,
+                 default_budget: int = 0) -> None:
         self.total, self.concurrency = total, max(1, concurrency)
         self.stream = stream
         self.t0 = time.time()
         self.last_print = 0.0
         self.best = math.inf
         self.states: dict[str, str] = {}
+        # the time left is estimated from tokens trained (trials differ in budget and size), with
+        # the unused budget of a stopped trial taken out of the plan
+        self.planned = total_tokens
+        self.default_budget = default_budget
+        self.seen: dict[str, int] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -309,7 +315,10 @@ class ProgressCallback(tune.Callback):
         done = counts["finished"] + counts["early_stopped"] + counts["diverged"] + counts["failed"]
         elapsed = time.time() - self.t0
         eta = "?"
-        if done:
+        trained = sum(self.seen.values())
+        if self.planned and trained:
+            eta = f"{elapsed / trained * max(0, self.planned - trained):.0f}s"
+        elif done:
             eta = f"{elapsed / done * max(0, self.total - done):.0f}s"
         best = "-" if not math.isfinite(self.best) else f"{self.best:.4f}"
         return (f"[moue] {done}/{self.total} done: {counts['finished']} finished, {counts['early_stopped']} "
@@ -327,7 +336,19 @@ class ProgressCallback(tune.Callback):
         self.states[trial.trial_id] = "running"
         self._emit()
 
+    def _budget(self, trial) -> int:
+        point = (getattr(trial, "config", None) or {}).get("point") or {}
+        return int(point.get("train.tokens", self.default_budget))
+
+    def _unplan(self, trial) -> None:
+        """A trial that ends before its budget will not train the rest of it."""
+        if self.planned:
+            self.planned -= max(0, self._budget(trial) - self.seen.get(trial.trial_id, 0))
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        tokens = result.get(TIME_ATTR)
+        if isinstance(tokens, (int, float)):
+            self.seen[trial.trial_id] = int(tokens)
         v = result.get("val/loss")
         if isinstance(v, (int, float)) and math.isfinite(v):
             self.best = min(self.best, v)
@@ -336,10 +357,12 @@ class ProgressCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         status = (trial.last_result or {}).get("status")
         self.states[trial.trial_id] = status if status in ("finished", "diverged") else "early_stopped"
+        self._unplan(trial)
         self._emit(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.states[trial.trial_id] = "failed"
+        self._unplan(trial)
         self._emit(force=True)
 
 
@@ -432,7 +455,10 @@ def run_sweep(
         "moue.smoke": str(study.smoke).lower(),
     }
     callbacks = [MlflowCallback(study=study, tracking_uri=uri, sweep_id=name, parent_tags=parent_tags),
-                 ProgressCallback(total=total, concurrency=concurrency, stream=progress_stream)]
+                 ProgressCallback(total=total, concurrency=concurrency, stream=progress_stream,
+                                  total_tokens=(sum(study.trial_tokens(p) for p in study.points)
+                                                if study.search.algorithm == "grid" else total * study.budget_tokens),
+                                  default_budget=study.budget_tokens)]
     t0 = time.time()
     if resume:
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)

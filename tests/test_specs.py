@@ -196,3 +196,32 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     missing = runner.invoke(app, ["ui", "--workspace", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "has no mlflow.db" in missing.output
+
+
+def test_progress_line_estimates_time_left_from_tokens() -> None:
+    """Trials of different budgets: the estimate follows tokens trained, not trials done, and a
+    trial stopped early takes its unused budget out of the plan."""
+    import io
+    from types import SimpleNamespace
+
+    from studies.runner import ProgressCallback
+
+    budgets = {"a": 1000, "b": 1000, "c": 8000}
+    trial = {k: SimpleNamespace(trial_id=k, config={"point": {"train.tokens": v}}, last_result={})
+             for k, v in budgets.items()}
+    cb = ProgressCallback(total=3, concurrency=1, stream=io.StringIO(), total_tokens=sum(budgets.values()),
+                          default_budget=8000)
+    cb.t0 -= 100.0  # 100 s elapsed
+    for k in "ab":
+        cb.on_trial_start(0, [], trial[k])
+        cb.on_trial_result(0, [], trial[k], {"tokens": 1000, "val/loss": 2.0})
+        trial[k].last_result = {"status": "finished"}
+        cb.on_trial_complete(0, [], trial[k])
+    # 2 of 3 trials done but only 2,000 of 10,000 tokens: 400 s left, not 50 s
+    assert cb._line().endswith("~400s left"), cb._line()
+    cb.on_trial_start(0, [], trial["c"])
+    cb.on_trial_result(0, [], trial["c"], {"tokens": 2000, "val/loss": 1.5})
+    trial["c"].last_result = {"status": "running"}  # stopped by the scheduler at 2,000 of 8,000
+    cb.on_trial_complete(0, [], trial["c"])
+    assert cb.planned == 4000 and cb._line().endswith("~0s left") and "1 early-stopped" in cb._line()
+    assert "best val 1.5000" in cb._line()
