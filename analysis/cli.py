@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -71,9 +72,11 @@ def report_cmd(
         _check_laws(laws)
         if bootstrap < 0:
             raise AnalysisError("--bootstrap", bootstrap, "must be >= 0")
-        res = write_report(experiment, tracking_uri=_uri(tracking_uri, workspace), output=out,
-                           laws=laws, parent_run_id=parent, n_bootstrap=bootstrap, seed=seed,
-                           log_artifact=log_artifact, png_dir=png)
+        with warnings.catch_warnings():  # the fits' warnings come back as res.notes, printed below
+            warnings.simplefilter("ignore")
+            res = write_report(experiment, tracking_uri=_uri(tracking_uri, workspace), output=out,
+                               laws=laws, parent_run_id=parent, n_bootstrap=bootstrap, seed=seed,
+                               log_artifact=log_artifact, png_dir=png)
     except AnalysisError as e:
         raise _fail(e) from None
     typer.echo(f"wrote {res.path} ({len(res.fits)} laws fitted, {len(res.figures)} figures)")

@@ -215,6 +215,7 @@ class TritonExperts(torch.autograd.Function):
         return gx, None, gg, gwi, gwo, None, None
 
 
+@torch.compiler.disable  # like grouped_mm: a graph break around the launch (untested under compile without a GPU)
 def triton_experts(x_TD, token_S, gates_S, w_in_PDF2, w_out_PFD, offs_P, blocks: Blocks | None = None) -> torch.Tensor:
     """``y_S = gate_s * expert_e(x[token_s])`` for tokens sorted by expert (see module docstring);
     ``blocks`` forces a tile configuration (default: :func:`choose_blocks`)."""

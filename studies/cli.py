@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -239,8 +240,10 @@ def run_cmd(
     outcome = run_sweep(study, workspace=ws, resume=resume)
     _print_outcome(outcome)
     out = ws.reports / f"{sweep_name(study)}.html"
-    res = write_report(study.experiment, tracking_uri=outcome.tracking_uri, output=out, laws=study.laws,
-                       parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0)
+    with warnings.catch_warnings():  # the fits' warnings come back as res.notes, printed below
+        warnings.simplefilter("ignore")
+        res = write_report(study.experiment, tracking_uri=outcome.tracking_uri, output=out, laws=study.laws,
+                           parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0)
     typer.echo("")
     for name, fit in res.fits.items():
         params = ", ".join(f"{k} = {v:.4g} [{fit.ci[k][0]:.3g}, {fit.ci[k][1]:.3g}]" for k, v in fit.params.items())

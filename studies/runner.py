@@ -395,6 +395,10 @@ def _ray_init(address: str | None, workspace: Workspace) -> None:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters bind to loopback; set token to use auth
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Tune's newer output engine prints its experiment banner, results path and a TensorBoard hint
+    # even at verbose=0; the legacy engine at verbose=0 is silent, and our progress line and
+    # summary say the same things (the Tune state directory included)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         return
     env = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
