@@ -31,11 +31,15 @@ class DerivedContext:
 
 
 def _compute_optimal(E, A, alpha, B, beta, C):
-    s = alpha + beta
-    G = (alpha * A / (beta * B)) ** (1.0 / s)
-    n_opt = G * (C / 6.0) ** (beta / s)
-    d_opt = (C / 6.0) ** (alpha / s) / G
-    loss = E + A * n_opt**-alpha + B * d_opt**-beta
+    """Compute-optimal N, D and loss at ``C``. A resample whose exponent sits on its lower bound
+    (``alpha = 0``: N does not matter) gives ``G = 0`` and ``d_opt = inf``: the limit, not an error,
+    so numpy's divide/overflow warnings are silenced here."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        s = alpha + beta
+        G = (alpha * A / (beta * B)) ** (1.0 / s)
+        n_opt = G * (C / 6.0) ** (beta / s)
+        d_opt = (C / 6.0) ** (alpha / s) / G
+        loss = E + A * n_opt**-alpha + B * d_opt**-beta
     return n_opt, d_opt, loss
 
 

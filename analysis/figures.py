@@ -188,12 +188,13 @@ def loss_vs_virtual_width_data(frame, *, loss: str, n_col: str, v_col: str,
     N, V, L = _col(frame, n_col), _col(frame, v_col), _col(frame, loss)
     D = _col(frame, d_col) if d_col else None
     points, curves = [], []
-    for n_val in np.unique(N):
-        m = N == n_val
+    for members in _size_groups(N):
+        m = np.isin(N, members)
+        n_val = float(np.exp(np.mean(np.log(members))))  # the group's geometric mean
         if D is not None:
-            m &= D == D[m].max()
+            m &= D >= 0.99 * D[m].max()
         order = np.argsort(V[m])
-        points.append(Series(name=f"N={n_val:.3g}", x=tuple(map(float, V[m][order])),
+        points.append(Series(name=f"N≈{n_val:.3g}" if len(members) > 1 else f"N={n_val:.3g}", x=tuple(map(float, V[m][order])),
                              y=tuple(map(float, L[m][order]))))
         if fit is not None:
             vg = np.geomspace(V.min(), V.max(), 40)
@@ -208,11 +209,28 @@ def loss_vs_virtual_width_data(frame, *, loss: str, n_col: str, v_col: str,
                        points=tuple(points), curves=tuple(curves))
 
 
-def residual_data(frame, *, fits: Mapping[str, FitResult], compute: str) -> ResidualData:
-    """Residuals ``log L - prediction`` (log10 for log10 laws) against compute, per law."""
+def _size_groups(N: np.ndarray, tol: float = 0.05) -> list[np.ndarray]:
+    """Distinct active-parameter counts grouped when within ``tol`` of the group's smallest: an
+    iso-active design matches sizes to a few percent (router and state parameters differ), and
+    those points belong on one curve."""
+    groups: list[list[float]] = []
+    for n in np.unique(N):
+        if groups and n <= groups[-1][0] * (1 + tol):
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    return [np.array(g) for g in groups]
+
+
+def residual_data(frame, *, fits: Mapping[str, FitResult], compute: str,
+                  frames: Mapping[str, object] | None = None) -> ResidualData:
+    """Residuals ``log L - prediction`` (log10 for log10 laws) against compute, per law, on the
+    rows each law was fitted on (``frames``; default: all of ``frame``)."""
     series = []
-    x = _col(frame, compute)
+    full = frame
     for name, r in fits.items():
+        frame = (frames or {}).get(name, full)
+        x = _col(frame, compute)
         law = r.law_spec
         data = {v: _col(frame, r.variables[v]) for v in law.variables}
         obs = law.target(_col(frame, r.loss))

@@ -39,6 +39,26 @@ class ReportResult:
     logged_to: tuple[str, ...]
 
 
+def law_frame(frame, law_name: str):
+    """The rows a law is fitted on, and a note when that is not all of them: a law without a D term
+    (``compute`` has C instead; ``vw_interaction`` is Clark-style, at fixed tokens) fitted to a study
+    of several token budgets would read the budget's effect as noise, so it gets the runs at the
+    largest budget only (within 1%: ``final/tokens`` rounds to whole batches)."""
+    law = get_law(law_name)
+    d_col = DEFAULT_COLUMNS["D"]
+    if "D" in law.variables or "C" in law.variables or d_col not in frame.columns:
+        return frame, None
+    import polars as pl
+
+    d = frame.get_column(d_col).cast(pl.Float64)
+    top = d.max()
+    if top is None or d.min() >= 0.99 * top:
+        return frame, None
+    kept = frame.filter(pl.col(d_col).cast(pl.Float64) >= 0.99 * top)
+    return kept, (f"fit {law_name}: the law has no D term, so it is fitted on the {kept.height} runs at the "
+                  f"largest token budget ({d_col} = {top:.4g}) of the {frame.height}")
+
+
 def fit_laws(frame, *, laws: Sequence[str], loss: str = DEFAULT_LOSS, n_bootstrap: int = 1000,
              seed: int = 0, delta: float = 1e-3, filter_desc: str = "", source: str = "",
              ) -> tuple[dict[str, FitResult], dict[str, str]]:
@@ -47,9 +67,13 @@ def fit_laws(frame, *, laws: Sequence[str], loss: str = DEFAULT_LOSS, n_bootstra
     for name in laws:
         law = get_law(name)
         variables = {v: DEFAULT_COLUMNS[v] for v in law.variables}
+        rows, note = law_frame(frame, name)
+        if note:
+            warnings.warn(note, stacklevel=2)
+        flt = filter_desc + (f", {DEFAULT_COLUMNS['D']} = max" if note else "")
         try:
-            fits[name] = fit(frame, law=name, loss=loss, variables=variables, delta=delta,
-                             n_bootstrap=n_bootstrap, seed=seed, filter_desc=filter_desc,
+            fits[name] = fit(rows, law=name, loss=loss, variables=variables, delta=delta,
+                             n_bootstrap=n_bootstrap, seed=seed, filter_desc=flt,
                              source=source)
         except AnalysisError as e:
             skipped[name] = str(e)
@@ -58,10 +82,12 @@ def fit_laws(frame, *, laws: Sequence[str], loss: str = DEFAULT_LOSS, n_bootstra
 
 def _nested_tests(frame, fits: dict[str, FitResult], loss: str, delta: float):
     tests = {}
+    full = frame
     for name, r in fits.items():
         nested = r.law_spec.nested
         if nested is None:
             continue
+        frame, _ = law_frame(full, name)  # the nested law shares the rows of the law it tests
         small = fits.get(nested)
         if small is None or small.delta != r.delta:
             nspec = get_law(nested)
@@ -121,7 +147,8 @@ def write_report(
             d_col=DEFAULT_COLUMNS["D"] if DEFAULT_COLUMNS["D"] in frame.columns else None,
             fit=v_law))
     if fits:
-        figs["residuals"] = R.draw_residuals(F.residual_data(frame, fits=fits, compute=compute))
+        figs["residuals"] = R.draw_residuals(F.residual_data(
+            frame, fits=fits, compute=compute, frames={n: law_frame(frame, n)[0] for n in fits}))
         figs["holdout"] = R.draw_holdout(F.holdout_data(fits))
         figs["bootstrap"] = R.draw_bootstrap(F.bootstrap_data(fits))
     figs["parallel"] = R.draw_parallel(F.parallel_data(frame, loss=loss))

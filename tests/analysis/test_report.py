@@ -125,3 +125,36 @@ def test_png_export_is_skipped_cleanly_without_kaleido(study, tmp_path):
     notes = _export_png({"residuals": fig}, tmp_path / "png")
     assert notes == ["PNG export skipped: kaleido is not installed (pip install 'moue[png]')"]
     assert not (tmp_path / "png").exists()
+
+
+def test_laws_without_d_are_fitted_at_the_largest_budget(study):
+    """A study of several token budgets: chinchilla and compute use every run, vw_interaction
+    (no D term) only the runs at the largest budget, and says so; its nested test and residuals
+    use the same rows."""
+    from analysis.report import fit_laws, law_frame
+
+    frame, _ = study
+    budgets = sorted(set(frame.get_column("final/tokens").to_list()))
+    assert len(budgets) > 1
+    for law in ("compute", "chinchilla", "vw_additive"):
+        rows, note = law_frame(frame, law)
+        assert rows.height == frame.height and note is None
+    rows, note = law_frame(frame, "vw_interaction")
+    assert set(rows.get_column("final/tokens").to_list()) == {budgets[-1]}
+    assert 0 < rows.height < frame.height and f"{rows.height} runs at the largest token budget" in note
+    with pytest.warns(UserWarning, match="no D term"):
+        fits, skipped = fit_laws(frame, laws=["vw_interaction"], n_bootstrap=20)
+    prov = fits["vw_interaction"].provenance
+    assert not skipped and prov.n_points == rows.height
+    assert "final/tokens = max" in prov.filter
+    r = F.residual_data(frame, fits=fits, compute="final/flops", frames={"vw_interaction": rows})
+    assert len(r.series[0].x) == rows.height
+
+
+def test_iso_active_sizes_share_one_curve():
+    """Sizes matched to a few percent (an iso-active design) are one group; the next depth is not."""
+    N = np.array([82752, 83265, 82528, 165440, 162369, 165312, 248128, 246593, 247936] * 2, dtype=float)
+    groups = F._size_groups(N)
+    assert [len(g) for g in groups] == [3, 3, 3]
+    assert [g.min() for g in groups] == [82528, 162369, 246593]
+    assert [len(g) for g in F._size_groups(np.array([100.0, 104.0, 110.0]))] == [2, 1]
