@@ -266,7 +266,7 @@ def check_cmd(
     from analysis.gate import compare, read_baseline
     from analysis.gate import write_baseline as write
     from analysis.loading import load_runs
-    from analysis.report import fit_laws
+    from analysis.report import fit_laws, law_frame
 
     try:
         if law:
@@ -299,9 +299,11 @@ def check_cmd(
                         raise AnalysisError("--law", name, "is not in the baseline (it has "
                                             + ", ".join(base.fits) + ")")
                     b = base.fits[name]
-                    fits[name] = fit(runs.frame, law=name, loss=b.loss, variables=b.variables,
+                    rows, note = law_frame(runs.frame, name)  # the rows fit_laws gave the baseline
+                    fits[name] = fit(rows, law=name, loss=b.loss, variables=b.variables,
                                      delta=b.delta, n_bootstrap=b.n_bootstrap, seed=b.seed,
-                                     level=b.level, holdout=None, filter_desc=flt)
+                                     level=b.level, holdout=None,
+                                     filter_desc=flt + (", final/tokens = max" if note else ""))
                 results = [compare(base.fits[name], fits[name], level=level) for name in laws]
     except AnalysisError as e:
         raise _fail(e) from None

@@ -150,3 +150,21 @@ def test_bench_fit_json(cli):
     assert d["reference_scaled"] and d["reference_starts"] == 45 and d["n_starts"] == 4500
     assert d["max_param_diff"] < 1e-4
     assert d["params_ours"]["alpha"] == pytest.approx(0.3473, abs=1e-3)
+
+
+def test_check_a_law_without_d_on_the_rows_of_its_baseline(cli, logged_study, tmp_path):
+    """vw_interaction on a multi-budget study: the baseline is fitted on the largest-budget runs,
+    and the check refits on the same runs, so the paired test applies (same clusters) and passes."""
+    uri, exp, _, _ = logged_study
+    baseline = tmp_path / "interaction.json"
+    r = cli("check", exp, "--baseline", baseline, "--tracking-uri", uri, "--write-baseline",
+            "--law", "vw_interaction", "--bootstrap", "100")
+    assert r.exit_code == 0, r.output
+    assert "no D term" in r.stderr
+    import json
+
+    fitted = json.loads(baseline.read_text())["fits"]["vw_interaction"]
+    r = cli("check", exp, "--baseline", baseline, "--tracking-uri", uri)
+    assert r.exit_code == 0, r.output
+    assert "paired" in r.stdout and "pass" in " ".join(r.stdout.split()), r.stdout
+    assert "final/tokens = max" in json.dumps(fitted)
