@@ -266,7 +266,7 @@ def check_cmd(
     from analysis.gate import compare, read_baseline
     from analysis.gate import write_baseline as write
     from analysis.loading import load_runs
-    from analysis.report import fit_laws, law_frame
+    from analysis.report import MAX_BUDGET_FILTER, fit_laws, law_frame
 
     try:
         if law:
@@ -299,11 +299,18 @@ def check_cmd(
                         raise AnalysisError("--law", name, "is not in the baseline (it has "
                                             + ", ".join(base.fits) + ")")
                     b = base.fits[name]
-                    rows, note = law_frame(runs.frame, name)  # the rows fit_laws gave the baseline
+                    # the rows the baseline was fitted on: the largest budget only if its filter
+                    # says so (a law without D on a multi-budget study), else every run
+                    at_max = MAX_BUDGET_FILTER in b.provenance.filter
+                    rows, note = law_frame(runs.frame, name)
+                    if note and not at_max:
+                        warnings.warn(f"fit {name}: the baseline was fitted on every run, so the check "
+                                      f"is too, although the runs now have several token budgets")
+                        rows = runs.frame
                     fits[name] = fit(rows, law=name, loss=b.loss, variables=b.variables,
                                      delta=b.delta, n_bootstrap=b.n_bootstrap, seed=b.seed,
                                      level=b.level, holdout=None,
-                                     filter_desc=flt + (", final/tokens = max" if note else ""))
+                                     filter_desc=flt + (MAX_BUDGET_FILTER if at_max else ""))
                 results = [compare(base.fits[name], fits[name], level=level) for name in laws]
     except AnalysisError as e:
         raise _fail(e) from None

@@ -210,12 +210,13 @@ def loss_vs_virtual_width_data(frame, *, loss: str, n_col: str, v_col: str,
 
 
 def _size_groups(N: np.ndarray, tol: float = 0.05) -> list[np.ndarray]:
-    """Distinct active-parameter counts grouped when within ``tol`` of the group's smallest: an
-    iso-active design matches sizes to a few percent (router and state parameters differ), and
-    those points belong on one curve."""
+    """Distinct active-parameter counts, sorted, grouped while each is within ``tol`` of the one
+    before: an iso-active design matches sizes to a few percent of a target (router and state
+    parameters differ, +/- the space's ``active_tol``), and those points belong on one curve;
+    the sizes of a scaling ladder are tens of percent apart."""
     groups: list[list[float]] = []
     for n in np.unique(N):
-        if groups and n <= groups[-1][0] * (1 + tol):
+        if groups and n <= groups[-1][-1] * (1 + tol):
             groups[-1].append(n)
         else:
             groups.append([n])

@@ -39,22 +39,27 @@ class ReportResult:
     logged_to: tuple[str, ...]
 
 
+MAX_BUDGET_FILTER = ", largest token budget"  # appended to a fit's filter when law_frame kept only those
+
+
 def law_frame(frame, law_name: str):
     """The rows a law is fitted on, and a note when that is not all of them: a law without a D term
     (``compute`` has C instead; ``vw_interaction`` is Clark-style, at fixed tokens) fitted to a study
     of several token budgets would read the budget's effect as noise, so it gets the runs at the
     largest budget only (within 1%: ``final/tokens`` rounds to whole batches)."""
     law = get_law(law_name)
-    d_col = DEFAULT_COLUMNS["D"]
+    # the budget each run was given (train.tokens, exact); final/tokens rounds down to whole
+    # batches, so without the param budgets count as equal within 1%
+    d_col, tol = ("train.tokens", 0.0) if "train.tokens" in frame.columns else (DEFAULT_COLUMNS["D"], 0.01)
     if "D" in law.variables or "C" in law.variables or d_col not in frame.columns:
         return frame, None
     import polars as pl
 
     d = frame.get_column(d_col).cast(pl.Float64)
     top = d.max()
-    if top is None or d.min() >= 0.99 * top:
+    if top is None or d.min() >= (1 - tol) * top:
         return frame, None
-    kept = frame.filter(pl.col(d_col).cast(pl.Float64) >= 0.99 * top)
+    kept = frame.filter(pl.col(d_col).cast(pl.Float64) >= (1 - tol) * top)
     return kept, (f"fit {law_name}: the law has no D term, so it is fitted on the {kept.height} runs at the "
                   f"largest token budget ({d_col} = {top:.4g}) of the {frame.height}")
 
@@ -70,7 +75,7 @@ def fit_laws(frame, *, laws: Sequence[str], loss: str = DEFAULT_LOSS, n_bootstra
         rows, note = law_frame(frame, name)
         if note:
             warnings.warn(note, stacklevel=2)
-        flt = filter_desc + (f", {DEFAULT_COLUMNS['D']} = max" if note else "")
+        flt = filter_desc + (MAX_BUDGET_FILTER if note else "")
         try:
             fits[name] = fit(rows, law=name, loss=loss, variables=variables, delta=delta,
                              n_bootstrap=n_bootstrap, seed=seed, filter_desc=flt,

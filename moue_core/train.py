@@ -58,7 +58,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every_tokens: int = 262_144  # report marks; the same for every trial of a study
+    eval_every_tokens: int = 262_144  # report marks; a study sets it from each trial's budget and [budget] marks
     eval_batch: int = 32  # sequences per validation forward
     max_loss: float = 100.0  # a loss above this counts as divergence
     seed: int = 0  # model initialisation

@@ -303,6 +303,13 @@ class ProgressCallback(tune.Callback):
         self.planned = total_tokens
         self.default_budget = default_budget
         self.seen: dict[str, int] = {}
+        self.trained0 = 0  # tokens already trained when this driver started (a resumed sweep)
+
+    def setup(self, **info) -> None:
+        """Called when the sweep starts, also after ``--resume`` restored this callback: the rate
+        is measured from now, over the tokens trained from now."""
+        self.t0 = time.time()
+        self.trained0 = sum(self.seen.values())
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -316,8 +323,8 @@ class ProgressCallback(tune.Callback):
         elapsed = time.time() - self.t0
         eta = "?"
         trained = sum(self.seen.values())
-        if self.planned and trained:
-            eta = f"{elapsed / trained * max(0, self.planned - trained):.0f}s"
+        if self.planned and trained > self.trained0:
+            eta = f"{elapsed / (trained - self.trained0) * max(0, self.planned - trained):.0f}s"
         elif done:
             eta = f"{elapsed / done * max(0, self.total - done):.0f}s"
         best = "-" if not math.isfinite(self.best) else f"{self.best:.4f}"

@@ -89,7 +89,7 @@ class Study:
     description: str
     search: SearchSpec
     scheduler: SchedulerSpec
-    budget_tokens: int  # the largest budget (ASHA's max_t; what the spaces see as train.tokens)
+    budget_tokens: int  # the largest budget (ASHA's max_t; fixed["train.tokens"] for non-grid searches)
     marks: int
     resources: ResourcesSpec
     experiment: str

@@ -225,3 +225,9 @@ def test_progress_line_estimates_time_left_from_tokens() -> None:
     cb.on_trial_complete(0, [], trial["c"])
     assert cb.planned == 4000 and cb._line().endswith("~0s left") and "1 early-stopped" in cb._line()
     assert "best val 1.5000" in cb._line()
+    # a resumed sweep: the rate counts only tokens trained since this driver started
+    cb.planned = 8000
+    cb.setup()
+    cb.t0 -= 10.0
+    cb.on_trial_result(0, [], trial["c"], {"tokens": 3000, "val/loss": 1.4})  # 1,000 tokens in 10 s
+    assert cb._line().endswith("~30s left"), cb._line()  # 8,000 planned - 5,000 trained at 100 tokens/s

@@ -167,4 +167,4 @@ def test_check_a_law_without_d_on_the_rows_of_its_baseline(cli, logged_study, tm
     r = cli("check", exp, "--baseline", baseline, "--tracking-uri", uri)
     assert r.exit_code == 0, r.output
     assert "paired" in r.stdout and "pass" in " ".join(r.stdout.split()), r.stdout
-    assert "final/tokens = max" in json.dumps(fitted)
+    assert "largest token budget" in fitted["provenance"]["filter"]

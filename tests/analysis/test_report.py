@@ -146,7 +146,7 @@ def test_laws_without_d_are_fitted_at_the_largest_budget(study):
         fits, skipped = fit_laws(frame, laws=["vw_interaction"], n_bootstrap=20)
     prov = fits["vw_interaction"].provenance
     assert not skipped and prov.n_points == rows.height
-    assert "final/tokens = max" in prov.filter
+    assert "largest token budget" in prov.filter
     r = F.residual_data(frame, fits=fits, compute="final/flops", frames={"vw_interaction": rows})
     assert len(r.series[0].x) == rows.height
 
