@@ -62,6 +62,8 @@ def derived_quantities(law_name: str, nat: Mapping[str, np.ndarray],
     C = ctx.target_compute
     if law_name == "compute" and C is not None:
         out["loss_at_target"] = nat["E"] + nat["A"] * C ** -nat["alpha"]
+    elif law_name == "compute_power" and C is not None:
+        out["loss_at_target"] = nat["A"] * C ** -nat["alpha"]
     elif law_name in ("chinchilla", "vw_additive", "vw_multiplicative"):
         alpha, beta = nat["alpha"], nat["beta"]
         out["a_opt"] = beta / (alpha + beta)

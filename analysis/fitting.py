@@ -267,11 +267,13 @@ class FitResult:
                 target_compute=ctx.get("target_compute"), n_ref=ctx.get("n_ref"),
                 v_range=None if ctx.get("v_range") is None else tuple(ctx["v_range"])),
             level=float(d["level"]), n_bootstrap=int(d["n_bootstrap"]), seed=int(d["seed"]),
+            # explicit row counts: a law with no derived quantities has (B, 0) samples, which
+            # reshape(-1, 0) cannot infer
             bootstrap=np.array([[num(v) for v in row] for row in d["bootstrap"]["params"]],
-                               dtype=np.float64).reshape(-1, len(d["params"])),
+                               dtype=np.float64).reshape(len(d["bootstrap"]["params"]), len(d["params"])),
             bootstrap_derived=np.array(
                 [[num(v) for v in row] for row in d["bootstrap"]["derived"]],
-                dtype=np.float64).reshape(-1, len(d["derived"])),
+                dtype=np.float64).reshape(len(d["bootstrap"]["derived"]), len(d["derived"])),
             diagnostics=Diagnostics(**{**d["diagnostics"],
                                        "on_bound": tuple(d["diagnostics"]["on_bound"]),
                                        "warnings": tuple(d["diagnostics"]["warnings"])}),

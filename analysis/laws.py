@@ -278,6 +278,11 @@ def _compute_features(x):
     return _terms(x, 3, [{0: 1.0}, {1: 1.0, 2: -_log(x, "C")}])
 
 
+def _power_features(x):
+    # params: a, alpha   L = A C^-alpha (no irreducible term: a straight line in log-log)
+    return _terms(x, 2, [{0: 1.0, 1: -_log(x, "C")}])
+
+
 def _chinchilla_features(x):
     # params: e, a, alpha, b, beta   L = E + A/N^alpha + B/D^beta
     lN, lD = _log(x, "N"), _log(x, "D")
@@ -341,6 +346,19 @@ LAWS: dict[str, Law] = {
             exponents=("alpha",),
             reference="Kaplan et al. 2020 (with an irreducible term)",
             model=_LSEModel(features=_compute_features, log_params=(True, True, False)),
+        ),
+        Law(
+            name="compute_power",
+            formula="L = A * C^-alpha",
+            variables=("C",),
+            params=("a", "alpha"),
+            natural=("A", "alpha"),
+            bounds=(_LOGC, (0.0, 10.0)),
+            grid=((0.0, 2.0, 5.0, 10.0, 15.0, 20.0), (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)),
+            exponents=("alpha",),
+            reference="Kaplan et al. 2020 (pure power law; the local slope of loss in compute, "
+                      "well identified on small ladders where E is not)",
+            model=_LSEModel(features=_power_features, log_params=(True, False)),
         ),
         Law(
             name="chinchilla",

@@ -30,7 +30,7 @@ def gate_workspace(tmp_path_factory) -> Path:
 
 
 def test_rerun_passes_the_committed_baseline(gate_workspace: Path) -> None:
-    proc = moue("check", "gate", "--baseline", str(BASELINE), "--workspace", str(gate_workspace), "--law", "compute")
+    proc = moue("check", "gate", "--baseline", str(BASELINE), "--workspace", str(gate_workspace), "--law", "compute_power")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "alpha" in proc.stdout and "pass" in proc.stdout
 
@@ -38,8 +38,8 @@ def test_rerun_passes_the_committed_baseline(gate_workspace: Path) -> None:
 def test_a_moved_exponent_fails_the_gate(gate_workspace: Path, tmp_path: Path) -> None:
     """Negative control: the same runs against a baseline whose exponent sits far away."""
     base = json.loads(BASELINE.read_text())
-    fit = base["fits"]["compute"]
-    shift = 10.0 * max(fit["sd"]["alpha"], 0.1)
+    fit = base["fits"]["compute_power"]
+    shift = 5.0 * fit["sd"]["alpha"]  # five baseline standard deviations
     fit["params"]["alpha"] += shift
     fit["ci"]["alpha"] = [v + shift for v in fit["ci"]["alpha"]]
     samples = fit["bootstrap"]
@@ -48,7 +48,7 @@ def test_a_moved_exponent_fails_the_gate(gate_workspace: Path, tmp_path: Path) -
             samples[key] = [v + shift for v in samples[key]]
     moved = tmp_path / "moved.json"
     moved.write_text(json.dumps(base))
-    proc = moue("check", "gate", "--baseline", str(moved), "--workspace", str(gate_workspace), "--law", "compute")
+    proc = moue("check", "gate", "--baseline", str(moved), "--workspace", str(gate_workspace), "--law", "compute_power")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "regression" in (proc.stdout + proc.stderr).lower() or "fail" in proc.stdout.lower()
 

@@ -33,7 +33,7 @@ def test_registry_names_the_laws_of_fitting_md():
 
 
 def test_unknown_law_names_the_choices():
-    with pytest.raises(AnalysisError, match=r"law \('nope'\) is not one of compute, chinchilla"):
+    with pytest.raises(AnalysisError, match=r"law \('nope'\) is not one of compute, compute_power, chinchilla"):
         get_law("nope")
 
 
