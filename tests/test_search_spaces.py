@@ -207,6 +207,38 @@ def test_virtual_width_families_are_the_architectures_and_iso_active():
     assert matched[4, 4] > matched[2, 4]
 
 
+def test_virtual_width_over_model_widths():
+    """``d_models``: a second size axis. Points at another width carry it and scale the expert
+    width (and the MoUE-style router state) with d; every point stays iso-active with the
+    layerwise MoE of its own width; the study's own width yields exactly the points without the
+    option; define-by-run explores the widths too."""
+    space = ss.get_space("virtual_width")
+    base_d, f0 = TYPICAL["model.d_model"], TYPICAL["model.expert_hidden"]
+    options = {"experts_per_layer": [4], "d_models": [base_d // 2, base_d, base_d * 2]}
+    kept, pruned = space.grid_pruned(TYPICAL, options)
+    assert not pruned and len(kept) == 3 * 3
+    assert [p for p in kept if "model.d_model" not in p] == space.grid(TYPICAL, {"experts_per_layer": [4]})
+    actives = {}
+    for point in kept:
+        flat = {**TYPICAL, **point}
+        d = flat["model.d_model"]
+        actives.setdefault(d, []).append(ss.active_params(flat))
+        if d != base_d:
+            assert point["model.d_model"] == d
+            if point["model.router"] == "softmax":  # the matched MoE itself: f scaled exactly
+                assert point["model.expert_hidden"] == f0 * d // base_d
+            if point["model.router"] == "trajectory":
+                from search_spaces.constraints import model_value
+
+                assert point["model.router_state_dim"] == model_value(TYPICAL, "router_state_dim") * d // base_d
+    for d, counts in actives.items():  # each within 2% of its width's matched MoE
+        assert max(counts) <= 1.02 / 0.98 * min(counts), (d, counts)
+    assert min(actives[base_d * 2]) > 3 * max(actives[base_d])  # width is a size axis
+    points, _ = _run_study(space, TYPICAL, {"experts_per_layer": [4], "d_models": [base_d // 2, base_d * 2]})
+    assert_points_valid(points, TYPICAL)
+    assert {p.get("model.d_model") for p in points} == {base_d // 2, base_d * 2}
+
+
 def test_virtual_width_match_none_keeps_k_times_f():
     kept = ss.get_space("virtual_width").grid(TYPICAL, {"match": "none", "top_k": [1, 2, 4], "experts_per_layer": [4]})
     assert {p["model.top_k"] * p["model.expert_hidden"] for p in kept} == {256}

@@ -11,8 +11,11 @@ The main space. Three architectures, each an explicit family of points on the sa
   from ``moue_overlap`` (``s = round(w * (1 - overlap))``, raised if needed until every expert is
   reachable, always ``0 < s < w``), router ``trajectory``, balance ``exposure``. ``V = L * w``.
 
-Held fixed: ``d_model`` and everything the study fixes. Varied: the family, ``E``, and optionally
-``top_k`` and ``n_layers`` (empty lists keep the study's values).
+Held fixed: everything the study fixes. Varied: the family, ``E``, and optionally ``top_k``,
+``n_layers`` and ``d_models`` (empty lists keep the study's values). A point at another width
+``d`` scales the study's ``expert_hidden`` (and the MoUE-style router state) by ``d / d_study``
+(to a multiple of 4), so the experts keep their shape relative to the model: width is the second
+size axis of a scaling study.
 
 Matching (``match``):
 
@@ -69,24 +72,42 @@ def _topology(family: str, L: int, E: int, opts: dict[str, Any], group: int) -> 
     return {"model.pool_size": P, "model.window": w, "model.stride": s}, None
 
 
+def _at_width(fixed: Mapping[str, Any], opts: dict[str, Any], d_model: int | None) -> tuple[dict, dict]:
+    """The study's settings at width ``d_model``: (settings the point must carry, the fixed settings
+    as seen at that width). ``None`` or the study's own width changes nothing."""
+    d0 = model_value(fixed, "d_model")
+    if d_model is None or d_model == d0:
+        return {}, dict(fixed)
+    scale = d_model / d0
+    extra = {"model.d_model": d_model,
+             "model.expert_hidden": multiple_of_4(model_value(fixed, "expert_hidden") * scale)}
+    state = opts["router_state_dim"] or model_value(fixed, "router_state_dim")
+    extra["model.router_state_dim"] = max(1, half_up(state * scale))
+    return extra, {**fixed, **extra}
+
+
 def build(fixed: Mapping[str, Any], opts: dict[str, Any], *, family: str, E: int, top_k: int,
-          n_layers: int) -> Candidate:
+          n_layers: int, d_model: int | None = None) -> Candidate:
     """One point of the space (also used by the tests and the runner's dry run to explain it)."""
+    width, fixed = _at_width(fixed, opts, d_model)
     group = model_value(fixed, "group")
     topo, reason = _topology(family, n_layers, E, opts, group)
     if topo is None:
         return None, reason
     router, balance = _ROUTING[family]
-    point = {"model.n_layers": n_layers, "model.top_k": top_k, **topo,
+    point = {**({"model.d_model": width["model.d_model"]} if width else {}),
+             "model.n_layers": n_layers, "model.top_k": top_k, **topo,
              "model.router": router, "model.balance": balance}
     if group != 1:
         point["model.group"] = 1
-    if family == "moue" and opts["router_state_dim"]:
-        point["model.router_state_dim"] = opts["router_state_dim"]
+    if family == "moue" and (opts["router_state_dim"] or width):
+        point["model.router_state_dim"] = model_value(fixed, "router_state_dim") if width else opts["router_state_dim"]
     k0, f0 = model_value(fixed, "top_k"), model_value(fixed, "expert_hidden")
     if opts["match"] == "none":
         point["model.expert_hidden"] = multiple_of_4(f0 * k0 / top_k)
         return point, None
+    if width:  # the matched MoE and the search below start from the scaled expert width
+        point["model.expert_hidden"] = f0
     # the matched MoE: layerwise, same depth and E (at least k0 experts), the study's k and f
     e_ref = max(E, k0)
     matched = {**fixed, **point, **layerwise_topology(n_layers, e_ref), "model.router": "softmax",
@@ -109,9 +130,10 @@ def build(fixed: Mapping[str, Any], opts: dict[str, Any], *, family: str, E: int
 
 def _candidates(fixed: Mapping[str, Any], opts: dict[str, Any]) -> list[Candidate]:
     out = []
-    for L, k, E, family in product(listed(opts["n_layers"], fixed, "n_layers"), listed(opts["top_k"], fixed, "top_k"),
-                                   opts["experts_per_layer"], opts["families"]):
-        out.append(build(fixed, opts, family=family, E=E, top_k=k, n_layers=L))
+    for d, L, k, E, family in product(opts["d_models"] or [None], listed(opts["n_layers"], fixed, "n_layers"),
+                                      listed(opts["top_k"], fixed, "top_k"), opts["experts_per_layer"],
+                                      opts["families"]):
+        out.append(build(fixed, opts, family=family, E=E, top_k=k, n_layers=L, d_model=d))
     return out
 
 
@@ -120,7 +142,8 @@ def _define(trial, fixed: Mapping[str, Any], opts: dict[str, Any]) -> Candidate:
     E = trial.suggest_categorical("space.experts_per_layer", opts["experts_per_layer"])
     k = trial.suggest_categorical("model.top_k", listed(opts["top_k"], fixed, "top_k"))
     L = trial.suggest_categorical("model.n_layers", listed(opts["n_layers"], fixed, "n_layers"))
-    return build(fixed, opts, family=family, E=E, top_k=k, n_layers=L)
+    d = trial.suggest_categorical("space.d_model", opts["d_models"]) if opts["d_models"] else None
+    return build(fixed, opts, family=family, E=E, top_k=k, n_layers=L, d_model=d)
 
 
 SPACE = Space(
@@ -132,6 +155,7 @@ SPACE = Space(
         "experts_per_layer": [2, 4, 8],
         "top_k": [],  # empty: the study's model.top_k
         "n_layers": [],  # empty: the study's model.n_layers
+        "d_models": [],  # empty: the study's model.d_model; else widths (expert_hidden scaled with d)
         "moue_window": 2,  # rotational window, in experts per layer
         "moue_overlap": 0.5,  # fraction of a window shared with the next layer's
         "match": "active",
@@ -142,8 +166,8 @@ SPACE = Space(
     candidates=_candidates,
     define_fn=_define,
     choices={"families": FAMILIES, "match": ("active", "none")},
-    bounds={"experts_per_layer": (1, 1024), "top_k": (1, 1024), "n_layers": (1, 1024),
+    bounds={"experts_per_layer": (1, 1024), "top_k": (1, 1024), "n_layers": (1, 1024), "d_models": (4, 65536),
             "moue_window": (2, 1024), "moue_overlap": (0.0, 0.95), "active_tol": (0.0, 1.0),
             "router_state_dim": (0, 65536)},
-    item_types={"top_k": int, "n_layers": int},
+    item_types={"top_k": int, "n_layers": int, "d_models": int},
 )
