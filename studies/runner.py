@@ -373,6 +373,38 @@ class ProgressCallback(tune.Callback):
         self._emit(force=True)
 
 
+class PruneCheckpointsCallback(tune.Callback):
+    """Keeps every checkpoint of a running trial, and only the last of a trial that has ended.
+
+    Why not ``CheckpointConfig(num_to_keep=1)``: Tune deletes the older checkpoint as soon as a
+    newer one is registered, and the experiment state that ``--resume`` reads reaches storage
+    later (an asynchronous sync). A driver killed in between leaves a state pointing at a deleted
+    checkpoint, and that trial can never resume ("Could not recover from checkpoint as it does
+    not exist on storage anymore"; seen in CI). So Tune keeps all of them while a trial runs, and
+    this callback removes the older ones of a trial that finished, stopped, diverged or failed
+    for good: its state on storage no longer needs them.
+    """
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._prune(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._prune(trial)
+
+    @staticmethod
+    def _prune(trial) -> None:
+        try:
+            from pyarrow.fs import FileSelector, FileType
+
+            fs, root = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+            dirs = sorted(i.path for i in fs.get_file_info(FileSelector(root, allow_not_found=True))
+                          if i.type == FileType.Directory and i.base_name.startswith("checkpoint_"))
+            for path in dirs[:-1]:
+                fs.delete_dir(path)
+        except Exception as exc:  # housekeeping only: never fail a sweep over disk space
+            print(f"[moue] could not prune old checkpoints of {trial.trial_id}: {exc}", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------ the sweep
 
 
@@ -466,6 +498,7 @@ def run_sweep(
         "moue.smoke": str(study.smoke).lower(),
     }
     callbacks = [MlflowCallback(study=study, tracking_uri=uri, sweep_id=name, parent_tags=parent_tags),
+                 PruneCheckpointsCallback(),
                  ProgressCallback(total=total, concurrency=concurrency, stream=progress_stream,
                                   total_tokens=(sum(study.trial_tokens(p) for p in study.points)
                                                 if study.search.algorithm == "grid" else total * study.budget_tokens),
@@ -504,7 +537,7 @@ def run_sweep(
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_root, callbacks=callbacks, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # see PruneCheckpointsCallback
             ),
         )
     results = tuner.fit()

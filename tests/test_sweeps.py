@@ -158,9 +158,12 @@ def test_two_node_loopback_cluster_with_mlflow_server(tmp_path) -> None:
                                  "--num-cpus=1", "--disable-usage-stats"],
                                 env=ENV, capture_output=True, text=True, timeout=120)
         assert worker.returncode == 0, worker.stderr
-        status = subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], env=ENV, capture_output=True,
-                                text=True, timeout=60)
-        assert status.stdout.count("node_") >= 2, status.stdout
+        def two_nodes():  # `ray status` answers "No cluster status" for a few seconds after a start
+            status = subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], env=ENV,
+                                    capture_output=True, text=True, timeout=60)
+            return status.stdout.count("node_") >= 2
+
+        _wait_for(two_nodes, 90, "both nodes in `ray status`")
 
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
@@ -212,6 +215,12 @@ def test_smoke_sweep_on_local_ray_and_sqlite(local_ray, tmp_path) -> None:
     stopped = [c for c in children if c.data.tags["moue.status"] == "early_stopped"]
     assert all(c.data.metrics["final/tokens"] < study.budget_tokens for c in stopped)
     assert parents[0].info.status == "FINISHED"
+    # every trial ended, so each keeps only its last checkpoint (PruneCheckpointsCallback); marks
+    # = 4 wrote up to 4 per trial
+    trial_dirs = [d for d in (ws.ray / "smoke").iterdir() if d.is_dir() and d.name.startswith("trial_fn")]
+    assert len(trial_dirs) == 6
+    assert all(len(list(d.glob("checkpoint_*"))) == 1 for d in trial_dirs), \
+        {d.name: sorted(p.name for p in d.glob("checkpoint_*")) for d in trial_dirs}
     art = client.list_artifacts(parents[0].info.run_id)
     assert {"spec.toml", "environment.json"} <= {a.path for a in art}
     # a second launch without --resume refuses (exit 2 path), nothing new written
