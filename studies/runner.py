@@ -373,36 +373,37 @@ class ProgressCallback(tune.Callback):
         self._emit(force=True)
 
 
-class PruneCheckpointsCallback(tune.Callback):
-    """Keeps every checkpoint of a running trial, and only the last of a trial that has ended.
+def prune_checkpoints(results) -> int:
+    """After a sweep: each trial keeps only the checkpoint Tune would restore it from.
 
     Why not ``CheckpointConfig(num_to_keep=1)``: Tune deletes the older checkpoint as soon as a
-    newer one is registered, and the experiment state that ``--resume`` reads reaches storage
+    newer one is registered, while the experiment state that ``--resume`` reads reaches storage
     later (an asynchronous sync). A driver killed in between leaves a state pointing at a deleted
     checkpoint, and that trial can never resume ("Could not recover from checkpoint as it does
-    not exist on storage anymore"; seen in CI). So Tune keeps all of them while a trial runs, and
-    this callback removes the older ones of a trial that finished, stopped, diverged or failed
-    for good: its state on storage no longer needs them.
-    """
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._prune(trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._prune(trial)
-
-    @staticmethod
-    def _prune(trial) -> None:
+    not exist on storage anymore"; seen in CI). Pruning when a trial ends has the same window
+    (the stored state may still list it as running on its previous checkpoint). So Tune keeps
+    every checkpoint during the sweep (``marks`` per trial on disk) and this runs once
+    ``Tuner.fit`` has returned, after Tune's final, waited-for save of the experiment state. The
+    kept checkpoint is ``result.checkpoint`` (the one Tune registered), not the newest folder: a
+    worker that died while writing one leaves a folder Tune never recorded. Returns the number of
+    folders removed; failures are reported, never raised (housekeeping only)."""
+    removed = 0
+    for result in results:
+        keep = result.checkpoint.path if result.checkpoint is not None else None
+        if keep is None:
+            continue  # nothing registered: leave the trial's folders alone
         try:
             from pyarrow.fs import FileSelector, FileType
 
-            fs, root = trial.storage.storage_filesystem, trial.storage.trial_fs_path
-            dirs = sorted(i.path for i in fs.get_file_info(FileSelector(root, allow_not_found=True))
-                          if i.type == FileType.Directory and i.base_name.startswith("checkpoint_"))
-            for path in dirs[:-1]:
-                fs.delete_dir(path)
-        except Exception as exc:  # housekeeping only: never fail a sweep over disk space
-            print(f"[moue] could not prune old checkpoints of {trial.trial_id}: {exc}", file=sys.stderr)
+            fs = result.filesystem
+            for info in fs.get_file_info(FileSelector(result.path, allow_not_found=True)):
+                if (info.type == FileType.Directory and info.base_name.startswith("checkpoint_")
+                        and info.path.rstrip("/") != keep.rstrip("/")):
+                    fs.delete_dir(info.path)
+                    removed += 1
+        except Exception as exc:
+            print(f"[moue] could not prune old checkpoints in {result.path}: {exc}", file=sys.stderr)
+    return removed
 
 
 # ------------------------------------------------------------------------------ the sweep
@@ -460,7 +461,7 @@ def run_sweep(
     progress_stream=None,
 ) -> SweepOutcome:
     """Run (or ``resume``) the study's sweep and return its outcome."""
-    # Ray warns when frequent per-mark checkpoints force experiment snapshots; that is by design here
+    # Ray warns when frequent checkpoints force experiment snapshots (with num_to_keep set); harmless
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray.tune.schedulers import ASHAScheduler
 
@@ -498,7 +499,6 @@ def run_sweep(
         "moue.smoke": str(study.smoke).lower(),
     }
     callbacks = [MlflowCallback(study=study, tracking_uri=uri, sweep_id=name, parent_tags=parent_tags),
-                 PruneCheckpointsCallback(),
                  ProgressCallback(total=total, concurrency=concurrency, stream=progress_stream,
                                   total_tokens=(sum(study.trial_tokens(p) for p in study.points)
                                                 if study.search.algorithm == "grid" else total * study.budget_tokens),
@@ -537,10 +537,11 @@ def run_sweep(
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_root, callbacks=callbacks, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # see PruneCheckpointsCallback
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # see prune_checkpoints
             ),
         )
     results = tuner.fit()
+    prune_checkpoints(results)
     wall = time.time() - t0
     statuses: dict[str, int] = {}
     best = math.inf

@@ -215,8 +215,8 @@ def test_smoke_sweep_on_local_ray_and_sqlite(local_ray, tmp_path) -> None:
     stopped = [c for c in children if c.data.tags["moue.status"] == "early_stopped"]
     assert all(c.data.metrics["final/tokens"] < study.budget_tokens for c in stopped)
     assert parents[0].info.status == "FINISHED"
-    # every trial ended, so each keeps only its last checkpoint (PruneCheckpointsCallback); marks
-    # = 4 wrote up to 4 per trial
+    # after the sweep each trial keeps only the checkpoint Tune registered (prune_checkpoints);
+    # marks = 4 wrote up to 4 per trial
     trial_dirs = [d for d in (ws.ray / "smoke").iterdir() if d.is_dir() and d.name.startswith("trial_fn")]
     assert len(trial_dirs) == 6
     assert all(len(list(d.glob("checkpoint_*"))) == 1 for d in trial_dirs), \
@@ -291,3 +291,27 @@ def test_killed_worker_is_retried_from_its_checkpoint(local_ray, tmp_path) -> No
     assert all(c.data.metrics["trial/restored_from"] > 0 for c in restored)
 
 
+
+
+def test_prune_keeps_the_registered_checkpoint_not_the_newest_folder(tmp_path) -> None:
+    """A folder Tune never registered (a worker died while writing it) must not survive in place
+    of the registered one; a trial with no registered checkpoint is left alone."""
+    from types import SimpleNamespace
+
+    from pyarrow.fs import LocalFileSystem
+
+    from studies.runner import prune_checkpoints
+
+    trial = tmp_path / "trial_a"
+    for n in (0, 1, 2):
+        (trial / f"checkpoint_00000{n}").mkdir(parents=True)
+    (trial / "result.json").write_text("{}")
+    other = tmp_path / "trial_b"
+    (other / "checkpoint_000000").mkdir(parents=True)
+    fs = LocalFileSystem()
+    results = [SimpleNamespace(checkpoint=SimpleNamespace(path=str(trial / "checkpoint_000001")), path=str(trial),
+                               filesystem=fs),
+               SimpleNamespace(checkpoint=None, path=str(other), filesystem=fs)]
+    assert prune_checkpoints(results) == 2
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000001", "result.json"]
+    assert (other / "checkpoint_000000").is_dir()
