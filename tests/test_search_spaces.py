@@ -348,3 +348,12 @@ def test_options_defaults_and_errors():
         ss.get_space("lr").options({"lr_min": 0.1, "lr_max": 0.01})
     with pytest.raises(ConfigError, match="space.include_layerwise"):
         ss.get_space("pool_size").grid(TYPICAL, {"include_layerwise": "yes"})
+
+
+def test_a_width_the_heads_cannot_split_is_an_error_for_grid_and_sampler():
+    space = ss.get_space("virtual_width")
+    for make in (lambda o: space.grid(TYPICAL, o),
+                 lambda o: space.define(optuna.create_study().ask(), TYPICAL, o)):
+        with pytest.raises(ConfigError) as err:
+            make({"experts_per_layer": [4], "d_models": [128, 100]})
+        assert err.value.field == "space.d_models" and err.value.value == 100, str(err.value)

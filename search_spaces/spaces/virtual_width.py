@@ -72,6 +72,17 @@ def _topology(family: str, L: int, E: int, opts: dict[str, Any], group: int) -> 
     return {"model.pool_size": P, "model.window": w, "model.stride": s}, None
 
 
+def _check_widths(fixed: Mapping[str, Any], opts: dict[str, Any]) -> None:
+    """Every listed width must split into the study's heads with an even head size (RoPE): checked
+    for the whole list at once, so a define-by-run study fails at load time (its preview samples a
+    few points) instead of when a sampler first suggests the bad width."""
+    heads = model_value(fixed, "n_heads")
+    for d in opts["d_models"]:
+        if d % heads or (d // heads) % 2:
+            raise ConfigError("space.d_models", d, f"must split into the study's model.n_heads ({heads}) "
+                                                  "heads of an even size (RoPE)")
+
+
 def _at_width(fixed: Mapping[str, Any], opts: dict[str, Any], d_model: int | None) -> tuple[dict, dict]:
     """The study's settings at width ``d_model``: (settings the point must carry, the fixed settings
     as seen at that width). ``None`` or the study's own width changes nothing."""
@@ -129,6 +140,7 @@ def build(fixed: Mapping[str, Any], opts: dict[str, Any], *, family: str, E: int
 
 
 def _candidates(fixed: Mapping[str, Any], opts: dict[str, Any]) -> list[Candidate]:
+    _check_widths(fixed, opts)
     out = []
     for d, L, k, E, family in product(opts["d_models"] or [None], listed(opts["n_layers"], fixed, "n_layers"),
                                       listed(opts["top_k"], fixed, "top_k"), opts["experts_per_layer"],
@@ -138,6 +150,7 @@ def _candidates(fixed: Mapping[str, Any], opts: dict[str, Any]) -> list[Candidat
 
 
 def _define(trial, fixed: Mapping[str, Any], opts: dict[str, Any]) -> Candidate:
+    _check_widths(fixed, opts)
     family = trial.suggest_categorical("space.family", opts["families"])
     E = trial.suggest_categorical("space.experts_per_layer", opts["experts_per_layer"])
     k = trial.suggest_categorical("model.top_k", listed(opts["top_k"], fixed, "top_k"))
