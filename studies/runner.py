@@ -29,6 +29,7 @@ from typing import Any
 from ray import tune
 
 from moue_core.errors import ConfigError
+from studies.cluster import check_state_trust, ray_init
 from studies.spec import Study
 
 __all__ = ["Workspace", "SweepOutcome", "run_sweep", "dry_run", "trial_fn", "MlflowCallback"]
@@ -430,25 +431,6 @@ def _define(trial, *, space_name: str, fixed: dict, options: dict):
     return get_space(space_name).define(trial, fixed, options)
 
 
-def _ray_init(address: str | None, workspace: Workspace) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters bind to loopback; set token to use auth
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # Tune's newer output engine prints its experiment banner, results path and a TensorBoard hint
-    # even at verbose=0; the legacy engine at verbose=0 is silent, and our progress line and
-    # summary say the same things (the Tune state directory included)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if ray.is_initialized():
-        return
-    env = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
-    if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False, runtime_env={"env_vars": env})
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
-
-
 def run_sweep(
     study: Study,
     *,
@@ -477,11 +459,13 @@ def run_sweep(
         raise ConfigError("--resume", exp_dir, "has no sweep state to resume; run without --resume")
     if exists and not resume:
         raise ConfigError("sweep", name, f"already has state in {exp_dir}; pass --resume to continue it")
+    if resume:
+        check_state_trust(exp_dir)  # Tune unpickles it
 
     base = None
     if study.search.space == "conversion":
         base = train_conversion_base(study, workspace)
-    _ray_init(address, workspace)
+    ray_init(address, workspace.root)
     import ray
 
     cpus = study.resources.cpus

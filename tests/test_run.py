@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # local runs: token auth
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

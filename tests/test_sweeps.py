@@ -14,20 +14,21 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from procs import kill_marked, marked_env
 
+from studies.cluster import ensure_token
 from studies.runner import Workspace, run_sweep
 from studies.spec import load_study, shipped_studies
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "studies" / "smoke.toml"
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}, "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.shutdown()  # never reuse a connection to a cluster an earlier test stopped
     yield
     ray.shutdown()
@@ -74,13 +75,13 @@ def check_schema(client, parents, children, *, n_trials: int) -> None:
             assert m["final/tokens"] == float(p["train.tokens"])
 
 
-# The subprocess tests come first: they stop every Ray process on the machine when they end
-# (`ray stop --force`), which must not hit the in-process cluster the later tests share.
+# The subprocess tests stop only the processes they started (found by a marker in their
+# environment, tests/procs.py), never every Ray process on the machine.
 
 
-def _moue(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from studies.cli import main; main()", *args], env=ENV,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+def _moue(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from studies.cli import main; main()", *args],
+                            env=env or ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
 
@@ -115,7 +116,8 @@ def test_driver_killed_with_sigkill_resumes(tmp_path) -> None:
     spec = _write_spec(tmp_path / "smoke.toml", tokens=8192, marks=4)
     ws = tmp_path / "ws"
     uri = f"sqlite:///{ws / 'mlflow.db'}"
-    proc = _moue("sweep", str(spec), "--workspace", str(ws))
+    mark, env = marked_env(ENV)
+    proc = _moue("sweep", str(spec), "--workspace", str(ws), env=env)
     try:
         _wait_for(lambda: _finished_children(uri) >= 2 or proc.poll() is not None, 300, "two finished trials")
         assert proc.poll() is None, proc.stdout.read()
@@ -124,11 +126,14 @@ def test_driver_killed_with_sigkill_resumes(tmp_path) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=60)
+    kill_marked(mark)  # what the killed driver's cluster left behind
     assert _finished_children(uri) < 6, "the kill came mid-way"
 
-    resumed = _moue("sweep", str(spec), "--workspace", str(ws), "--resume")
-    out, _ = resumed.communicate(timeout=400)
+    resumed = _moue("sweep", str(spec), "--workspace", str(ws), "--resume", env=env)
+    try:
+        out, _ = resumed.communicate(timeout=400)
+    finally:
+        kill_marked(mark)
     assert resumed.returncode == 0, out
     client, parents, children = runs_of(uri, "smoke")
     check_schema(client, parents, children, n_trials=6)
@@ -148,18 +153,22 @@ def test_two_node_loopback_cluster_with_mlflow_server(tmp_path) -> None:
     and `moue sweep --address ... --tracking-uri http://...` from a driver process."""
     port, mlflow_port = _free_port(), _free_port()
     ray_tmp = tmp_path / "raytmp"
+    # a multi-node cluster cannot stay on loopback (Ray advertises the host's address): it runs
+    # with token authentication, as the README asks of any cluster a user starts
+    mark, env = marked_env(ENV)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(ensure_token(tmp_path / "cluster_token")))
     head = subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                            "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
-                          env=ENV, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120)
     server = None
     try:
         assert head.returncode == 0, head.stderr
         worker = subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
                                  "--num-cpus=1", "--disable-usage-stats"],
-                                env=ENV, capture_output=True, text=True, timeout=120)
+                                env=env, capture_output=True, text=True, timeout=120)
         assert worker.returncode == 0, worker.stderr
         def two_nodes():  # `ray status` answers "No cluster status" for a few seconds after a start
-            status = subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], env=ENV,
+            status = subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], env=env,
                                     capture_output=True, text=True, timeout=60)
             return status.stdout.count("node_") >= 2
 
@@ -169,7 +178,7 @@ def test_two_node_loopback_cluster_with_mlflow_server(tmp_path) -> None:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
              "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
              "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         import urllib.request
 
         def healthy():
@@ -182,7 +191,7 @@ def test_two_node_loopback_cluster_with_mlflow_server(tmp_path) -> None:
         spec = _write_spec(tmp_path / "smoke.toml", tokens=2048, marks=2)
         uri = f"http://127.0.0.1:{mlflow_port}"
         sweep = _moue("sweep", str(spec), "--workspace", str(tmp_path / "ws"), "--address", f"127.0.0.1:{port}",
-                      "--tracking-uri", uri, "--storage", str(tmp_path / "shared-storage"))
+                      "--tracking-uri", uri, "--storage", str(tmp_path / "shared-storage"), env=env)
         out, _ = sweep.communicate(timeout=400)
         assert sweep.returncode == 0, out
         client, parents, children = runs_of(uri, "smoke")
@@ -198,7 +207,7 @@ def test_two_node_loopback_cluster_with_mlflow_server(tmp_path) -> None:
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGKILL)
-        subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        kill_marked(mark)  # the two nodes this test started, nothing else
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

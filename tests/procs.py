@@ -1,0 +1,66 @@
+"""Processes the tests start, found again by a marker in their environment.
+
+A test that starts Ray (a driver it kills, `ray start` nodes) stops exactly those processes and
+their descendants, never every Ray process on the machine (`ray stop --force` would end any other
+sweep running here). Every process inherits its parent's environment, so a marker variable set on
+the first one identifies all of them, even after they were re-parented to init.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+MARK = "MOUE_TEST_PROCS"
+
+
+def marked_env(base: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """A fresh marker and ``base`` (default: this environment, without Ray auth settings) carrying it."""
+    marker = uuid.uuid4().hex
+    env = dict(os.environ if base is None else base)
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        env.pop(key, None)
+    env[MARK] = marker
+    return marker, env
+
+
+def marked_pids(marker: str) -> list[int]:
+    needle = f"{MARK}={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_marked(marker: str, timeout: float = 30.0) -> int:
+    """SIGKILL every process carrying ``marker``; wait until they are gone. Returns how many."""
+    pids = marked_pids(marker)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    end = time.time() + timeout
+    while time.time() < end:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+        if not alive:
+            break
+        time.sleep(0.2)
+    return len(pids)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
