@@ -16,6 +16,7 @@ Workspace layout (ARCHITECTURE.md): ``mlflow.db``, ``artifacts/``, ``ray/`` (Tun
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -30,6 +31,7 @@ from ray import tune
 
 from moue_core.errors import ConfigError
 from studies.cluster import check_state_trust, ray_init
+from studies.locking import hold
 from studies.spec import Study
 
 __all__ = ["Workspace", "SweepOutcome", "run_sweep", "dry_run", "trial_fn", "MlflowCallback"]
@@ -93,12 +95,20 @@ def resolve_trial(study: Study, config: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ in the worker
 
 
-def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_checkpoint: str | None = None) -> None:
-    """One Tune trial (runs in a Ray worker process)."""
+def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_checkpoint: str | None = None,
+             done: dict[str, dict[str, Any]] | None = None) -> None:
+    """One Tune trial (runs in a Ray worker process). A trial the MLflow record already holds as
+    done (``done``, read by a resumed driver) is not trained again: its recorded result is
+    reported once, so Tune, the searcher and the summary see it, and the tracker writes nothing."""
     import ray
     import torch
 
     from moue_core.train import TrialConfig, train
+
+    recorded = (done or {}).get(tune.get_context().get_trial_id())
+    if recorded is not None:
+        tune.report(_replayed(recorded))
+        return
 
     flat = resolve_trial(study, config)
     if "convert.router_init" in flat:
@@ -113,6 +123,19 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_check
     if state is not None:  # a retry after a worker failure, or a restored sweep
         extra["trial/restored_from"] = int(state["step"]) * cfg.train.batch_tokens
     train(cfg, _TuneSink(extra), cache_dir=cache_dir, resume=state)
+
+
+def _replayed(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A done trial's last report, rebuilt from its MLflow record."""
+    metrics = recorded["metrics"]
+    out = {k: v for k, v in metrics.items() if k in TRACKED or k.startswith("final/") or k.startswith("time/")}
+    out.update(status=recorded["status"], stop_reason=recorded["stop_reason"], replayed=True)
+    out[TIME_ATTR] = int(metrics.get("final/tokens", 0))
+    val = metrics.get("final/val_loss", metrics.get("val/loss"))
+    out[METRIC] = math.inf if recorded["status"] == "diverged" or val is None else val
+    if "final/train_s" in metrics:
+        out["time/train_s"] = metrics["final/train_s"]
+    return out
 
 
 def _converted_checkpoint(flat: dict[str, Any], base_checkpoint: str | None, cache_dir: str) -> str:
@@ -442,25 +465,65 @@ def run_sweep(
     max_failures: int = 2,
     progress_stream=None,
 ) -> SweepOutcome:
-    """Run (or ``resume``) the study's sweep and return its outcome."""
-    # Ray warns when frequent checkpoints force experiment snapshots (with num_to_keep set); harmless
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from ray.tune.schedulers import ASHAScheduler
-
-    from studies.tracking import git_info
-
-    workspace.create()
+    """Run (or ``resume``) the study's sweep and return its outcome. One driver at a time holds
+    the workspace (and a shared ``storage``); a second one exits 2 naming the holder."""
     uri = tracking_uri or study.tracking_uri or workspace.tracking_uri
     storage_root = storage or str(workspace.ray)
     name = sweep_name(study)
     exp_dir = os.path.join(storage_root, name) if "://" not in storage_root else f"{storage_root.rstrip('/')}/{name}"
+    if resume and "://" not in exp_dir and not os.path.isdir(exp_dir):  # refuse before creating anything
+        raise ConfigError("--resume", exp_dir, "has no sweep state to resume; run without --resume")
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(hold(workspace.root, what="workspace"))
+        if storage and "://" not in storage:
+            locks.enter_context(hold(Path(storage_root), what="--storage"))
+        return _run_sweep_locked(study, workspace=workspace, resume=resume, address=address, uri=uri,
+                                 storage_root=storage_root, exp_dir=exp_dir, max_failures=max_failures,
+                                 progress_stream=progress_stream)
+
+
+def _check_resumable(study: Study, recorded) -> None:
+    """A resumed sweep continues the spec it started with: an edited spec is refused, naming what changed."""
+    if recorded is None or recorded.spec_sha256 in ("", study.sha256):
+        return
+    import tomllib
+
+    from studies.spec import flatten_toml
+
+    try:
+        before, after = flatten_toml(tomllib.loads(recorded.spec_text)), flatten_toml(tomllib.loads(study.source))
+    except tomllib.TOMLDecodeError:
+        before, after = {}, {"?": "?"}
+    if before == after:
+        return  # comments or layout only: the same study
+    changed = [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}"
+               for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    raise ConfigError(f"spec {study.path}", "; ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""),
+                      f"changed since sweep {sweep_name(study)!r} started; --resume continues the spec it started "
+                      "with: restore those values, or change `name` to start a new sweep")
+
+
+def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, address: str | None, uri: str,
+                      storage_root: str, exp_dir: str, max_failures: int, progress_stream) -> SweepOutcome:
+    # Ray warns when frequent checkpoints force experiment snapshots (with num_to_keep set); harmless
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from ray.tune.schedulers import ASHAScheduler
+
+    from studies.tracking import git_info, recorded_sweep
+
+    name = sweep_name(study)
     exists = tune.Tuner.can_restore(exp_dir) if "://" in exp_dir or os.path.isdir(exp_dir) else False
     if resume and not exists:
         raise ConfigError("--resume", exp_dir, "has no sweep state to resume; run without --resume")
     if exists and not resume:
         raise ConfigError("sweep", name, f"already has state in {exp_dir}; pass --resume to continue it")
+    done: dict[str, dict[str, Any]] = {}
     if resume:
         check_state_trust(exp_dir)  # Tune unpickles it
+        recorded = recorded_sweep(uri, study.experiment, name)
+        _check_resumable(study, recorded)
+        done = recorded.done if recorded else {}
+    workspace.create()
 
     base = None
     if study.search.space == "conversion":
@@ -470,7 +533,7 @@ def run_sweep(
 
     cpus = study.resources.cpus
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, study=study, cache_dir=str(workspace.cache), base_checkpoint=base),
+        tune.with_parameters(trial_fn, study=study, cache_dir=str(workspace.cache), base_checkpoint=base, done=done),
         {"cpu": cpus, "gpu": study.resources.gpu},
     )
     total = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples

@@ -53,7 +53,8 @@ from typing import Any
 
 from moue_core.errors import ConfigError
 
-__all__ = ["Study", "SearchSpec", "SchedulerSpec", "ResourcesSpec", "load_study", "STUDIES_DIR", "shipped_studies"]
+__all__ = ["Study", "SearchSpec", "SchedulerSpec", "ResourcesSpec", "load_study", "STUDIES_DIR", "shipped_studies",
+           "flatten_toml"]
 
 STUDIES_DIR = Path(__file__).parent
 ALGORITHMS = ("grid", "tpe", "random")
@@ -154,6 +155,17 @@ def _table(doc: dict, key: str, allowed: dict[str, type | tuple], *, required: t
         if k not in value:
             raise ConfigError(f"{key}.{k}", None, "is required")
     return value
+
+
+def flatten_toml(doc: dict, prefix: str = "") -> dict[str, Any]:
+    """A parsed TOML document as ``{"a.b.c": value}`` (lists kept whole): for naming what differs."""
+    flat: dict[str, Any] = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            flat.update(flatten_toml(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
 
 
 def _flatten_fixed(doc: dict, key: str) -> dict[str, Any]:

@@ -31,16 +31,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-__all__ = ["SCHEMA_VERSION", "STATUSES", "Tracker", "environment_info", "git_info"]
+__all__ = ["SCHEMA_VERSION", "STATUSES", "DONE", "RecordedSweep", "Tracker", "environment_info", "git_info",
+           "recorded_sweep"]
 
 SCHEMA_VERSION = 1
 STATUSES = ("finished", "early_stopped", "diverged", "failed")
+DONE = ("finished", "early_stopped", "diverged")  # a trial in one of these is never trained again
 ORPHAN_REASON = "sweep ended while the trial was running"
 _MAX_METRICS_PER_BATCH = 1000  # MLflow LogBatch limits (REST API docs: "Request Limits")
 _MAX_PARAMS_PER_BATCH = 100
@@ -89,6 +92,7 @@ class Tracker:
         self._floor: dict[str, int] = {}  # run_id -> steps at or below this were logged before
         self._pending: dict[str, list[Metric]] = {}  # run_id -> buffered metrics
         self._n_pending = 0
+        self._closed: set[str] = set()  # runs whose trial was done before this driver attached
 
     @property
     def parent_run_id(self) -> str | None:
@@ -214,8 +218,10 @@ class Tracker:
                                      "change a param, and a resumed trial should not")
             history = self.client.get_metric_history(run.info.run_id, _DEDUP_KEY)
             self._floor[run.info.run_id] = max((m.step for m in history), default=-1)
-            done = run.data.tags.get("moue.status") in ("finished", "early_stopped", "diverged")
-            if run.info.status != "RUNNING" and not done:  # e.g. closed as an orphan: reopen
+            done = run.data.tags.get("moue.status") in DONE
+            if done:  # the record is final: nothing more is written to it (no second final/*)
+                self._closed.add(run.info.run_id)
+            elif run.info.status != "RUNNING":  # e.g. closed as an orphan: reopen
                 self.client.update_run(run.info.run_id, status="RUNNING")
         run_id = run.info.run_id
         new = [Param(k, v) for k, v in values.items() if k not in logged]
@@ -236,6 +242,8 @@ class Tracker:
         """
         run_id = self._run_of(trial_id)
         step = operator.index(step)
+        if run_id in self._closed:
+            return
         floor = self._floor.get(run_id, -1)
         last = self._last_step.setdefault(run_id, {})
         now = int(time.time() * 1000)
@@ -260,6 +268,8 @@ class Tracker:
             raise ValueError(f"status {status!r} of trial {trial_id!r} is not one of "
                              f"{', '.join(STATUSES)}")
         run_id = self._run_of(trial_id)
+        if run_id in self._closed:  # recorded as done by an earlier driver: keep that record
+            return
         self.flush()
         metrics = []
         if final and status in ("finished", "early_stopped"):
@@ -292,6 +302,59 @@ class Tracker:
             return self._children[trial_id]
         except KeyError:
             raise KeyError(f"trial {trial_id!r} has no run yet: call Tracker.trial_run first") from None
+
+
+@dataclass(frozen=True)
+class RecordedSweep:
+    """What the store holds of a sweep: its parent run, the spec it started with, and its trials
+    that are done (``DONE``), by trial id, with their status, stop reason and latest metrics."""
+
+    parent_run_id: str
+    spec_sha256: str
+    spec_text: str
+    done: dict[str, dict[str, Any]]
+
+
+def recorded_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> RecordedSweep | None:
+    """Read a sweep's record (None when the store has no such sweep). The store, not Tune's
+    periodically saved state, is the source of truth for which trials are done."""
+    import tempfile
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+
+    def search(filter_string: str) -> list:
+        runs, token = [], None
+        while True:
+            page = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000,
+                                      order_by=["attributes.start_time ASC"], page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    parents = search(f"tags.`moue.sweep_id` = {_quote('sweep_id', sweep_id)} and tags.`moue.kind` = 'study'")
+    if not parents:
+        return None
+    parent = parents[0]
+    spec_text = ""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar on the console
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            spec_text = Path(client.download_artifacts(parent.info.run_id, "spec.toml", d)).read_text()
+        except Exception:  # an older record without the artifact: compare hashes only
+            pass
+    done = {}
+    for run in search(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`moue.kind` = 'trial'"):
+        tags = run.data.tags
+        if tags.get("moue.status") in DONE:
+            done.setdefault(tags.get("moue.trial_id", ""), {
+                "status": tags["moue.status"], "stop_reason": tags.get("moue.stop_reason", ""),
+                "metrics": dict(run.data.metrics)})
+    return RecordedSweep(parent_run_id=parent.info.run_id, spec_sha256=parent.data.tags.get("moue.spec_sha256", ""),
+                         spec_text=spec_text, done=done)
 
 
 # ---- provenance
