@@ -18,3 +18,6 @@ class AnalysisError(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{field} ({value!r}) {allowed}")
+
+    def __reduce__(self):  # picklable with its fields (see moue_core.errors.ConfigError)
+        return (type(self), (self.field, self.value, self.allowed))

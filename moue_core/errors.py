@@ -17,3 +17,8 @@ class ConfigError(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{field} ({value!r}) {allowed}")
+
+    def __reduce__(self):
+        # picklable with its three fields: raised in a Ray worker, it reaches the driver (and
+        # MLflow's stop reason) as itself, not as "TypeError: __init__() missing 2 arguments"
+        return (type(self), (self.field, self.value, self.allowed))

@@ -81,6 +81,8 @@ class TrainConfig:
             ok = ok and (v > low if open_low else v >= low) and v <= high
             if not ok:
                 lo = "(" if open_low else "["
+                if math.isinf(high):
+                    raise ConfigError(f"train.{name}", v, f"must be a finite number {'>' if open_low else '>='} {low}")
                 raise ConfigError(f"train.{name}", v, f"must be a number in {lo}{low}, {high}]")
 
         for name, low in (("tokens", 1), ("batch_tokens", 1), ("seq_len", 1), ("eval_every_tokens", 1),

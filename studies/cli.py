@@ -297,8 +297,13 @@ def sweep_cmd(
 def _sweep(study, *, workspace: Path, resume: bool, address, storage, tracking_uri):
     from studies.runner import Workspace, run_sweep
 
-    if tracking_uri and tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
-        fail(f"--tracking-uri ({tracking_uri!r}) must be an absolute sqlite:////path (trials run elsewhere)")
+    if tracking_uri:
+        from studies.tracking import check_tracking_uri
+
+        check_tracking_uri("--tracking-uri", tracking_uri)
+    for family, why in study.lost_families():
+        typer.echo(f"note: the constraints pruned every {family} point of this study ({why}); "
+                   "`--dry-run` lists them", err=True)
     return run_sweep(study, workspace=Workspace.at(workspace), resume=resume, address=address,
                      storage=storage, tracking_uri=tracking_uri)
 

@@ -467,7 +467,13 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or ``resume``) the study's sweep and return its outcome. One driver at a time holds
     the workspace (and a shared ``storage``); a second one exits 2 naming the holder."""
+    from studies.tracking import check_tracking_uri, probe_tracking_uri
+
     uri = tracking_uri or study.tracking_uri or workspace.tracking_uri
+    field = "--tracking-uri" if tracking_uri else "tracking.tracking_uri"
+    probe_tracking_uri(field, check_tracking_uri(field, uri))
+    if not address:
+        _check_resources(study, {"CPU": float(os.cpu_count() or 1), "GPU": float(_local_gpus())}, "this machine")
     storage_root = storage or str(workspace.ray)
     name = sweep_name(study)
     exp_dir = os.path.join(storage_root, name) if "://" not in storage_root else f"{storage_root.rstrip('/')}/{name}"
@@ -480,6 +486,28 @@ def run_sweep(
         return _run_sweep_locked(study, workspace=workspace, resume=resume, address=address, uri=uri,
                                  storage_root=storage_root, exp_dir=exp_dir, max_failures=max_failures,
                                  progress_stream=progress_stream)
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _check_resources(study: Study, largest: dict[str, float], where: str) -> None:
+    """A trial must fit on one node; otherwise Tune would wait for ever."""
+    cpus, gpu = study.resources.cpus, study.resources.gpu
+    if cpus > largest.get("CPU", 0):
+        raise ConfigError("resources.cpus", cpus, f"must be at most {largest.get('CPU', 0):g}: the CPUs of "
+                          f"{where} (a trial runs on one node)")
+    if gpu > largest.get("GPU", 0):
+        raise ConfigError("resources.gpu", gpu, f"must be at most {largest.get('GPU', 0):g}: the GPUs of {where}"
+                          + (" (it has none)" if not largest.get("GPU") else ""))
+
+
+def _largest_node(ray) -> dict[str, float]:
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU")}
 
 
 def _check_resumable(study: Study, recorded) -> None:
@@ -530,6 +558,9 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
         base = train_conversion_base(study, workspace)
     ray_init(address, workspace.root)
     import ray
+
+    if address:
+        _check_resources(study, _largest_node(ray), f"the largest node of the cluster at {address}")
 
     cpus = study.resources.cpus
     trainable = tune.with_resources(

@@ -122,6 +122,17 @@ class Study:
         steps = max(1, tokens // batch // self.marks)
         return steps * batch
 
+    def lost_families(self) -> list[tuple[str, str]]:
+        """Families (layerwise, one shared pool, rotational pool) the grid had but its constraints
+        pruned entirely, each with one reason: a launch says so, not only ``--dry-run``."""
+        kept = {_family(self.fixed, p) for p in self.points}
+        lost: dict[str, str] = {}
+        for point, why in self.pruned:
+            fam = _family(self.fixed, point)
+            if fam not in kept:
+                lost.setdefault(fam, why)
+        return sorted(lost.items())
+
     @property
     def eval_every_tokens(self) -> int:
         return self.eval_every(self.budget_tokens)
@@ -132,6 +143,9 @@ def _train_default(name: str) -> Any:
 
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
 
+
+MAX_NAME = 100  # a study name becomes folder names (Tune's trial dirs add ~100 more), runs and an experiment
+MAX_TOKENS = 10**12  # per trial
 
 _TOP_KEYS = {"name", "description", "search", "scheduler", "budget", "resources", "tracking", "analysis",
              "space", "fixed", "smoke"}
@@ -187,7 +201,12 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
     p = Path(path)
     if not p.is_file():
         raise ConfigError("spec", str(path), "must be an existing study TOML file (see `moue studies`)")
-    text = p.read_text()
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("spec", str(path), f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "a study is a TOML file saved as UTF-8") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -198,6 +217,9 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
     name = doc.get("name")
     if not isinstance(name, str) or not name.strip() or not all(c.isalnum() or c in "-_" for c in name):
         raise ConfigError("name", name, "must be a non-empty name of letters, digits, '-' and '_'")
+    if len(name) > MAX_NAME:
+        raise ConfigError("name", f"{name[:20]}... ({len(name)} characters)",
+                          f"must be at most {MAX_NAME} characters (it names folders, runs and the experiment)")
     description = doc.get("description", "")
     if not isinstance(description, str):
         raise ConfigError("description", description, "must be a string")
@@ -249,6 +271,8 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
         raise ConfigError("search.seeds", list(search.seeds), "must be a non-empty list of integers >= 0")
     if len(set(search.seeds)) != len(search.seeds):
         raise ConfigError("search.seeds", list(search.seeds), "must not repeat a seed")
+    if isinstance(search.seed, bool) or not 0 <= search.seed < 2**32:
+        raise ConfigError("search.seed", search.seed, "must be an integer in [0, 2**32) (the sampler's seed)")
     if search.max_concurrent < 0:
         raise ConfigError("search.max_concurrent", search.max_concurrent, "must be >= 0 (0: no limit)")
 
@@ -282,6 +306,14 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
         raise ConfigError("resources.cpus", resources.cpus, "must be > 0")
     if not 0 <= resources.gpu <= 8:
         raise ConfigError("resources.gpu", resources.gpu, "must be in [0, 8] (a fraction shares one GPU)")
+    if t.get("tracking_uri"):
+        from studies.tracking import check_tracking_uri
+
+        check_tracking_uri("tracking.tracking_uri", t["tracking_uri"])
+    device = fixed.get("train.device", "auto")
+    if isinstance(device, str) and device.startswith("cuda") and resources.gpu <= 0:
+        raise ConfigError("fixed.train.device", device, "needs resources.gpu > 0 (trials get a GPU only when they "
+                          "ask Ray for one); or use \"auto\" (CUDA where a trial has a GPU)")
     experiment = (t.get("experiment") or name) + ("-smoke" if smoke else "")  # smoke runs never mix in
     from analysis.laws import LAWS  # pure Python registry (no scipy at import)
 
@@ -323,7 +355,22 @@ def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path |
     else:
         for point in preview_points(study, 3):
             _validate_trial(study, point)
+    if not smoke and "smoke" in doc:  # the [smoke.*] overrides are checked now, not at the first --smoke
+        try:
+            load_study(p, smoke=True)
+        except ConfigError as exc:
+            raise _smoke_error(exc, _flatten_fixed(doc, "smoke")) from None
     return study
+
+
+def _smoke_error(exc: ConfigError, overrides: dict[str, Any]) -> ConfigError:
+    """An error of the study under its ``[smoke.*]`` overrides, named after the override it comes from."""
+    if exc.field.startswith("smoke."):
+        return exc
+    for key in overrides:
+        if exc.field in (key, f"fixed.{key}"):
+            return ConfigError(f"smoke.{key}", exc.value, exc.allowed)
+    return ConfigError(f"with --smoke, {exc.field}", exc.value, exc.allowed)
 
 
 def _budgets(value: Any) -> tuple[int, ...]:
@@ -333,6 +380,9 @@ def _budgets(value: Any) -> tuple[int, ...]:
         raise ConfigError("budget.tokens", value, "must be an integer >= 1 or a non-empty list of them")
     if len(set(values)) != len(values):
         raise ConfigError("budget.tokens", value, "must not repeat a budget")
+    if max(values) > MAX_TOKENS:
+        raise ConfigError("budget.tokens", max(values), f"must be at most {MAX_TOKENS:.0e} tokens per trial "
+                          "(moue runs many short trials; this is years of CPU time)")
     return tuple(sorted(values))
 
 
@@ -355,13 +405,22 @@ def _probe_fixed(fixed: dict[str, Any]) -> None:
                 warnings.simplefilter("ignore")  # a probe at default topology, not a model that runs
                 build(sections[name])
         except ConfigError as exc:
+            if exc.field in _BUDGET_FIELDS:
+                raise ConfigError(_BUDGET_FIELDS[exc.field], exc.value, exc.allowed) from None
             if exc.field.startswith(f"{name}.") and exc.field[len(name) + 1:] in sections[name]:
-                raise ConfigError(f"fixed.{exc.field}", exc.value, exc.allowed) from None
+                allowed = exc.allowed
+                if name == "train" and allowed.startswith("is not a train setting"):
+                    keys = [k for k in allowed.partition("allowed: ")[2].split(", ")
+                            if f"train.{k}" not in _BUDGET_FIELDS]  # [budget] sets those
+                    allowed = f"is not a train setting; allowed: {', '.join(keys)} (tokens and marks: [budget])"
+                raise ConfigError(f"fixed.{exc.field}", exc.value, allowed) from None
     try:  # the sections together (e.g. train.seq_len against model.max_seq_len)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             TrialConfig.from_dict(dict(sections))
     except ConfigError as exc:
+        if exc.field in _BUDGET_FIELDS:
+            raise ConfigError(_BUDGET_FIELDS[exc.field], exc.value, exc.allowed) from None
         if exc.field in fixed:
             raise ConfigError(f"fixed.{exc.field}", exc.value, exc.allowed) from None
 
@@ -390,6 +449,9 @@ def preview_points(study: Study, n: int) -> list[dict[str, Any]]:
     return points
 
 
+_BUDGET_FIELDS = {"train.tokens": "budget.tokens", "train.eval_every_tokens": "budget.marks"}
+
+
 def _validate_trial(study: Study, point: dict[str, Any]) -> None:
     """A trial built from the fixed settings and a point must be a valid ``TrialConfig``; an error
     in a setting that came from ``[fixed]`` is reported as ``fixed.<section>.<key>``."""
@@ -403,9 +465,24 @@ def _validate_trial(study: Study, point: dict[str, Any]) -> None:
     try:
         TrialConfig.from_dict(flat)
     except ConfigError as exc:
+        if exc.field in _BUDGET_FIELDS and exc.field not in point:  # set from [budget], not [fixed]
+            raise ConfigError(_BUDGET_FIELDS[exc.field], exc.value, exc.allowed) from None
         if exc.field in study.fixed and exc.field not in point:
             raise ConfigError(f"fixed.{exc.field}", exc.value, exc.allowed) from None
         raise
+
+
+def _family(fixed: dict[str, Any], point: dict[str, Any]) -> str:
+    """The architecture family a point's topology is: private windows per layer, one shared pool, or a rotation."""
+    from search_spaces.constraints import model_value
+
+    flat = {**fixed, **point}
+    L, P, w, s = (model_value(flat, k) for k in ("n_layers", "pool_size", "window", "stride"))
+    if w == P and not s:
+        return "one shared pool (UniPool-style)"
+    if s == w and w * L == P:
+        return "layerwise"
+    return "rotational pool (MoUE-style)"
 
 
 def shipped_studies() -> list[Path]:

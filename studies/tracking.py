@@ -38,8 +38,8 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-__all__ = ["SCHEMA_VERSION", "STATUSES", "DONE", "RecordedSweep", "Tracker", "environment_info", "git_info",
-           "recorded_sweep"]
+__all__ = ["SCHEMA_VERSION", "STATUSES", "DONE", "RecordedSweep", "Tracker", "check_tracking_uri", "environment_info",
+           "git_info", "probe_tracking_uri", "recorded_sweep"]
 
 SCHEMA_VERSION = 1
 STATUSES = ("finished", "early_stopped", "diverged", "failed")
@@ -302,6 +302,56 @@ class Tracker:
             return self._children[trial_id]
         except KeyError:
             raise KeyError(f"trial {trial_id!r} has no run yet: call Tracker.trial_run first") from None
+
+
+_SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's database stores (dialect[+driver])
+_SERVER_SCHEMES = ("http", "https", "databricks")
+
+
+def check_tracking_uri(field: str, uri: str) -> str:
+    """A tracking URI moue can write to from any directory: an absolute SQLite file, another SQL
+    database, or a tracking server. Raises ``ConfigError`` naming ``field`` otherwise."""
+    from urllib.parse import urlsplit
+
+    from moue_core.errors import ConfigError
+
+    allowed = "must be sqlite:////abs/path/mlflow.db, postgresql://..., mysql://... or http(s)://host:port"
+    if not isinstance(uri, str) or not uri or any(c.isspace() for c in uri) or "://" not in uri:
+        raise ConfigError(field, uri, f"is not a URI; it {allowed}")
+    scheme = urlsplit(uri).scheme.lower()
+    base = scheme.partition("+")[0]
+    if base == "file":
+        raise ConfigError(field, uri, f"is MLflow's file store, which moue does not use; it {allowed}")
+    if base not in _SQL_SCHEMES and scheme not in _SERVER_SCHEMES:
+        raise ConfigError(field, uri, f"has an unknown scheme {scheme!r}; it {allowed}")
+    if base == "sqlite" and not uri.startswith("sqlite:////"):
+        raise ConfigError(field, uri, "must be an absolute SQLite URI, sqlite:////abs/path/mlflow.db (trials "
+                          "run in other directories)")
+    if scheme in ("http", "https") and not urlsplit(uri).hostname:
+        raise ConfigError(field, uri, f"has no host; it {allowed}")
+    return uri
+
+
+def probe_tracking_uri(field: str, uri: str, *, timeout: float = 5.0) -> None:
+    """Fail within seconds when a tracking server does not answer (before a sweep launches: MLflow's
+    own retries would block for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    from moue_core.errors import ConfigError
+
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    url = f"{uri.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answers (a server without /health, or behind auth): reachable
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(field, uri, f"does not answer ({reason}); start the tracking server or fix the "
+                          "address") from None
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,16 @@ def _finished_children(uri: str) -> int:
     return sum(1 for c in children if c.data.tags.get("moue.status") == "finished")
 
 
+def _points(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric point of a run: key -> [(step, timestamp ms)]."""
+    run = client.get_run(run_id)
+    return {key: [(m.step, m.timestamp) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
+
+
 def test_driver_killed_with_sigkill_resumes(tmp_path) -> None:
+    """Killed right after trials finish (Tune saves its state only every ~10 s, so it may still
+    list them as running): the resumed sweep trains none of them again and writes no metric
+    point twice; the MLflow record is the source of truth."""
     spec = _write_spec(tmp_path / "smoke.toml", tokens=8192, marks=4)
     ws = tmp_path / "ws"
     uri = f"sqlite:///{ws / 'mlflow.db'}"
@@ -128,6 +137,9 @@ def test_driver_killed_with_sigkill_resumes(tmp_path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     kill_marked(mark)  # what the killed driver's cluster left behind
     assert _finished_children(uri) < 6, "the kill came mid-way"
+    client, _, before = runs_of(uri, "smoke")
+    done_before = {c.info.run_id: _points(client, c.info.run_id) for c in before
+                   if c.data.tags.get("moue.status") == "finished"}
 
     resumed = _moue("sweep", str(spec), "--workspace", str(ws), "--resume", env=env)
     try:
@@ -140,6 +152,13 @@ def test_driver_killed_with_sigkill_resumes(tmp_path) -> None:
     assert all(c.data.tags["moue.status"] == "finished" for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
     assert parents[0].info.status == "FINISHED"
+    for child in children:
+        points = _points(client, child.info.run_id)
+        for key, history in points.items():
+            steps = [step for step, _ in history]
+            assert len(steps) == len(set(steps)), f"{key} of {child.info.run_name} written twice: {steps}"
+        if child.info.run_id in done_before:
+            assert points == done_before[child.info.run_id], "a trial finished before the kill was not re-trained"
 
 
 def _free_port() -> int:
