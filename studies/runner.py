@@ -39,7 +39,7 @@ __all__ = ["Workspace", "SweepOutcome", "run_sweep", "dry_run", "trial_fn", "Mlf
 METRIC = "val_loss"  # what ASHA and the searchers optimise (a copy of TRACKING.md's val/loss)
 TIME_ATTR = "tokens"
 TRACKED = ("train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s", "balance/loss", "balance/load_cv",
-           "balance/dead_frac", "router/entropy", "router/z", "trial/restored_from")
+           "balance/dead_frac", "router/entropy", "router/z", "trial/restored_from", "trial/corrupt_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,6 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_check
     done (``done``, read by a resumed driver) is not trained again: its recorded result is
     reported once, so Tune, the searcher and the summary see it, and the tracker writes nothing."""
     import ray
-    import torch
 
     from moue_core.train import TrialConfig, train
 
@@ -114,15 +113,74 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_check
     if "convert.router_init" in flat:
         flat["train.init_from"] = _converted_checkpoint(flat, base_checkpoint, cache_dir)
     cfg = TrialConfig.from_dict({k: v for k, v in flat.items() if not k.startswith("convert.")})
-    state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    state, corrupt = _load_checkpoint(tune.get_checkpoint())
     extra: dict[str, Any] = {"node_id": ray.get_runtime_context().get_node_id()}
     if state is not None:  # a retry after a worker failure, or a restored sweep
         extra["trial/restored_from"] = int(state["step"]) * cfg.train.batch_tokens
+    if corrupt:  # recorded: checkpoints skipped as unreadable (the work since the one used is redone)
+        extra["trial/corrupt_checkpoints"] = corrupt
     train(cfg, _TuneSink(extra), cache_dir=cache_dir, resume=state)
+
+
+CHECKPOINT_FILE, CHECKSUM_FILE = "state.pt", "state.sha256"
+
+
+def _write_checkpoint(directory: Path, state: dict) -> None:
+    """``state.pt`` written atomically, with its SHA-256 beside it (checked on every load)."""
+    import hashlib
+
+    import torch
+
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+    (directory / CHECKSUM_FILE).write_text(digest)
+
+
+def _read_checkpoint(directory: Path) -> dict:
+    """The state of a checkpoint folder; ``ValueError`` when missing, truncated or altered."""
+    import hashlib
+    import io
+
+    import torch
+
+    try:
+        blob = (directory / CHECKPOINT_FILE).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"incomplete checkpoint: {exc}") from None
+    checksum = directory / CHECKSUM_FILE
+    # a checkpoint of a sweep started before checksums has none: then torch.load is the only check
+    if checksum.is_file() and hashlib.sha256(blob).hexdigest() != checksum.read_text().strip():
+        raise ValueError("checksum mismatch")
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def _load_checkpoint(checkpoint) -> tuple[dict | None, int]:
+    """The newest readable checkpoint of a trial: Tune's, else the trial's earlier ones (newest
+    first), else none (start over). Returns (state or None, how many were skipped as corrupt)."""
+    if checkpoint is None:
+        return None, 0
+    from pyarrow.fs import FileSelector, FileType
+
+    fs = checkpoint.filesystem
+    parent = os.path.dirname(checkpoint.path.rstrip("/"))
+    try:
+        found = [i.path for i in fs.get_file_info(FileSelector(parent, allow_not_found=True))
+                 if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")]
+    except OSError:
+        found = []
+    current = checkpoint.path.rstrip("/")
+    older = sorted((p for p in found if p.rstrip("/") < current), reverse=True)
+    corrupt = 0
+    for path in [current, *older]:
+        try:
+            with tune.Checkpoint(path=path, filesystem=fs).as_directory() as d:
+                return _read_checkpoint(Path(d)), corrupt
+        except Exception as exc:  # unreadable: fall back to the one before
+            print(f"[moue] checkpoint {path} is unusable ({exc}); trying an earlier one", file=sys.stderr)
+            corrupt += 1
+    return None, corrupt
 
 
 def _replayed(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -192,8 +250,6 @@ class _TuneSink:
         self.extra = extra
 
     def report(self, metrics: dict[str, Any], step: int, checkpoint: dict | None = None) -> None:
-        import torch
-
         out = {**self.extra, **metrics}
         out[TIME_ATTR] = step
         if "val/loss" in metrics:
@@ -204,7 +260,7 @@ class _TuneSink:
             tune.report(out)
             return
         with tempfile.TemporaryDirectory(prefix="moue-ckpt-") as d:
-            torch.save(checkpoint, Path(d) / "state.pt")
+            _write_checkpoint(Path(d), checkpoint)
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
 
     def close(self) -> None:

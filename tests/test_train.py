@@ -196,7 +196,7 @@ BAD = [
     (["--set", "data.corpus=/definitely/not/here"], "data.corpus ('/definitely/not/here') must be an existing"),
     (["--set", "train.batch_tokens=1000"], "train.batch_tokens (1000) must be a multiple of train.seq_len (128)"),
     (["--set", "model.top_k=9"], "model.top_k (9) must be <= model.window (8)"),
-    (["--set", "train.lr=-1"], "train.lr (-1.0) must be a number in (0.0, inf]"),
+    (["--set", "train.lr=-1"], "train.lr (-1.0) must be a finite number > 0.0"),
     (["--set", "train.seq_len=512"], "train.seq_len (512) must be <= model.max_seq_len (128)"),
     (["--set", "train.epochs=3"], "train.epochs (3) is not a train setting"),
     (["--set", "nonsense"], "--set ('nonsense') must look like section.key=value"),
