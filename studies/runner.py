@@ -289,7 +289,14 @@ def trial_params(study: Study, flat: dict[str, Any]) -> dict[str, Any]:
 
 
 class MlflowCallback(tune.Callback):
-    """Driver-side MLflow logging; the tracker is rebuilt lazily after unpickling (``Tuner.restore``)."""
+    """Driver-side MLflow logging; the tracker is rebuilt lazily after unpickling (``Tuner.restore``).
+
+    Every write is queued and the queue is drained in order. When a tracking *server* does not
+    answer, the queue keeps growing, the user is told once that nothing is lost, and the drain is
+    retried with back-off (1 s doubling to 30 s) from later callbacks, so an outage never blocks
+    Tune inside a callback; at the end of the sweep the driver waits for the server. The queue is
+    part of the pickled state, so a driver restart in an outage loses nothing Tune saved either.
+    """
 
     def __init__(self, *, study: Study, tracking_uri: str, sweep_id: str, parent_tags: dict[str, str]) -> None:
         self.study = study
@@ -298,11 +305,16 @@ class MlflowCallback(tune.Callback):
         self.parent_tags = parent_tags
         self._tracker = None
         self._attached: set[str] = set()
+        self._queue: list[tuple[str, tuple, dict]] = []
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        self._backoff = 1.0
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_tracker"] = None
         state["_attached"] = set()  # a restored driver re-attaches each trial to its run
+        # a restored driver re-attaches first: the queued trial_run calls stay (idempotent)
         return state
 
     @property
@@ -310,14 +322,58 @@ class MlflowCallback(tune.Callback):
         if self._tracker is None:
             from studies.tracking import Tracker, environment_info
 
-            self._tracker = Tracker(tracking_uri=self.tracking_uri, experiment=self.study.experiment)
-            self._tracker.start_parent(sweep_id=self.sweep_id, study=self.study.name, spec_text=self.study.source,
-                                       spec_sha256=self.study.sha256, tags=self.parent_tags,
-                                       environment=environment_info())
+            tracker = Tracker(tracking_uri=self.tracking_uri, experiment=self.study.experiment)
+            tracker.start_parent(sweep_id=self.sweep_id, study=self.study.name, spec_text=self.study.source,
+                                 spec_sha256=self.study.sha256, tags=self.parent_tags, environment=environment_info())
+            self._tracker = tracker
         return self._tracker
 
+    # ---- the write queue
+
+    def _outage(self, exc: BaseException) -> bool:
+        if not self.tracking_uri.lower().startswith(("http://", "https://")):
+            return False
+        import requests
+
+        return isinstance(exc, (OSError, requests.exceptions.RequestException)) or "API request to" in str(exc)
+
+    def _submit(self, method: str, *args, **kwargs) -> None:
+        self._queue.append((method, args, kwargs))
+        self._drain()
+
+    def _drain(self, *, wait: bool = False) -> None:
+        """Write the queue in order; on an outage keep the rest for later (or, with ``wait``, retry
+        until the server answers)."""
+        while self._queue:
+            if not wait and time.time() < self._next_try:
+                return
+            method, args, kwargs = self._queue[0]
+            try:
+                getattr(self.tracker, method)(*args, **kwargs)
+            except Exception as exc:
+                if not self._outage(exc):
+                    raise
+                if self._down_since is None:
+                    self._down_since = time.time()
+                    print(f"[moue] the tracking server {self.tracking_uri} does not answer; the driver keeps "
+                          "every record and writes it when the server is back (nothing is lost)",
+                          file=sys.stderr, flush=True)
+                self._next_try = time.time() + self._backoff
+                self._backoff = min(30.0, self._backoff * 2)
+                if not wait:
+                    return
+                time.sleep(max(0.0, self._next_try - time.time()))
+                continue
+            self._queue.pop(0)
+            if self._down_since is not None:
+                print(f"[moue] the tracking server is back after {time.time() - self._down_since:.0f} s; "
+                      "writing what was kept", file=sys.stderr, flush=True)
+                self._down_since, self._backoff = None, 1.0
+
+    # ---- Tune's hooks
+
     def setup(self, **info) -> None:
-        self.tracker  # noqa: B018 - create or re-attach the parent run now
+        self._submit("flush")  # creates or re-attaches the parent run now (or once the server answers)
 
     def _attach(self, trial) -> None:
         """Create or find the trial's run once per driver (params are resolved and counted once)."""
@@ -325,7 +381,7 @@ class MlflowCallback(tune.Callback):
             return
         flat = resolve_trial(self.study, trial.config)
         seed = str(flat.get("train.seed", 0))
-        self.tracker.trial_run(trial.trial_id, params=trial_params(self.study, flat), tags={"moue.seed": seed})
+        self._submit("trial_run", trial.trial_id, params=trial_params(self.study, flat), tags={"moue.seed": seed})
         self._attached.add(trial.trial_id)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -335,10 +391,10 @@ class MlflowCallback(tune.Callback):
         self._attach(trial)
         metrics = {k: result[k] for k in TRACKED if k in result}
         if metrics:
-            self.tracker.log_metrics(trial.trial_id, metrics, step=int(result[TIME_ATTR]))
+            self._submit("log_metrics", trial.trial_id, metrics, step=int(result[TIME_ATTR]))
             # one batched write per report: a driver crash then loses nothing the trial's checkpoint
             # will not replay (reports come only at marks, a handful per trial)
-            self.tracker.flush()
+            self._submit("flush")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._attach(trial)
@@ -346,14 +402,14 @@ class MlflowCallback(tune.Callback):
         status = last.get("status")
         if status == "finished":
             final = {k: last[k] for k in last if k.startswith("final/")}
-            self.tracker.finish_trial(trial.trial_id, status="finished", final=final)
+            self._submit("finish_trial", trial.trial_id, status="finished", final=final)
         elif status == "diverged":
-            self.tracker.finish_trial(trial.trial_id, status="diverged", stop_reason=str(last.get("stop_reason", "")))
+            self._submit("finish_trial", trial.trial_id, status="diverged", stop_reason=str(last.get("stop_reason", "")))
         else:
             tokens = int(last.get(TIME_ATTR, 0))
-            self.tracker.finish_trial(trial.trial_id, status="early_stopped",
-                                      stop_reason=f"stopped by the {self.study.scheduler.kind} scheduler at {tokens} tokens",
-                                      final={"final/val_loss": last.get("val/loss", math.nan), "final/tokens": tokens})
+            self._submit("finish_trial", trial.trial_id, status="early_stopped",
+                         stop_reason=f"stopped by the {self.study.scheduler.kind} scheduler at {tokens} tokens",
+                         final={"final/val_loss": last.get("val/loss", math.nan), "final/tokens": tokens})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._attach(trial)
@@ -361,10 +417,11 @@ class MlflowCallback(tune.Callback):
         if getattr(trial, "error_file", None) and os.path.exists(trial.error_file):
             lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
             reason = lines[-1][:500] if lines else reason
-        self.tracker.finish_trial(trial.trial_id, status="failed", stop_reason=reason)
+        self._submit("finish_trial", trial.trial_id, status="failed", stop_reason=reason)
 
     def on_experiment_end(self, trials, **info) -> None:
-        self.tracker.finish_parent("FINISHED")
+        self._queue.append(("finish_parent", ("FINISHED",), {}))
+        self._drain(wait=True)
 
 
 class ProgressCallback(tune.Callback):
@@ -528,6 +585,12 @@ def run_sweep(
     uri = tracking_uri or study.tracking_uri or workspace.tracking_uri
     field = "--tracking-uri" if tracking_uri else "tracking.tracking_uri"
     probe_tracking_uri(field, check_tracking_uri(field, uri))
+    if uri.lower().startswith(("http://", "https://")):
+        # fail fast inside a callback (MLflow's default retries block for minutes); the callback
+        # queues what it could not write and retries with its own back-off
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if not address:
         _check_resources(study, {"CPU": float(os.cpu_count() or 1), "GPU": float(_local_gpus())}, "this machine")
     storage_root = storage or str(workspace.ray)

@@ -291,11 +291,14 @@ class Tracker:
 
     def flush(self) -> None:
         """Write every buffered metric: one ``log_batch`` per run (per 1000 metrics)."""
-        pending, self._pending, self._n_pending = self._pending, {}, 0
-        for run_id, metrics in pending.items():
-            for lo in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
-                self.client.log_batch(run_id, metrics=metrics[lo:lo + _MAX_METRICS_PER_BATCH],
-                                      synchronous=True)
+        for run_id in list(self._pending):  # a failed write keeps what it did not write
+            metrics = self._pending[run_id]
+            while metrics:
+                batch = metrics[:_MAX_METRICS_PER_BATCH]
+                self.client.log_batch(run_id, metrics=batch, synchronous=True)
+                del metrics[:len(batch)]
+                self._n_pending -= len(batch)
+            del self._pending[run_id]
 
     def _run_of(self, trial_id: str) -> str:
         try:

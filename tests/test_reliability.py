@@ -140,3 +140,85 @@ def test_resume_on_an_empty_workspace_leaves_nothing_behind(tmp_path) -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "has no sweep state" in proc.stderr, proc.stderr
     assert not ws.exists()
+
+
+def _start_server(root: Path, port: int) -> subprocess.Popen:
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    end = time.time() + 120
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the mlflow server did not start")
+
+
+def test_tracking_server_outage_loses_nothing(tmp_path) -> None:
+    """The server dies mid-sweep and comes back: the driver tells the user once, keeps every
+    record, writes it when the server is back; every trial is complete, nothing is doubled."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    spec = tmp_path / "smoke.toml"
+    spec.write_text(SMOKE.read_text().replace("tokens = 4096\nmarks = 4", "tokens = 16384\nmarks = 4")
+                    .replace('kind = "asha"', 'kind = "none"').replace("seeds = [0, 1]", "seeds = [0]"))
+    server = _start_server(tmp_path, port)
+    mark, env = marked_env()
+    env["PYTHONPATH"] = str(ROOT)
+    sweep = subprocess.Popen(_cli("sweep", str(spec), "--workspace", str(tmp_path / "ws"), "--tracking-uri", uri),
+                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        def logged() -> bool:
+            try:
+                client = mlflow.MlflowClient(uri)
+                exp = client.get_experiment_by_name("smoke")
+                runs = client.search_runs([exp.experiment_id]) if exp else []
+                return any("val/loss" in r.data.metrics for r in runs if r.data.tags.get("moue.kind") == "trial")
+            except Exception:
+                return False
+
+        end = time.time() + 240
+        while not logged():
+            assert sweep.poll() is None and time.time() < end, "the sweep ended before the outage:\n" + (
+                sweep.stderr.read()[-3000:] if sweep.poll() is not None else "")
+            time.sleep(0.5)
+        os.killpg(server.pid, signal.SIGKILL)  # the outage
+        server.wait(30)
+        time.sleep(12)
+        assert sweep.poll() is None, "the driver survives the outage"
+        server = _start_server(tmp_path, port)
+        out, err = sweep.communicate(timeout=400)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+        kill_marked(mark)
+    try:
+        assert sweep.returncode == 0, out + err
+        assert err.count("does not answer") == 1 and "is back" in err, err
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name("smoke")
+        runs = client.search_runs([exp.experiment_id])
+        children = [r for r in runs if r.data.tags.get("moue.kind") == "trial"]
+        parents = [r for r in runs if r.data.tags.get("moue.kind") == "study"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert len(children) == 3 and all(c.data.tags.get("moue.status") == "finished" for c in children)
+        assert all(c.info.status == "FINISHED" for c in children)
+        for child in children:
+            for key in ("val/loss", "final/val_loss", "train/loss"):
+                steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+                assert steps and len(steps) == len(set(steps)), (key, steps)
+            assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 5, "every mark is kept"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
