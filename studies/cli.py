@@ -295,6 +295,7 @@ def sweep_cmd(
 
 
 def _sweep(study, *, workspace: Path, resume: bool, address, storage, tracking_uri):
+    from studies import reaper
     from studies.runner import Workspace, run_sweep
 
     if tracking_uri:
@@ -304,6 +305,7 @@ def _sweep(study, *, workspace: Path, resume: bool, address, storage, tracking_u
     for family, why in study.lost_families():
         typer.echo(f"note: the constraints pruned every {family} point of this study ({why}); "
                    "`--dry-run` lists them", err=True)
+    reaper.start()  # the local cluster's processes end with this command, however it ends
     return run_sweep(study, workspace=Workspace.at(workspace), resume=resume, address=address,
                      storage=storage, tracking_uri=tracking_uri)
 
@@ -370,8 +372,15 @@ def ui_cmd(
         fail(f"--workspace ({str(workspace)!r}) has no mlflow.db yet; run a sweep first")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
            "--host", host, "--port", str(port)]
+    from studies import reaper
+
+    reaper.start()  # the server and its workers end with this command, however it ends
     typer.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
-    raise typer.Exit(subprocess.call(cmd))
+    try:
+        code = subprocess.call(cmd)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
 
 
 @bench_app.command("sweep")

@@ -222,3 +222,75 @@ def test_tracking_server_outage_loses_nothing(tmp_path) -> None:
             assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 5, "every mark is kept"
     finally:
         os.killpg(server.pid, signal.SIGKILL)
+
+
+def _names(pids: list[int]) -> list[str]:
+    names = []
+    for pid in pids:
+        try:
+            names.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
+        except OSError:
+            pass
+    return names
+
+
+def _gone(mark: str, timeout: float) -> list[int]:
+    end = time.time() + timeout
+    while (left := marked_pids(mark)) and time.time() < end:
+        time.sleep(0.5)
+    return left
+
+
+def test_killed_driver_leaves_no_process_behind(tmp_path) -> None:
+    """SIGKILL of the driver alone (an OOM kill): Ray's agents, raylet, GCS and the trial workers
+    all end within seconds. (Ray's own fate-sharing already did so here; the watchdog of
+    studies/reaper.py is what guarantees it, and what ends `moue ui`'s server below.)"""
+    spec = tmp_path / "smoke.toml"
+    spec.write_text(SMOKE.read_text().replace("tokens = 4096", "tokens = 400_000"))
+    mark, env = marked_env()
+    env["PYTHONPATH"] = str(ROOT)
+    driver = subprocess.Popen(_cli("sweep", str(spec), "--workspace", str(tmp_path / "ws")), env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        end = time.time() + 240
+        while not any("DashboardAgent" in n or "ImplicitFunc" in n or "trial_fn" in n
+                      for n in _names(marked_pids(mark))):
+            assert driver.poll() is None and time.time() < end, "no trial started"
+            time.sleep(0.5)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+        left = _gone(mark, 30)
+        assert not left, f"left running after the driver was killed: {_names(left)}"
+    finally:
+        kill_marked(mark)
+
+
+def test_stopped_ui_leaves_no_server_behind(tmp_path) -> None:
+    import socket
+    import urllib.request
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    Tracker(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}", experiment="x")  # a store to browse
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mark, env = marked_env()
+    env["PYTHONPATH"] = str(ROOT)
+    ui = subprocess.Popen(_cli("ui", "--workspace", str(ws), "--port", str(port)), env=env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        end = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert ui.poll() is None and time.time() < end, "the UI did not start"
+                time.sleep(0.5)
+        ui.terminate()  # `kill PID` of the moue process alone
+        ui.wait(30)
+        left = _gone(mark, 30)
+        assert not left, f"left running after moue ui ended: {_names(left)}"
+    finally:
+        kill_marked(mark)

@@ -1,0 +1,66 @@
+"""Every process a moue command starts ends with it, however the command ends.
+
+A killed driver leaves Ray's agents (``ray::DashboardAgent``, ``RuntimeEnvAgent``) running, and a
+killed ``moue ui`` leaves the MLflow server and its uvicorn workers. :func:`start` gives this
+process a marker that every process it starts from then on inherits (in its environment) and a
+small watchdog process holding the read end of a pipe. When the command ends (normally, by an
+exception, SIGTERM or SIGKILL) the kernel closes the pipe; the watchdog then ends every process
+that carries the marker: SIGTERM, and SIGKILL for what is left after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+__all__ = ["MARK", "start"]
+
+MARK = "MOUE_COMMAND_ID"
+_watchdog: subprocess.Popen | None = None
+
+_WATCHDOG = r"""
+import os, signal, sys, time
+marker, grace = sys.argv[1].encode(), float(sys.argv[2])
+sys.stdin.buffer.read()  # returns when the command that started us has ended
+needle = b"%s=%s" % (sys.argv[3].encode(), marker)
+
+def marked():
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+    pids = marked()
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    end = time.time() + wait
+    while pids and time.time() < end:
+        time.sleep(0.1)
+        pids = [p for p in pids if os.path.exists(f"/proc/{p}")
+                and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+"""
+
+
+def start(grace_s: float = 3.0) -> None:
+    """Mark this command's future children and start their watchdog (once per process; Linux)."""
+    global _watchdog
+    if _watchdog is not None or not os.path.isdir("/proc"):
+        return
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != MARK}
+    _watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, marker, str(grace_s), MARK], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                 start_new_session=True, close_fds=True)
+    os.environ[MARK] = marker
