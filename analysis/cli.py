@@ -79,7 +79,7 @@ def report_cmd(
                                log_artifact=log_artifact, png_dir=png)
     except AnalysisError as e:
         raise _fail(e) from None
-    typer.echo(f"wrote {res.path} ({len(res.fits)} laws fitted, {len(res.figures)} figures)")
+    typer.echo(f"wrote {res.path} ({len(res.fits)} laws fitted, {len(res.figures)} figures); {res.runs_line()}")
     for name, why in res.skipped.items():
         typer.echo(f"skipped {name}: {why}")
     for note in res.notes:

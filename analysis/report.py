@@ -37,6 +37,13 @@ class ReportResult:
     figures: tuple[str, ...]
     notes: tuple[str, ...]
     logged_to: tuple[str, ...]
+    n_runs: int = 0  # trial runs the fits used
+    excluded: dict[str, int] = field(default_factory=dict)  # runs left out, by reason (diverged, failed, ...)
+
+    def runs_line(self) -> str:
+        """The runs the report used and those it left out, as its HTML says."""
+        parts = ", ".join(f"{v} {k}" for k, v in sorted(self.excluded.items()))
+        return f"runs: {self.n_runs} used" + (f"; excluded: {parts}" if parts else "")
 
 
 MAX_BUDGET_FILTER = ", largest token budget"  # appended to a fit's filter when law_frame kept only those
@@ -126,7 +133,9 @@ def write_report(
     runs = load_runs(experiment, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
     frame = runs.frame
     if frame.height == 0:
-        raise AnalysisError("experiment", experiment, "has no finished trials to report on")
+        why = ", ".join(f"{v} {k}" for k, v in sorted(runs.excluded.items()))
+        raise AnalysisError("experiment", experiment, "has no finished trials to report on"
+                            + (f" (excluded: {why})" if why else " (no trial runs)"))
     flt = "moue.status = finished" + (f", parent {parent_run_id}" if parent_run_id else "")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -216,7 +225,7 @@ def write_report(
             logged.append(p.run_id)
     return ReportResult(path=out, fits=fits, tests=tests, skipped=skipped,
                         figures=tuple(figs), notes=notes + tuple(extra_notes),
-                        logged_to=tuple(logged))
+                        logged_to=tuple(logged), n_runs=frame.height, excluded=dict(runs.excluded))
 
 
 def _export_png(figs, png_dir: Path) -> list[str]:

@@ -249,6 +249,7 @@ def run_cmd(
         res = write_report(study.experiment, tracking_uri=outcome.tracking_uri, output=out, laws=study.laws,
                            parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0)
     typer.echo("")
+    typer.echo(res.runs_line())
     for name, fit in res.fits.items():
         params = ", ".join(f"{k} = {v:.4g} [{fit.ci[k][0]:.3g}, {fit.ci[k][1]:.3g}]" for k, v in fit.params.items())
         typer.echo(f"{name}: {params}")

@@ -433,7 +433,7 @@ class ProgressCallback(tune.Callback):
         self.stream = stream
         self.t0 = time.time()
         self.last_print = 0.0
-        self.best = math.inf
+        self.trial_best: dict[str, float] = {}
         self.states: dict[str, str] = {}
         # the time left is estimated from tokens trained (trials differ in budget and size), with
         # the unused budget of a stopped trial taken out of the plan
@@ -495,12 +495,21 @@ class ProgressCallback(tune.Callback):
             self.seen[trial.trial_id] = int(tokens)
         v = result.get("val/loss")
         if isinstance(v, (int, float)) and math.isfinite(v):
-            self.best = min(self.best, v)
+            self.trial_best[trial.trial_id] = min(self.trial_best.get(trial.trial_id, math.inf), v)
+        if result.get("status") == "diverged":  # its earlier losses are no result
+            self.trial_best.pop(trial.trial_id, None)
         self._emit()
+
+    @property
+    def best(self) -> float:
+        """The best validation loss of a trial that has not diverged."""
+        return min(self.trial_best.values(), default=math.inf)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         status = (trial.last_result or {}).get("status")
         self.states[trial.trial_id] = status if status in ("finished", "diverged") else "early_stopped"
+        if status == "diverged":
+            self.trial_best.pop(trial.trial_id, None)
         self._unplan(trial)
         self._emit(force=True)
 

@@ -294,3 +294,59 @@ def test_stopped_ui_leaves_no_server_behind(tmp_path) -> None:
         assert not left, f"left running after moue ui ended: {_names(left)}"
     finally:
         kill_marked(mark)
+
+
+def _diverged_store(ws: Path) -> str:
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    ws.mkdir(parents=True, exist_ok=True)
+    t = Tracker(tracking_uri=uri, experiment="div")
+    t.start_parent(sweep_id="div", study="div", spec_text="name = 'div'", spec_sha256="0" * 64, tags={},
+                   environment={})
+    for i in range(4):
+        t.trial_run(f"t{i}", params={"model.d_model": 32}, tags={"moue.seed": "0"})
+        t.log_metrics(f"t{i}", {"val/loss": 5.0}, step=10)
+        t.finish_trial(f"t{i}", status="diverged", stop_reason="validation loss is nan")
+    t.trial_run("t9", params={"model.d_model": 32}, tags={"moue.seed": "0"})
+    t.finish_trial("t9", status="failed", stop_reason="boom")
+    t.finish_parent()
+    return uri
+
+
+def test_report_on_an_all_diverged_experiment_says_how_many_diverged(tmp_path) -> None:
+    ws = tmp_path / "ws"
+    _diverged_store(ws)
+    mark, env = marked_env()
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(_cli("report", "div", "--workspace", str(ws)), env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no finished trials" in lines[0] and "4 diverged" in lines[0] and "1 failed" in lines[0]
+
+
+def test_report_result_names_its_excluded_runs() -> None:
+    from analysis.report import ReportResult
+
+    res = ReportResult(path=Path("r.html"), fits={}, tests={}, skipped={}, figures=(), notes=(), logged_to=(),
+                       n_runs=3, excluded={"early_stopped": 3, "diverged": 1})
+    assert res.runs_line() == "runs: 3 used; excluded: 1 diverged, 3 early_stopped"
+
+
+def test_progress_best_ignores_diverged_trials() -> None:
+    from studies.runner import ProgressCallback
+
+    class Trial:  # the two attributes the callback reads
+        def __init__(self, trial_id: str) -> None:
+            self.trial_id, self.config, self.last_result = trial_id, {}, {}
+
+    cb = ProgressCallback(total=2, concurrency=2, total_tokens=0)
+    a, b = Trial("a"), Trial("b")
+    for t in (a, b):
+        cb.on_trial_start(0, [], t)
+    cb.on_trial_result(0, [], a, {"tokens": 10, "val/loss": 1.2})
+    cb.on_trial_result(0, [], b, {"tokens": 10, "val/loss": 3.0})
+    assert cb.best == 1.2
+    cb.on_trial_result(0, [], a, {"tokens": 20, "status": "diverged"})
+    a.last_result = {"status": "diverged"}
+    cb.on_trial_complete(0, [], a)
+    assert cb.best == 3.0 and "best val 3.0000" in cb._line()
