@@ -70,6 +70,18 @@ def _with_fixed(field: str, given: Mapping[str, Any], fixed: Mapping[str, str]) 
     return out
 
 
+def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    """Every run matching ``filter_string``, oldest first (all pages)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 class Tracker:
     """Writes one sweep to MLflow: ``start_parent``, then ``trial_run`` / ``log_metrics`` /
     ``finish_trial`` per trial, then ``finish_parent``. Errors from MLflow propagate."""
@@ -114,15 +126,7 @@ class Tracker:
         return self.client.create_experiment(self.experiment, artifact_location=location)
 
     def _search(self, filter_string: str) -> list:
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id], filter_string=filter_string,
-                                           max_results=1000, order_by=["attributes.start_time ASC"],
-                                           page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        return _search_runs(self.client, self.experiment_id, filter_string)
 
     # ---- parent
 
@@ -379,14 +383,7 @@ def recorded_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> Recorde
         return None
 
     def search(filter_string: str) -> list:
-        runs, token = [], None
-        while True:
-            page = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000,
-                                      order_by=["attributes.start_time ASC"], page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        return _search_runs(client, exp.experiment_id, filter_string)
 
     parents = search(f"tags.`moue.sweep_id` = {_quote('sweep_id', sweep_id)} and tags.`moue.kind` = 'study'")
     if not parents:

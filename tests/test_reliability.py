@@ -171,7 +171,7 @@ def test_tracking_server_outage_loses_nothing(tmp_path) -> None:
         port = s.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     spec = tmp_path / "smoke.toml"
-    spec.write_text(SMOKE.read_text().replace("tokens = 4096\nmarks = 4", "tokens = 16384\nmarks = 4")
+    spec.write_text(SMOKE.read_text().replace("tokens = 4096\nmarks = 4", "tokens = 8192\nmarks = 4")
                     .replace('kind = "asha"', 'kind = "none"').replace("seeds = [0, 1]", "seeds = [0]"))
     server = _start_server(tmp_path, port)
     mark, env = marked_env()
@@ -196,7 +196,7 @@ def test_tracking_server_outage_loses_nothing(tmp_path) -> None:
             time.sleep(0.5)
         os.killpg(server.pid, signal.SIGKILL)  # the outage
         server.wait(30)
-        time.sleep(12)
+        time.sleep(8)
         assert sweep.poll() is None, "the driver survives the outage"
         server = _start_server(tmp_path, port)
         out, err = sweep.communicate(timeout=400)
