@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from moue_core.tracking_contract import DEFAULT_WORKSPACE
+
 __all__ = ["register"]
 
 _TRACKING = typer.Option("--tracking-uri", help="MLflow tracking URI (default: sqlite:///"
@@ -49,7 +51,7 @@ def report_cmd(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file (default: "
                                                 "<workspace>/reports/<experiment>.html).")] = None,
     tracking_uri: Annotated[str | None, _TRACKING] = None,
-    workspace: Annotated[Path, _WORKSPACE] = Path("moue_runs"),
+    workspace: Annotated[Path, _WORKSPACE] = Path(DEFAULT_WORKSPACE),
     parent: Annotated[str | None, _PARENT] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
@@ -249,7 +251,7 @@ def check_cmd(
                                                   "virtual-width laws that fit).")] = None,
     level: Annotated[float, typer.Option("--level", help="Confidence level.")] = 0.95,
     tracking_uri: Annotated[str | None, _TRACKING] = None,
-    workspace: Annotated[Path, _WORKSPACE] = Path("moue_runs"),
+    workspace: Annotated[Path, _WORKSPACE] = Path(DEFAULT_WORKSPACE),
     parent: Annotated[str | None, _PARENT] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples when writing a "
                                            "baseline (checks reuse the baseline's).")] = 1000,

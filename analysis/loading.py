@@ -19,27 +19,20 @@ import types
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from analysis.errors import AnalysisError
+from moue_core.tracking_contract import (CURVE_METRICS, FINAL_VAL_LOSS, PARENT_RUN, PARENT_TAGS, SCHEMA,
+                                         SCHEMA_VERSION, SEED, STATUS, STATUSES, STOP_REASON, TRIAL_ID,
+                                         default_tracking_uri, search_runs)
 
 if TYPE_CHECKING:
     import polars as pl
 
 __all__ = ["SCHEMA_VERSION", "LoadedRuns", "ParentRun", "default_tracking_uri", "load_runs"]
 
-SCHEMA_VERSION = 1
-STATUSES = ("finished", "early_stopped", "diverged", "failed")
-CURVE_METRICS = ("train/loss", "val/loss")
-_PARENT_TAGS = ("moue.study", "moue.spec_sha256", "moue.git_sha", "moue.git_dirty",
-                "moue.corpus_fingerprint", "moue.search", "moue.scheduler")
+_PARENT_TAGS = PARENT_TAGS
 _INT = re.compile(r"^[+-]?\d+$")
-
-
-def default_tracking_uri(workspace: str | Path = "moue_runs") -> str:
-    """``sqlite:///<absolute workspace>/mlflow.db`` (ARCHITECTURE.md: absolute URI)."""
-    return f"sqlite:///{Path(workspace).expanduser().resolve() / 'mlflow.db'}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,23 +92,16 @@ def _cast_column(values: Sequence[str | None]):
 
 
 def _search_all(client, experiment_id: str, filter_string: str):
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string,
-                                  max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    return search_runs(client, experiment_id, filter_string)
 
 
 def _schema_of(run) -> int:
-    raw = run.data.tags.get("moue.schema")
+    raw = run.data.tags.get(SCHEMA)
     if raw is None or not _INT.match(raw):
-        raise AnalysisError("moue.schema", raw, f"of run {run.info.run_id} is missing or not an "
+        raise AnalysisError(SCHEMA, raw, f"of run {run.info.run_id} is missing or not an "
                             f"integer; this loader reads schema <= {SCHEMA_VERSION}")
     if int(raw) > SCHEMA_VERSION:
-        raise AnalysisError("moue.schema", int(raw), f"of run {run.info.run_id} is newer than "
+        raise AnalysisError(SCHEMA, int(raw), f"of run {run.info.run_id} is newer than "
                             f"this loader ({SCHEMA_VERSION}); upgrade moue to read it")
     return int(raw)
 
@@ -169,7 +155,7 @@ def load_runs(
     kept = []
     for run in trials:
         _schema_of(run)
-        status = run.data.tags.get("moue.status")
+        status = run.data.tags.get(STATUS)
         if status is None:
             excluded["unfinished"] += 1
         elif status not in STATUSES:
@@ -178,7 +164,7 @@ def load_runs(
             excluded[status] += 1
         elif run.info.status != "FINISHED":
             excluded["unfinished"] += 1
-        elif "final/val_loss" not in run.data.metrics:
+        elif FINAL_VAL_LOSS not in run.data.metrics:
             excluded["no final metrics"] += 1
         else:
             kept.append(run)
@@ -187,15 +173,15 @@ def load_runs(
     metric_keys = sorted({k for r in kept for k in r.data.metrics if k.startswith("final/")})
     columns: dict[str, pl.Series] = {
         "run_id": pl.Series([r.info.run_id for r in kept], dtype=pl.String),
-        "parent_run_id": pl.Series([r.data.tags.get("mlflow.parentRunId") for r in kept],
+        "parent_run_id": pl.Series([r.data.tags.get(PARENT_RUN) for r in kept],
                                    dtype=pl.String),
-        "trial_id": pl.Series([r.data.tags.get("moue.trial_id") for r in kept], dtype=pl.String),
-        "status": pl.Series([r.data.tags.get("moue.status") for r in kept], dtype=pl.String),
-        "stop_reason": pl.Series([r.data.tags.get("moue.stop_reason") for r in kept],
+        "trial_id": pl.Series([r.data.tags.get(TRIAL_ID) for r in kept], dtype=pl.String),
+        "status": pl.Series([r.data.tags.get(STATUS) for r in kept], dtype=pl.String),
+        "stop_reason": pl.Series([r.data.tags.get(STOP_REASON) for r in kept],
                                  dtype=pl.String),
-        "seed": _cast_column([r.data.tags.get("moue.seed") for r in kept]),
+        "seed": _cast_column([r.data.tags.get(SEED) for r in kept]),
         "corpus_fingerprint": pl.Series(
-            [parent_tags.get(r.data.tags.get("mlflow.parentRunId"), {}).get(
+            [parent_tags.get(r.data.tags.get(PARENT_RUN), {}).get(
                 "moue.corpus_fingerprint") for r in kept], dtype=pl.String),
     }
     for key in param_keys:

@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from analysis.errors import AnalysisError
+from moue_core import tracking_contract
 from moue_core.errors import ConfigError
 
 app = typer.Typer(
@@ -37,7 +38,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, AnalysisError) as exc:
+        except ConfigError as exc:  # AnalysisError is one too
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
 
@@ -120,7 +121,7 @@ def _print_compile_report() -> None:
                        f"{r['shared_bytes'] // 1024} KiB shared, {r['cp_async']} cp.async, {r['mma']}")
 
 
-DEFAULT_WORKSPACE = Path("moue_runs")
+DEFAULT_WORKSPACE = Path(tracking_contract.DEFAULT_WORKSPACE)
 QUICKSTART_TRIAL = Path(__file__).parent / "trials" / "quickstart.toml"
 
 

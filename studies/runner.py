@@ -30,6 +30,7 @@ from typing import Any
 from ray import tune
 
 from moue_core.errors import ConfigError
+from moue_core.tracking_contract import TRACKED
 from studies.cluster import check_state_trust, ray_init
 from studies.locking import hold
 from studies.spec import Study
@@ -38,8 +39,6 @@ __all__ = ["Workspace", "SweepOutcome", "run_sweep", "dry_run", "trial_fn", "Mlf
 
 METRIC = "val_loss"  # what ASHA and the searchers optimise (a copy of TRACKING.md's val/loss)
 TIME_ATTR = "tokens"
-TRACKED = ("train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s", "balance/loss", "balance/load_cv",
-           "balance/dead_frac", "router/entropy", "router/z", "trial/restored_from", "trial/corrupt_checkpoints")
 
 
 @dataclass(frozen=True)

@@ -38,17 +38,17 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from moue_core.tracking_contract import (DONE, KIND, KIND_STUDY, KIND_TRIAL, PARENT_RUN, SCHEMA, SCHEMA_VERSION, SEED,
+                                         STATUS, STATUSES, STOP_REASON, SWEEP_ID, TRIAL_ID, VAL_LOSS, search_runs)
+
 __all__ = ["SCHEMA_VERSION", "STATUSES", "DONE", "RecordedSweep", "Tracker", "check_tracking_uri", "environment_info",
            "git_info", "probe_tracking_uri", "recorded_sweep"]
 
-SCHEMA_VERSION = 1
-STATUSES = ("finished", "early_stopped", "diverged", "failed")
-DONE = ("finished", "early_stopped", "diverged")  # a trial in one of these is never trained again
 ORPHAN_REASON = "sweep ended while the trial was running"
 _MAX_METRICS_PER_BATCH = 1000  # MLflow LogBatch limits (REST API docs: "Request Limits")
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow >= 2.x
-_DEDUP_KEY = "val/loss"  # reported at every mark (moue_core.train), so its last step is the floor
+_DEDUP_KEY = VAL_LOSS  # reported at every mark (moue_core.train), so its last step is the floor
 _VERSIONED = ("torch", "ray", "mlflow", "optuna", "polars", "numpy", "moue")
 
 
@@ -68,18 +68,6 @@ def _with_fixed(field: str, given: Mapping[str, Any], fixed: Mapping[str, str]) 
                              f"the tracker ({value!r}); leave it out")
         out[key] = value
     return out
-
-
-def _search_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
-    """Every run matching ``filter_string``, oldest first (all pages)."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 class Tracker:
@@ -126,7 +114,7 @@ class Tracker:
         return self.client.create_experiment(self.experiment, artifact_location=location)
 
     def _search(self, filter_string: str) -> list:
-        return _search_runs(self.client, self.experiment_id, filter_string)
+        return search_runs(self.client, self.experiment_id, filter_string)
 
     # ---- parent
 
@@ -151,10 +139,10 @@ class Tracker:
             children = self._search(f"tags.`mlflow.parentRunId` = '{self._parent_id}' "
                                     "and tags.`moue.kind` = 'trial'")
             for child in children:
-                self._existing.setdefault(child.data.tags.get("moue.trial_id", ""), child)
+                self._existing.setdefault(child.data.tags.get(TRIAL_ID, ""), child)
         else:
-            fixed = {"moue.kind": "study", "moue.schema": str(SCHEMA_VERSION), "moue.study": study,
-                     "moue.spec_sha256": spec_sha256, "moue.sweep_id": sweep_id}
+            fixed = {KIND: KIND_STUDY, SCHEMA: str(SCHEMA_VERSION), "moue.study": study,
+                     "moue.spec_sha256": spec_sha256, SWEEP_ID: sweep_id}
             run = self.client.create_run(self.experiment_id, run_name=sweep_id,
                                          tags=_with_fixed("tags", tags, fixed))
             self._children, self._existing = {}, {}
@@ -180,8 +168,8 @@ class Tracker:
         running = self._search(f"tags.`mlflow.parentRunId` = '{parent}' "
                                "and attributes.status = 'RUNNING'")
         for run in running:
-            self.client.log_batch(run.info.run_id, tags=[RunTag("moue.status", "failed"),
-                                                         RunTag("moue.stop_reason", ORPHAN_REASON)],
+            self.client.log_batch(run.info.run_id, tags=[RunTag(STATUS, "failed"),
+                                                         RunTag(STOP_REASON, ORPHAN_REASON)],
                                   synchronous=True)
             self.client.set_terminated(run.info.run_id, status="KILLED")
         self.client.set_terminated(parent, status=status)
@@ -202,11 +190,11 @@ class Tracker:
         if trial_id in self._children:
             return self._children[trial_id]
         parent = self._require_parent()
-        if "moue.seed" not in tags:
+        if SEED not in tags:
             raise ValueError(f"tags of trial {trial_id!r} lack 'moue.seed' (TRACKING.md)")
         _quote("trial_id", trial_id)
-        fixed = {"mlflow.parentRunId": parent, "moue.kind": "trial",
-                 "moue.schema": str(SCHEMA_VERSION), "moue.trial_id": trial_id}
+        fixed = {PARENT_RUN: parent, KIND: KIND_TRIAL,
+                 SCHEMA: str(SCHEMA_VERSION), TRIAL_ID: trial_id}
         all_tags = _with_fixed("tags", tags, fixed)
         values = {k: str(v)[:_MAX_PARAM_VALUE] for k, v in params.items()}
         run = self._existing.pop(trial_id, None)
@@ -222,7 +210,7 @@ class Tracker:
                                      "change a param, and a resumed trial should not")
             history = self.client.get_metric_history(run.info.run_id, _DEDUP_KEY)
             self._floor[run.info.run_id] = max((m.step for m in history), default=-1)
-            done = run.data.tags.get("moue.status") in DONE
+            done = run.data.tags.get(STATUS) in DONE
             if done:  # the record is final: nothing more is written to it (no second final/*)
                 self._closed.add(run.info.run_id)
             elif run.info.status != "RUNNING":  # e.g. closed as an orphan: reopen
@@ -288,7 +276,7 @@ class Tracker:
                     metrics.append(Metric(key, float(value), now, step))
                     last[key] = step
         for lo in range(0, max(len(metrics), 1), _MAX_METRICS_PER_BATCH):
-            tags = [RunTag("moue.status", status), RunTag("moue.stop_reason", stop_reason)]
+            tags = [RunTag(STATUS, status), RunTag(STOP_REASON, stop_reason)]
             self.client.log_batch(run_id, metrics=metrics[lo:lo + _MAX_METRICS_PER_BATCH],
                                   tags=tags if lo == 0 else [], synchronous=True)
         self.client.set_terminated(run_id, status="FAILED" if status == "failed" else "FINISHED")
@@ -383,7 +371,7 @@ def recorded_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> Recorde
         return None
 
     def search(filter_string: str) -> list:
-        return _search_runs(client, exp.experiment_id, filter_string)
+        return search_runs(client, exp.experiment_id, filter_string)
 
     parents = search(f"tags.`moue.sweep_id` = {_quote('sweep_id', sweep_id)} and tags.`moue.kind` = 'study'")
     if not parents:
@@ -399,9 +387,9 @@ def recorded_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> Recorde
     done = {}
     for run in search(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`moue.kind` = 'trial'"):
         tags = run.data.tags
-        if tags.get("moue.status") in DONE:
-            done.setdefault(tags.get("moue.trial_id", ""), {
-                "status": tags["moue.status"], "stop_reason": tags.get("moue.stop_reason", ""),
+        if tags.get(STATUS) in DONE:
+            done.setdefault(tags.get(TRIAL_ID, ""), {
+                "status": tags[STATUS], "stop_reason": tags.get(STOP_REASON, ""),
                 "metrics": dict(run.data.metrics)})
     return RecordedSweep(parent_run_id=parent.info.run_id, spec_sha256=parent.data.tags.get("moue.spec_sha256", ""),
                          spec_text=spec_text, done=done)

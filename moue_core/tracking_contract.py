@@ -1,0 +1,76 @@
+"""The tracking contract: every name a sweep writes to MLflow and the analysis reads back.
+
+One pure-Python module (no MLflow, Ray or torch import) that the writer (``studies.tracking``,
+``studies.runner``) and the reader (``analysis.loading``) both import, so a name is spelled once.
+
+Layout of a sweep in MLflow (schema ``SCHEMA_VERSION``):
+
+- one **parent run** per sweep, tagged ``moue.kind = study``, ``moue.sweep_id``, ``moue.study``,
+  ``moue.spec_sha256`` and the provenance tags ``PARENT_TAGS``; artifacts ``spec.toml`` and
+  ``environment.json``;
+- one **child run** per trial (``mlflow.parentRunId``), tagged ``moue.kind = trial``,
+  ``moue.trial_id``, ``moue.seed`` and, when it ends, ``moue.status`` (one of ``STATUSES``) and
+  ``moue.stop_reason``; params: the trial's resolved config (``model.*``, ``train.*``,
+  ``data.*``), ``count.convention`` and ``derived.*``;
+- metrics: the learning curves ``TRACKED`` at step = tokens seen, and ``final/*`` once a trial
+  finished (or was stopped early).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "SCHEMA_VERSION", "KIND", "KIND_STUDY", "KIND_TRIAL", "SCHEMA", "STATUS", "STOP_REASON", "TRIAL_ID", "SEED",
+    "SWEEP_ID", "PARENT_RUN", "STATUSES", "DONE", "VAL_LOSS", "TRAIN_LOSS", "FINAL_VAL_LOSS", "FINAL_TOKENS",
+    "TRACKED", "CURVE_METRICS", "PARENT_TAGS", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
+]
+
+SCHEMA_VERSION = 1
+
+# tags
+KIND = "moue.kind"
+KIND_STUDY, KIND_TRIAL = "study", "trial"
+SCHEMA = "moue.schema"
+STATUS = "moue.status"
+STOP_REASON = "moue.stop_reason"
+TRIAL_ID = "moue.trial_id"
+SEED = "moue.seed"
+SWEEP_ID = "moue.sweep_id"
+PARENT_RUN = "mlflow.parentRunId"
+PARENT_TAGS = ("moue.study", "moue.spec_sha256", "moue.git_sha", "moue.git_dirty", "moue.corpus_fingerprint",
+               "moue.search", "moue.scheduler")
+
+# a trial's end states; a trial in one of DONE is never trained again (a failed one is retried)
+STATUSES = ("finished", "early_stopped", "diverged", "failed")
+DONE = ("finished", "early_stopped", "diverged")
+
+# metrics
+VAL_LOSS = "val/loss"
+TRAIN_LOSS = "train/loss"
+FINAL_VAL_LOSS = "final/val_loss"
+FINAL_TOKENS = "final/tokens"
+TRACKED = (TRAIN_LOSS, VAL_LOSS, "lr", "grad_norm", "tokens_per_s", "balance/loss", "balance/load_cv",
+           "balance/dead_frac", "router/entropy", "router/z", "trial/restored_from", "trial/corrupt_checkpoints")
+CURVE_METRICS = (TRAIN_LOSS, VAL_LOSS)
+
+# where things are by default
+DEFAULT_WORKSPACE = "moue_runs"
+
+
+def default_tracking_uri(workspace: str | Path = DEFAULT_WORKSPACE) -> str:
+    """``sqlite:///<absolute workspace>/mlflow.db`` (absolute: trials run in other directories)."""
+    return f"sqlite:///{Path(workspace).expanduser().resolve() / 'mlflow.db'}"
+
+
+def search_runs(client, experiment_id: str, filter_string: str) -> list:
+    """Every run of ``experiment_id`` matching ``filter_string``, oldest first, across all pages
+    (``client`` is an ``mlflow.MlflowClient``)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
