@@ -19,7 +19,7 @@ import torch
 
 from moue_core.config import ModelConfig
 from moue_core.moe import MoE, SwiGLU
-from moue_core.runtime import tune_malloc
+from moue_core.runtime import configure_process, tune_malloc
 
 __all__ = ["MoEShape", "SHAPES", "bench_moe"]
 
@@ -191,7 +191,7 @@ def bench_train(cfg, *, steps: int = 20, cache_dir) -> dict:
     tc = dataclasses.replace(cfg.train, tokens=steps * cfg.train.batch_tokens,
                              eval_every_tokens=10 * steps * cfg.train.batch_tokens)
     cfg = dataclasses.replace(cfg, train=tc)
-    tune_malloc()
+    configure_process(cfg.train.threads)  # before the matmul reference: both at the same threads
     before = matmul_gflops()
     result = train(cfg, None, cache_dir=cache_dir)
     after = matmul_gflops()

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-__all__ = ["tune_malloc", "set_threads"]
+__all__ = ["configure_process", "tune_malloc", "set_threads"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -40,3 +40,10 @@ def set_threads(n: int | None) -> int:
     if n is not None and n >= 1:
         torch.set_num_threads(int(n))
     return torch.get_num_threads()
+
+
+def configure_process(threads: int = 0) -> None:
+    """What a process that trains opts in to, once: the allocator tuning and ``threads`` intra-op
+    threads (0: torch's default)."""
+    tune_malloc()
+    set_threads(threads or None)

@@ -34,7 +34,6 @@ from moue_core.counting import CONVENTION, Counts, count
 from moue_core.data import BatchSampler, Corpus, DataConfig, load_corpus, validation_set
 from moue_core.errors import ConfigError
 from moue_core.model import MoUEModel
-from moue_core.runtime import set_threads, tune_malloc
 
 __all__ = ["TrainConfig", "TrialConfig", "TrialResult", "Sink", "NullSink", "train", "lr_at",
            "CHECKPOINT_VERSION"]
@@ -199,8 +198,6 @@ class TrialConfig:
 class Sink(Protocol):
     def report(self, metrics: dict[str, Any], step: int, checkpoint: dict | None = None) -> None: ...
 
-    def close(self) -> None: ...
-
 
 class NullSink:
     """Keeps every report in memory (tests, direct use); checkpoints are deep copies.
@@ -217,9 +214,6 @@ class NullSink:
         self.reports.append((step, dict(metrics)))
         if checkpoint is not None:
             self.checkpoints.append((step, copy.deepcopy(checkpoint)))
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,7 +268,11 @@ def train(
     cache_dir: str | Path,
     resume: dict | None = None,
 ) -> TrialResult:
-    """Train one trial; report to ``sink`` at every mark; return how it ended."""
+    """Train one trial; report to ``sink`` at every mark; return how it ended.
+
+    Changes no process-wide state: a process that runs trials opts in once to the allocator
+    tuning and its thread count with ``moue_core.runtime.configure_process(cfg.train.threads)``
+    (the sweep's workers, ``moue train`` and the benchmarks do)."""
     t_start = time.perf_counter()
     sink = sink or NullSink()
     tc, mc = cfg.train, cfg.model
@@ -282,8 +280,6 @@ def train(
     if device.type == "cuda" and tc.gpu_memory_fraction:
         # fractional-GPU trials (e.g. 4 per card) cannot starve each other of memory
         torch.cuda.set_per_process_memory_fraction(tc.gpu_memory_fraction, device)
-    tune_malloc()
-    set_threads(tc.threads or None)
     corpus: Corpus = load_corpus(cfg.data, cache_dir=cache_dir)
     if corpus.vocab_size > mc.vocab_size:
         raise ConfigError("model.vocab_size", mc.vocab_size,

@@ -200,7 +200,7 @@ class TritonExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_SD):
-        from moue_core.moe import grouped_mm
+        from moue_core.grouped import grouped_mm
 
         x_TD, token_S, gates_S, w_in, w_out, offs_P = ctx.saved_tensors
         with torch.enable_grad():

@@ -168,12 +168,12 @@ def train_cmd(
             if "val/loss" in metrics:
                 self.progress.update(self.task, completed=step, val=f"{metrics['val/loss']:.4f}")
 
-        def close(self) -> None:
-            pass
-
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
                   TextColumn("val {task.fields[val]}"), TimeRemainingColumn()) as progress:
         task = progress.add_task(run_name, total=total, val="-")
+        from moue_core.runtime import configure_process
+
+        configure_process(cfg.train.threads)
         result = train(cfg, ProgressSink(progress, task), cache_dir=workspace.resolve() / "cache", resume=state)
     c = result.counts
     typer.echo(f"status            {result.status}{': ' + result.stop_reason if result.stop_reason else ''}")

@@ -118,6 +118,9 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_check
         extra["trial/restored_from"] = int(state["step"]) * cfg.train.batch_tokens
     if corrupt:  # recorded: checkpoints skipped as unreadable (the work since the one used is redone)
         extra["trial/corrupt_checkpoints"] = corrupt
+    from moue_core.runtime import configure_process
+
+    configure_process(cfg.train.threads)  # this worker process trains: allocator and threads
     train(cfg, _TuneSink(extra), cache_dir=cache_dir, resume=state)
 
 
@@ -232,6 +235,9 @@ def train_conversion_base(study: Study, workspace: Workspace) -> str:
     path = workspace.root / "conversion" / f"{sweep_name(study)}-base.pt"
     if path.is_file():
         return str(path)
+    from moue_core.runtime import configure_process
+
+    configure_process(cfg.train.threads)
     sink = NullSink()
     result = train(cfg, sink, cache_dir=workspace.cache)
     if result.status != "finished":
@@ -261,9 +267,6 @@ class _TuneSink:
         with tempfile.TemporaryDirectory(prefix="moue-ckpt-") as d:
             _write_checkpoint(Path(d), checkpoint)
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
-
-    def close(self) -> None:
-        pass
 
 
 # ------------------------------------------------------------------------------ on the driver

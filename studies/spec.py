@@ -133,10 +133,6 @@ class Study:
                 lost.setdefault(fam, why)
         return sorted(lost.items())
 
-    @property
-    def eval_every_tokens(self) -> int:
-        return self.eval_every(self.budget_tokens)
-
 
 def _train_default(name: str) -> Any:
     from moue_core.train import TrainConfig  # imports torch: only reached when a default is needed
@@ -196,7 +192,7 @@ def _flatten_fixed(doc: dict, key: str) -> dict[str, Any]:
     return flat
 
 
-def load_study(path: str | Path, *, smoke: bool = False, workspace: str | Path | None = None) -> Study:
+def load_study(path: str | Path, *, smoke: bool = False) -> Study:
     """Load, validate and resolve a study (grid points included); raise ``ConfigError`` on any problem."""
     p = Path(path)
     if not p.is_file():

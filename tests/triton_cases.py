@@ -98,7 +98,7 @@ def test_half_precision_kernels_accumulate_in_fp32(blocks) -> None:
     w_in, w_out = pool.w_in_PDF2.detach().to(h), pool.w_out_PFD.detach().to(h)
     got = tm.triton_experts(x.to(h), token_S, gates_S.to(h), w_in, w_out, offs, blocks=getattr(tm, blocks))
     assert got.dtype == h
-    from moue_core.moe import grouped_mm
+    from moue_core.grouped import grouped_mm
 
     a, b = grouped_mm(x.to(h).float().index_select(0, token_S), w_in.float(), offs).split(48, dim=-1)
     hidden = (torch.nn.functional.silu(a) * b).to(h).float()  # h is stored in fp16 between the kernels
