@@ -14,7 +14,6 @@ from pathlib import Path
 
 import typer
 
-from analysis.errors import AnalysisError
 from moue_core import tracking_contract
 from moue_core.errors import ConfigError
 

@@ -3,6 +3,7 @@ sweep continues the spec it started with, and one driver holds a workspace at a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -173,7 +174,17 @@ def test_tracking_server_outage_loses_nothing(tmp_path) -> None:
     spec = tmp_path / "smoke.toml"
     spec.write_text(SMOKE.read_text().replace("tokens = 4096\nmarks = 4", "tokens = 8192\nmarks = 4")
                     .replace('kind = "asha"', 'kind = "none"').replace("seeds = [0, 1]", "seeds = [0]"))
-    server = _start_server(tmp_path, port)
+    servers = [_start_server(tmp_path, port)]
+    try:
+        _outage(tmp_path, spec, uri, port, servers)
+    finally:
+        for server in servers:  # whichever are still up, whatever failed
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+
+
+def _outage(tmp_path: Path, spec: Path, uri: str, port: int, servers: list) -> None:
+    server = servers[0]
     mark, env = marked_env()
     env["PYTHONPATH"] = str(ROOT)
     sweep = subprocess.Popen(_cli("sweep", str(spec), "--workspace", str(tmp_path / "ws"), "--tracking-uri", uri),
@@ -199,29 +210,27 @@ def test_tracking_server_outage_loses_nothing(tmp_path) -> None:
         time.sleep(8)
         assert sweep.poll() is None, "the driver survives the outage"
         server = _start_server(tmp_path, port)
+        servers.append(server)
         out, err = sweep.communicate(timeout=400)
     finally:
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
         kill_marked(mark)
-    try:
-        assert sweep.returncode == 0, out + err
-        assert err.count("does not answer") == 1 and "is back" in err, err
-        client = mlflow.MlflowClient(uri)
-        exp = client.get_experiment_by_name("smoke")
-        runs = client.search_runs([exp.experiment_id])
-        children = [r for r in runs if r.data.tags.get("moue.kind") == "trial"]
-        parents = [r for r in runs if r.data.tags.get("moue.kind") == "study"]
-        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-        assert len(children) == 3 and all(c.data.tags.get("moue.status") == "finished" for c in children)
-        assert all(c.info.status == "FINISHED" for c in children)
-        for child in children:
-            for key in ("val/loss", "final/val_loss", "train/loss"):
-                steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
-                assert steps and len(steps) == len(set(steps)), (key, steps)
-            assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 5, "every mark is kept"
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
+    assert sweep.returncode == 0, out + err
+    assert err.count("does not answer") == 1 and "is back" in err, err
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("moue.kind") == "trial"]
+    parents = [r for r in runs if r.data.tags.get("moue.kind") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 3 and all(c.data.tags.get("moue.status") == "finished" for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        for key in ("val/loss", "final/val_loss", "train/loss"):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            assert steps and len(steps) == len(set(steps)), (key, steps)
+        assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 5, "every mark is kept"
 
 
 def _names(pids: list[int]) -> list[str]:

@@ -1,0 +1,139 @@
+"""What runs in a Ray worker: one trial of a study (``trial_fn``) and its sink to Tune.
+
+Tune's flat config -> ``TrialConfig`` -> ``moue_core.train``, with a sink that turns each report
+into ``tune.report`` (+ a checkpoint) and resumes from the newest readable checkpoint after a
+worker failure or a driver restart; a trial the MLflow record holds as done replays its result.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from moue_core.tracking_contract import TRACKED
+from studies.checkpoints import load_checkpoint, write_checkpoint
+from studies.spec import Study
+from studies.workspace import Workspace, resolve_trial, sweep_name
+
+__all__ = ["METRIC", "TIME_ATTR", "trial_fn", "train_conversion_base"]
+
+METRIC = "val_loss"  # what ASHA and the searchers optimise (a copy of TRACKING.md's val/loss)
+TIME_ATTR = "tokens"
+
+
+def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_checkpoint: str | None = None,
+             done: dict[str, dict[str, Any]] | None = None) -> None:
+    """One Tune trial (runs in a Ray worker process). A trial the MLflow record already holds as
+    done (``done``, read by a resumed driver) is not trained again: its recorded result is
+    reported once, so Tune, the searcher and the summary see it, and the tracker writes nothing."""
+    import ray
+
+    from moue_core.train import TrialConfig, train
+
+    recorded = (done or {}).get(tune.get_context().get_trial_id())
+    if recorded is not None:
+        tune.report(_replayed(recorded))
+        return
+
+    flat = resolve_trial(study, config)
+    if "convert.router_init" in flat:
+        flat["train.init_from"] = _converted_checkpoint(flat, base_checkpoint, cache_dir)
+    cfg = TrialConfig.from_dict({k: v for k, v in flat.items() if not k.startswith("convert.")})
+    state, corrupt = load_checkpoint(tune.get_checkpoint())
+    extra: dict[str, Any] = {"node_id": ray.get_runtime_context().get_node_id()}
+    if state is not None:  # a retry after a worker failure, or a restored sweep
+        extra["trial/restored_from"] = int(state["step"]) * cfg.train.batch_tokens
+    if corrupt:  # recorded: checkpoints skipped as unreadable (the work since the one used is redone)
+        extra["trial/corrupt_checkpoints"] = corrupt
+    from moue_core.runtime import configure_process
+
+    configure_process(cfg.train.threads)  # this worker process trains: allocator and threads
+    train(cfg, _TuneSink(extra), cache_dir=cache_dir, resume=state)
+
+
+def _replayed(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A done trial's last report, rebuilt from its MLflow record."""
+    metrics = recorded["metrics"]
+    out = {k: v for k, v in metrics.items() if k in TRACKED or k.startswith("final/") or k.startswith("time/")}
+    out.update(status=recorded["status"], stop_reason=recorded["stop_reason"], replayed=True)
+    out[TIME_ATTR] = int(metrics.get("final/tokens", 0))
+    val = metrics.get("final/val_loss", metrics.get("val/loss"))
+    out[METRIC] = math.inf if recorded["status"] == "diverged" or val is None else val
+    if "final/train_s" in metrics:
+        out["time/train_s"] = metrics["final/train_s"]
+    return out
+
+
+def _converted_checkpoint(flat: dict[str, Any], base_checkpoint: str | None, cache_dir: str) -> str:
+    """The layerwise base widened to this trial's window (written once per window and router init)."""
+    import torch
+
+    from moue_core.config import ModelConfig
+    from moue_core.convert import widen_layerwise
+    from studies.trial import save_checkpoint
+
+    if base_checkpoint is None:
+        raise RuntimeError("a conversion trial needs the layerwise base checkpoint")
+    blob = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
+    base = ModelConfig.from_dict(blob["config"])
+    window, init = int(flat["model.window"]), str(flat["convert.router_init"])
+    path = Path(cache_dir) / "conversion" / f"{Path(base_checkpoint).stem}-w{window}-{init}.pt"
+    if not path.is_file():
+        cfg, state = widen_layerwise(blob["model"], base, target_window=window, router_init=init)
+        save_checkpoint(path, {"config": cfg.to_dict(), "model": state, "start_window": base.window})
+    return str(path)
+
+
+def train_conversion_base(study: Study, workspace: Workspace) -> str:
+    """Train the conversion study's layerwise base once (on the driver) for the study's budget."""
+    import dataclasses as dc
+
+    from moue_core.train import NullSink, TrialConfig, train
+    from search_spaces import layerwise_base
+    from studies.trial import save_checkpoint
+
+    point = study.points[0] if study.points else {}
+    base_flat = layerwise_base({**study.fixed, **point})
+    flat = {k: v for k, v in study.trial_flat(base_flat).items() if not k.startswith("convert.")}
+    flat.pop("train.widen_tokens", None)
+    flat.pop("train.init_from", None)
+    cfg = TrialConfig.from_dict(flat)
+    path = workspace.root / "conversion" / f"{sweep_name(study)}-base.pt"
+    if path.is_file():
+        return str(path)
+    from moue_core.runtime import configure_process
+
+    configure_process(cfg.train.threads)
+    sink = NullSink()
+    result = train(cfg, sink, cache_dir=workspace.cache)
+    if result.status != "finished":
+        raise RuntimeError(f"the layerwise base diverged: {result.stop_reason}")
+    state = sink.checkpoints[-1][1]["model"]
+    save_checkpoint(path, {"config": dc.asdict(cfg.model), "model": state, "val_loss": result.final_val_loss})
+    return str(path)
+
+
+class _TuneSink:
+    """Each report becomes one ``tune.report`` (with the checkpoint as a directory), plus ``extra``
+    (the node the trial runs on; where it was restored from)."""
+
+    def __init__(self, extra: dict[str, Any]) -> None:
+        self.extra = extra
+
+    def report(self, metrics: dict[str, Any], step: int, checkpoint: dict | None = None) -> None:
+        out = {**self.extra, **metrics}
+        out[TIME_ATTR] = step
+        if "val/loss" in metrics:
+            out[METRIC] = metrics["val/loss"]
+        elif metrics.get("status") == "diverged":
+            out[METRIC] = math.inf  # searchers see a diverged point as the worst, not as missing
+        if checkpoint is None:
+            tune.report(out)
+            return
+        with tempfile.TemporaryDirectory(prefix="moue-ckpt-") as d:
+            write_checkpoint(Path(d), checkpoint)
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
