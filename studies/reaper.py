@@ -5,7 +5,9 @@ killed ``moue ui`` leaves the MLflow server and its uvicorn workers. :func:`star
 process a marker that every process it starts from then on inherits (in its environment) and a
 small watchdog process holding the read end of a pipe. When the command ends (normally, by an
 exception, SIGTERM or SIGKILL) the kernel closes the pipe; the watchdog then ends every process
-that carries the marker: SIGTERM, and SIGKILL for what is left after a grace period.
+that carries the marker: SIGTERM, and SIGKILL for what is left after a grace period, sweeping
+again until nothing marked has been left for a second (a process that was being started while
+the command died, such as Ray's dashboard agent, is found by a later sweep).
 """
 
 from __future__ import annotations
@@ -38,18 +40,23 @@ def marked():
                 pass
     return found
 
-for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+# keep sweeping until nothing marked is left for a while: a process being started as we sweep
+# (Ray's raylet starting an agent) is found by a later pass. SIGTERM first, SIGKILL after `grace`.
+first, quiet, deadline = {}, 0, time.time() + 120
+while time.time() < deadline and quiet < 4:
     pids = marked()
+    quiet = 0 if pids else quiet + 1
+    now = time.time()
     for pid in pids:
+        seen = first.setdefault(pid, now)
         try:
-            os.kill(pid, sig)
+            if seen == now:
+                os.kill(pid, signal.SIGTERM)
+            elif now - seen > grace:
+                os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    end = time.time() + wait
-    while pids and time.time() < end:
-        time.sleep(0.1)
-        pids = [p for p in pids if os.path.exists(f"/proc/{p}")
-                and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    time.sleep(0.25)
 """
 
 

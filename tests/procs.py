@@ -18,10 +18,13 @@ MARK = "MOUE_TEST_PROCS"
 
 
 def marked_env(base: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
-    """A fresh marker and ``base`` (default: this environment, without Ray auth settings) carrying it."""
+    """A fresh marker and ``base`` (default: this environment) carrying it, without what an
+    in-process sweep of an earlier test left in this environment (Ray auth and single-host
+    settings, a command marker)."""
     marker = uuid.uuid4().hex
     env = dict(os.environ if base is None else base)
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "MOUE_COMMAND_ID"):
         env.pop(key, None)
     env[MARK] = marker
     return marker, env
