@@ -17,16 +17,14 @@ CHECKPOINT_FILE, CHECKSUM_FILE = "state.pt", "state.sha256"
 
 
 def write_checkpoint(directory: Path, state: dict) -> None:
-    """``state.pt`` written atomically, with its SHA-256 beside it (checked on every load)."""
+    """``state.pt`` written atomically (``studies.trial.save_checkpoint``), with its SHA-256 beside
+    it (checked on every load)."""
     import hashlib
 
-    import torch
+    from studies.trial import save_checkpoint
 
-    tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    os.replace(tmp, directory / CHECKPOINT_FILE)
-    (directory / CHECKSUM_FILE).write_text(digest)
+    save_checkpoint(directory / CHECKPOINT_FILE, state)
+    (directory / CHECKSUM_FILE).write_text(hashlib.sha256((directory / CHECKPOINT_FILE).read_bytes()).hexdigest())
 
 
 def read_checkpoint(directory: Path) -> dict:

@@ -302,14 +302,7 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
         raise ConfigError("resources.cpus", resources.cpus, "must be > 0")
     if not 0 <= resources.gpu <= 8:
         raise ConfigError("resources.gpu", resources.gpu, "must be in [0, 8] (a fraction shares one GPU)")
-    if t.get("tracking_uri"):
-        from studies.tracking import check_tracking_uri
-
-        check_tracking_uri("tracking.tracking_uri", t["tracking_uri"])
-    device = fixed.get("train.device", "auto")
-    if isinstance(device, str) and device.startswith("cuda") and resources.gpu <= 0:
-        raise ConfigError("fixed.train.device", device, "needs resources.gpu > 0 (trials get a GPU only when they "
-                          "ask Ray for one); or use \"auto\" (CUDA where a trial has a GPU)")
+    _check_placement(t.get("tracking_uri", ""), fixed, resources)
     experiment = (t.get("experiment") or name) + ("-smoke" if smoke else "")  # smoke runs never mix in
     from analysis.laws import LAWS  # pure Python registry (no scipy at import)
 
@@ -352,11 +345,28 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
         for point in preview_points(study, 3):
             _validate_trial(study, point)
     if not smoke and "smoke" in doc:  # the [smoke.*] overrides are checked now, not at the first --smoke
-        try:
-            load_study(p, smoke=True)
-        except ConfigError as exc:
-            raise _smoke_error(exc, _flatten_fixed(doc, "smoke")) from None
+        _check_smoke(p, _flatten_fixed(doc, "smoke"))
     return study
+
+
+def _check_placement(tracking_uri: str, fixed: dict[str, Any], resources: ResourcesSpec) -> None:
+    """Where the study's records go and its trials run: a usable tracking URI, a GPU share for CUDA."""
+    if tracking_uri:
+        from studies.tracking import check_tracking_uri
+
+        check_tracking_uri("tracking.tracking_uri", tracking_uri)
+    device = fixed.get("train.device", "auto")
+    if isinstance(device, str) and device.startswith("cuda") and resources.gpu <= 0:
+        raise ConfigError("fixed.train.device", device, "needs resources.gpu > 0 (trials get a GPU only when they "
+                          "ask Ray for one); or use \"auto\" (CUDA where a trial has a GPU)")
+
+
+def _check_smoke(path: Path, overrides: dict[str, Any]) -> None:
+    """The study under its ``[smoke.*]`` overrides; an error is named after the override it comes from."""
+    try:
+        load_study(path, smoke=True)
+    except ConfigError as exc:
+        raise _smoke_error(exc, overrides) from None
 
 
 def _smoke_error(exc: ConfigError, overrides: dict[str, Any]) -> ConfigError:
