@@ -11,7 +11,9 @@ Layout of a sweep in MLflow (schema ``SCHEMA_VERSION``):
 - one **child run** per trial (``mlflow.parentRunId``), tagged ``moue.kind = trial``,
   ``moue.trial_id``, ``moue.seed`` and, when it ends, ``moue.status`` (one of ``STATUSES``) and
   ``moue.stop_reason``; params: the trial's resolved config (``model.*``, ``train.*``,
-  ``data.*``), ``count.convention`` and ``derived.*``;
+  ``data.*``), ``count.convention`` and ``derived.*``, and the same resolved config once more as
+  one typed JSON object in the param ``CONFIG_PARAM`` (``{"model.pool_size": 32, ...}``: the
+  reader takes types from it instead of guessing them back from strings);
 - metrics: the learning curves ``TRACKED`` at step = tokens seen, and ``final/*`` once a trial
   finished (or was stopped early).
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 __all__ = [
     "SCHEMA_VERSION", "KIND", "KIND_STUDY", "KIND_TRIAL", "SCHEMA", "STATUS", "STOP_REASON", "TRIAL_ID", "SEED",
     "SWEEP_ID", "PARENT_RUN", "STATUSES", "DONE", "VAL_LOSS", "TRAIN_LOSS", "FINAL_VAL_LOSS", "FINAL_TOKENS",
-    "TRACKED", "CURVE_METRICS", "PARENT_TAGS", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
+    "TRACKED", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
 ]
 
 SCHEMA_VERSION = 1
@@ -40,6 +42,9 @@ SWEEP_ID = "moue.sweep_id"
 PARENT_RUN = "mlflow.parentRunId"
 PARENT_TAGS = ("moue.study", "moue.spec_sha256", "moue.git_sha", "moue.git_dirty", "moue.corpus_fingerprint",
                "moue.search", "moue.scheduler")
+
+# params
+CONFIG_PARAM = "config.json"  # the trial's resolved config, typed, as one JSON object
 
 # a trial's end states; a trial in one of DONE is never trained again (a failed one is retried)
 STATUSES = ("finished", "early_stopped", "diverged", "failed")

@@ -8,6 +8,7 @@ runs. ``ProgressCallback`` replaces Ray's tables with one live line of state.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 from ray import tune
 
-from moue_core.tracking_contract import TRACKED
+from moue_core.tracking_contract import CONFIG_PARAM, TRACKED
 from studies.spec import Study
 from studies.trainable import TIME_ATTR
 from studies.workspace import resolve_trial
@@ -40,6 +41,7 @@ def trial_params(study: Study, flat: dict[str, Any]) -> dict[str, Any]:
         params["train.init_from"] = "layerwise base (converted in the trial)"
     params.update({k: v for k, v in flat.items() if k.startswith("convert.")})
     params.update(count(cfg.model, seq_len=cfg.train.seq_len).as_params())
+    params[CONFIG_PARAM] = json.dumps({k: v for k, v in params.items()}, sort_keys=True)
     return params
 
 
