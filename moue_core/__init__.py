@@ -1,7 +1,8 @@
 """moue_core: the model family, counting, data and the single-trial training function.
 
 Pure torch and single-device: nothing here imports ray, mlflow, optuna or plotly. Attributes load
-lazily, so ``import moue_core.config`` / ``moue_core.counting`` (pure Python) never import torch:
+lazily, so ``import moue_core.config`` / ``moue_core.trial_config`` / ``moue_core.counting`` (pure Python)
+never import torch:
 search spaces and spec validation count parameters without it.
 """
 
@@ -24,9 +25,10 @@ _EXPORTS = {
     "WindowSchedule": "moue_core.convert",
     "convert_layerwise": "moue_core.convert",
     "layerwise_config": "moue_core.convert",
-    "DataConfig": "moue_core.data",
-    "TrainConfig": "moue_core.train",
-    "TrialConfig": "moue_core.train",
+    "DataConfig": "moue_core.trial_config",
+    "TrainConfig": "moue_core.trial_config",
+    "TrialConfig": "moue_core.trial_config",
+    "ConvertConfig": "moue_core.trial_config",
     "TrialResult": "moue_core.train",
     "train": "moue_core.train",
 }

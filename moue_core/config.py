@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from moue_core.errors import ConfigError
+from moue_core.fields import build, choice, integer, is_int, number
 from moue_core.topology import Topology
 
 __all__ = ["ModelConfig", "ROUTERS", "BALANCES", "FFNS", "DISPATCHES"]
@@ -69,36 +70,18 @@ class ModelConfig:
     dispatch: Literal["auto", "grouped_mm", "triton"] = "auto"  # auto: Triton on CUDA, grouped_mm on CPU
 
     def __post_init__(self) -> None:
-        def positive(name: str) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"model.{name}", v, "must be an integer >= 1")
-
-        def non_negative(name: str) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"model.{name}", v, "must be a number >= 0")
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            v = getattr(self, name)
-            if v not in allowed:
-                raise ConfigError(f"model.{name}", v, f"must be one of {', '.join(allowed)}")
-
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_hidden",
                      "pool_size", "window", "group", "top_k", "expert_hidden", "router_state_dim"):
-            positive(name)
+            integer(f"model.{name}", getattr(self, name), 1)
         for name in ("balance_coef", "z_loss_coef", "expert_bias_rate", "init_std", "norm_eps"):
-            non_negative(name)
-        if isinstance(self.stride, bool) or not isinstance(self.stride, int):
+            number(f"model.{name}", getattr(self, name), 0, finite=False)
+        if not is_int(self.stride):
             raise ConfigError("model.stride", self.stride, "must be an integer >= 0")
-        if isinstance(self.n_shared, bool) or not isinstance(self.n_shared, int) or self.n_shared < 0:
-            raise ConfigError("model.n_shared", self.n_shared, "must be an integer >= 0")
+        integer("model.n_shared", self.n_shared, 0)
         if self.rope_theta <= 0:
             raise ConfigError("model.rope_theta", self.rope_theta, "must be > 0")
-        choice("ffn", FFNS)
-        choice("router", ROUTERS)
-        choice("balance", BALANCES)
-        choice("dispatch", DISPATCHES)
+        for name, allowed in (("ffn", FFNS), ("router", ROUTERS), ("balance", BALANCES), ("dispatch", DISPATCHES)):
+            choice(f"model.{name}", getattr(self, name), allowed)
         gammas = self.balance_depth_weights
         if not isinstance(gammas, tuple) or (gammas and (
                 len(gammas) != self.n_layers or not all(isinstance(g, (int, float)) and g > 0 for g in gammas))):
@@ -153,22 +136,4 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a plain dict (TOML, Ray); unknown keys are an error naming the key."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"model.{key}", values[key],
-                                  f"is not a model setting; allowed: {', '.join(sorted(known))}")
-        coerced = {}
-        for key, value in values.items():
-            default = known[key].default
-            if key == "balance_depth_weights" and isinstance(value, list):
-                value = tuple(value)
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise ConfigError(f"model.{key}", value, "must be true or false")
-            elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
-                value = int(value)
-            coerced[key] = value
-        return cls(**coerced)
+        return build(cls, "model", values)

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from moue_core.errors import ConfigError
+from moue_core.trial_config import CORPUS_ALLOWED, TOKEN_DTYPES, DataConfig
 
 __all__ = ["DataConfig", "Corpus", "load_corpus", "BatchSampler", "ValidationSet",
            "validation_set", "SEPARATOR"]
@@ -68,64 +69,9 @@ __all__ = ["DataConfig", "Corpus", "load_corpus", "BatchSampler", "ValidationSet
 SEPARATOR = 0  # byte that follows every document of a text corpus
 TOKENIZER = "bytes-v1"
 SPLIT_RULE = "moue-split-v1"
-TOKEN_DTYPES = ("uint16", "uint32")
 TOKEN_SUFFIXES = (".bin", ".npy")
 STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
-_CORPUS_ALLOWED = "must be an existing file or folder, 'stdlib', or 'hf:<name>'"
 _CHUNK = 1 << 24  # tokens per hashing chunk
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    """Which corpus, how it is split, and the batch-order seed.
-
-    ``corpus`` paths are made absolute here (trials may run in another working directory).
-    ``seed`` only orders training batches; the split and the validation set never depend on it.
-    ``vocab_size``: ``None`` derives it (256 for bytes, largest token + 1 for token files); a number
-    must be at least that.
-    """
-
-    corpus: str = "stdlib"
-    token_dtype: str = "uint16"  # for *.bin token files; *.npy files carry their own dtype
-    val_fraction: float = 0.05
-    val_tokens: int = 65536  # tokens in the fixed validation set
-    seed: int = 0
-    vocab_size: int | None = None
-
-    def __post_init__(self) -> None:
-        c = self.corpus
-        if not isinstance(c, str) or not c.strip():
-            raise ConfigError("data.corpus", c, _CORPUS_ALLOWED)
-        if c.startswith("hf:"):
-            if not c[3:].strip():
-                raise ConfigError("data.corpus", c, "needs a dataset name after 'hf:'")
-        elif c != "stdlib":
-            path = Path(c).expanduser()
-            if not path.exists():
-                raise ConfigError("data.corpus", c, _CORPUS_ALLOWED)
-            object.__setattr__(self, "corpus", str(path.resolve()))
-        if self.token_dtype not in TOKEN_DTYPES:
-            raise ConfigError("data.token_dtype", self.token_dtype, f"must be one of {TOKEN_DTYPES}")
-        v = self.val_fraction
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 0.5:
-            raise ConfigError("data.val_fraction", v, "must be a number in (0, 0.5]")
-        for name, low in (("val_tokens", 1), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"data.{name}", v, f"must be an integer >= {low}")
-        v = self.vocab_size
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
-            raise ConfigError("data.vocab_size", v, "must be an integer >= 2, or unset to derive it")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
-        """Build from a plain dict (TOML, Ray); unknown keys are an error naming the key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key, value in values.items():
-            if key not in known:
-                raise ConfigError(f"data.{key}", value,
-                                  f"is not a data setting; allowed: {', '.join(sorted(known))}")
-        return cls(**values)
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,7 +111,7 @@ def load_corpus(cfg: DataConfig, *, cache_dir: str | os.PathLike[str]) -> Corpus
     else:
         path = Path(cfg.corpus)
         if not path.exists():
-            raise ConfigError("data.corpus", cfg.corpus, _CORPUS_ALLOWED)
+            raise ConfigError("data.corpus", cfg.corpus, CORPUS_ALLOWED)
         if path.is_file() and path.suffix in TOKEN_SUFFIXES:
             corpus = _token_file_corpus(cfg, cache, path)
         elif path.is_file():

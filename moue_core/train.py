@@ -18,10 +18,9 @@ its loss curve equals an uninterrupted run's.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -30,169 +29,16 @@ import torch.nn.functional as F
 
 from moue_core.config import ModelConfig
 from moue_core.convert import WindowSchedule
-from moue_core.counting import CONVENTION, Counts, count
-from moue_core.data import BatchSampler, Corpus, DataConfig, load_corpus, validation_set
+from moue_core.counting import Counts, count
+from moue_core.data import BatchSampler, Corpus, load_corpus, validation_set
 from moue_core.errors import ConfigError
 from moue_core.model import MoUEModel
+from moue_core.trial_config import TrainConfig, TrialConfig, lr_at
 
 __all__ = ["TrainConfig", "TrialConfig", "TrialResult", "Sink", "NullSink", "train", "lr_at",
            "CHECKPOINT_VERSION"]
 
 CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Optimisation and budget of one trial. Token counts are rounded to whole optimizer steps."""
-
-    tokens: int = 1_000_000  # training budget
-    batch_tokens: int = 8192  # tokens per optimizer step (batch size = batch_tokens / seq_len)
-    seq_len: int = 128
-    lr: float = 3e-3
-    schedule: Literal["cosine", "wsd"] = "cosine"
-    warmup_frac: float = 0.05
-    decay_frac: float = 0.2  # wsd: final fraction of steps spent decaying
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every_tokens: int = 262_144  # report marks; a study sets it from each trial's budget and [budget] marks
-    eval_batch: int = 32  # sequences per validation forward
-    max_loss: float = 100.0  # a loss above this counts as divergence
-    seed: int = 0  # model initialisation
-    threads: int = 0  # intra-op threads (0: leave torch's default)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
-    gpu_memory_fraction: float = 0.0  # CUDA: cap this process's share of the GPU (fractional trials); 0 = none
-    init_from: str = ""  # a converted checkpoint (``moue convert``) to start from
-    widen_tokens: int = 0  # converted models: tokens over which the window widens to model.window
-
-    def __post_init__(self) -> None:
-        def integer(name: str, low: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"train.{name}", v, f"must be an integer >= {low}")
-
-        def number(name: str, low: float, high: float = math.inf, *, open_low: bool = False) -> None:
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            ok = ok and (v > low if open_low else v >= low) and v <= high
-            if not ok:
-                lo = "(" if open_low else "["
-                if math.isinf(high):
-                    raise ConfigError(f"train.{name}", v, f"must be a finite number {'>' if open_low else '>='} {low}")
-                raise ConfigError(f"train.{name}", v, f"must be a number in {lo}{low}, {high}]")
-
-        for name, low in (("tokens", 1), ("batch_tokens", 1), ("seq_len", 1), ("eval_every_tokens", 1),
-                          ("eval_batch", 1), ("seed", 0), ("threads", 0), ("widen_tokens", 0)):
-            integer(name, low)
-        number("lr", 0.0, open_low=True)
-        number("warmup_frac", 0.0, 1.0)
-        number("decay_frac", 0.0, 1.0)
-        number("min_lr_ratio", 0.0, 1.0)
-        number("weight_decay", 0.0)
-        number("beta1", 0.0, 1.0)
-        number("beta2", 0.0, 1.0)
-        number("grad_clip", 0.0)
-        number("max_loss", 0.0, open_low=True)
-        number("gpu_memory_fraction", 0.0, 1.0)
-        if self.schedule not in ("cosine", "wsd"):
-            raise ConfigError("train.schedule", self.schedule, "must be one of cosine, wsd")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError("train.device", self.device, "must be one of auto, cpu, cuda")
-        if self.batch_tokens % self.seq_len:
-            raise ConfigError("train.batch_tokens", self.batch_tokens,
-                              f"must be a multiple of train.seq_len ({self.seq_len})")
-        if self.tokens < self.batch_tokens:
-            raise ConfigError("train.tokens", self.tokens,
-                              f"must be at least one step (train.batch_tokens = {self.batch_tokens})")
-        if self.init_from and not Path(self.init_from).is_file():
-            raise ConfigError("train.init_from", self.init_from, "must be an existing checkpoint file")
-        if self.widen_tokens and not self.init_from:
-            raise ConfigError("train.widen_tokens", self.widen_tokens, "needs train.init_from (a converted model)")
-
-    @property
-    def steps(self) -> int:
-        return self.tokens // self.batch_tokens
-
-    @property
-    def batch_size(self) -> int:
-        return self.batch_tokens // self.seq_len
-
-    @property
-    def eval_every_steps(self) -> int:
-        return max(1, self.eval_every_tokens // self.batch_tokens)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine to
-    ``min_lr_ratio * lr``, or warm-up-stable-decay (constant, then linear decay over the last
-    ``decay_frac`` of the steps)."""
-    total = cfg.steps
-    warmup = int(cfg.warmup_frac * total)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    floor = cfg.min_lr_ratio * cfg.lr
-    if cfg.schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay = int(cfg.decay_frac * total)
-    start = total - decay
-    if step < start:
-        return cfg.lr
-    return cfg.lr - (cfg.lr - floor) * (step - start + 1) / max(1, decay)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrialConfig:
-    """Everything one trial needs: the model, its training, its data."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-
-    def __post_init__(self) -> None:
-        if self.train.seq_len > self.model.max_seq_len:
-            raise ConfigError("train.seq_len", self.train.seq_len,
-                              f"must be <= model.max_seq_len ({self.model.max_seq_len})")
-        if self.model.ffn == "moe" and self.train.widen_tokens and self.model.window <= self.model.top_k:
-            raise ConfigError("train.widen_tokens", self.train.widen_tokens, "needs a window to widen")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrialConfig:
-        """From nested sections (``{"model": {...}, ...}``) and/or flat dotted keys
-        (``{"model.pool_size": 32}``): TOML files, ``--set`` overrides and Ray's configs."""
-        sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "data": {}}
-        for key, value in values.items():
-            if key in sections and isinstance(value, dict):
-                sections[key].update(value)
-                continue
-            head, _, rest = key.partition(".")
-            if head not in sections or not rest:
-                raise ConfigError(key, value, "is not a setting; use model.*, train.* or data.*")
-            sections[head][rest] = value
-        train_known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-        train_values = {}
-        for key, value in sections["train"].items():
-            if key not in train_known:
-                raise ConfigError(f"train.{key}", value,
-                                  f"is not a train setting; allowed: {', '.join(sorted(train_known))}")
-            default = train_known[key].default
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            train_values[key] = value
-        return cls(model=ModelConfig.from_dict(sections["model"]), train=TrainConfig(**train_values),
-                   data=DataConfig.from_dict(sections["data"]))
-
-    def to_flat(self) -> dict[str, Any]:
-        """Flat dotted keys, as logged to MLflow (TRACKING.md)."""
-        out: dict[str, Any] = {}
-        for name in ("model", "train", "data"):
-            for key, value in dataclasses.asdict(getattr(self, name)).items():
-                out[f"{name}.{key}"] = list(value) if isinstance(value, tuple) else value
-        out["count.convention"] = CONVENTION
-        return out
 
 
 class Sink(Protocol):

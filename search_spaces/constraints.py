@@ -2,60 +2,39 @@
 
 A point is a dict of flat dotted overrides (``{"model.pool_size": 32, "model.window": 8}``) applied
 on top of a study's fixed settings. ``check_point(flat)`` takes the merged dict and returns ``None``
-or one line saying why it cannot run: whatever ``ModelConfig`` rejects (``top_k <= window <=
-pool_size``, the stride range, ...; MODEL.md section 1), an expert no layer can reach (search spaces
-always reject these: a dead expert skews every parameter-matched comparison), and the training
-combinations ``TrialConfig`` would reject (context longer than the RoPE table, a budget shorter than
-one step, widening without a window to widen).
+or one line saying why it cannot run: whatever ``TrialConfig`` rejects (its model, training, data
+and conversion sections and the rules between them: ``top_k <= window <= pool_size``, context no
+longer than the RoPE table, a budget of at least one step, widening with a window to widen; see
+``moue_core.config`` and ``moue_core.trial_config``), with one rule of its own: search spaces
+reject an expert no layer can reach (a dead expert skews every parameter-matched comparison).
 
-Defaults are read from the dataclasses, never copied: ``ModelConfig`` directly (pure Python), and
-``TrainConfig`` from the source of ``moue_core/train.py`` (importing that module imports torch,
-which search spaces must not do), so a changed default there is a changed default here.
+Nothing here restates a rule or copies a default: the configs are pure Python and validate
+themselves; defaults are read from their dataclass fields.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import importlib.util
 import warnings
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from typing import Any
 
 from moue_core.config import ModelConfig
 from moue_core.errors import ConfigError
 from moue_core.topology import Topology
+from moue_core.trial_config import ROUTER_INITS, SECTIONS, TrainConfig, TrialConfig
 
 __all__ = ["check_point", "prune", "model_config", "model_value", "train_defaults", "train_value",
            "reaching_stride", "SECTIONS", "CONVERT_OPTIONS"]
 
-SECTIONS = ("model", "train", "data", "convert")
-CONVERT_OPTIONS = {"router_init": ("zero", "copy")}  # moue_core.convert.convert_layerwise
+CONVERT_OPTIONS = {"router_init": ROUTER_INITS}
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
-@lru_cache(maxsize=1)
 def train_defaults() -> dict[str, Any]:
-    """``TrainConfig``'s field defaults, read from the source of ``moue_core/train.py``.
-
-    Every default there is a literal; one that is not (or a missing class) is a loud error here,
-    not a silently wrong number."""
-    spec = importlib.util.find_spec("moue_core.train")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("moue_core.train not found: cannot read TrainConfig's defaults")
-    with open(spec.origin, encoding="utf-8") as fh:
-        tree = ast.parse(fh.read(), filename=spec.origin)
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "TrainConfig":
-            out = {}
-            for item in node.body:
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
-                    if item.value is None:
-                        raise RuntimeError(f"TrainConfig.{item.target.id} has no default")
-                    out[item.target.id] = ast.literal_eval(item.value)
-            return out
-    raise RuntimeError(f"no class TrainConfig in {spec.origin}")
+    """``TrainConfig``'s field defaults."""
+    return dict(_TRAIN_DEFAULTS)
 
 
 def model_value(flat: Mapping[str, Any], name: str) -> Any:
@@ -65,7 +44,7 @@ def model_value(flat: Mapping[str, Any], name: str) -> Any:
 
 def train_value(flat: Mapping[str, Any], name: str) -> Any:
     """``train.<name>`` from ``flat``, else ``TrainConfig``'s default."""
-    return flat.get(f"train.{name}", train_defaults()[name])
+    return flat.get(f"train.{name}", _TRAIN_DEFAULTS[name])
 
 
 def model_config(flat: Mapping[str, Any], *, require_reachable: bool | None = None) -> ModelConfig:
@@ -86,43 +65,10 @@ def model_config(flat: Mapping[str, Any], *, require_reachable: bool | None = No
 
 def check_point(flat: Mapping[str, Any]) -> str | None:
     """``None`` if the merged settings ``flat`` (fixed + point) can run, else one line saying why."""
-    for key, value in flat.items():
-        head, _, rest = key.partition(".")
-        if head not in SECTIONS or not rest:
-            return f"{key} ({value!r}) is not a setting; use {', '.join(s + '.*' for s in SECTIONS)}"
     try:
-        cfg = model_config(flat, require_reachable=True)
+        TrialConfig.from_dict({**flat, "model.require_reachable": True})
     except ConfigError as err:
         return str(err)
-    defaults = train_defaults()
-    for key, value in flat.items():
-        if key.startswith("train.") and key[len("train."):] not in defaults:
-            return f"{key} ({value!r}) is not a train setting; allowed: {', '.join(sorted(defaults))}"
-    sizes = {}
-    for name in ("tokens", "batch_tokens", "seq_len", "widen_tokens"):
-        v = train_value(flat, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            return f"train.{name} ({v!r}) must be an integer >= 0"
-        sizes[name] = v
-    if sizes["seq_len"] > cfg.max_seq_len:
-        return f"train.seq_len ({sizes['seq_len']}) must be <= model.max_seq_len ({cfg.max_seq_len})"
-    if sizes["seq_len"] < 1 or sizes["batch_tokens"] % sizes["seq_len"]:
-        return f"train.batch_tokens ({sizes['batch_tokens']}) must be a multiple of train.seq_len ({sizes['seq_len']})"
-    if sizes["tokens"] < max(1, sizes["batch_tokens"]):
-        return (f"train.tokens ({sizes['tokens']}) must be at least one step "
-                f"(train.batch_tokens = {sizes['batch_tokens']})")
-    if sizes["widen_tokens"]:
-        if sizes["widen_tokens"] > sizes["tokens"]:
-            return f"train.widen_tokens ({sizes['widen_tokens']}) must be <= train.tokens ({sizes['tokens']})"
-        if cfg.ffn != "moe" or cfg.window <= cfg.top_k:
-            return f"train.widen_tokens ({sizes['widen_tokens']}) needs a window to widen (model.window > model.top_k)"
-    for key, value in flat.items():
-        if key.startswith("convert."):
-            name = key[len("convert."):]
-            if name not in CONVERT_OPTIONS:
-                return f"{key} ({value!r}) is not a conversion setting; allowed: {', '.join(sorted(CONVERT_OPTIONS))}"
-            if value not in CONVERT_OPTIONS[name]:
-                return f"{key} ({value!r}) must be one of {', '.join(CONVERT_OPTIONS[name])}"
     return None
 
 

@@ -8,41 +8,20 @@ runs. ``ProgressCallback`` replaces Ray's tables with one live line of state.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from ray import tune
 
-from moue_core.tracking_contract import CONFIG_PARAM, TRACKED
+from moue_core.tracking_contract import TRACKED
 from studies.spec import Study
 from studies.trainable import TIME_ATTR
-from studies.workspace import resolve_trial
+from studies.plan import trial_params
 
 __all__ = ["MlflowCallback", "ProgressCallback", "trial_params"]
-
-
-def trial_params(study: Study, flat: dict[str, Any]) -> dict[str, Any]:
-    """The params TRACKING.md asks for: the full resolved config (defaults included), the counting
-    convention and the derived counts."""
-    from moue_core.counting import count
-    from moue_core.train import TrialConfig
-
-    settings = {k: v for k, v in flat.items() if not k.startswith("convert.")}
-    if "convert.router_init" in flat:
-        settings["train.init_from"] = study.path  # resolved in the worker; validated like the spec
-    cfg = TrialConfig.from_dict(settings)
-    params = cfg.to_flat()
-    if "convert.router_init" in flat:
-        params["train.init_from"] = "layerwise base (converted in the trial)"
-    params.update({k: v for k, v in flat.items() if k.startswith("convert.")})
-    params.update(count(cfg.model, seq_len=cfg.train.seq_len).as_params())
-    params[CONFIG_PARAM] = json.dumps({k: v for k, v in params.items()}, sort_keys=True)
-    return params
 
 
 class MlflowCallback(tune.Callback):
@@ -136,9 +115,8 @@ class MlflowCallback(tune.Callback):
         """Create or find the trial's run once per driver (params are resolved and counted once)."""
         if trial.trial_id in self._attached:
             return
-        flat = resolve_trial(self.study, trial.config)
-        seed = str(flat.get("train.seed", 0))
-        self._submit("trial_run", trial.trial_id, params=trial_params(self.study, flat), tags={"moue.seed": seed})
+        plan = self.study.plan(trial.config)
+        self._submit("trial_run", trial.trial_id, params=dict(plan.params), tags=dict(plan.tags))
         self._attached.add(trial.trial_id)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:

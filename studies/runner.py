@@ -25,10 +25,11 @@ from studies.cluster import check_state_trust, ray_init
 from studies.locking import hold
 from studies.spec import Study
 
-from studies.callbacks import MlflowCallback, ProgressCallback, trial_params
+from studies.callbacks import MlflowCallback, ProgressCallback
 from studies.checkpoints import prune_checkpoints
 from studies.trainable import METRIC, TIME_ATTR, train_conversion_base, trial_fn
-from studies.workspace import Workspace, resolve_trial, sweep_name
+from studies.plan import resolve_trial, trial_params
+from studies.workspace import Workspace, sweep_name
 
 # the names other modules (and Tune's pickled state of earlier sweeps) find here
 __all__ = ["Workspace", "SweepOutcome", "run_sweep", "dry_run", "trial_fn", "MlflowCallback", "ProgressCallback",
@@ -278,17 +279,16 @@ def dry_run(study: Study) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from studies.spec import preview_points
 
     if study.search.algorithm == "grid":
-        points = study.points
+        points, plans = study.points, study.plans
     else:
         points = preview_points(study, study.search.num_samples)
+        plans = [study.plan(point) for point in points]
     rows = []
-    for i, point in enumerate(points):
-        flat = resolve_trial(study, point)
-        params = trial_params(study, flat)
-        compute = params["derived.flops_per_token"] * flat["train.tokens"]
-        rows.append({"trial": i, "point": point, "tokens": flat["train.tokens"], "active": params["derived.n_params_active"],
-                     "total": params["derived.n_params_total"], "virtual_width": params["derived.virtual_width"],
-                     "reuse": params["derived.reuse"], "compute": compute})
+    for i, (point, plan) in enumerate(zip(points, plans, strict=True)):
+        c = plan.counts
+        rows.append({"trial": i, "point": point, "tokens": plan.tokens, "active": c.n_params_active,
+                     "total": c.n_params_total, "virtual_width": c.virtual_width, "reuse": c.reuse,
+                     "compute": plan.compute})
     totals = {"trials": len(rows), "compute": sum(r["compute"] for r in rows), "pruned": len(study.pruned),
               "tokens": sum(r["tokens"] for r in rows)}
     return rows, totals

@@ -105,6 +105,14 @@ class Study:
     points: list[dict[str, Any]] = field(default_factory=list)  # grid: resolved points (seed included)
     pruned: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     budgets: tuple[int, ...] = ()  # every token budget, ascending (one entry unless [budget] lists several)
+    plans: tuple = ()  # grid: one studies.plan.TrialPlan per point, in the order of ``points``
+
+    def plan(self, config: dict[str, Any]):
+        """The ``TrialPlan`` of the trial Tune configured with ``config`` (``{"point": {...}}`` for
+        grids, the sampler's suggestion otherwise): the one place a trial's config is decided."""
+        from studies.plan import plan_trial
+
+        return plan_trial(self, config)
 
     def trial_tokens(self, point: dict[str, Any]) -> int:
         """A trial's token budget: the point's own (several budgets) or the study's."""
@@ -135,7 +143,7 @@ class Study:
 
 
 def _train_default(name: str) -> Any:
-    from moue_core.train import TrainConfig  # imports torch: only reached when a default is needed
+    from moue_core.trial_config import TrainConfig
 
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
 
@@ -337,10 +345,9 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
         if not kept:
             reasons = "; ".join(sorted({why for _, why in pruned})) or "the grid is empty"
             raise ConfigError("search.space", search.space, f"yields no valid point with these settings: {reasons}")
-        for point in kept:
-            _validate_trial(study, point)
         seeded = [{**pt, "train.seed": seed, "data.seed": seed} for pt in kept for seed in search.seeds]
-        study = dataclasses.replace(study, points=seeded, pruned=pruned)
+        plans = tuple(_validate_trial(study, pt) for pt in seeded)
+        study = dataclasses.replace(study, points=seeded, pruned=pruned, plans=plans)
     else:
         for point in preview_points(study, 3):
             _validate_trial(study, point)
@@ -399,8 +406,7 @@ def _probe_fixed(fixed: dict[str, Any]) -> None:
     import warnings
 
     from moue_core.config import ModelConfig
-    from moue_core.data import DataConfig
-    from moue_core.train import TrialConfig
+    from moue_core.trial_config import DataConfig, TrialConfig
 
     sections = {name: {k.partition(".")[2]: v for k, v in fixed.items() if k.startswith(name + ".")}
                 for name in ("model", "train", "data")}
@@ -458,18 +464,11 @@ def preview_points(study: Study, n: int) -> list[dict[str, Any]]:
 _BUDGET_FIELDS = {"train.tokens": "budget.tokens", "train.eval_every_tokens": "budget.marks"}
 
 
-def _validate_trial(study: Study, point: dict[str, Any]) -> None:
-    """A trial built from the fixed settings and a point must be a valid ``TrialConfig``; an error
-    in a setting that came from ``[fixed]`` is reported as ``fixed.<section>.<key>``."""
-    from moue_core.train import TrialConfig
-
-    flat = {k: v for k, v in study.trial_flat(point).items() if not k.startswith("convert.")}
-    if "convert.router_init" in point:
-        # the runner trains and converts the layerwise base at launch; any existing file stands in
-        # for that checkpoint here, so the rest of the trial is still validated now
-        flat["train.init_from"] = study.path
+def _validate_trial(study: Study, point: dict[str, Any]):
+    """The plan of a point (a valid ``TrialConfig``); an error in a setting that came from
+    ``[fixed]`` is reported as ``fixed.<section>.<key>``."""
     try:
-        TrialConfig.from_dict(flat)
+        return study.plan({"point": point})
     except ConfigError as exc:
         if exc.field in _BUDGET_FIELDS and exc.field not in point:  # set from [budget], not [fixed]
             raise ConfigError(_BUDGET_FIELDS[exc.field], exc.value, exc.allowed) from None

@@ -17,7 +17,7 @@ from ray import tune
 from moue_core.tracking_contract import TRACKED
 from studies.checkpoints import load_checkpoint, write_checkpoint
 from studies.spec import Study
-from studies.workspace import Workspace, resolve_trial, sweep_name
+from studies.workspace import Workspace, sweep_name
 
 __all__ = ["METRIC", "TIME_ATTR", "trial_fn", "train_conversion_base"]
 
@@ -32,17 +32,16 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_check
     reported once, so Tune, the searcher and the summary see it, and the tracker writes nothing."""
     import ray
 
-    from moue_core.train import TrialConfig, train
+    from moue_core.train import train
 
     recorded = (done or {}).get(tune.get_context().get_trial_id())
     if recorded is not None:
         tune.report(_replayed(recorded))
         return
 
-    flat = resolve_trial(study, config)
-    if "convert.router_init" in flat:
-        flat["train.init_from"] = _converted_checkpoint(flat, base_checkpoint, cache_dir)
-    cfg = TrialConfig.from_dict({k: v for k, v in flat.items() if not k.startswith("convert.")})
+    cfg = study.plan(config).config
+    if cfg.convert is not None:
+        cfg = cfg.resolved(_converted_checkpoint(cfg, base_checkpoint, cache_dir))
     state, corrupt = load_checkpoint(tune.get_checkpoint())
     extra: dict[str, Any] = {"node_id": ray.get_runtime_context().get_node_id()}
     if state is not None:  # a retry after a worker failure, or a restored sweep
@@ -68,7 +67,7 @@ def _replayed(recorded: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _converted_checkpoint(flat: dict[str, Any], base_checkpoint: str | None, cache_dir: str) -> str:
+def _converted_checkpoint(cfg, base_checkpoint: str | None, cache_dir: str) -> str:
     """The layerwise base widened to this trial's window (written once per window and router init)."""
     import torch
 
@@ -80,7 +79,7 @@ def _converted_checkpoint(flat: dict[str, Any], base_checkpoint: str | None, cac
         raise RuntimeError("a conversion trial needs the layerwise base checkpoint")
     blob = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
     base = ModelConfig.from_dict(blob["config"])
-    window, init = int(flat["model.window"]), str(flat["convert.router_init"])
+    window, init = cfg.model.window, cfg.convert.router_init
     path = Path(cache_dir) / "conversion" / f"{Path(base_checkpoint).stem}-w{window}-{init}.pt"
     if not path.is_file():
         cfg, state = widen_layerwise(blob["model"], base, target_window=window, router_init=init)
@@ -101,7 +100,7 @@ def train_conversion_base(study: Study, workspace: Workspace) -> str:
     flat = {k: v for k, v in study.trial_flat(base_flat).items() if not k.startswith("convert.")}
     flat.pop("train.widen_tokens", None)
     flat.pop("train.init_from", None)
-    cfg = TrialConfig.from_dict(flat)
+    cfg = TrialConfig.from_dict(flat)  # the base is not a trial of the study: no plan, no threads setting
     path = workspace.root / "conversion" / f"{sweep_name(study)}-base.pt"
     if path.is_file():
         return str(path)
