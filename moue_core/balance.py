@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["balance_loss", "pool_fraction", "z_loss"]
+__all__ = ["balance_loss", "pool_fraction", "z_loss", "LOSSES"]
 
 
 def _scatter_mean_over_layers(values_Lw: torch.Tensor, ids_Lw: torch.Tensor, pool_size: int) -> torch.Tensor:
@@ -43,6 +43,42 @@ def pool_fraction(frac_Lw: torch.Tensor, ids_Lw: torch.Tensor, pool_size: int) -
     return _scatter_mean_over_layers(frac_Lw.detach(), ids_Lw, pool_size) / frac_Lw.shape[0]
 
 
+def _switch(frac_Lw, prob_Lw, ids_Lw, pool_size, *, coef, prev_fbar_P, gamma_L):
+    w = frac_Lw.shape[1]
+    per_layer_L = w * (frac_Lw * prob_Lw).sum(dim=1)
+    return coef * per_layer_L.mean()
+
+
+def _pool(frac_Lw, prob_Lw, ids_Lw, pool_size, *, coef, prev_fbar_P, gamma_L):
+    L, w = frac_Lw.shape
+    exposure_P = _scatter_mean_over_layers(torch.ones_like(frac_Lw), ids_Lw, pool_size)  # n_j
+    fbar_P = pool_fraction(frac_Lw, ids_Lw, pool_size) if prev_fbar_P is None else prev_fbar_P
+    pbar_P = _scatter_mean_over_layers(prob_Lw, ids_Lw, pool_size) / L
+    uniform_P = exposure_P / (L * w)
+    return coef * (fbar_P.to(pbar_P.dtype) * pbar_P).sum() / uniform_P.pow(2).sum()
+
+
+def _exposure(frac_Lw, prob_Lw, ids_Lw, pool_size, *, coef, prev_fbar_P, gamma_L):
+    w = frac_Lw.shape[1]
+    exposure_P = _scatter_mean_over_layers(torch.ones_like(frac_Lw), ids_Lw, pool_size)  # n_j
+    if gamma_L is not None:
+        weight_L1 = (gamma_L / gamma_L.mean()).to(prob_Lw.dtype).unsqueeze(1)
+        frac_Lw, prob_Lw = frac_Lw * weight_L1, prob_Lw * weight_L1
+    reach_P = exposure_P > 0
+    n_P = exposure_P.clamp_min(1)
+    fhat_P = _scatter_mean_over_layers(frac_Lw, ids_Lw, pool_size) / n_P
+    phat_P = _scatter_mean_over_layers(prob_Lw, ids_Lw, pool_size) / n_P
+    return coef * (w * w / reach_P.sum()) * (fhat_P * phat_P).sum()
+
+
+def _none(frac_Lw, prob_Lw, ids_Lw, pool_size, *, coef, prev_fbar_P, gamma_L):
+    return prob_Lw.new_zeros(())
+
+
+# model.balance -> its loss (the formulas of the module docstring); moue_core.config.BALANCES names them
+LOSSES = {"switch": _switch, "pool": _pool, "exposure": _exposure, "none": _none}
+
+
 def balance_loss(
     kind: str,
     coef: float,
@@ -54,31 +90,13 @@ def balance_loss(
     prev_fbar_P: torch.Tensor | None = None,
     gamma_L: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The balance loss ``kind`` (``switch`` | ``pool`` | ``exposure`` | ``none``)."""
-    L, w = frac_Lw.shape
-    frac_Lw = frac_Lw.detach().to(prob_Lw.dtype)
-    if kind == "none" or coef == 0:
+    """The balance loss ``kind`` (a key of ``LOSSES``: ``switch`` | ``pool`` | ``exposure`` | ``none``)."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown balance loss {kind!r}")
+    if coef == 0:
         return prob_Lw.new_zeros(())
-    if kind == "switch":
-        per_layer_L = w * (frac_Lw * prob_Lw).sum(dim=1)
-        return coef * per_layer_L.mean()
-    ones_Lw = torch.ones_like(frac_Lw)
-    exposure_P = _scatter_mean_over_layers(ones_Lw, ids_Lw, pool_size)  # n_j
-    if kind == "pool":
-        fbar_P = pool_fraction(frac_Lw, ids_Lw, pool_size) if prev_fbar_P is None else prev_fbar_P
-        pbar_P = _scatter_mean_over_layers(prob_Lw, ids_Lw, pool_size) / L
-        uniform_P = exposure_P / (L * w)
-        return coef * (fbar_P.to(pbar_P.dtype) * pbar_P).sum() / uniform_P.pow(2).sum()
-    if kind == "exposure":
-        if gamma_L is not None:
-            weight_L1 = (gamma_L / gamma_L.mean()).to(prob_Lw.dtype).unsqueeze(1)
-            frac_Lw, prob_Lw = frac_Lw * weight_L1, prob_Lw * weight_L1
-        reach_P = exposure_P > 0
-        n_P = exposure_P.clamp_min(1)
-        fhat_P = _scatter_mean_over_layers(frac_Lw, ids_Lw, pool_size) / n_P
-        phat_P = _scatter_mean_over_layers(prob_Lw, ids_Lw, pool_size) / n_P
-        return coef * (w * w / reach_P.sum()) * (fhat_P * phat_P).sum()
-    raise ValueError(f"unknown balance loss {kind!r}")
+    frac_Lw = frac_Lw.detach().to(prob_Lw.dtype)
+    return LOSSES[kind](frac_Lw, prob_Lw, ids_Lw, pool_size, coef=coef, prev_fbar_P=prev_fbar_P, gamma_L=gamma_L)
 
 
 def z_loss(coef: float, lse_LT: list[torch.Tensor]) -> torch.Tensor:

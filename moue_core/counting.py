@@ -57,17 +57,27 @@ class Counts:
 
 
 def _router_params(cfg: ModelConfig, *, active: bool) -> int:
-    L, P, W, D, R = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model, cfg.router_state_dim
+    L, P, W, D = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model
     if active:
         n = L * W * D  # the window rows each layer scores
     else:
         n = P * D if cfg.router_shared else L * W * D
-    if cfg.router == "trajectory":
-        gru = 2 * (3 * R * R) + 2 * (3 * R)  # weight_ih, weight_hh, bias_ih, bias_hh
-        n += L * R * D + (L * gru if active else gru) + (L * W * R if active else P * R)
-    if cfg.router == "norm":
-        n += 1  # sigma
-    return n
+    return n + _ROUTER_KIND_PARAMS[cfg.router](cfg, active)
+
+
+def _trajectory_params(cfg: ModelConfig, active: bool) -> int:
+    """Per-layer projections ``A_l``, one GRU cell (applied at every layer), universal keys ``U``."""
+    L, P, W, D, R = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model, cfg.router_state_dim
+    gru = 2 * (3 * R * R) + 2 * (3 * R)  # weight_ih, weight_hh, bias_ih, bias_hh
+    return L * R * D + (L * gru if active else gru) + (L * W * R if active else P * R)
+
+
+# model.router -> the parameters its kind adds to the window scoring (moue_core.router.KINDS)
+_ROUTER_KIND_PARAMS = {
+    "softmax": lambda cfg, active: 0,
+    "norm": lambda cfg, active: 1,  # sigma
+    "trajectory": _trajectory_params,
+}
 
 
 def count(cfg: ModelConfig, *, seq_len: int | None = None) -> Counts:

@@ -34,7 +34,7 @@ from torch import nn
 
 from moue_core.config import ModelConfig
 
-__all__ = ["Router", "Route", "norm_constant"]
+__all__ = ["Router", "Route", "RouterKind", "KINDS", "norm_constant"]
 
 
 def norm_constant(window: int, top_k: int, *, samples: int = 200_000, seed: int = 0) -> float:
@@ -64,13 +64,76 @@ class Route:
     window_ids_w: torch.Tensor  # pool ids of the window, in slot order
 
 
+class RouterKind:
+    """What one ``model.router`` kind adds to the common window scoring (the registry ``KINDS``).
+
+    Every kind starts from ``z = W_l x`` over the window; a kind may own parameters (``build``),
+    carry a per-token state down the depth (``initial_state``, ``logits``), and turn the window's
+    ``softmax(z)`` into its own selection scores (``scores``). ``renorm``: whether
+    ``router_renorm`` applies to its gates."""
+
+    renorm = True
+
+    def build(self, router: Router, cfg: ModelConfig) -> None:
+        pass
+
+    def initial_state(self, router: Router, x_TD: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def logits(self, router: Router, layer: int, x_TD: torch.Tensor, logits_Tw: torch.Tensor,
+               state_TR: torch.Tensor | None, window_ids_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return logits_Tw, state_TR
+
+    def scores(self, router: Router, logits_Tw: torch.Tensor, probs_Tw: torch.Tensor) -> torch.Tensor:
+        return probs_Tw
+
+
+class _Softmax(RouterKind):
+    """Gates are the selected ``softmax(z)`` probabilities."""
+
+
+class _Norm(RouterKind):
+    """UniPool's NormRouter: ``sigma * c * relu(z / (||z|| + eps))``, gates not renormalised."""
+
+    renorm = False
+
+    def build(self, router: Router, cfg: ModelConfig) -> None:
+        router.sigma = nn.Parameter(torch.ones(()))
+        router.register_buffer("norm_c", torch.tensor(norm_constant(cfg.window, cfg.top_k)), persistent=False)
+
+    def scores(self, router: Router, logits_Tw: torch.Tensor, probs_Tw: torch.Tensor) -> torch.Tensor:
+        unit_Tw = logits_Tw / (logits_Tw.norm(dim=-1, keepdim=True) + 1e-6)
+        return router.sigma * router.norm_c * torch.relu(unit_Tw)
+
+
+class _Trajectory(RouterKind):
+    """The MoUE-style universal router: a GRU state over depth and universal expert keys."""
+
+    def build(self, router: Router, cfg: ModelConfig) -> None:
+        L, P, D, R = cfg.n_layers, cfg.pool_size, cfg.d_model, cfg.router_state_dim
+        router.proj_LRD = nn.Parameter(torch.empty(L, R, D))
+        router.gru = nn.GRUCell(R, R)
+        router.keys_PR = nn.Parameter(torch.empty(P, R))
+
+    def initial_state(self, router: Router, x_TD: torch.Tensor) -> torch.Tensor | None:
+        return x_TD.new_zeros(x_TD.shape[0], router.cfg.router_state_dim)
+
+    def logits(self, router, layer, x_TD, logits_Tw, state_TR, window_ids_w):
+        state_TR = router.gru(x_TD @ router.proj_LRD[layer].t(), state_TR)
+        return logits_Tw + state_TR @ router.keys_PR[window_ids_w].t(), state_TR
+
+
+KINDS: dict[str, RouterKind] = {"softmax": _Softmax(), "norm": _Norm(), "trajectory": _Trajectory()}
+
+
 class Router(nn.Module):
     """Routes every layer of a model; ``forward(layer, x_TD, state_TR, window)``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        L, P, W, D, R = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model, cfg.router_state_dim
+        self.kind = KINDS[cfg.router]
+        L, P, W, D = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model
         topo = cfg.topology
         # window_ids_LW[l, j] = (o_l + j) mod P; the window of width w < W is its first w columns
         self.register_buffer(
@@ -82,13 +145,7 @@ class Router(nn.Module):
             self.weight_PD = nn.Parameter(torch.empty(P, D))
         else:
             self.weight_LWD = nn.Parameter(torch.empty(L, W, D))
-        if cfg.router == "trajectory":
-            self.proj_LRD = nn.Parameter(torch.empty(L, R, D))
-            self.gru = nn.GRUCell(R, R)
-            self.keys_PR = nn.Parameter(torch.empty(P, R))
-        if cfg.router == "norm":
-            self.sigma = nn.Parameter(torch.ones(()))
-            self.register_buffer("norm_c", torch.tensor(norm_constant(W, cfg.top_k)), persistent=False)
+        self.kind.build(self, cfg)
         if cfg.expert_bias:
             self.register_buffer("bias_LW", torch.zeros(L, W))
         self.reset_parameters()
@@ -100,9 +157,7 @@ class Router(nn.Module):
                 nn.init.normal_(getattr(self, name), std=std)
 
     def initial_state(self, x_TD: torch.Tensor) -> torch.Tensor | None:
-        if self.cfg.router != "trajectory":
-            return None
-        return x_TD.new_zeros(x_TD.shape[0], self.cfg.router_state_dim)
+        return self.kind.initial_state(self, x_TD)
 
     def forward(
         self, layer: int, x_TD: torch.Tensor, state_TR: torch.Tensor | None, window: int
@@ -113,22 +168,15 @@ class Router(nn.Module):
             weight_wD = self.weight_PD[window_ids_w]
         else:
             weight_wD = self.weight_LWD[layer, :window]
-        logits_Tw = x_TD @ weight_wD.t()
-        if cfg.router == "trajectory":
-            state_TR = self.gru(x_TD @ self.proj_LRD[layer].t(), state_TR)
-            logits_Tw = logits_Tw + state_TR @ self.keys_PR[window_ids_w].t()
+        logits_Tw, state_TR = self.kind.logits(self, layer, x_TD, x_TD @ weight_wD.t(), state_TR, window_ids_w)
         probs_Tw = logits_Tw.float().softmax(dim=-1)
-        if cfg.router == "norm":
-            unit_Tw = logits_Tw / (logits_Tw.norm(dim=-1, keepdim=True) + 1e-6)
-            scores_Tw = self.sigma * self.norm_c * torch.relu(unit_Tw)
-        else:
-            scores_Tw = probs_Tw
+        scores_Tw = self.kind.scores(self, logits_Tw, probs_Tw)
         select_Tw = scores_Tw.detach()
         if cfg.expert_bias:
             select_Tw = select_Tw + self.bias_LW[layer, :window]
         slots_TK = select_Tw.topk(cfg.top_k, dim=-1, sorted=False).indices
         gates_TK = scores_Tw.gather(1, slots_TK)
-        if cfg.router != "norm" and cfg.router_renorm:
+        if self.kind.renorm and cfg.router_renorm:
             gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
         route = Route(
             ids_TK=window_ids_w[slots_TK],
@@ -153,4 +201,3 @@ class Router(nn.Module):
         load_Lw = load_Lw.to(self.bias_LW.dtype)
         delta = torch.sign(load_Lw.mean(dim=1, keepdim=True) - load_Lw)
         self.bias_LW[:, :w] += self.cfg.expert_bias_rate * delta
-

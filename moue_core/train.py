@@ -18,9 +18,11 @@ its loss curve equals an uninterrupted run's.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -33,37 +35,19 @@ from moue_core.counting import Counts, count
 from moue_core.data import BatchSampler, Corpus, load_corpus, validation_set
 from moue_core.errors import ConfigError
 from moue_core.model import MoUEModel
+from moue_core.tracking_contract import FINAL_TOKENS, FINAL_VAL_LOSS, VAL_LOSS
 from moue_core.trial_config import TrainConfig, TrialConfig, lr_at
 
-__all__ = ["TrainConfig", "TrialConfig", "TrialResult", "Sink", "NullSink", "train", "lr_at",
+__all__ = ["TrainConfig", "TrialConfig", "TrialResult", "Mark", "Sink", "NullSink", "train", "lr_at",
            "CHECKPOINT_VERSION"]
 
 CHECKPOINT_VERSION = 1
 
 
-class Sink(Protocol):
-    def report(self, metrics: dict[str, Any], step: int, checkpoint: dict | None = None) -> None: ...
-
-
-class NullSink:
-    """Keeps every report in memory (tests, direct use); checkpoints are deep copies.
-
-    A sink must persist (or copy) a checkpoint before ``report`` returns: its tensors are the live
-    model and optimizer state.
-    """
-
-    def __init__(self) -> None:
-        self.reports: list[tuple[int, dict[str, Any]]] = []
-        self.checkpoints: list[tuple[int, dict]] = []
-
-    def report(self, metrics: dict[str, Any], step: int, checkpoint: dict | None = None) -> None:
-        self.reports.append((step, dict(metrics)))
-        if checkpoint is not None:
-            self.checkpoints.append((step, copy.deepcopy(checkpoint)))
-
-
 @dataclass(frozen=True, kw_only=True)
 class TrialResult:
+    """How a trial ended (returned by ``train`` and carried by its last ``Mark``)."""
+
     status: Literal["finished", "diverged"]
     stop_reason: str
     tokens: int
@@ -76,6 +60,55 @@ class TrialResult:
     counts: Counts
     corpus_fingerprint: str
     val_sha256: str
+
+    def as_metrics(self) -> dict[str, Any]:
+        """The tracking names of the end state: ``final/*`` and ``status`` for a finished trial,
+        ``status`` and ``stop_reason`` for a diverged one (``moue_core.tracking_contract``)."""
+        if self.status != "finished":
+            return {"status": self.status, "stop_reason": self.stop_reason}
+        return {FINAL_VAL_LOSS: self.final_val_loss, FINAL_TOKENS: self.tokens, "final/flops": self.flops,
+                "final/wall_s": self.wall_s, "final/train_s": self.train_s, "final/eval_s": self.eval_s,
+                "status": self.status}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mark:
+    """One report of a trial, at ``tokens`` seen: the learning-curve metrics (tracking names), the
+    checkpoint to keep, and, on the last report, how the trial ended (``result``).
+
+    The checkpoint holds the live model and optimizer tensors: a sink persists or copies it before
+    ``report`` returns."""
+
+    tokens: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    checkpoint: dict | None = None
+    result: TrialResult | None = None
+
+    def as_metrics(self) -> dict[str, Any]:
+        """The report as one flat dict of tracking names (what a sink at an edge writes)."""
+        return {**self.metrics, **(self.result.as_metrics() if self.result is not None else {})}
+
+
+class Sink(Protocol):
+    def report(self, mark: Mark) -> None: ...
+
+
+class NullSink:
+    """Keeps every report in memory (tests, direct use); checkpoints are deep copies."""
+
+    def __init__(self) -> None:
+        self.marks: list[Mark] = []
+        self.checkpoints: list[tuple[int, dict]] = []
+
+    def report(self, mark: Mark) -> None:
+        self.marks.append(dataclasses.replace(mark, checkpoint=None))
+        if mark.checkpoint is not None:
+            self.checkpoints.append((mark.tokens, copy.deepcopy(mark.checkpoint)))
+
+    @property
+    def reports(self) -> list[tuple[int, dict[str, Any]]]:
+        """``(tokens, flat metrics)`` per report."""
+        return [(m.tokens, m.as_metrics()) for m in self.marks]
 
 
 def _param_groups(model: MoUEModel, weight_decay: float) -> list[dict]:
@@ -114,103 +147,134 @@ def train(
     cache_dir: str | Path,
     resume: dict | None = None,
 ) -> TrialResult:
-    """Train one trial; report to ``sink`` at every mark; return how it ended.
+    """Train one trial; report a ``Mark`` to ``sink`` at every mark; return how it ended.
 
     Changes no process-wide state: a process that runs trials opts in once to the allocator
     tuning and its thread count with ``moue_core.runtime.configure_process(cfg.train.threads)``
     (the sweep's workers, ``moue train`` and the benchmarks do)."""
-    t_start = time.perf_counter()
+    run = _Run(cfg, cache_dir=cache_dir, resume=resume)
     sink = sink or NullSink()
-    tc, mc = cfg.train, cfg.model
-    device = _resolve_device(tc.device)
-    if device.type == "cuda" and tc.gpu_memory_fraction:
-        # fractional-GPU trials (e.g. 4 per card) cannot starve each other of memory
-        torch.cuda.set_per_process_memory_fraction(tc.gpu_memory_fraction, device)
-    corpus: Corpus = load_corpus(cfg.data, cache_dir=cache_dir)
-    if corpus.vocab_size > mc.vocab_size:
-        raise ConfigError("model.vocab_size", mc.vocab_size,
-                          f"must be >= the corpus vocabulary ({corpus.vocab_size})")
-    val = validation_set(corpus, seq_len=tc.seq_len, n_tokens=cfg.data.val_tokens)
-    sampler = BatchSampler(corpus, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=cfg.data.seed)
-    counts = count(mc, seq_len=tc.seq_len)
+    tc = cfg.train
+    resumed_at = run.step if resume is not None else None  # that mark was reported before the checkpoint
+    while True:
+        if (run.step % tc.eval_every_steps == 0 or run.step == tc.steps) and run.step != resumed_at:
+            mark = run.mark()
+            sink.report(mark)
+            if mark.result is not None:
+                return mark.result
+        if run.step == tc.steps:  # resumed at the last mark: it was reported before the checkpoint
+            return run.result("finished", "", tc.steps * tc.batch_tokens)
+        diverged = run.train_step()
+        if diverged is not None:
+            sink.report(Mark(tokens=diverged.tokens, result=diverged))
+            return diverged
 
-    torch.manual_seed(tc.seed)
-    model = MoUEModel(mc).to(device)
-    schedule = None
-    if tc.init_from:
+
+class _Run:
+    """The state of one trial between marks: model, optimizer, batches, schedule, timers."""
+
+    def __init__(self, cfg: TrialConfig, *, cache_dir: str | Path, resume: dict | None) -> None:
+        self.t_start = time.perf_counter()
+        self.cfg = cfg
+        tc, mc = cfg.train, cfg.model
+        self.device = device = _resolve_device(tc.device)
+        if device.type == "cuda" and tc.gpu_memory_fraction:
+            # fractional-GPU trials (e.g. 4 per card) cannot starve each other of memory
+            torch.cuda.set_per_process_memory_fraction(tc.gpu_memory_fraction, device)
+        corpus: Corpus = load_corpus(cfg.data, cache_dir=cache_dir)
+        if corpus.vocab_size > mc.vocab_size:
+            raise ConfigError("model.vocab_size", mc.vocab_size,
+                              f"must be >= the corpus vocabulary ({corpus.vocab_size})")
+        self.val = validation_set(corpus, seq_len=tc.seq_len, n_tokens=cfg.data.val_tokens)
+        self.sampler = BatchSampler(corpus, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=cfg.data.seed)
+        self.counts = count(mc, seq_len=tc.seq_len)
+        self.corpus_fingerprint = corpus.fingerprint
+
+        torch.manual_seed(tc.seed)
+        self.model = MoUEModel(mc).to(device)
+        self.schedule = self._init_from(tc, mc) if tc.init_from else None
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, tc.weight_decay), lr=tc.lr,
+                                           betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+        self.step = 0
+        self.timers = {"train": 0.0, "eval": 0.0}
+        self.val_loss = math.nan
+        if resume is not None:
+            self._resume(resume)
+        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.use_bf16 = device.type == "cuda"
+        self.reachable_P = (torch.tensor(mc.topology.exposure) > 0) if mc.ffn == "moe" else None
+        self.window_sums = _Window(self.reachable_P)
+        self.mark_train_s = self.timers["train"]
+
+    def _init_from(self, tc: TrainConfig, mc: ModelConfig) -> WindowSchedule | None:
+        """Start from a converted checkpoint; its window widens over ``widen_tokens`` (or stays)."""
         blob = torch.load(tc.init_from, map_location="cpu", weights_only=True)
         if ModelConfig.from_dict(blob["config"]) != mc:
             raise ConfigError("train.init_from", tc.init_from, "holds a model whose config differs from model.*")
-        model.load_state_dict(blob["model"])
+        self.model.load_state_dict(blob["model"])
         start = int(blob.get("start_window", mc.window))
         if tc.widen_tokens:
-            schedule = WindowSchedule(start=start, end=mc.window, start_step=0,
-                                      end_step=max(1, tc.widen_tokens // tc.batch_tokens))
-        else:
-            model.set_window(start)
-    optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr,
-                                  betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
-    step = 0
-    timers = {"train": 0.0, "eval": 0.0}
-    if resume is not None:
+            return WindowSchedule(start=start, end=mc.window, start_step=0,
+                                  end_step=max(1, tc.widen_tokens // tc.batch_tokens))
+        self.model.set_window(start)
+        return None
+
+    def _resume(self, resume: dict) -> None:
         if resume.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"checkpoint version {resume.get('version')!r}, expected {CHECKPOINT_VERSION}")
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        sampler.load_state_dict(resume["sampler"])
+        self.model.load_state_dict(resume["model"])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.sampler.load_state_dict(resume["sampler"])
         torch.set_rng_state(resume["rng"])
-        step = int(resume["step"])
-        timers = dict(resume["timers"])
-    forward = torch.compile(model) if tc.compile else model
-    use_bf16 = device.type == "cuda"
+        self.step = int(resume["step"])
+        self.timers = dict(resume["timers"])
+        self.val_loss = resume["val_loss"]
 
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
-    base = dict(status="finished", stop_reason="", counts=counts, corpus_fingerprint=corpus.fingerprint,
-                val_sha256=val.sha256)
-    reachable_P = (torch.tensor(mc.topology.exposure) > 0) if mc.ffn == "moe" else None
-    window_sums = _Window(reachable_P)
-    mark_train_s = timers["train"]
-    resumed_at = step if resume is not None else None  # that mark was reported before the checkpoint
-    val_loss = resume["val_loss"] if resume is not None else math.nan
-    while True:
-        at_mark = step % tc.eval_every_steps == 0 or step == tc.steps
-        if at_mark and step != resumed_at:
-            t0 = time.perf_counter()
-            val_loss = _evaluate(model, val, tc.eval_batch, device, autocast)
-            timers["eval"] += time.perf_counter() - t0
-            interval_train_s = timers["train"] - mark_train_s
-            metrics = {"val/loss": val_loss, "lr": lr_at(min(step, tc.steps - 1), tc), **window_sums.means(),
-                       "tokens_per_s": window_sums.tokens / interval_train_s if interval_train_s > 0 else 0.0,
-                       "time/train_s": timers["train"], "time/eval_s": timers["eval"]}
-            if not math.isfinite(val_loss):
-                return _diverged(sink, step * tc.batch_tokens, f"validation loss is {val_loss}", timers, t_start, base)
-            ckpt = {"version": CHECKPOINT_VERSION, "step": step, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-                    "rng": torch.get_rng_state(), "timers": dict(timers), "val_loss": val_loss}
-            if step == tc.steps:  # the last mark carries the final metrics and the status
-                metrics.update({"final/val_loss": val_loss, "final/tokens": step * tc.batch_tokens,
-                                "final/flops": counts.compute(step * tc.batch_tokens),
-                                "final/wall_s": time.perf_counter() - t_start, "final/train_s": timers["train"],
-                                "final/eval_s": timers["eval"], "status": "finished"})
-            sink.report(metrics, step * tc.batch_tokens, checkpoint=ckpt)
-            window_sums = _Window(reachable_P)
-            mark_train_s = timers["train"]
-        if step == tc.steps:
-            break
+    def result(self, status: str, reason: str, tokens: int) -> TrialResult:
+        train_s = self.timers["train"]
+        return TrialResult(status=status, stop_reason=reason, tokens=tokens,
+                           final_val_loss=self.val_loss if status == "finished" else None,
+                           flops=self.counts.compute(tokens), wall_s=time.perf_counter() - self.t_start,
+                           train_s=train_s, eval_s=self.timers["eval"], tokens_per_s=tokens / max(train_s, 1e-9),
+                           counts=self.counts, corpus_fingerprint=self.corpus_fingerprint, val_sha256=self.val.sha256)
 
-        # ---- one training step: the hot path
+    def mark(self) -> Mark:
+        """Evaluate, and the report of this mark (the last one carries the result)."""
+        tc, step = self.cfg.train, self.step
         t0 = time.perf_counter()
-        if schedule is not None:
-            model.set_window(schedule.window_at(step))
+        self.val_loss = _evaluate(self.model, self.val, tc.eval_batch, self.device, self.autocast)
+        self.timers["eval"] += time.perf_counter() - t0
+        tokens = step * tc.batch_tokens
+        if not math.isfinite(self.val_loss):
+            return Mark(tokens=tokens, result=self.result("diverged", f"validation loss is {self.val_loss}", tokens))
+        interval_train_s = self.timers["train"] - self.mark_train_s
+        metrics = {VAL_LOSS: self.val_loss, "lr": lr_at(min(step, tc.steps - 1), tc), **self.window_sums.means(),
+                   "tokens_per_s": self.window_sums.tokens / interval_train_s if interval_train_s > 0 else 0.0,
+                   "time/train_s": self.timers["train"], "time/eval_s": self.timers["eval"]}
+        ckpt = {"version": CHECKPOINT_VERSION, "step": step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                "rng": torch.get_rng_state(), "timers": dict(self.timers), "val_loss": self.val_loss}
+        self.window_sums = _Window(self.reachable_P)
+        self.mark_train_s = self.timers["train"]
+        result = self.result("finished", "", tokens) if step == tc.steps else None
+        return Mark(tokens=tokens, metrics=metrics, checkpoint=ckpt, result=result)
+
+    def train_step(self) -> TrialResult | None:
+        """One optimizer step (the hot path); the result when it diverged."""
+        tc, step, model, optimizer = self.cfg.train, self.step, self.model, self.optimizer
+        t0 = time.perf_counter()
+        if self.schedule is not None:
+            model.set_window(self.schedule.window_at(step))
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = next(sampler)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            out = forward(x)
+        x, y = next(self.sampler)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self.autocast():
+            out = self.forward(x)
             loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
             total = loss + out.aux_loss
         total.backward()
@@ -218,33 +282,19 @@ def train(
         loss_v, gn_v = loss.item(), grad_norm.item()  # sync point: the divergence check needs them
         if not (math.isfinite(loss_v) and math.isfinite(gn_v)) or loss_v > tc.max_loss:
             optimizer.zero_grad(set_to_none=True)
-            timers["train"] += time.perf_counter() - t0
+            self.timers["train"] += time.perf_counter() - t0
             what = "loss" if not math.isfinite(loss_v) or loss_v > tc.max_loss else "gradient norm"
             value = loss_v if what == "loss" else gn_v
-            return _diverged(sink, (step + 1) * tc.batch_tokens,
-                             f"{what} {value:.4g} at step {step + 1} (lr {lr:.3g})", timers, t_start, base)
+            return self.result("diverged", f"{what} {value:.4g} at step {step + 1} (lr {lr:.3g})",
+                               (step + 1) * tc.batch_tokens)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if out.stats is not None and mc.expert_bias:
+        if out.stats is not None and self.cfg.model.expert_bias:
             model.moe.router.update_bias(out.stats.load_Lw)
-        step += 1
-        timers["train"] += time.perf_counter() - t0
-        window_sums.add(loss_v, gn_v, out.stats, tc.batch_tokens)
-
-    wall = time.perf_counter() - t_start
-    flops = counts.compute(tc.steps * tc.batch_tokens)
-    return TrialResult(tokens=tc.steps * tc.batch_tokens, final_val_loss=val_loss, flops=flops,
-                       wall_s=wall, train_s=timers["train"], eval_s=timers["eval"],
-                       tokens_per_s=tc.steps * tc.batch_tokens / max(timers["train"], 1e-9), **base)
-
-
-def _diverged(sink: Sink, tokens: int, reason: str, timers, t_start, base) -> TrialResult:
-    sink.report({"status": "diverged", "stop_reason": reason}, tokens)
-    wall = time.perf_counter() - t_start
-    return TrialResult(**{**base, "status": "diverged", "stop_reason": reason}, tokens=tokens,
-                       final_val_loss=None, flops=base["counts"].compute(tokens), wall_s=wall,
-                       train_s=timers["train"], eval_s=timers["eval"],
-                       tokens_per_s=tokens / max(timers["train"], 1e-9))
+        self.step += 1
+        self.timers["train"] += time.perf_counter() - t0
+        self.window_sums.add(loss_v, gn_v, out.stats, tc.batch_tokens)
+        return None
 
 
 class _Window:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ray import tune
 
-from moue_core.tracking_contract import TRACKED
+from moue_core.tracking_contract import TRACKED, VAL_LOSS
 from studies.spec import Study
 from studies.trainable import TIME_ATTR
 from studies.plan import trial_params
@@ -125,6 +125,8 @@ class MlflowCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._attach(trial)
         metrics = {k: result[k] for k in TRACKED if k in result}
+        if result.get("status") == "diverged":
+            metrics.pop(VAL_LOSS, None)  # the searchers' inf, not a measured loss
         if metrics:
             self._submit("log_metrics", trial.trial_id, metrics, step=int(result[TIME_ATTR]))
             # one batched write per report: a driver crash then loses nothing the trial's checkpoint

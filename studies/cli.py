@@ -161,11 +161,11 @@ def train_cmd(
         def __init__(self, progress, task) -> None:
             self.progress, self.task = progress, task
 
-        def report(self, metrics, step, checkpoint=None) -> None:
-            if checkpoint is not None:
-                save_checkpoint(ckpt_path, checkpoint)
-            if "val/loss" in metrics:
-                self.progress.update(self.task, completed=step, val=f"{metrics['val/loss']:.4f}")
+        def report(self, mark) -> None:
+            if mark.checkpoint is not None:
+                save_checkpoint(ckpt_path, mark.checkpoint)
+            if "val/loss" in mark.metrics:
+                self.progress.update(self.task, completed=mark.tokens, val=f"{mark.metrics['val/loss']:.4f}")
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
                   TextColumn("val {task.fields[val]}"), TimeRemainingColumn()) as progress:

@@ -14,14 +14,14 @@ from typing import Any
 
 from ray import tune
 
-from moue_core.tracking_contract import TRACKED
+from moue_core.tracking_contract import FINAL_TOKENS, FINAL_VAL_LOSS, TRACKED, VAL_LOSS
 from studies.checkpoints import load_checkpoint, write_checkpoint
 from studies.spec import Study
 from studies.workspace import Workspace, sweep_name
 
 __all__ = ["METRIC", "TIME_ATTR", "trial_fn", "train_conversion_base"]
 
-METRIC = "val_loss"  # what ASHA and the searchers optimise (a copy of TRACKING.md's val/loss)
+METRIC = VAL_LOSS  # what ASHA and the searchers optimise: the tracked validation loss (inf once diverged)
 TIME_ATTR = "tokens"
 
 
@@ -59,8 +59,8 @@ def _replayed(recorded: dict[str, Any]) -> dict[str, Any]:
     metrics = recorded["metrics"]
     out = {k: v for k, v in metrics.items() if k in TRACKED or k.startswith("final/") or k.startswith("time/")}
     out.update(status=recorded["status"], stop_reason=recorded["stop_reason"], replayed=True)
-    out[TIME_ATTR] = int(metrics.get("final/tokens", 0))
-    val = metrics.get("final/val_loss", metrics.get("val/loss"))
+    out[TIME_ATTR] = int(metrics.get(FINAL_TOKENS, 0))
+    val = metrics.get(FINAL_VAL_LOSS, metrics.get(VAL_LOSS))
     out[METRIC] = math.inf if recorded["status"] == "diverged" or val is None else val
     if "final/train_s" in metrics:
         out["time/train_s"] = metrics["final/train_s"]
@@ -117,22 +117,20 @@ def train_conversion_base(study: Study, workspace: Workspace) -> str:
 
 
 class _TuneSink:
-    """Each report becomes one ``tune.report`` (with the checkpoint as a directory), plus ``extra``
-    (the node the trial runs on; where it was restored from)."""
+    """Each ``Mark`` becomes one ``tune.report``, flattened here (the edge) to tracking names, with
+    the checkpoint as a directory, plus ``extra`` (the node the trial runs on; where it was
+    restored from)."""
 
     def __init__(self, extra: dict[str, Any]) -> None:
         self.extra = extra
 
-    def report(self, metrics: dict[str, Any], step: int, checkpoint: dict | None = None) -> None:
-        out = {**self.extra, **metrics}
-        out[TIME_ATTR] = step
-        if "val/loss" in metrics:
-            out[METRIC] = metrics["val/loss"]
-        elif metrics.get("status") == "diverged":
+    def report(self, mark) -> None:
+        out = {**self.extra, **mark.as_metrics(), TIME_ATTR: mark.tokens}
+        if mark.result is not None and mark.result.status == "diverged":
             out[METRIC] = math.inf  # searchers see a diverged point as the worst, not as missing
-        if checkpoint is None:
+        if mark.checkpoint is None:
             tune.report(out)
             return
         with tempfile.TemporaryDirectory(prefix="moue-ckpt-") as d:
-            write_checkpoint(Path(d), checkpoint)
+            write_checkpoint(Path(d), mark.checkpoint)
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))

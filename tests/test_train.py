@@ -73,9 +73,9 @@ class KillAfter(NullSink):
         super().__init__()
         self.tokens = tokens
 
-    def report(self, metrics, step, checkpoint=None) -> None:
-        super().report(metrics, step, checkpoint)
-        if step == self.tokens and checkpoint is not None:
+    def report(self, mark) -> None:
+        super().report(mark)
+        if mark.tokens == self.tokens and mark.checkpoint is not None:
             raise _Killed
 
 
