@@ -1,4 +1,4 @@
-"""Balance losses (MODEL.md section 3), each normalised so uniform routing gives its coefficient.
+"""Balance losses (docs/MODEL.md section 3), each normalised so uniform routing gives its coefficient.
 
 Inputs, per layer ``l`` over the active window (width ``w``), stacked across layers:
 

@@ -1,11 +1,11 @@
-"""The typed model configuration of the moue family (MODEL.md).
+"""The typed model configuration of the moue family (docs/MODEL.md).
 
 ``ModelConfig`` is frozen and keyword-only; ``__post_init__`` validates every field and every
 combination, raising ``ConfigError`` with the field, the value and what is allowed, e.g.
 ``model.top_k (9) must be <= model.window (8)``. Dicts from TOML or Ray become a ``ModelConfig``
 at the edge (``ModelConfig.from_dict``) and never travel further inward.
 
-Notation (MODEL.md): ``L`` layers, ``d`` width, ``P`` pool size, ``f`` expert hidden size, ``k``
+Notation (docs/MODEL.md): ``L`` layers, ``d`` width, ``P`` pool size, ``f`` expert hidden size, ``k``
 top-k, ``w`` window, ``s`` stride, ``g`` layers per rotation step, ``n_s`` shared experts.
 """
 
@@ -44,7 +44,7 @@ class ModelConfig:
     # feed-forward
     ffn: Literal["moe", "dense"] = "moe"
     dense_hidden: int = 512  # SwiGLU hidden size of dense baselines (ffn = "dense")
-    # expert pool and topology (MODEL.md section 1)
+    # expert pool and topology (docs/MODEL.md section 1)
     pool_size: int = 16
     window: int = 8
     stride: int = 4
@@ -53,20 +53,20 @@ class ModelConfig:
     expert_hidden: int = 128
     n_shared: int = 0  # always-on shared experts per layer (layer-private)
     require_reachable: bool = False  # reject (not warn) pools with unreachable experts
-    # router (MODEL.md section 2)
+    # router (docs/MODEL.md section 2)
     router: Literal["softmax", "norm", "trajectory"] = "softmax"
     router_renorm: bool = True  # softmax/trajectory: renormalise gates over the selected k
     router_shared: bool = False  # one router matrix for all layers (Omni-Router)
     router_state_dim: int = 64  # trajectory router: GRU state size d_r
     expert_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3)
     expert_bias_rate: float = 1e-3
-    # balance losses (MODEL.md section 3)
+    # balance losses (docs/MODEL.md section 3)
     balance: Literal["switch", "pool", "exposure", "none"] = "switch"
     balance_coef: float = 1e-2
     balance_prev_batch: bool = True  # pool loss: fbar from the previous micro-batch (UniPool)
     balance_depth_weights: tuple[float, ...] = ()  # exposure loss: gamma_l per layer (empty: all 1)
     z_loss_coef: float = 1e-3
-    # dispatch (MODEL.md section 5)
+    # dispatch (docs/MODEL.md section 5)
     dispatch: Literal["auto", "grouped_mm", "triton"] = "auto"  # auto: Triton on CUDA, grouped_mm on CPU
 
     def __post_init__(self) -> None:
@@ -96,7 +96,7 @@ class ModelConfig:
                 "model.n_heads", self.n_heads,
                 f"must leave an even head size for RoPE (d_model / n_heads = {self.d_model // self.n_heads})",
             )
-        # grouped_mm on fp32 CPU needs the inner dims to be multiples of 4 (MODEL.md section 5)
+        # grouped_mm on fp32 CPU needs the inner dims to be multiples of 4 (docs/MODEL.md section 5)
         for name in ("d_model", "expert_hidden", "dense_hidden"):
             if getattr(self, name) % 4:
                 raise ConfigError(f"model.{name}", getattr(self, name), "must be a multiple of 4")

@@ -1,4 +1,4 @@
-"""Progressive conversion of a layerwise MoE checkpoint (MODEL.md section 7).
+"""Progressive conversion of a layerwise MoE checkpoint (docs/MODEL.md section 7).
 
 A layerwise MoE has ``E`` private experts per layer and a per-layer router ``[E, D]``. Placing the
 ``L*E`` trained experts on the ring in layer order (``P = L*E``, ``s = E``) with the window at its

@@ -1,4 +1,4 @@
-"""Counting (MODEL.md section 6): every number a study logs about a model's size and compute.
+"""Counting (docs/MODEL.md section 6): every number a study logs about a model's size and compute.
 
 All counts come from the config alone (pure Python, no model is built), so a dry run can price a
 thousand trials in milliseconds; ``check_counts`` verifies them against a built model's
@@ -51,7 +51,7 @@ class Counts:
         return self.flops_per_token * tokens
 
     def as_params(self) -> dict[str, float | int]:
-        """Flat ``derived.*`` names of TRACKING.md."""
+        """Flat ``derived.*`` names of docs/TRACKING.md."""
         skip = {"convention", "seq_len"}
         return {f"derived.{k}": v for k, v in asdict(self).items() if k not in skip}
 

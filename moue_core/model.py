@@ -1,4 +1,4 @@
-"""The decoder of the moue family (MODEL.md section 4).
+"""The decoder of the moue family (docs/MODEL.md section 4).
 
 Pre-norm blocks: RMSNorm -> causal multi-head attention with RoPE (``scaled_dot_product_attention``)
 -> residual -> RMSNorm -> FFN -> residual. The FFN is a dense SwiGLU (dense baselines) or the routed

@@ -1,4 +1,4 @@
-"""The shared expert pool and its dropless dispatch (MODEL.md sections 4-5).
+"""The shared expert pool and its dropless dispatch (docs/MODEL.md sections 4-5).
 
 Legend: ``T`` tokens, ``D`` model width, ``F`` expert hidden size, ``P`` pool size, ``K`` top-k,
 ``S = T*K`` routed (token, slot) pairs, ``L`` layers, ``w`` active window width.

@@ -1,4 +1,4 @@
-"""Routers of the moue family (MODEL.md section 2): one module routes every layer.
+"""Routers of the moue family (docs/MODEL.md section 2): one module routes every layer.
 
 Tensor names carry their shapes (torchtitan style). Legend:
 
@@ -19,7 +19,7 @@ window never influence selection), picks the top-k, and returns pool ids and gat
   per-layer matrices ``[L, W, D]`` indexed by window slot (row ``j`` scores expert ``(o_l + j) mod P``).
 
 For the balance losses every router also reports ``probs = softmax(z)`` over the window (the
-"router probability" ``p`` of MODEL.md section 3), whatever its gates are.
+"router probability" ``p`` of docs/MODEL.md section 3), whatever its gates are.
 
 Expert-bias balancing (aux-loss-free, DeepSeek-V3): a buffer ``bias_LW`` added to the selection
 scores only; ``update_bias`` moves it after each optimizer step, outside the forward pass.

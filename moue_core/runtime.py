@@ -2,7 +2,7 @@
 
 Large temporary tensors (an MoE layer's sorted activations, a pool's gradient: tens of MB) are
 served by glibc through fresh ``mmap`` calls by default and page-fault on every allocation; raising
-the mmap and trim thresholds keeps them in the heap and reuses them (MODEL.md section 5: measured
+the mmap and trim thresholds keeps them in the heap and reuses them (docs/MODEL.md section 5: measured
 1.35x -> 1.13x for the pooled benchmark shape). Only glibc has ``mallopt``; elsewhere this is a
 no-op.
 """

@@ -1,4 +1,4 @@
-"""Which experts each layer may use: the ring-window topology of MODEL.md section 1.
+"""Which experts each layer may use: the ring-window topology of docs/MODEL.md section 1.
 
 Experts sit on a ring ``0 .. P-1``. Layer ``l`` sees the window
 
@@ -7,7 +7,7 @@ Experts sit on a ring ``0 .. P-1``. Layer ``l`` sees the window
 One formula covers the known architectures (see ``layerwise``, ``unipool``, ``grouped``,
 ``adjacent`` below), which is why it is the single topology abstraction of moue.
 
-Derived quantities (logged with every run, MODEL.md section 1):
+Derived quantities (logged with every run, docs/MODEL.md section 1):
 
 - virtual width ``V = L * w`` (expert slots a token can reach across depth);
 - physical width ``P``;
@@ -94,7 +94,7 @@ class Topology:
         return self.n_layers * math.log10(math.comb(self.window, top_k))
 
 
-# The special cases of MODEL.md's table, as (P, w, s, g) for a depth of L layers.
+# The special cases of docs/MODEL.md's table, as (P, w, s, g) for a depth of L layers.
 
 
 def layerwise(n_layers: int, experts_per_layer: int) -> Topology:

@@ -1,6 +1,6 @@
-"""One trial: ``train(config, sink) -> TrialResult`` (ARCHITECTURE.md, "the path of one trial").
+"""One trial: ``train(config, sink) -> TrialResult`` (docs/ARCHITECTURE.md, "the path of one trial").
 
-Knows nothing of Ray or MLflow. The sink receives metrics at fixed token marks (TRACKING.md names,
+Knows nothing of Ray or MLflow. The sink receives metrics at fixed token marks (docs/TRACKING.md names,
 ``step`` = tokens seen) with a checkpoint at each mark, and a last report with the trial's status.
 
 The loop is one straight line. At every mark (every ``train.eval_every_tokens`` tokens and at the

@@ -1,4 +1,4 @@
-"""Triton kernels for the routed experts (the GPU path of MODEL.md section 5).
+"""Triton kernels for the routed experts (the GPU path of docs/MODEL.md section 5).
 
 Tokens arrive sorted by expert (``moue_core.moe.dispatch`` does the one argsort): ``token_S`` is
 the token row of each of the ``S = T*k`` routed slots, ``offs_P`` the cumulative end of each

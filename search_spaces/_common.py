@@ -17,7 +17,7 @@ def half_up(x: float) -> int:
 
 
 def multiple_of_4(x: float) -> int:
-    """The nearest multiple of 4, at least 4 (fp32 grouped_mm, MODEL.md section 5)."""
+    """The nearest multiple of 4, at least 4 (fp32 grouped_mm, docs/MODEL.md section 5)."""
     return max(4, 4 * half_up(x / 4))
 
 
@@ -27,7 +27,7 @@ def listed(values: list, fixed: Mapping[str, Any], name: str) -> list:
 
 
 def layerwise_topology(n_layers: int, experts_per_layer: int) -> dict[str, Any]:
-    """Ordinary MoE, ``E`` private experts per layer: ``P = L*E, w = E, s = E`` (MODEL.md table)."""
+    """Ordinary MoE, ``E`` private experts per layer: ``P = L*E, w = E, s = E`` (docs/MODEL.md table)."""
     p = n_layers * experts_per_layer
     return {"model.pool_size": p, "model.window": experts_per_layer, "model.stride": experts_per_layer % p}
 

@@ -1,10 +1,10 @@
-"""Matched comparisons (MODEL.md section 6): iso-active and iso-total helpers, from honest counts.
+"""Matched comparisons (docs/MODEL.md section 6): iso-active and iso-total helpers, from honest counts.
 
 Every number comes from ``moue_core.counting.count`` (pure Python), so a helper and the logged
 ``derived.*`` params can never disagree. Counts exclude embeddings (counting's convention).
 
 - ``match_expert_hidden(flat, target_active)``: the expert hidden size ``f`` (a multiple of 4, the
-  grouped_mm constraint of MODEL.md section 5) whose active count is closest to the target. Active
+  grouped_mm constraint of docs/MODEL.md section 5) whose active count is closest to the target. Active
   parameters are linear in ``f`` (``L * (k + n_s) * 3 * d * f`` plus what does not depend on ``f``),
   so two counts give the line and the nearest multiples of 4 are compared exactly. Changing ``k``
   at a matched target keeps ``k * f`` about constant (the router's rows are the small remainder).
@@ -92,7 +92,7 @@ def match_pool_size(flat: Mapping[str, Any], target_total: int) -> int:
 
 
 def topology_family(flat: Mapping[str, Any]) -> str:
-    """Which of MODEL.md's architectures the topology of ``flat`` is (router and balance aside):
+    """Which of docs/MODEL.md's architectures the topology of ``flat`` is (router and balance aside):
 
     ``layerwise`` (``P = L*w, s = w, g = 1``), ``unipool`` (``w = P, s = 0``), ``moue`` (rotational:
     ``w < P, 0 < s < w``) or ``other`` (e.g. tiling windows on a pool that is not ``L*w``)."""

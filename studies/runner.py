@@ -145,89 +145,32 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
                       storage_root: str, exp_dir: str, max_failures: int, progress_stream) -> SweepOutcome:
     # Ray warns when frequent checkpoints force experiment snapshots (with num_to_keep set); harmless
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from ray.tune.schedulers import ASHAScheduler
-
-    from studies.tracking import git_info, recorded_sweep
+    from studies.tracking import parent_run_id
 
     name = sweep_name(study)
-    exists = tune.Tuner.can_restore(exp_dir) if "://" in exp_dir or os.path.isdir(exp_dir) else False
-    if resume and not exists:
-        raise ConfigError("--resume", exp_dir, "has no sweep state to resume; run without --resume")
-    if exists and not resume:
-        raise ConfigError("sweep", name, f"already has state in {exp_dir}; pass --resume to continue it")
-    done: dict[str, dict[str, Any]] = {}
-    if resume:
-        check_state_trust(exp_dir)  # Tune unpickles it
-        recorded = recorded_sweep(uri, study.experiment, name)
-        _check_resumable(study, recorded)
-        done = recorded.done if recorded else {}
+    done = _prior_state(study, resume=resume, uri=uri, exp_dir=exp_dir)
     workspace.create()
-
-    base = None
-    if study.search.space == "conversion":
-        base = train_conversion_base(study, workspace)
+    base = train_conversion_base(study, workspace) if study.search.space == "conversion" else None
     ray_init(address, workspace.root)
     import ray
 
     if address:
         _check_resources(study, _largest_node(ray), f"the largest node of the cluster at {address}")
-
-    cpus = study.resources.cpus
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, study=study, cache_dir=str(workspace.cache), base_checkpoint=base, done=done),
-        {"cpu": cpus, "gpu": study.resources.gpu},
+        {"cpu": study.resources.cpus, "gpu": study.resources.gpu},
     )
     total = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples
     cluster_cpus = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
-    concurrency = study.search.max_concurrent or max(1, int(cluster_cpus // cpus))
-    git = git_info(Path(__file__).resolve().parent.parent)
-    parent_tags = {
-        **git, "moue.search": study.search.algorithm, "moue.scheduler": study.scheduler.kind,
-        "moue.ray_storage": exp_dir, "moue.corpus_fingerprint": _corpus_fingerprint(study, workspace),
-        "moue.smoke": str(study.smoke).lower(),
-    }
-    callbacks = [MlflowCallback(study=study, tracking_uri=uri, sweep_id=name, parent_tags=parent_tags),
-                 ProgressCallback(total=total, concurrency=concurrency, stream=progress_stream,
-                                  total_tokens=(sum(study.trial_tokens(p) for p in study.points)
-                                                if study.search.algorithm == "grid" else total * study.budget_tokens),
-                                  default_budget=study.budget_tokens)]
+    concurrency = study.search.max_concurrent or max(1, int(cluster_cpus // study.resources.cpus))
+    callbacks = _callbacks(study, workspace, uri=uri, exp_dir=exp_dir, total=total, concurrency=concurrency,
+                           progress_stream=progress_stream)
     t0 = time.time()
     if resume:
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        scheduler = None
-        if study.scheduler.kind == "asha":
-            scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=study.budget_tokens,
-                                      grace_period=study.scheduler.grace_tokens,
-                                      reduction_factor=study.scheduler.reduction_factor)
-        search_alg = None
-        if study.search.algorithm == "grid":
-            param_space = {"point": tune.grid_search(study.points)}
-            num_samples = 1
-        else:
-            import optuna
-            from ray.tune.search.optuna import OptunaSearch
-
-            sampler = (optuna.samplers.RandomSampler(seed=study.search.seed) if study.search.algorithm == "random"
-                       else optuna.samplers.TPESampler(seed=study.search.seed))
-            define = functools.partial(_define, space_name=study.search.space, fixed=study.fixed,
-                                       options=study.space_options)
-            search_alg = OptunaSearch(space=define, metric=METRIC, mode="min", sampler=sampler,
-                                      study_name=f"{name}-{study.sha256[:12]}")
-            param_space = {}
-            num_samples = study.search.num_samples
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=num_samples, max_concurrent_trials=concurrency,
-                                        reuse_actors=True),  # a trial starts in a warm worker (torch imported)
-            run_config=tune.RunConfig(
-                name=name, storage_path=storage_root, callbacks=callbacks, verbose=0,
-                failure_config=tune.FailureConfig(max_failures=max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # see prune_checkpoints
-            ),
-        )
+        tuner = _new_tuner(study, trainable, storage_root=storage_root, callbacks=callbacks,
+                           concurrency=concurrency, max_failures=max_failures)
     results = tuner.fit()
     prune_checkpoints(results)
     wall = time.time() - t0
@@ -242,24 +185,89 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
         v = last.get(METRIC)
         if isinstance(v, (int, float)) and math.isfinite(v):
             best = min(best, v)
-    parent = _parent_run_id(uri, study.experiment, name)
-    return SweepOutcome(name=name, experiment=study.experiment, tracking_uri=uri, parent_run_id=parent,
-                        storage=exp_dir, trials=len(results), statuses=statuses,
+    return SweepOutcome(name=name, experiment=study.experiment, tracking_uri=uri,
+                        parent_run_id=parent_run_id(uri, study.experiment, name), storage=exp_dir,
+                        trials=len(results), statuses=statuses,
                         best_val_loss=None if not math.isfinite(best) else best, wall_s=wall, train_s=train_s,
                         concurrency=min(concurrency, total))
 
 
-def _parent_run_id(uri: str, experiment: str, sweep_id: str) -> str | None:
-    """Look the parent up (after a restore the callback that wrote it lives inside Tune)."""
-    import mlflow
+def _prior_state(study: Study, *, resume: bool, uri: str, exp_dir: str) -> dict[str, dict[str, Any]]:
+    """Check that the sweep's Tune state matches ``--resume``; on resume, the trials the MLflow
+    record holds as done (by trial id), after checking the state can be trusted and the spec is
+    unchanged."""
+    from studies.tracking import recorded_sweep
 
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], max_results=1,
-                              filter_string=f"tags.`moue.sweep_id` = '{sweep_id}' and tags.`moue.kind` = 'study'")
-    return runs[0].info.run_id if runs else None
+    name = sweep_name(study)
+    exists = tune.Tuner.can_restore(exp_dir) if "://" in exp_dir or os.path.isdir(exp_dir) else False
+    if resume and not exists:
+        raise ConfigError("--resume", exp_dir, "has no sweep state to resume; run without --resume")
+    if exists and not resume:
+        raise ConfigError("sweep", name, f"already has state in {exp_dir}; pass --resume to continue it")
+    if not resume:
+        return {}
+    check_state_trust(exp_dir)  # Tune unpickles it
+    recorded = recorded_sweep(uri, study.experiment, name)
+    _check_resumable(study, recorded)
+    return recorded.done if recorded else {}
+
+
+def _callbacks(study: Study, workspace: Workspace, *, uri: str, exp_dir: str, total: int, concurrency: int,
+               progress_stream) -> list[tune.Callback]:
+    """The driver's MLflow writer (with the parent run's provenance tags) and progress line."""
+    from studies.tracking import git_info
+
+    parent_tags = {
+        **git_info(Path(__file__).resolve().parent.parent), "moue.search": study.search.algorithm,
+        "moue.scheduler": study.scheduler.kind, "moue.ray_storage": exp_dir,
+        "moue.corpus_fingerprint": _corpus_fingerprint(study, workspace), "moue.smoke": str(study.smoke).lower(),
+    }
+    planned = (sum(plan.tokens for plan in study.plans) if study.search.algorithm == "grid"
+               else total * study.budget_tokens)
+    return [MlflowCallback(study=study, tracking_uri=uri, sweep_id=sweep_name(study), parent_tags=parent_tags),
+            ProgressCallback(total=total, concurrency=concurrency, stream=progress_stream, total_tokens=planned,
+                             default_budget=study.budget_tokens)]
+
+
+def _new_tuner(study: Study, trainable, *, storage_root: str, callbacks: list, concurrency: int,
+               max_failures: int) -> tune.Tuner:
+    """A fresh Tuner: the grid (``{"point": ...}`` per trial) or the Optuna sampler, ASHA if asked."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    name = sweep_name(study)
+    scheduler = None
+    if study.scheduler.kind == "asha":
+        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=study.budget_tokens,
+                                  grace_period=study.scheduler.grace_tokens,
+                                  reduction_factor=study.scheduler.reduction_factor)
+    search_alg = None
+    if study.search.algorithm == "grid":
+        param_space = {"point": tune.grid_search(study.points)}
+        num_samples = 1
+    else:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = (optuna.samplers.RandomSampler(seed=study.search.seed) if study.search.algorithm == "random"
+                   else optuna.samplers.TPESampler(seed=study.search.seed))
+        define = functools.partial(_define, space_name=study.search.space, fixed=study.fixed,
+                                   options=study.space_options)
+        search_alg = OptunaSearch(space=define, metric=METRIC, mode="min", sampler=sampler,
+                                  study_name=f"{name}-{study.sha256[:12]}")
+        param_space = {}
+        num_samples = study.search.num_samples
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, search_alg=search_alg,
+                                    num_samples=num_samples, max_concurrent_trials=concurrency,
+                                    reuse_actors=True),  # a trial starts in a warm worker (torch imported)
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_root, callbacks=callbacks, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # see prune_checkpoints
+        ),
+    )
 
 
 def _corpus_fingerprint(study: Study, workspace: Workspace) -> str:

@@ -203,21 +203,7 @@ def _flatten_fixed(doc: dict, key: str) -> dict[str, Any]:
 def load_study(path: str | Path, *, smoke: bool = False) -> Study:
     """Load, validate and resolve a study (grid points included); raise ``ConfigError`` on any problem."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("spec", str(path), "must be an existing study TOML file (see `moue studies`)")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError("spec", str(path), f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                          "a study is a TOML file saved as UTF-8") from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("spec", str(path), f"is not valid TOML: {exc}") from None
-    for k, v in doc.items():
-        if k not in _TOP_KEYS:
-            raise ConfigError(k, v, f"is not a study setting; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    text, doc = _read_spec(p, path)
     name = doc.get("name")
     if not isinstance(name, str) or not name.strip() or not all(c.isalnum() or c in "-_" for c in name):
         raise ConfigError("name", name, "must be a non-empty name of letters, digits, '-' and '_'")
@@ -239,28 +225,105 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
     fixed = _flatten_fixed(doc, "fixed")
     smoke_space: dict[str, Any] = {}
     if smoke:
-        overrides = _flatten_fixed(doc, "smoke")
-        for k, v in overrides.items():
-            section, _, rest = k.partition(".")
-            if section == "budget":
-                if rest not in ("tokens", "marks"):
-                    raise ConfigError(f"smoke.{k}", v, "must be budget.tokens or budget.marks")
-                b = {**b, rest: v}
-            elif section == "space":
-                smoke_space[rest] = v
-            elif section == "scheduler":
-                if rest not in ("kind", "grace_tokens", "reduction_factor"):
-                    raise ConfigError(f"smoke.{k}", v, "must be scheduler.kind, grace_tokens or reduction_factor")
-                c = {**c, rest: v}
-            elif section == "search":
-                if rest != "num_samples":
-                    raise ConfigError(f"smoke.{k}", v, "must be search.num_samples")
-                s = {**s, rest: v}
-            else:
-                fixed[k] = v
+        s, b, c, smoke_space = _apply_smoke(_flatten_fixed(doc, "smoke"), s, b, c, fixed)
     else:
         _flatten_fixed(doc, "smoke")  # validated even when unused
 
+    search = _search_spec(s)
+    budgets = _budgets(b["tokens"])
+    budget = budgets[-1]
+    marks = b.get("marks", 4)
+    for key in ("train.tokens", "train.eval_every_tokens"):
+        if key in fixed:
+            raise ConfigError(f"fixed.{key}", fixed[key], "is set by [budget] (tokens, marks); remove it")
+    if len(budgets) > 1 and search.algorithm != "grid":
+        raise ConfigError("budget.tokens", list(budgets),
+                          f"must be one number with algorithm {search.algorithm!r} (a list of budgets is a grid axis)")
+    if marks < 1:
+        raise ConfigError("budget.marks", marks, "must be >= 1")
+    scheduler = _scheduler_spec(c, budgets)
+    resources = ResourcesSpec(cpus=float(r.get("cpus", 1.0)), gpu=float(r.get("gpu", 0.0)))
+    if resources.cpus <= 0:
+        raise ConfigError("resources.cpus", resources.cpus, "must be > 0")
+    if not 0 <= resources.gpu <= 8:
+        raise ConfigError("resources.gpu", resources.gpu, "must be in [0, 8] (a fraction shares one GPU)")
+    _check_placement(t.get("tracking_uri", ""), fixed, resources)
+    experiment = (t.get("experiment") or name) + ("-smoke" if smoke else "")  # smoke runs never mix in
+    from analysis.laws import LAWS  # pure Python registry (no scipy at import)
+
+    laws = a.get("laws", ["compute"])
+    for law in laws:
+        if law not in LAWS:
+            raise ConfigError("analysis.laws", law, f"must be one of {', '.join(LAWS)}")
+
+    from search_spaces import get_space
+
+    space = get_space(search.space)
+    options = space.options(space_options)  # defaults < [space]
+    if smoke:  # < the space's own smoke options < the spec's [smoke.space]
+        options = space.options({**options, **space.smoke, **smoke_space})
+    fixed["train.tokens"] = budget  # the spaces see the budget (e.g. widening as a fraction of it)
+    study = Study(
+        name=name, description=description, search=search, scheduler=scheduler, budget_tokens=budget,
+        marks=marks, resources=resources, experiment=experiment, tracking_uri=t.get("tracking_uri", ""),
+        laws=tuple(laws), space_options=options, fixed=fixed, source=text,
+        sha256=hashlib.sha256(text.encode()).hexdigest(), path=str(p.resolve()), smoke=smoke, budgets=budgets,
+    )
+    _probe_fixed(fixed)
+    study = _resolve_points(study, space)
+    if not smoke and "smoke" in doc:  # the [smoke.*] overrides are checked now, not at the first --smoke
+        _check_smoke(p, _flatten_fixed(doc, "smoke"))
+    return study
+
+
+def _read_spec(p: Path, path: str | Path) -> tuple[str, dict]:
+    """The spec's text and parsed TOML; not a file, not UTF-8, not TOML or unknown top-level keys
+    are errors naming the spec."""
+    if not p.is_file():
+        raise ConfigError("spec", str(path), "must be an existing study TOML file (see `moue studies`)")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("spec", str(path), f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "a study is a TOML file saved as UTF-8") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("spec", str(path), f"is not valid TOML: {exc}") from None
+    for k, v in doc.items():
+        if k not in _TOP_KEYS:
+            raise ConfigError(k, v, f"is not a study setting; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    return text, doc
+
+
+def _apply_smoke(overrides: dict[str, Any], s: dict, b: dict, c: dict, fixed: dict[str, Any]
+                 ) -> tuple[dict, dict, dict, dict[str, Any]]:
+    """``[smoke.*]`` on top of the spec: new [search], [budget], [scheduler] tables, the
+    [smoke.space] options, and ``fixed`` updated in place."""
+    smoke_space: dict[str, Any] = {}
+    for k, v in overrides.items():
+        section, _, rest = k.partition(".")
+        if section == "budget":
+            if rest not in ("tokens", "marks"):
+                raise ConfigError(f"smoke.{k}", v, "must be budget.tokens or budget.marks")
+            b = {**b, rest: v}
+        elif section == "space":
+            smoke_space[rest] = v
+        elif section == "scheduler":
+            if rest not in ("kind", "grace_tokens", "reduction_factor"):
+                raise ConfigError(f"smoke.{k}", v, "must be scheduler.kind, grace_tokens or reduction_factor")
+            c = {**c, rest: v}
+        elif section == "search":
+            if rest != "num_samples":
+                raise ConfigError(f"smoke.{k}", v, "must be search.num_samples")
+            s = {**s, rest: v}
+        else:
+            fixed[k] = v
+    return s, b, c, smoke_space
+
+
+def _search_spec(s: dict) -> SearchSpec:
     search = SearchSpec(space=s["space"], algorithm=s.get("algorithm", "grid"), num_samples=s.get("num_samples", 0),
                         seeds=tuple(s.get("seeds", [0])), seed=s.get("seed", 0),
                         max_concurrent=s.get("max_concurrent", 0))
@@ -279,18 +342,10 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
         raise ConfigError("search.seed", search.seed, "must be an integer in [0, 2**32) (the sampler's seed)")
     if search.max_concurrent < 0:
         raise ConfigError("search.max_concurrent", search.max_concurrent, "must be >= 0 (0: no limit)")
+    return search
 
-    budgets = _budgets(b["tokens"])
-    budget = budgets[-1]
-    marks = b.get("marks", 4)
-    for key in ("train.tokens", "train.eval_every_tokens"):
-        if key in fixed:
-            raise ConfigError(f"fixed.{key}", fixed[key], "is set by [budget] (tokens, marks); remove it")
-    if len(budgets) > 1 and search.algorithm != "grid":
-        raise ConfigError("budget.tokens", list(budgets),
-                          f"must be one number with algorithm {search.algorithm!r} (a list of budgets is a grid axis)")
-    if marks < 1:
-        raise ConfigError("budget.marks", marks, "must be >= 1")
+
+def _scheduler_spec(c: dict, budgets: tuple[int, ...]) -> SchedulerSpec:
     scheduler = SchedulerSpec(kind=c.get("kind", "none"), grace_tokens=c.get("grace_tokens", 0),
                               reduction_factor=float(c.get("reduction_factor", 3.0)))
     if scheduler.kind not in SCHEDULERS:
@@ -300,60 +355,37 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
             raise ConfigError("scheduler.kind", scheduler.kind,
                               "must be 'none' when budget.tokens lists several budgets (ASHA would stop the "
                               "short-budget trials that a scaling fit needs)")
-        if not 0 < scheduler.grace_tokens < budget:
+        if not 0 < scheduler.grace_tokens < budgets[-1]:
             raise ConfigError("scheduler.grace_tokens", scheduler.grace_tokens,
-                              f"must be in (0, budget.tokens ({budget})) with ASHA")
+                              f"must be in (0, budget.tokens ({budgets[-1]})) with ASHA")
         if scheduler.reduction_factor <= 1:
             raise ConfigError("scheduler.reduction_factor", scheduler.reduction_factor, "must be > 1")
-    resources = ResourcesSpec(cpus=float(r.get("cpus", 1.0)), gpu=float(r.get("gpu", 0.0)))
-    if resources.cpus <= 0:
-        raise ConfigError("resources.cpus", resources.cpus, "must be > 0")
-    if not 0 <= resources.gpu <= 8:
-        raise ConfigError("resources.gpu", resources.gpu, "must be in [0, 8] (a fraction shares one GPU)")
-    _check_placement(t.get("tracking_uri", ""), fixed, resources)
-    experiment = (t.get("experiment") or name) + ("-smoke" if smoke else "")  # smoke runs never mix in
-    from analysis.laws import LAWS  # pure Python registry (no scipy at import)
+    return scheduler
 
-    laws = a.get("laws", ["compute"])
-    for law in laws:
-        if law not in LAWS:
-            raise ConfigError("analysis.laws", law, f"must be one of {', '.join(LAWS)}")
 
-    from search_spaces import get_space, prune
+def _resolve_points(study: Study, space) -> Study:
+    """Grid: every point at every budget, pruned by the space and the constraints, times the seeds,
+    each resolved into its plan. Samplers: the first points they would suggest are checked."""
+    from search_spaces import prune
 
-    space = get_space(search.space)
-    options = space.options(space_options)  # defaults < [space]
-    if smoke:  # < the space's own smoke options < the spec's [smoke.space]
-        options = space.options({**options, **space.smoke, **smoke_space})
-    fixed["train.tokens"] = budget  # the spaces see the budget (e.g. widening as a fraction of it)
-    study = Study(
-        name=name, description=description, search=search, scheduler=scheduler, budget_tokens=budget,
-        marks=marks, resources=resources, experiment=experiment, tracking_uri=t.get("tracking_uri", ""),
-        laws=tuple(laws), space_options=options, fixed=fixed, source=text,
-        sha256=hashlib.sha256(text.encode()).hexdigest(), path=str(p.resolve()), smoke=smoke, budgets=budgets,
-    )
-    _probe_fixed(fixed)
-    if search.algorithm == "grid":
-        kept, pruned = [], []
-        for tokens in budgets:  # the spaces see each budget (e.g. widening as a fraction of it)
-            fixed_b = {**fixed, "train.tokens": tokens}
-            points, pruned_by_space = space.grid_pruned(fixed_b, options)
-            kept_b, pruned_b = prune(points, fixed_b)
-            tag = {"train.tokens": tokens} if len(budgets) > 1 else {}
-            kept += [{**pt, **tag} for pt in kept_b]
-            pruned += [({**pt, **tag}, why) for pt, why in [*pruned_by_space, *pruned_b]]
-        if not kept:
-            reasons = "; ".join(sorted({why for _, why in pruned})) or "the grid is empty"
-            raise ConfigError("search.space", search.space, f"yields no valid point with these settings: {reasons}")
-        seeded = [{**pt, "train.seed": seed, "data.seed": seed} for pt in kept for seed in search.seeds]
-        plans = tuple(_validate_trial(study, pt) for pt in seeded)
-        study = dataclasses.replace(study, points=seeded, pruned=pruned, plans=plans)
-    else:
+    if study.search.algorithm != "grid":
         for point in preview_points(study, 3):
             _validate_trial(study, point)
-    if not smoke and "smoke" in doc:  # the [smoke.*] overrides are checked now, not at the first --smoke
-        _check_smoke(p, _flatten_fixed(doc, "smoke"))
-    return study
+        return study
+    kept, pruned = [], []
+    for tokens in study.budgets:  # the spaces see each budget (e.g. widening as a fraction of it)
+        fixed_b = {**study.fixed, "train.tokens": tokens}
+        points, pruned_by_space = space.grid_pruned(fixed_b, study.space_options)
+        kept_b, pruned_b = prune(points, fixed_b)
+        tag = {"train.tokens": tokens} if len(study.budgets) > 1 else {}
+        kept += [{**pt, **tag} for pt in kept_b]
+        pruned += [({**pt, **tag}, why) for pt, why in [*pruned_by_space, *pruned_b]]
+    if not kept:
+        reasons = "; ".join(sorted({why for _, why in pruned})) or "the grid is empty"
+        raise ConfigError("search.space", study.search.space, f"yields no valid point with these settings: {reasons}")
+    seeded = [{**pt, "train.seed": seed, "data.seed": seed} for pt in kept for seed in study.search.seeds]
+    plans = tuple(_validate_trial(study, pt) for pt in seeded)
+    return dataclasses.replace(study, points=seeded, pruned=pruned, plans=plans)
 
 
 def _check_placement(tracking_uri: str, fixed: dict[str, Any], resources: ResourcesSpec) -> None:

@@ -1,4 +1,4 @@
-"""Driver-side MLflow writer: one parent run per sweep, one child run per trial (TRACKING.md).
+"""Driver-side MLflow writer: one parent run per sweep, one child run per trial (docs/TRACKING.md).
 
 Only the Ray driver writes to MLflow (the sweep runner wraps :class:`Tracker` in a Tune callback),
 so a SQLite store on the driver is safe; a team points ``tracking_uri`` at an ``mlflow server``.
@@ -191,7 +191,7 @@ class Tracker:
             return self._children[trial_id]
         parent = self._require_parent()
         if SEED not in tags:
-            raise ValueError(f"tags of trial {trial_id!r} lack 'moue.seed' (TRACKING.md)")
+            raise ValueError(f"tags of trial {trial_id!r} lack 'moue.seed' (docs/TRACKING.md)")
         _quote("trial_id", trial_id)
         fixed = {PARENT_RUN: parent, KIND: KIND_TRIAL,
                  SCHEMA: str(SCHEMA_VERSION), TRIAL_ID: trial_id}
@@ -360,6 +360,21 @@ class RecordedSweep:
     done: dict[str, dict[str, Any]]
 
 
+def _parent_run(client, experiment_id: str, sweep_id: str):
+    """The parent run of sweep ``sweep_id`` (the first if, oddly, there are several), or None."""
+    parents = search_runs(client, experiment_id,
+                          f"tags.`moue.sweep_id` = {_quote('sweep_id', sweep_id)} and tags.`moue.kind` = 'study'")
+    return parents[0] if parents else None
+
+
+def parent_run_id(tracking_uri: str, experiment: str, sweep_id: str) -> str | None:
+    """The id of sweep ``sweep_id``'s parent run, or None when the store has no such sweep."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    parent = _parent_run(client, exp.experiment_id, sweep_id) if exp is not None else None
+    return parent.info.run_id if parent is not None else None
+
+
 def recorded_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> RecordedSweep | None:
     """Read a sweep's record (None when the store has no such sweep). The store, not Tune's
     periodically saved state, is the source of truth for which trials are done."""
@@ -370,13 +385,9 @@ def recorded_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> Recorde
     if exp is None:
         return None
 
-    def search(filter_string: str) -> list:
-        return search_runs(client, exp.experiment_id, filter_string)
-
-    parents = search(f"tags.`moue.sweep_id` = {_quote('sweep_id', sweep_id)} and tags.`moue.kind` = 'study'")
-    if not parents:
+    parent = _parent_run(client, exp.experiment_id, sweep_id)
+    if parent is None:
         return None
-    parent = parents[0]
     spec_text = ""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar on the console
     with tempfile.TemporaryDirectory() as d:
@@ -385,7 +396,8 @@ def recorded_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> Recorde
         except Exception:  # an older record without the artifact: compare hashes only
             pass
     done = {}
-    for run in search(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`moue.kind` = 'trial'"):
+    for run in search_runs(client, exp.experiment_id,
+                           f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`moue.kind` = 'trial'"):
         tags = run.data.tags
         if tags.get(STATUS) in DONE:
             done.setdefault(tags.get(TRIAL_ID, ""), {

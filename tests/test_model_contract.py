@@ -1,4 +1,4 @@
-"""Contract suite: every router x balance loss x topology must pass these (MODEL.md 1-5)."""
+"""Contract suite: every router x balance loss x topology must pass these (docs/MODEL.md 1-5)."""
 
 from __future__ import annotations
 

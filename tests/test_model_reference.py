@@ -261,7 +261,7 @@ def test_check_counts_detects_a_wrong_count() -> None:
 
 
 @pytest.mark.parametrize("name,topo,expect", [
-    # MODEL.md section 1 table, L = 8 layers, E = 4 experts per layer
+    # docs/MODEL.md section 1 table, L = 8 layers, E = 4 experts per layer
     ("layerwise", layerwise(8, 4), (32, 4, 4, 1)),
     ("unipool", unipool(8, 24), (24, 24, 0, 1)),
     ("grouped G=2", grouped(8, 4, 2), (32, 16, 16, 4)),

@@ -57,7 +57,7 @@ class Spy:
             return real(run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous)
 
         def per_key(*args, **kwargs):
-            raise AssertionError("per-key logging call: TRACKING.md asks for log_batch")
+            raise AssertionError("per-key logging call: docs/TRACKING.md asks for log_batch")
 
         client.log_batch = log_batch
         client.log_metric = client.log_param = client.set_tag = per_key

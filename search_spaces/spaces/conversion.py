@@ -1,4 +1,4 @@
-"""``conversion``: widen the windows of a converted layerwise MoE checkpoint (MODEL.md section 7).
+"""``conversion``: widen the windows of a converted layerwise MoE checkpoint (docs/MODEL.md section 7).
 
 MoUE reports its largest gain (up to 4.2%) from converting an existing MoE and training on. A
 layerwise MoE with ``E`` experts per layer is placed on the ring in layer order (``P = L*E``,

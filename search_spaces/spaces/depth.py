@@ -11,7 +11,7 @@ Each point sets ``n_layers``; ``d, k, f`` and everything else stay the study's. 
   or the study's window when 0.
 
 Not matched: active parameters grow with depth (attention and ``k`` experts per layer), and the
-counts report it; compare families at equal depth, which is iso-active in MODEL.md's sense.
+counts report it; compare families at equal depth, which is iso-active in docs/MODEL.md's sense.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """``pool_size``: how small can a shared pool be? UniPool's reduced-pool experiment.
 
-UniPool (MODEL.md section 8) found that a global pool holding only 66.7%, 50% or 41.6% of the
+UniPool (docs/MODEL.md section 8) found that a global pool holding only 66.7%, 50% or 41.6% of the
 layerwise expert budget ``L * E`` still beat the layerwise MoE. Points: a UniPool-style pool
 (``w = P, s = 0``, router ``norm``, balance ``pool``) with ``P = round(fraction * L * E)`` for each
 fraction and each ``E``, plus (``include_layerwise``) the layerwise MoE at the full budget as the
 baseline (``P = L*E, w = E, s = E``, router ``softmax``, balance ``switch``).
 
-Held fixed: ``d, L, k, f`` (iso-active in MODEL.md's sense; the router's window rows ``w * d`` per
+Held fixed: ``d, L, k, f`` (iso-active in docs/MODEL.md's sense; the router's window rows ``w * d`` per
 layer are the only active difference and are reported by the counts). Varied: total parameters,
 through ``P``. Define-by-run samples the fraction continuously in ``[min(fractions), 1]``.
 """

@@ -5,7 +5,7 @@ window ``w = round(window_fraction * P)`` (at least ``top_k``) and the stride fr
 consecutive windows, ``s = round(w * (1 - overlap))``: overlap 0 tiles the ring (``s = w``), larger
 overlaps share more experts between neighbouring layers. ``w = P`` is the UniPool limit (``s = 0``).
 
-Held fixed: ``P, d, L, k, f`` and the routing (iso-active in MODEL.md's sense: only the router's
+Held fixed: ``P, d, L, k, f`` and the routing (iso-active in docs/MODEL.md's sense: only the router's
 ``w * d`` window rows per layer differ, reported by the counts; total parameters equal up to the
 stored router rows). Varied: virtual width ``L * w``, reuse and exposure.
 

@@ -1,6 +1,6 @@
 """``router_balance``: router x balance loss on a shared pool, a small replica of UniPool's ablation.
 
-UniPool (MODEL.md section 3) found that sharing a pool with a *per-layer* balance loss was worse
+UniPool (docs/MODEL.md section 3) found that sharing a pool with a *per-layer* balance loss was worse
 than the layerwise MoE, sharing with the *pool* loss better, and the NormRouter better still. This
 space crosses ``router`` in {softmax, norm, trajectory} with ``balance`` in {switch (per layer),
 pool, exposure, none} on one shared pool, plus (``include_layerwise``) the layerwise MoE baseline

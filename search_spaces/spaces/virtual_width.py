@@ -26,7 +26,7 @@ Matching (``match``):
   ``active_tol`` of the matched MoE's; changing ``k`` therefore keeps ``k * f`` about constant, and
   a router's extra active parameters are paid for by slightly smaller experts. A point that cannot
   be matched within the tolerance (``f`` moves in steps of 4) is pruned with the mismatch.
-- ``"none"``: MODEL.md's looser iso-active (same ``d, L`` and ``k * f``: ``f = f0 * k0 / k``);
+- ``"none"``: docs/MODEL.md's looser iso-active (same ``d, L`` and ``k * f``: ``f = f0 * k0 / k``);
   the routers' differences in active parameters are left in and reported by the counts.
 
 Depth is *not* matched: a point at another ``n_layers`` keeps ``d`` and is matched to the
