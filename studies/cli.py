@@ -102,6 +102,7 @@ def _print_compile_report() -> None:
     """What can be checked without a GPU: the bf16 kernels compiled for an H100 (sm_90a)."""
     import warnings
 
+    from moue_core import triton_aot
     from moue_core import triton_moe as tm
 
     typer.echo("the bf16 Triton kernels compiled ahead of time for sm_90a (H100), no GPU needed:")
@@ -109,7 +110,7 @@ def _print_compile_report() -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                report = tm.compile_report(90, "bf16", getattr(tm, blocks_name))
+                report = triton_aot.compile_report(90, "bf16", getattr(tm, blocks_name))
         except Exception as exc:  # an older Triton or a wheel without ptxas/cuobjdump: report, still exit 0
             typer.echo(f"  compile check unavailable: {type(exc).__name__}: {exc}".splitlines()[0])
             return
