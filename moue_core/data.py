@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from moue_core.errors import ConfigError
+from moue_core.fields import is_int
 from moue_core.trial_config import CORPUS_ALLOWED, TOKEN_DTYPES, DataConfig
 
 __all__ = ["DataConfig", "Corpus", "load_corpus", "BatchSampler", "ValidationSet",
@@ -362,9 +363,9 @@ class BatchSampler:
 
     def __init__(self, corpus: Corpus, *, batch_size: int, seq_len: int, seed: int) -> None:
         for name, v in (("batch_size", batch_size), ("train.seq_len", seq_len)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ConfigError(name, v, "must be an integer >= 1")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ConfigError("data.seed", seed, "must be an integer >= 0")
         if seq_len + 1 > len(corpus.train):
             raise ConfigError("train.seq_len", seq_len,
@@ -412,7 +413,7 @@ class ValidationSet:
         return self.x.numel()
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ConfigError("batch_size", batch_size, "must be an integer >= 1")
         for i in range(0, len(self.x), batch_size):
             yield self.x[i:i + batch_size], self.y[i:i + batch_size]
@@ -422,14 +423,14 @@ def validation_set(corpus: Corpus, *, seq_len: int, n_tokens: int) -> Validation
     """``n_tokens // seq_len`` windows at evenly spaced, non-overlapping starts over the validation
     split (first window at its start, last at its end). No seed: every trial of a study with the
     same corpus and ``seq_len`` is evaluated on exactly these tokens."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+    if not is_int(seq_len) or seq_len < 1:
         raise ConfigError("train.seq_len", seq_len, "must be an integer >= 1")
     n_val = len(corpus.val)
     if seq_len + 1 > n_val:
         raise ConfigError("train.seq_len", seq_len,
                           f"must be below the validation split's {n_val:,} tokens "
                           f"(raise data.val_fraction)")
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < seq_len:
+    if not is_int(n_tokens) or n_tokens < seq_len:
         raise ConfigError("data.val_tokens", n_tokens, f"must be an integer >= train.seq_len ({seq_len})")
     rows = n_tokens // seq_len
     if rows * seq_len + 1 > n_val:

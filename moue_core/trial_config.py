@@ -19,7 +19,7 @@ from typing import Any, Literal
 from moue_core.config import ModelConfig
 from moue_core.counting import CONVENTION
 from moue_core.errors import ConfigError
-from moue_core.fields import build, choice, integer, number
+from moue_core.fields import build, choice, integer, is_int, number
 
 __all__ = ["TrainConfig", "DataConfig", "ConvertConfig", "TrialConfig", "lr_at", "SECTIONS", "SCHEDULES",
            "DEVICES", "ROUTER_INITS", "TOKEN_DTYPES", "CONVERTED_IN_TRIAL", "CORPUS_ALLOWED"]
@@ -153,7 +153,7 @@ class DataConfig:
         integer("data.seed", self.seed, 0)
         if self.vocab_size is not None:
             v = self.vocab_size
-            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+            if not is_int(v) or v < 2:
                 raise ConfigError("data.vocab_size", v, "must be an integer >= 2, or unset to derive it")
 
     @classmethod

@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from moue_core.errors import ConfigError
+from moue_core.fields import is_int
 from search_spaces.constraints import check_point
 
 if TYPE_CHECKING:  # optuna is only a type here: search spaces never import it
@@ -86,7 +87,7 @@ class Space:
         names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
         ok = {
             bool: isinstance(v, bool),
-            int: isinstance(v, int) and not isinstance(v, bool),
+            int: is_int(v),
             float: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
             str: isinstance(v, str),
         }[kind]

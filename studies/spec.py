@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from moue_core.errors import ConfigError
+from moue_core.fields import is_int
 
 __all__ = ["Study", "SearchSpec", "SchedulerSpec", "ResourcesSpec", "load_study", "STUDIES_DIR", "shipped_studies",
            "flatten_toml"]
@@ -334,7 +335,7 @@ def _search_spec(s: dict) -> SearchSpec:
     if search.algorithm != "grid" and search.num_samples < 1:
         raise ConfigError("search.num_samples", search.num_samples,
                           f"must be >= 1 with algorithm {search.algorithm!r}")
-    if not search.seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in search.seeds):
+    if not search.seeds or not all(is_int(x) and x >= 0 for x in search.seeds):
         raise ConfigError("search.seeds", list(search.seeds), "must be a non-empty list of integers >= 0")
     if len(set(search.seeds)) != len(search.seeds):
         raise ConfigError("search.seeds", list(search.seeds), "must not repeat a seed")
@@ -421,7 +422,7 @@ def _smoke_error(exc: ConfigError, overrides: dict[str, Any]) -> ConfigError:
 def _budgets(value: Any) -> tuple[int, ...]:
     """``budget.tokens``: one positive integer or a non-empty list of distinct ones (sorted)."""
     values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+    if not values or not all(is_int(v) and v >= 1 for v in values):
         raise ConfigError("budget.tokens", value, "must be an integer >= 1 or a non-empty list of them")
     if len(set(values)) != len(values):
         raise ConfigError("budget.tokens", value, "must not repeat a budget")
