@@ -34,8 +34,18 @@ class TrialPlan:
     point: Mapping[str, Any]  # the searched settings (seeds included): what sets this trial apart
     config: TrialConfig  # validated; the only thing the worker trains from
     counts: Counts  # parameter counts, virtual width and compute (``moue_core.counting``)
-    params: Mapping[str, Any]  # the MLflow params: the resolved config, the convention, derived counts, CONFIG_PARAM
-    tags: Mapping[str, str]  # the trial run's tags at creation (``moue.seed``)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The MLflow params: the resolved config, the counting convention, the derived counts, and
+        all of them as typed JSON (``CONFIG_PARAM``). Built when asked (a grid of 10,000 plans
+        travels to every worker; its params need not)."""
+        return trial_params(self.config, self.counts)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The trial run's tags at creation."""
+        return {SEED: str(self.config.train.seed)}
 
     @property
     def tokens(self) -> int:
@@ -84,5 +94,4 @@ def plan_trial(study, config: Mapping[str, Any]) -> TrialPlan:
     flat = resolve_trial(study, config)
     cfg = TrialConfig.from_dict(flat)
     counts = count(cfg.model, seq_len=cfg.train.seq_len)
-    return TrialPlan(point=trial_point(study, config), config=cfg, counts=counts, params=trial_params(cfg, counts),
-                     tags={SEED: str(cfg.train.seed)})
+    return TrialPlan(point=trial_point(study, config), config=cfg, counts=counts)
