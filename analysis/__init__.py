@@ -1,7 +1,10 @@
 """moue analysis: MLflow -> polars, scaling-law fits with virtual width, reports, regression gate.
 
 Layers (each testable alone): :func:`load_runs` (TRACKING.md schema -> typed polars frame),
-:data:`LAWS` and :func:`fit` (multi-start Huber fits, bootstrap, hold-out -> :class:`FitResult`),
+:data:`LAWS` (each law one unit: variables, parametrisation, derived quantities, exponents, nested
+law) and :func:`fit` (multi-start Huber fits, bootstrap, hold-out -> :class:`FitResult`; its
+stages :func:`prepare`, :func:`fit_point`, :func:`fit_bootstrap`, :func:`fit_holdout`,
+:func:`assemble` are public too),
 :func:`likelihood_ratio_test` (does virtual width help?), :func:`compare` (the regression gate),
 :func:`write_report` (self-contained HTML). Heavy dependencies (polars, scipy, mlflow, plotly) are
 imported inside the functions that need them.
@@ -11,25 +14,33 @@ from analysis.derived import DerivedContext
 from analysis.errors import AnalysisError
 from analysis.fitting import (
     DEFAULT_COLUMNS,
-    Diagnostics,
+    BootstrapSamples,
     FitOptions,
-    FitResult,
     Holdout,
-    HoldoutResult,
-    Provenance,
+    HoldoutFit,
+    PointFit,
+    Problem,
+    assemble,
     fit,
+    fit_bootstrap,
+    fit_holdout,
+    fit_point,
+    prepare,
 )
 from analysis.gate import Baseline, GateResult, GateRow, compare, read_baseline, write_baseline
 from analysis.laws import LAWS, Law, get_law
 from analysis.loading import LoadedRuns, ParentRun, default_tracking_uri, load_runs
 from analysis.nested import NestedTest, likelihood_ratio_test
+from analysis.points import Points
 from analysis.report import write_report
+from analysis.result import Diagnostics, FitResult, HoldoutResult, Provenance
 
 __all__ = [
     "DEFAULT_COLUMNS",
     "LAWS",
     "AnalysisError",
     "Baseline",
+    "BootstrapSamples",
     "DerivedContext",
     "Diagnostics",
     "FitOptions",
@@ -37,18 +48,27 @@ __all__ = [
     "GateResult",
     "GateRow",
     "Holdout",
+    "HoldoutFit",
     "HoldoutResult",
     "Law",
     "LoadedRuns",
     "NestedTest",
     "ParentRun",
+    "PointFit",
+    "Points",
+    "Problem",
     "Provenance",
+    "assemble",
     "compare",
     "default_tracking_uri",
     "fit",
+    "fit_bootstrap",
+    "fit_holdout",
+    "fit_point",
     "get_law",
     "likelihood_ratio_test",
     "load_runs",
+    "prepare",
     "read_baseline",
     "write_baseline",
     "write_report",

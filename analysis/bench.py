@@ -27,6 +27,7 @@ from analysis.errors import AnalysisError
 __all__ = ["run_fit_bench"]
 
 _DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "chinchilla_epoch2024.csv"
+_DELTA = 1e-3  # Huber delta of the benchmark (Epoch's)
 
 
 def _epoch_points():
@@ -74,16 +75,22 @@ def _reference_loop(law, data, loss, delta, starts, gtol):
 def run_fit_bench(json: bool = False, *, reference_starts: int = 900,
                   stream: TextIO | None = None) -> dict:
     """Run the benchmark, print it (human-readable or one JSON object) and return the figures."""
-    from analysis.fitting import FitOptions, _best_basin, _bootstrap, _optimize, _Points
+    result = _measure(reference_starts)
+    out = stream or sys.stdout
+    out.write((_json.dumps(result) if json else _describe(result)) + "\n")
+    return result
+
+
+def _measure(reference_starts: int) -> dict:
+    """Time moue's point fit and bootstrap (the stages of ``analysis.fit``) and the reference
+    loop on the same problem; the figures ``run_fit_bench`` reports."""
+    from analysis.fitting import fit_bootstrap, fit_point, prepare
     from analysis.laws import get_law
 
-    out = stream or sys.stdout
     law = get_law("chinchilla")
     data, loss = _epoch_points()
-    prep = law.prepare(data)
-    y = law.target(loss)
-    w = np.ones(loss.shape[0])
-    delta = 1e-3
+    problem = prepare({**data, "loss": loss}, law=law, loss="loss",
+                      variables={"N": "N", "D": "D"}, delta=_DELTA)
     starts = law.start_grid()
     S = starts.shape[0]
     if reference_starts <= 0 or reference_starts >= S:
@@ -92,28 +99,21 @@ def run_fit_bench(json: bool = False, *, reference_starts: int = 900,
         ref_idx = np.sort(np.random.default_rng(0).choice(S, reference_starts, replace=False))
 
     t0 = time.perf_counter()
-    ours = _optimize(law, prep, y, w, delta, starts, FitOptions(), continuation=True)
+    ours = fit_point(problem, starts=starts)
     fit_s = time.perf_counter() - t0
-    b, basin = _best_basin(law, ours)
-
-    pts = _Points(data=data, loss=loss, weights=w, cluster_index=np.arange(loss.shape[0]),
-                  clusters=tuple(str(i) for i in range(loss.shape[0])), compute=6 * data["N"]
-                  * data["D"], compute_column="6ND")
     t0 = time.perf_counter()
-    boot, _ = _bootstrap(law, prep, y, pts, delta, ours, 1000, 0, FitOptions())
+    boot = fit_bootstrap(problem, ours, n_bootstrap=1000, seed=0).natural
     boot_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ref_x, ref_f = _reference_loop(law, data, loss, delta, starts[ref_idx],
-                                   FitOptions().gtol_rel * delta * w.sum())
+    gtol = problem.options.gtol_rel * problem.delta * problem.points.weights.sum()
+    ref_x, ref_f = _reference_loop(law, data, loss, problem.delta, starts[ref_idx], gtol)
     ref_measured = time.perf_counter() - t0
     ref_s = ref_measured * S / ref_idx.size
     rb = int(np.argmin(ref_f))
-
-    diff = float(np.max(np.abs(ours.x[b] - ref_x[rb])))
-    nat_ours = law.to_natural(ours.x[b])[0]
-    nat_ref = law.to_natural(ref_x[rb])[0]
-    result = {
+    sd = {name: float(np.std(col, ddof=1)) for name, col in law.by_name(boot).items()
+          if name in ("alpha", "beta")}
+    return {
         "speedup": ref_s / fit_s,
         "fit_s": fit_s,
         "reference_s": ref_s,
@@ -121,35 +121,35 @@ def run_fit_bench(json: bool = False, *, reference_starts: int = 900,
         "reference_starts": int(ref_idx.size),
         "reference_scaled": bool(ref_idx.size < S),
         "n_starts": int(S),
-        "max_param_diff": diff,
-        "objective_ours": float(ours.f[b]),
+        "max_param_diff": float(np.max(np.abs(ours.theta - ref_x[rb]))),
+        "objective_ours": ours.objective,
         "objective_reference": float(ref_f[rb]),
-        "params_ours": dict(zip(law.natural, map(float, nat_ours))),
-        "params_reference": dict(zip(law.natural, map(float, nat_ref))),
-        "best_basin_starts_ours": int(basin.sum()),
+        "params_ours": dict(zip(law.natural, map(float, law.to_natural(ours.theta)[0]))),
+        "params_reference": dict(zip(law.natural, map(float, law.to_natural(ref_x[rb])[0]))),
+        "best_basin_starts_ours": int(ours.basin.sum()),
         "bootstrap_1000_s": boot_s,
-        "bootstrap_sd": {"alpha": float(np.std(boot[:, 2], ddof=1)),
-                         "beta": float(np.std(boot[:, 4], ddof=1))},
+        "bootstrap_sd": sd,
     }
-    if json:
-        out.write(_json.dumps(result) + "\n")
-        return result
-    scaled = (f" (measured {ref_measured:.2f} s on {ref_idx.size} random starts, scaled "
-              f"x{S / ref_idx.size:.1f} to {S})" if result["reference_scaled"] else "")
-    lines = [
-        f"Chinchilla fit, Epoch AI data (240 points), {S} starts, Huber delta {delta:g}",
-        f"  moue batched trust-region Newton: {fit_s:8.2f} s  ({int(basin.sum())} starts reached "
-        "the best basin)",
-        f"  scipy L-BFGS-B loop (ftol=0, analytic gradient): {ref_s:8.2f} s{scaled}",
+
+
+def _describe(result: dict) -> str:
+    """The human-readable form of the figures."""
+    S, n_ref = result["n_starts"], result["reference_starts"]
+    scaled = (f" (measured {result['reference_measured_s']:.2f} s on {n_ref} random starts, "
+              f"scaled x{S / n_ref:.1f} to {S})" if result["reference_scaled"] else "")
+    return "\n".join([
+        f"Chinchilla fit, Epoch AI data (240 points), {S} starts, Huber delta {_DELTA:g}",
+        f"  moue batched trust-region Newton: {result['fit_s']:8.2f} s  "
+        f"({result['best_basin_starts_ours']} starts reached the best basin)",
+        f"  scipy L-BFGS-B loop (ftol=0, analytic gradient): {result['reference_s']:8.2f} s"
+        f"{scaled}",
         f"  speed-up: {result['speedup']:.1f}x",
-        f"  optima: max |difference| in (e, a, alpha, b, beta) = {diff:.2e}; objective "
-        f"{result['objective_ours']:.10g} vs {result['objective_reference']:.10g}",
+        f"  optima: max |difference| in (e, a, alpha, b, beta) = {result['max_param_diff']:.2e}; "
+        f"objective {result['objective_ours']:.10g} vs {result['objective_reference']:.10g}",
         "  " + ", ".join(f"{k}={v:.6g}" for k, v in result["params_ours"].items()) + "  (moue)",
         "  " + ", ".join(f"{k}={v:.6g}" for k, v in result["params_reference"].items())
         + "  (reference)",
-        f"  bootstrap, 1000 resamples: {boot_s:.2f} s "
+        f"  bootstrap, 1000 resamples: {result['bootstrap_1000_s']:.2f} s "
         f"(sd alpha {result['bootstrap_sd']['alpha']:.4f},"
         f" sd beta {result['bootstrap_sd']['beta']:.4f})",
-    ]
-    out.write("\n".join(lines) + "\n")
-    return result
+    ])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -74,11 +73,9 @@ def report_cmd(
         _check_laws(laws)
         if bootstrap < 0:
             raise AnalysisError("--bootstrap", bootstrap, "must be >= 0")
-        with warnings.catch_warnings():  # the fits' warnings come back as res.notes, printed below
-            warnings.simplefilter("ignore")
-            res = write_report(experiment, tracking_uri=_uri(tracking_uri, workspace), output=out,
-                               laws=laws, parent_run_id=parent, n_bootstrap=bootstrap, seed=seed,
-                               log_artifact=log_artifact, png_dir=png)
+        res = write_report(experiment, tracking_uri=_uri(tracking_uri, workspace), output=out,
+                           laws=laws, parent_run_id=parent, n_bootstrap=bootstrap, seed=seed,
+                           log_artifact=log_artifact, png_dir=png)
     except AnalysisError as e:
         raise _fail(e) from None
     typer.echo(f"wrote {res.path} ({len(res.fits)} laws fitted, {len(res.figures)} figures); {res.runs_line()}")
@@ -178,8 +175,6 @@ def fit_cmd(
     Example (Epoch's Chinchilla data): moue fit data.csv --law chinchilla --loss loss
     --set N="Model Size" --set D='"Training FLOP" / (6 * "Model Size")' --holdout-min 1e21
     """
-    import warnings
-
     from analysis.errors import AnalysisError
     from analysis.fitting import Holdout, fit
     from analysis.laws import get_law
@@ -198,15 +193,12 @@ def fit_cmd(
         frame, variables = _apply_sets(frame, set_, spec)
         holdout = None if no_holdout else Holdout(
             column=holdout_column, min_value=_parse_float("--holdout-min", holdout_min))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = fit(frame, law=law, loss=loss, variables=variables, delta=delta,
-                         n_bootstrap=bootstrap, seed=seed, cluster=cluster, weights=weight,
-                         holdout=holdout, filter_desc=where or "", source=str(file))
+        result = fit(frame, law=law, loss=loss, variables=variables, delta=delta,
+                     n_bootstrap=bootstrap, seed=seed, cluster=cluster, weights=weight,
+                     holdout=holdout, filter_desc=where or "", source=str(file))
     except AnalysisError as e:
         raise _fail(e) from None
-    for w in caught:
-        typer.echo(f"warning: {w.message}", err=True)
+    _print_notes(result.notes)
     if as_json:
         d = result.to_dict()
         if not samples:
@@ -261,14 +253,10 @@ def check_cmd(
 
     Example: moue check virtual_width --baseline baselines/virtual_width.json
     """
-    import warnings
-
     from analysis.errors import AnalysisError
-    from analysis.fitting import fit
     from analysis.gate import compare, read_baseline
     from analysis.gate import write_baseline as write
     from analysis.loading import load_runs
-    from analysis.report import MAX_BUDGET_FILTER, fit_laws, law_frame
 
     try:
         if law:
@@ -279,54 +267,79 @@ def check_cmd(
         runs = load_runs(experiment, tracking_uri=_uri(tracking_uri, workspace),
                          parent_run_id=parent)
         flt = "moue.status = finished" + (f", parent {parent}" if parent else "")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if write_baseline:
-                if bootstrap < 2:
-                    raise AnalysisError("--bootstrap", bootstrap, "must be >= 2 for a baseline")
-                laws = list(law) if law else ["chinchilla", "vw_additive", "vw_multiplicative"]
-                fits, skipped = fit_laws(runs.frame, laws=laws, n_bootstrap=bootstrap, seed=seed,
-                                         filter_desc=flt)
-                if law and skipped:  # laws asked for by name must fit
-                    name, why = next(iter(skipped.items()))
-                    raise AnalysisError(f"law {name}", experiment, f"cannot be fitted: {why}")
-                if not fits:
-                    raise AnalysisError("experiment", experiment, "has no law that can be "
-                                        "fitted: " + "; ".join(skipped.values()))
-            else:
-                laws = list(law) if law else list(base.fits)
-                fits = {}
-                for name in laws:
-                    if name not in base.fits:
-                        raise AnalysisError("--law", name, "is not in the baseline (it has "
-                                            + ", ".join(base.fits) + ")")
-                    b = base.fits[name]
-                    # the rows the baseline was fitted on: the largest budget only if its filter
-                    # says so (a law without D on a multi-budget study), else every run
-                    at_max = MAX_BUDGET_FILTER in b.provenance.filter
-                    rows, note = law_frame(runs.frame, name)
-                    if note and not at_max:
-                        warnings.warn(f"fit {name}: the baseline was fitted on every run, so the check "
-                                      f"is too, although the runs now have several token budgets")
-                        rows = runs.frame
-                    fits[name] = fit(rows, law=name, loss=b.loss, variables=b.variables,
-                                     delta=b.delta, n_bootstrap=b.n_bootstrap, seed=b.seed,
-                                     level=b.level, holdout=None,
-                                     filter_desc=flt + (MAX_BUDGET_FILTER if at_max else ""))
-                results = [compare(base.fits[name], fits[name], level=level) for name in laws]
+        if write_baseline:
+            fitted = _baseline_fits(runs.frame, experiment, law, bootstrap, seed, flt)
+        else:
+            laws = list(law) if law else list(base.fits)
+            fits, notes = _refit_for_check(runs.frame, base, laws, flt)
+            results = [compare(base.fits[name], fits[name], level=level) for name in laws]
     except AnalysisError as e:
         raise _fail(e) from None
-    for w in caught:
-        typer.echo(f"warning: {w.message}", err=True)
     if write_baseline:
-        path = write(baseline, experiment=experiment, fits=fits)
-        typer.echo(f"wrote baseline {path} ({', '.join(fits)}; {runs.frame.height} runs)")
-        for name, why in skipped.items():
+        _print_notes(fitted.notes)
+        path = write(baseline, experiment=experiment, fits=fitted.fits)
+        typer.echo(f"wrote baseline {path} ({', '.join(fitted.fits)}; {runs.frame.height} runs)")
+        for name, why in fitted.skipped.items():
             typer.echo(f"skipped {name}: {why}")
         return
+    _print_notes(notes)
     _print_gate(results)
     if not all(r.passed for r in results):
         raise typer.Exit(code=1)
+
+
+def _print_notes(notes) -> None:
+    """Each note of the fits once, on stderr."""
+    for note in notes:
+        typer.echo(f"warning: {note}", err=True)
+
+
+def _baseline_fits(frame, experiment: str, law: list[str] | None, bootstrap: int, seed: int,
+                   flt: str):
+    """The fits a new baseline holds: the laws asked for (each must fit), else chinchilla and
+    the virtual-width laws that can be fitted."""
+    from analysis.errors import AnalysisError
+    from analysis.report import fit_laws
+
+    if bootstrap < 2:
+        raise AnalysisError("--bootstrap", bootstrap, "must be >= 2 for a baseline")
+    laws = list(law) if law else ["chinchilla", "vw_additive", "vw_multiplicative"]
+    fitted = fit_laws(frame, laws=laws, n_bootstrap=bootstrap, seed=seed, filter_desc=flt)
+    if law and fitted.skipped:  # laws asked for by name must fit
+        name, why = next(iter(fitted.skipped.items()))
+        raise AnalysisError(f"law {name}", experiment, f"cannot be fitted: {why}")
+    if not fitted.fits:
+        raise AnalysisError("experiment", experiment, "has no law that can be fitted: "
+                            + "; ".join(fitted.skipped.values()))
+    return fitted
+
+
+def _refit_for_check(frame, base, laws: list[str], flt: str) -> tuple[dict, list[str]]:
+    """Refit each law as its baseline was fitted (same loss, variables, delta, resamples, seed
+    and level, on the same kind of rows); the fits and their notes."""
+    from analysis.errors import AnalysisError
+    from analysis.fitting import fit
+    from analysis.report import MAX_BUDGET_FILTER, law_frame
+
+    fits, notes = {}, []
+    for name in laws:
+        if name not in base.fits:
+            raise AnalysisError("--law", name, "is not in the baseline (it has "
+                                + ", ".join(base.fits) + ")")
+        b = base.fits[name]
+        # the rows the baseline was fitted on: the largest budget only if its filter says so (a
+        # law without D on a multi-budget study), else every run
+        at_max = MAX_BUDGET_FILTER in b.provenance.filter
+        rows, note = law_frame(frame, name)
+        if note and not at_max:
+            notes.append(f"fit {name}: the baseline was fitted on every run, so the check is "
+                         "too, although the runs now have several token budgets")
+            rows = frame
+        fits[name] = fit(rows, law=name, loss=b.loss, variables=b.variables, delta=b.delta,
+                         n_bootstrap=b.n_bootstrap, seed=b.seed, level=b.level, holdout=None,
+                         filter_desc=flt + (MAX_BUDGET_FILTER if at_max else ""))
+        notes.extend(fits[name].notes)
+    return fits, notes
 
 
 def _print_gate(results) -> None:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.fitting import FitResult, percentile_interval
 from analysis.nested import NestedTest
+from analysis.result import FitResult, percentile_interval
 
 __all__ = [
     "Band",
@@ -144,8 +144,9 @@ def _band(name, x, samples, point, level):
 
 def loss_vs_compute_data(frame, *, loss: str, compute: str, fits: Mapping[str, FitResult],
                          labels: Sequence[str]) -> ScatterData:
-    """Final loss against training compute, one series per architecture; compute-law curves
-    (``compute``) and compute-optimal frontiers (``chinchilla``) with bootstrap bands."""
+    """Final loss against training compute, one series per architecture; the ``compute`` law's
+    curve and the compute-optimal frontier of laws that have one (``Law.optimum``: ``chinchilla``),
+    with bootstrap bands."""
     x, y = _col(frame, compute), _col(frame, loss)
     runs = frame.get_column("run_id").to_list() if "run_id" in frame.columns else [""] * len(x)
     points = []
@@ -160,7 +161,7 @@ def loss_vs_compute_data(frame, *, loss: str, compute: str, fits: Mapping[str, F
             pt = r.predict({"C": grid})
             bs = r.predict({"C": grid}, samples=True) if r.n_bootstrap > 1 else pt[None]
             curves.append(_band("compute law", grid, bs, pt, r.level))
-        elif name == "chinchilla":
+        elif r.law_spec.optimum is not None:
             # compute-optimal frontier: N_opt(C), D_opt(C) from the fitted law at each C
             curves.append(_frontier(r, grid))
     return ScatterData(title="Loss vs compute by architecture", x_label=f"compute ({compute})",
@@ -168,17 +169,17 @@ def loss_vs_compute_data(frame, *, loss: str, compute: str, fits: Mapping[str, F
 
 
 def _frontier(r: FitResult, grid: np.ndarray) -> Band:
-    from analysis.derived import _compute_optimal
-
-    def frontier(nat):
-        return _compute_optimal(nat[:, 0:1], nat[:, 1:2], nat[:, 2:3], nat[:, 3:4], nat[:, 4:5],
-                                grid[None, :] * 1.0)[2]
-
+    """The compute-optimal loss of a law of N and D alone along ``grid`` (C = 6ND)."""
     law = r.law_spec
+
+    def frontier(nat):  # natural parameters (S, P) -> loss (S, G)
+        p = {k: v[:, None] for k, v in law.by_name(nat).items()}
+        return law.optimum(p, grid[None, :] * 1.0).loss
+
     nat = np.array([[r.params[k] for k in law.natural]])
     pt = frontier(nat)[0]
     bs = frontier(r.bootstrap) if r.n_bootstrap > 1 else pt[None]
-    return _band("chinchilla compute-optimal (C = 6ND)", grid, bs, pt, r.level)
+    return _band(f"{r.law} compute-optimal (C = 6ND)", grid, bs, pt, r.level)
 
 
 def loss_vs_virtual_width_data(frame, *, loss: str, n_col: str, v_col: str,

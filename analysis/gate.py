@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.errors import AnalysisError
-from analysis.fitting import FitResult, percentile_interval
+from analysis.result import FitResult, percentile_interval
 
 __all__ = ["Baseline", "GateResult", "GateRow", "compare", "read_baseline", "write_baseline"]
 

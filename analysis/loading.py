@@ -1,10 +1,17 @@
 """MLflow -> polars: one typed row per finished trial of a study (TRACKING.md, schema 1).
 
 The loader reads only what TRACKING.md specifies: trial runs are tagged ``moue.kind = trial`` and
-``moue.schema``, children of a parent run tagged ``moue.kind = study``; params are strings that the
-loader casts back per column (all-int -> Int64, all-number -> Float64, true/false -> Boolean,
-otherwise String; ``None``/empty -> null); final metrics are ``final/*``; learning curves have
-``step`` = tokens seen.
+``moue.schema``, children of a parent run tagged ``moue.kind = study``; final metrics are
+``final/*``; learning curves have ``step`` = tokens seen.
+
+Param types: a trial run logs its resolved config twice, as one string param per key and as one
+typed JSON object in the param ``CONFIG_PARAM`` (``config.json``, not a column of the frame). A
+column takes its type from the JSON values when every run that has the param has it there
+(ints -> Int64, floats or ints and floats -> Float64, bools -> Boolean, strings -> String,
+``null`` -> null; a list, an object or a mix of kinds -> String holding the value's JSON text,
+e.g. ``[0.5, 1.0]``). Otherwise (runs logged before ``config.json`` existed) the column's type is
+guessed back from the strings: all-int -> Int64, all-number -> Float64, true/false -> Boolean,
+otherwise String; ``None``/empty -> null.
 
 A trial is kept when its ``moue.status`` is ``finished`` (other statuses are listed in
 ``include_statuses`` to keep them) and it has ``final/val_loss``; every other run is counted under
@@ -14,6 +21,7 @@ as are mixed corpora or counting conventions (load one sweep with ``parent_run_i
 
 from __future__ import annotations
 
+import json
 import re
 import types
 from collections import Counter
@@ -22,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from analysis.errors import AnalysisError
-from moue_core.tracking_contract import (CURVE_METRICS, FINAL_VAL_LOSS, PARENT_RUN, PARENT_TAGS, SCHEMA,
-                                         SCHEMA_VERSION, SEED, STATUS, STATUSES, STOP_REASON, TRIAL_ID,
+from moue_core.tracking_contract import (CONFIG_PARAM, CURVE_METRICS, FINAL_VAL_LOSS,
+                                         PARENT_RUN, PARENT_TAGS, SCHEMA, SCHEMA_VERSION, SEED,
+                                         STATUS, STATUSES, STOP_REASON, TRIAL_ID,
                                          default_tracking_uri, search_runs)
 
 if TYPE_CHECKING:
@@ -71,7 +80,7 @@ class LoadedRuns:
 
 
 def _cast_column(values: Sequence[str | None]):
-    """Restore the type of one param column from its strings (see module docstring)."""
+    """Guess the type of one param column back from its strings (see module docstring)."""
     import polars as pl
 
     vals = [None if v is None or v == "" or v == "None" else v for v in values]
@@ -91,6 +100,57 @@ def _cast_column(values: Sequence[str | None]):
     return pl.Series(vals, dtype=pl.String)
 
 
+def _kind(value) -> type | None:
+    for kind in (bool, int, float, str):  # bool first: a bool is an int
+        if isinstance(value, kind):
+            return kind
+    return None  # a list, an object
+
+
+def _typed_column(values: Sequence[object]):
+    """One param column from the JSON values of ``config.json`` (see module docstring)."""
+    import polars as pl
+
+    kinds = {_kind(v) for v in values if v is not None}
+    if kinds == {bool}:
+        return pl.Series(values, dtype=pl.Boolean)
+    if kinds == {int}:
+        return pl.Series(values, dtype=pl.Int64)
+    if kinds and kinds <= {int, float}:
+        return pl.Series([None if v is None else float(v) for v in values], dtype=pl.Float64)
+    return pl.Series([v if v is None or isinstance(v, str) else json.dumps(v) for v in values],
+                     dtype=pl.String)
+
+
+def _typed_config(run) -> dict | None:
+    """The run's resolved config from ``config.json`` (``None`` for runs logged without it)."""
+    raw = run.data.params.get(CONFIG_PARAM)
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise AnalysisError(CONFIG_PARAM, raw[:40] + ("..." if len(raw) > 40 else ""),
+                            f"of run {run.info.run_id} is not JSON ({e.msg}); it must be the "
+                            "trial's config as one JSON object") from None
+    if not isinstance(config, dict):
+        raise AnalysisError(CONFIG_PARAM, type(config).__name__,
+                            f"of run {run.info.run_id} must be a JSON object")
+    return config
+
+
+_UNTYPED = object()  # a run that has a param but no typed value for it
+
+
+def _param_column(key: str, runs: Sequence, configs: Sequence[dict | None]):
+    """The column of param ``key``: typed when every run that has it has a typed value."""
+    strings = [r.data.params.get(key) for r in runs]
+    typed = [_UNTYPED if c is None or key not in c else c[key] for c in configs]
+    if all(t is not _UNTYPED or s is None for t, s in zip(typed, strings)):
+        return _typed_column([None if t is _UNTYPED else t for t in typed])
+    return _cast_column(strings)
+
+
 def _search_all(client, experiment_id: str, filter_string: str):
     return search_runs(client, experiment_id, filter_string)
 
@@ -106,51 +166,31 @@ def _schema_of(run) -> int:
     return int(raw)
 
 
-def load_runs(
-    experiment: str,
-    *,
-    tracking_uri: str,
-    parent_run_id: str | None = None,
-    curves: bool = False,
-    curve_metrics: Iterable[str] = CURVE_METRICS,
-    include_statuses: Iterable[str] = ("finished",),
-) -> LoadedRuns:
-    """Load the trials of ``experiment`` (optionally one sweep: ``parent_run_id``).
-
-    The frame has one row per kept trial: ``run_id``, ``parent_run_id``, ``trial_id``, ``status``,
-    ``seed``, ``corpus_fingerprint`` (the parent's tag), every param under its dotted name
-    (``model.pool_size``, ``derived.virtual_width``, ...), cast back to its type, and every
-    ``final/*`` metric. ``curves=True`` adds a long frame (``run_id``, ``key``, ``step``, ``value``)
-    of ``curve_metrics``, fetched with one bulk request per metric (per 100 runs), not per run.
-    """
-    import polars as pl
-    from mlflow import MlflowClient
-
-    include = tuple(include_statuses)
-    for s in include:
-        if s not in STATUSES:
-            raise AnalysisError("include_statuses", s, f"is not one of {', '.join(STATUSES)}")
-    client = MlflowClient(tracking_uri=tracking_uri)
+def _experiment(client, experiment: str, tracking_uri: str):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
         raise AnalysisError("experiment", experiment,
                             f"is not in {tracking_uri}; experiments: {', '.join(names) or 'none'}")
+    return exp
+
+
+def _parents(client, exp, parent_run_id: str | None) -> list:
+    """The study runs of the experiment (only ``parent_run_id`` when given), schema-checked."""
     parents = _search_all(client, exp.experiment_id, "tags.`moue.kind` = 'study'")
     if parent_run_id is not None:
         if parent_run_id not in {p.info.run_id for p in parents}:
             raise AnalysisError("parent_run_id", parent_run_id,
-                                f"is not a study run of {experiment}; parents: "
+                                f"is not a study run of {exp.name}; parents: "
                                 + ", ".join(p.info.run_id for p in parents))
         parents = [p for p in parents if p.info.run_id == parent_run_id]
     for p in parents:
         _schema_of(p)
-    flt = "tags.`moue.kind` = 'trial'"
-    if parent_run_id is not None:
-        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    trials = _search_all(client, exp.experiment_id, flt)
-    parent_tags = {p.info.run_id: p.data.tags for p in parents}
+    return parents
 
+
+def _keep(trials, include: tuple[str, ...]) -> tuple[list, Counter[str]]:
+    """The trials to load, and the others counted by the reason they are left out."""
     excluded: Counter[str] = Counter()
     kept = []
     for run in trials:
@@ -168,8 +208,14 @@ def load_runs(
             excluded["no final metrics"] += 1
         else:
             kept.append(run)
+    return kept, excluded
 
-    param_keys = sorted({k for r in kept for k in r.data.params})
+
+def _trial_frame(kept: Sequence, parent_tags: Mapping[str, Mapping[str, str]]) -> pl.DataFrame:
+    """One typed row per trial: ids and tags, every param (not ``config.json``), ``final/*``."""
+    import polars as pl
+
+    param_keys = sorted({k for r in kept for k in r.data.params} - {CONFIG_PARAM})
     metric_keys = sorted({k for r in kept for k in r.data.metrics if k.startswith("final/")})
     columns: dict[str, pl.Series] = {
         "run_id": pl.Series([r.info.run_id for r in kept], dtype=pl.String),
@@ -184,12 +230,15 @@ def load_runs(
             [parent_tags.get(r.data.tags.get(PARENT_RUN), {}).get(
                 "moue.corpus_fingerprint") for r in kept], dtype=pl.String),
     }
+    configs = [_typed_config(r) for r in kept]
     for key in param_keys:
-        columns[key] = _cast_column([r.data.params.get(key) for r in kept])
+        columns[key] = _param_column(key, kept, configs)
     for key in metric_keys:
         columns[key] = pl.Series([r.data.metrics.get(key) for r in kept], dtype=pl.Float64)
-    frame = pl.DataFrame(columns).sort("run_id")
+    return pl.DataFrame(columns).sort("run_id")
 
+
+def _refuse_mixed(frame: pl.DataFrame, experiment: str) -> None:
     for col, what in (("corpus_fingerprint", "corpora"), ("data.corpus", "corpora"),
                       ("count.convention", "counting conventions")):
         if col in frame.columns:
@@ -198,6 +247,40 @@ def load_runs(
                 raise AnalysisError(col, found, f"mixes {what} in {experiment}; load one sweep "
                                     "with --parent RUN_ID (or filter) before fitting")
 
+
+def load_runs(
+    experiment: str,
+    *,
+    tracking_uri: str,
+    parent_run_id: str | None = None,
+    curves: bool = False,
+    curve_metrics: Iterable[str] = CURVE_METRICS,
+    include_statuses: Iterable[str] = ("finished",),
+) -> LoadedRuns:
+    """Load the trials of ``experiment`` (optionally one sweep: ``parent_run_id``).
+
+    The frame has one row per kept trial: ``run_id``, ``parent_run_id``, ``trial_id``, ``status``,
+    ``seed``, ``corpus_fingerprint`` (the parent's tag), every param under its dotted name
+    (``model.pool_size``, ``derived.virtual_width``, ...) with its type (from ``config.json``, else
+    guessed), and every ``final/*`` metric. ``curves=True`` adds a long frame (``run_id``, ``key``,
+    ``step``, ``value``) of ``curve_metrics``, fetched with one bulk request per metric (per 100
+    runs), not per run.
+    """
+    from mlflow import MlflowClient
+
+    include = tuple(include_statuses)
+    for s in include:
+        if s not in STATUSES:
+            raise AnalysisError("include_statuses", s, f"is not one of {', '.join(STATUSES)}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = _experiment(client, experiment, tracking_uri)
+    parents = _parents(client, exp, parent_run_id)
+    flt = "tags.`moue.kind` = 'trial'"
+    if parent_run_id is not None:
+        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    kept, excluded = _keep(_search_all(client, exp.experiment_id, flt), include)
+    frame = _trial_frame(kept, {p.info.run_id: p.data.tags for p in parents})
+    _refuse_mixed(frame, experiment)
     curve_frame = None
     if curves:
         curve_frame = _load_curves(client, list(frame.get_column("run_id")), tuple(curve_metrics))

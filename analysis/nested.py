@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis.errors import AnalysisError
-from analysis.fitting import DEFAULT_LOSS, FitOptions, FitResult, fit, prepare_points
+from analysis.fitting import DEFAULT_LOSS, FitOptions, fit
 from analysis.laws import get_law
 from analysis.objective import huber
+from analysis.points import prepare_points
+from analysis.result import FitResult
 
 __all__ = ["NestedTest", "huber_loglik", "likelihood_ratio_test"]
 
@@ -43,6 +45,7 @@ class NestedTest:
     aic_nested: float
     bic: float
     bic_nested: float
+    notes: tuple[str, ...] = ()  # the notes of the fits this test made (none when given fits)
 
     @property
     def prefers_law(self) -> bool:
@@ -102,7 +105,8 @@ def likelihood_ratio_test(
     options: FitOptions = FitOptions(),
 ) -> NestedTest:
     """Test ``law`` (a virtual-width law) against ``nested`` (default: the law's own nested law)
-    on the same rows. ``fits`` reuses existing point fits (law, nested) instead of refitting."""
+    on the same rows. ``fits`` reuses existing point fits (law, nested) instead of refitting; the
+    notes of the fits made here are the test's ``notes``."""
     spec = get_law(law)
     nested = nested or spec.nested
     if nested is None:
@@ -116,10 +120,11 @@ def likelihood_ratio_test(
         common = dict(loss=loss, delta=delta, weights=weights, n_bootstrap=0, holdout=None,
                       options=options)
         full = fit(frame, law=law, variables=variables, **common)
-        vars_nested = {k: v for k, v in full.variables.items() if k in nspec.variables}
-        small = fit(frame, law=nested, variables=vars_nested, **common)
+        small = fit(frame, law=nested, variables=nspec.select(full.variables), **common)
+        notes = full.notes + small.notes
     else:
         full, small = fits
+        notes = ()
     if full.delta != small.delta or full.loss != small.loss:
         raise AnalysisError("fits", (full.law, small.law), "must share loss column and delta")
     ll, n = _loglik(full, frame, likelihood, weights, None)
@@ -133,5 +138,5 @@ def likelihood_ratio_test(
         law=law, nested=nested, likelihood=likelihood, n_points=n, loglik=ll, loglik_nested=ll0,
         lr_stat=lr, df=df, p_value=float(chi2.sf(lr, df)),
         aic=2 * k - 2 * ll, aic_nested=2 * k0 - 2 * ll0,
-        bic=k * math.log(n) - 2 * ll, bic_nested=k0 * math.log(n) - 2 * ll0,
+        bic=k * math.log(n) - 2 * ll, bic_nested=k0 * math.log(n) - 2 * ll0, notes=notes,
     )

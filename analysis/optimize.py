@@ -85,6 +85,84 @@ def _trust_region_step(evals, gt, radius):
     return gt / (evals + lam[:, None])
 
 
+@dataclass(kw_only=True)
+class _Batch:
+    """The problems being optimised (mutable, updated in place): every problem's point, objective,
+    gradient, Hessian, trust radius, iterations, status and recent objectives."""
+
+    x: np.ndarray  # (S, P)
+    f: np.ndarray  # (S,)
+    g: np.ndarray  # (S, P)
+    H: np.ndarray  # (S, P, P)
+    lower: np.ndarray  # (P,)
+    upper: np.ndarray  # (P,)
+    radius: np.ndarray  # (S,)
+    n_iter: np.ndarray  # (S,)
+    status: np.ndarray  # (S,) object
+    f_window: np.ndarray  # (_WINDOW, S): f over the last _WINDOW iterations (ring)
+
+    def pg_norm(self, ids: np.ndarray) -> np.ndarray:
+        """max |projected gradient| of the problems ``ids``."""
+        fixed = _fixed_mask(self.x[ids], self.g[ids], self.lower, self.upper)
+        return np.abs(np.where(fixed, 0.0, self.g[ids])).max(axis=1)
+
+
+def _propose(b: _Batch, active: np.ndarray, eye: np.ndarray):
+    """The projected trust-region step of every active problem: new points, step lengths and the
+    decrease the quadratic model predicts."""
+    xa, ga, Ha = b.x[active], b.g[active], b.H[active]
+    fixed = _fixed_mask(xa, ga, b.lower, b.upper)
+    gf = np.where(fixed, 0.0, ga)
+    keep = (~fixed)[:, :, None] & (~fixed)[:, None, :]
+    evals, evecs = np.linalg.eigh(np.where(keep, Ha, eye))
+    gt = np.einsum("spq,sp->sq", evecs, gf)
+    coef = _trust_region_step(evals, gt, b.radius[active])
+    d = np.where(fixed, 0.0, -np.einsum("spq,sq->sp", evecs, coef))
+    x_new = np.clip(xa + d, b.lower, b.upper)
+    step = x_new - xa
+    predicted = -(np.einsum("sp,sp->s", ga, step)
+                  + 0.5 * np.einsum("sp,spq,sq->s", step, Ha, step))
+    return x_new, np.linalg.norm(step, axis=1), predicted
+
+
+def _iterate(b: _Batch, fgh: ObjectiveFn, active: np.ndarray, it: int, gtol: float,
+             eye: np.ndarray) -> np.ndarray:
+    """One iteration of the active problems: step, accept or reject, resize the radius, retire
+    the converged and the stalled. Returns the problems still active."""
+    xa, fa = b.x[active], b.f[active]
+    x_new, step_norm, predicted = _propose(b, active, eye)
+    f_new, g_new, H_new = fgh(x_new, active)
+    b.n_iter[active] += 1
+    actual = fa - f_new
+    ratio = np.where(predicted > 0, actual / np.where(predicted > 0, predicted, 1.0), -1.0)
+    accept = np.isfinite(f_new) & (actual > 0) & (ratio > 1e-4)
+
+    ids = active[accept]
+    b.x[ids], b.f[ids], b.g[ids], b.H[ids] = (x_new[accept], f_new[accept], g_new[accept],
+                                              H_new[accept])
+    r = b.radius[active]
+    grow = accept & (ratio > 0.75) & (step_norm >= 0.99 * r)
+    shrink = ~accept | (ratio < 0.25)
+    r = np.where(grow, np.minimum(2.0 * r, _RADIUS_MAX), r)
+    r = np.where(shrink, 0.25 * np.minimum(r, np.maximum(step_norm, 1e-300)), r)
+    b.radius[active] = r
+
+    conv = ids[b.pg_norm(ids) <= gtol]
+    b.status[conv] = "converged"
+    stalled = active[~accept & (r < _RADIUS_MIN * (1.0 + np.abs(xa).max(axis=1)))]
+    # A crawl along a flat ridge (a parameter running off to a bound or infinity): the
+    # objective moved by less than 1e-10 of itself over the last _WINDOW iterations.
+    old_f = b.f_window[it % _WINDOW, active]
+    crawl = active[old_f - b.f[active] <= 1e-10 * np.abs(b.f[active])]
+    b.f_window[it % _WINDOW, active] = b.f[active]
+    stalled = np.union1d(stalled, crawl)
+    b.status[stalled] = "stalled"
+    finished = np.zeros(b.x.shape[0], dtype=bool)
+    finished[conv] = True
+    finished[stalled] = True
+    return active[~finished[active]]
+
+
 def minimize_batched(
     fgh: ObjectiveFn,
     x0: np.ndarray,
@@ -107,75 +185,20 @@ def minimize_batched(
     upper = np.broadcast_to(np.asarray(upper, dtype=np.float64), (P,))
     x = np.clip(x0, lower, upper)
     f, g, H = fgh(x, np.arange(S))
+    b = _Batch(x=x, f=f, g=g, H=H, lower=lower, upper=upper, radius=np.full(S, _RADIUS_START),
+               n_iter=np.zeros(S, dtype=np.int64), status=np.full(S, "max_iter", dtype=object),
+               f_window=np.full((_WINDOW, S), np.inf))
     n_evals = S
-    radius = np.full(S, _RADIUS_START)
-    n_iter = np.zeros(S, dtype=np.int64)
-    status = np.full(S, "max_iter", dtype=object)
-    eye = np.eye(P)
-
-    def pg_norm_of(ids):
-        fixed = _fixed_mask(x[ids], g[ids], lower, upper)
-        return np.abs(np.where(fixed, 0.0, g[ids])).max(axis=1)
-
     done = ~np.isfinite(f)
-    status[done] = "stalled"
-    conv = pg_norm_of(np.arange(S)) <= gtol
-    status[conv & ~done] = "converged"
+    b.status[done] = "stalled"
+    conv = b.pg_norm(np.arange(S)) <= gtol
+    b.status[conv & ~done] = "converged"
     active = np.flatnonzero(~(done | conv))
-
-    f_window = np.full((_WINDOW, S), np.inf)  # f over the last _WINDOW iterations (ring)
+    eye = np.eye(P)
     for it in range(max_iter):
         if active.size == 0:
             break
-        xa, fa, ga, Ha = x[active], f[active], g[active], H[active]
-        fixed = _fixed_mask(xa, ga, lower, upper)
-        gf = np.where(fixed, 0.0, ga)
-        keep = (~fixed)[:, :, None] & (~fixed)[:, None, :]
-        evals, evecs = np.linalg.eigh(np.where(keep, Ha, eye))
-        gt = np.einsum("spq,sp->sq", evecs, gf)
-        coef = _trust_region_step(evals, gt, radius[active])
-        d = np.where(fixed, 0.0, -np.einsum("spq,sq->sp", evecs, coef))
-        x_new = np.clip(xa + d, lower, upper)
-        step = x_new - xa
-        step_norm = np.linalg.norm(step, axis=1)
-        predicted = -(np.einsum("sp,sp->s", ga, step)
-                      + 0.5 * np.einsum("sp,spq,sq->s", step, Ha, step))
-        f_new, g_new, H_new = fgh(x_new, active)
         n_evals += active.size
-        n_iter[active] += 1
-        actual = fa - f_new
-        ratio = np.where(predicted > 0, actual / np.where(predicted > 0, predicted, 1.0), -1.0)
-        accept = np.isfinite(f_new) & (actual > 0) & (ratio > 1e-4)
-
-        ids = active[accept]
-        x[ids], f[ids], g[ids], H[ids] = x_new[accept], f_new[accept], g_new[accept], H_new[accept]
-        r = radius[active]
-        grow = accept & (ratio > 0.75) & (step_norm >= 0.99 * r)
-        shrink = ~accept | (ratio < 0.25)
-        r = np.where(grow, np.minimum(2.0 * r, _RADIUS_MAX), r)
-        r = np.where(shrink, 0.25 * np.minimum(r, np.maximum(step_norm, 1e-300)), r)
-        radius[active] = r
-
-        conv = ids[pg_norm_of(ids) <= gtol]
-        status[conv] = "converged"
-        stalled = active[~accept & (r < _RADIUS_MIN * (1.0 + np.abs(xa).max(axis=1)))]
-        # A crawl along a flat ridge (a parameter running off to a bound or infinity): the
-        # objective moved by less than 1e-10 of itself over the last _WINDOW iterations.
-        old_f = f_window[it % _WINDOW, active]
-        crawl = active[old_f - f[active] <= 1e-10 * np.abs(f[active])]
-        f_window[it % _WINDOW, active] = f[active]
-        stalled = np.union1d(stalled, crawl)
-        status[stalled] = "stalled"
-        finished = np.zeros(S, dtype=bool)
-        finished[conv] = True
-        finished[stalled] = True
-        active = active[~finished[active]]
-
-    return BatchResult(
-        x=x,
-        f=f,
-        pg_norm=pg_norm_of(np.arange(S)),
-        n_iter=n_iter,
-        status=status.astype(str),
-        n_evals=n_evals,
-    )
+        active = _iterate(b, fgh, active, it, gtol, eye)
+    return BatchResult(x=b.x, f=b.f, pg_norm=b.pg_norm(np.arange(S)), n_iter=b.n_iter,
+                       status=b.status.astype(str), n_evals=n_evals)

@@ -21,7 +21,7 @@ from analysis.figures import (
 )
 
 __all__ = ["draw_bootstrap", "draw_holdout", "draw_parallel", "draw_residuals", "draw_scatter",
-           "page"]
+           "models_table", "page", "params_table", "table"]
 
 _LAYOUT = {"template": "plotly_white", "height": 480, "margin": {"l": 70, "r": 20, "t": 50,
                                                                   "b": 60}}
@@ -113,19 +113,20 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """An HTML table: escaped headers, one row per sequence, numbers to 4 significant digits."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def params_table(rows: Sequence[ParamRow], level: float) -> str:
-    return _table(["law", "quantity", "kind", "estimate", f"{level:.0%} low", f"{level:.0%} high"],
+    return table(["law", "quantity", "kind", "estimate", f"{level:.0%} low", f"{level:.0%} high"],
                   [(r.law, r.parameter, r.kind, r.estimate, r.lo, r.hi) for r in rows])
 
 
 def models_table(rows: Sequence[ModelRow]) -> str:
-    return _table(["law", "points", "Huber objective", "hold-out RMSE", "hold-out MAPE %",
+    return table(["law", "points", "Huber objective", "hold-out RMSE", "hold-out MAPE %",
                    "vs", "LR stat", "p", "AIC", "BIC", "notes"],
                   [(r.law, r.n_points, r.objective, r.holdout_rmse, r.holdout_mape, r.versus,
                     r.lr_stat, r.p_value, r.aic, r.bic, r.notes) for r in rows])

@@ -9,18 +9,19 @@ the report with the reason instead of failing the whole report. The report is lo
 from __future__ import annotations
 
 import html
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from analysis.errors import AnalysisError
-from analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS, FitResult, fit
+from analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS, fit
 from analysis.laws import get_law
 from analysis.nested import NestedTest, likelihood_ratio_test
+from analysis.result import FitResult
 
-__all__ = ["DEFAULT_REPORT_LAWS", "ReportResult", "fit_laws", "write_report"]
+__all__ = ["DEFAULT_REPORT_LAWS", "MAX_BUDGET_FILTER", "LawFits", "ReportResult", "fit_laws",
+           "law_frame", "write_report"]
 
 DEFAULT_REPORT_LAWS = ("compute", "chinchilla", "vw_additive", "vw_multiplicative",
                        "vw_interaction")
@@ -71,17 +72,27 @@ def law_frame(frame, law_name: str):
                   f"largest token budget ({d_col} = {top:.4g}) of the {frame.height}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class LawFits:
+    """The fits of several laws, the laws that could not be fitted (with the reason) and the
+    notes of it all: which rows a law was fitted on, then each fit's own notes, in order."""
+
+    fits: dict[str, FitResult]
+    skipped: dict[str, str]
+    notes: tuple[str, ...]
+
+
 def fit_laws(frame, *, laws: Sequence[str], loss: str = DEFAULT_LOSS, n_bootstrap: int = 1000,
              seed: int = 0, delta: float = 1e-3, filter_desc: str = "", source: str = "",
-             ) -> tuple[dict[str, FitResult], dict[str, str]]:
+             ) -> LawFits:
     """Fit each law with the default moue columns; unusable laws are returned with the reason."""
-    fits, skipped = {}, {}
+    fits, skipped, notes = {}, {}, []
     for name in laws:
         law = get_law(name)
         variables = {v: DEFAULT_COLUMNS[v] for v in law.variables}
         rows, note = law_frame(frame, name)
         if note:
-            warnings.warn(note, stacklevel=2)
+            notes.append(note)
         flt = filter_desc + (MAX_BUDGET_FILTER if note else "")
         try:
             fits[name] = fit(rows, law=name, loss=loss, variables=variables, delta=delta,
@@ -89,24 +100,29 @@ def fit_laws(frame, *, laws: Sequence[str], loss: str = DEFAULT_LOSS, n_bootstra
                              source=source)
         except AnalysisError as e:
             skipped[name] = str(e)
-    return fits, skipped
+            continue
+        notes.extend(fits[name].notes)
+    return LawFits(fits=fits, skipped=skipped, notes=tuple(notes))
 
 
-def _nested_tests(frame, fits: dict[str, FitResult], loss: str, delta: float):
-    tests = {}
+def _nested_tests(frame, fits: dict[str, FitResult], loss: str, delta: float,
+                  ) -> tuple[dict[str, NestedTest], tuple[str, ...]]:
+    """Each law with a nested law against it, on the law's rows, and the notes of the nested
+    fits made here (a nested law fitted already with the same delta is reused)."""
+    tests, notes = {}, []
     full = frame
     for name, r in fits.items():
-        nested = r.law_spec.nested
-        if nested is None:
+        nspec = r.law_spec.nested_law
+        if nspec is None:
             continue
         frame, _ = law_frame(full, name)  # the nested law shares the rows of the law it tests
-        small = fits.get(nested)
+        small = fits.get(nspec.name)
         if small is None or small.delta != r.delta:
-            nspec = get_law(nested)
-            small = fit(frame, law=nested, loss=loss, delta=delta, n_bootstrap=0, holdout=None,
-                        variables={v: r.variables[v] for v in nspec.variables})
+            small = fit(frame, law=nspec.name, loss=loss, delta=delta, n_bootstrap=0,
+                        holdout=None, variables=nspec.select(r.variables))
+            notes.extend(small.notes)
         tests[name] = likelihood_ratio_test(frame, law=name, fits=(r, small))
-    return tests
+    return tests, tuple(notes)
 
 
 def write_report(
@@ -123,8 +139,9 @@ def write_report(
     log_artifact: bool = True,
     png_dir: str | Path | None = None,
 ) -> ReportResult:
-    """Write the report of ``experiment`` to ``output`` and return what it contains."""
-    from analysis import figures as F
+    """Write the report of ``experiment`` to ``output`` and return what it contains. The notes
+    of the fits (and which rows a law was fitted on) are listed in the report and returned in
+    ``ReportResult.notes``, each once."""
     from analysis import render as R
     from analysis.loading import load_runs
 
@@ -137,14 +154,31 @@ def write_report(
         raise AnalysisError("experiment", experiment, "has no finished trials to report on"
                             + (f" (excluded: {why})" if why else " (no trial runs)"))
     flt = "moue.status = finished" + (f", parent {parent_run_id}" if parent_run_id else "")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fits, skipped = fit_laws(frame, laws=laws, loss=loss, n_bootstrap=n_bootstrap, seed=seed,
-                                 delta=delta, filter_desc=flt, source=tracking_uri)
-        tests = _nested_tests(frame, fits, loss, delta)
-    notes = tuple(dict.fromkeys(str(w.message) for w in caught))
-    for note in notes:  # surfaced again to the caller, and listed in the report
-        warnings.warn(note, stacklevel=2)
+    fitted = fit_laws(frame, laws=laws, loss=loss, n_bootstrap=n_bootstrap, seed=seed,
+                      delta=delta, filter_desc=flt, source=tracking_uri)
+    tests, test_notes = _nested_tests(frame, fitted.fits, loss, delta)
+    notes = tuple(dict.fromkeys(fitted.notes + test_notes))
+
+    figs = _figures(frame, fitted.fits, loss)
+    prov = _provenance_rows(runs, experiment=experiment, tracking_uri=tracking_uri, flt=flt,
+                            loss=loss, delta=delta, n_bootstrap=n_bootstrap, seed=seed)
+    sections = _sections(fitted, tests, notes, prov, have_v="loss_vs_virtual_width" in figs)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(R.page(title=f"moue report: {experiment}", sections=sections, figures=figs),
+                   encoding="utf-8")
+
+    extra_notes = [] if png_dir is None else _export_png(figs, Path(png_dir))
+    logged = _log_report(out, runs.parents, tracking_uri) if log_artifact else ()
+    return ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
+                        figures=tuple(figs), notes=notes + tuple(extra_notes),
+                        logged_to=logged, n_runs=frame.height, excluded=dict(runs.excluded))
+
+
+def _figures(frame, fits: dict[str, FitResult], loss: str) -> dict[str, object]:
+    """The report's plotly figures, by name (virtual width only when the frame has N and V)."""
+    from analysis import figures as F
+    from analysis import render as R
 
     compute = DEFAULT_COLUMNS["C"] if DEFAULT_COLUMNS["C"] in frame.columns else loss
     labels = F.architecture_labels(frame)
@@ -154,8 +188,7 @@ def write_report(
         "loss_vs_compute": R.draw_scatter(F.loss_vs_compute_data(
             frame, loss=loss, compute=compute, fits=fits, labels=labels)),
     }
-    have_v = all(DEFAULT_COLUMNS[v] in frame.columns for v in ("N", "V"))
-    if have_v:
+    if all(DEFAULT_COLUMNS[v] in frame.columns for v in ("N", "V")):
         figs["loss_vs_virtual_width"] = R.draw_scatter(F.loss_vs_virtual_width_data(
             frame, loss=loss, n_col=DEFAULT_COLUMNS["N"], v_col=DEFAULT_COLUMNS["V"],
             d_col=DEFAULT_COLUMNS["D"] if DEFAULT_COLUMNS["D"] in frame.columns else None,
@@ -166,10 +199,13 @@ def write_report(
         figs["holdout"] = R.draw_holdout(F.holdout_data(fits))
         figs["bootstrap"] = R.draw_bootstrap(F.bootstrap_data(fits))
     figs["parallel"] = R.draw_parallel(F.parallel_data(frame, loss=loss))
+    return figs
 
-    level = next(iter(fits.values())).level if fits else 0.95
-    ho = F.holdout_data(fits)
-    prov_rows = [
+
+def _provenance_rows(runs, *, experiment: str, tracking_uri: str, flt: str, loss: str,
+                     delta: float, n_bootstrap: int, seed: int) -> list[tuple[str, object]]:
+    frame = runs.frame
+    rows = [
         ("experiment", experiment), ("tracking store", tracking_uri),
         ("runs fitted", frame.height),
         ("runs excluded", ", ".join(f"{v} {k}" for k, v in sorted(runs.excluded.items()))
@@ -179,13 +215,22 @@ def write_report(
         ("generated", datetime.now(UTC).isoformat(timespec="seconds")),
     ]
     for p in runs.parents:
-        prov_rows.append((f"parent {p.run_id}", ", ".join(f"{k}={v}" for k, v in p.tags.items())))
+        rows.append((f"parent {p.run_id}", ", ".join(f"{k}={v}" for k, v in p.tags.items())))
     for col in ("corpus_fingerprint", "count.convention"):
         if col in frame.columns:
-            prov_rows.append((col, ", ".join(sorted({str(v) for v in frame.get_column(col)}))))
-    sections = [
-        ("Loss vs compute", "{{figure:loss_vs_compute}}"),
-    ]
+            rows.append((col, ", ".join(sorted({str(v) for v in frame.get_column(col)}))))
+    return rows
+
+
+def _sections(fitted: LawFits, tests: dict[str, NestedTest], notes: tuple[str, ...],
+              prov_rows, *, have_v: bool) -> list[tuple[str, str]]:
+    """The page's sections (heading, inner HTML with figure placeholders), in order."""
+    from analysis import figures as F
+    from analysis import render as R
+
+    fits, skipped = fitted.fits, fitted.skipped
+    level = next(iter(fits.values())).level if fits else 0.95
+    sections = [("Loss vs compute", "{{figure:loss_vs_compute}}")]
     if have_v:
         sections.append(("Virtual width", "{{figure:loss_vs_virtual_width}}"))
     sections.append(("Fitted laws", R.params_table(F.param_rows(fits), level)
@@ -198,40 +243,33 @@ def write_report(
     if fits:
         sections.append(("Residuals", "{{figure:residuals}}"))
         sections.append(("Hold-out", "{{figure:holdout}}" + "".join(
-            f"<p class=note>{html.escape(s)}</p>" for s in ho.summary)))
+            f"<p class=note>{html.escape(s)}</p>" for s in F.holdout_data(fits).summary)))
         sections.append(("Bootstrap", "{{figure:bootstrap}}"))
     sections.append(("The sweep", "{{figure:parallel}}"))
     if skipped or notes:
         sections.append(("Warnings and skipped laws", "<ul>" + "".join(
             f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in skipped.items())
             + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"))
-    sections.append(("Provenance", R._table(["field", "value"], prov_rows)))
+    sections.append(("Provenance", R.table(["field", "value"], prov_rows)))
+    return sections
 
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(R.page(title=f"moue report: {experiment}", sections=sections, figures=figs),
-                   encoding="utf-8")
 
-    extra_notes = []
-    if png_dir is not None:
-        extra_notes.extend(_export_png(figs, Path(png_dir)))
-    logged = []
-    if log_artifact:
-        from mlflow import MlflowClient
+def _log_report(out: Path, parents, tracking_uri: str) -> tuple[str, ...]:
+    """Log the report as an artifact (``reports/<file>``) of every parent run; their ids."""
+    from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=tracking_uri)
-        for p in runs.parents:
-            client.log_artifact(p.run_id, str(out), artifact_path="reports")
-            logged.append(p.run_id)
-    return ReportResult(path=out, fits=fits, tests=tests, skipped=skipped,
-                        figures=tuple(figs), notes=notes + tuple(extra_notes),
-                        logged_to=tuple(logged), n_runs=frame.height, excluded=dict(runs.excluded))
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for p in parents:
+        client.log_artifact(p.run_id, str(out), artifact_path="reports")
+    return tuple(p.run_id for p in parents)
 
 
 def _export_png(figs, png_dir: Path) -> list[str]:
     """PNG copies via kaleido (optional extra ``png``); skipped with a reason when unavailable."""
+    import importlib
+
     try:
-        import kaleido  # noqa: F401
+        importlib.import_module("kaleido")
     except ImportError:
         return ["PNG export skipped: kaleido is not installed (pip install 'moue[png]')"]
     png_dir.mkdir(parents=True, exist_ok=True)

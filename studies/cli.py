@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import typer
@@ -245,10 +244,9 @@ def run_cmd(
     outcome = run_sweep(study, workspace=ws, resume=resume)
     _print_outcome(outcome)
     out = ws.reports / f"{sweep_name(study)}.html"
-    with warnings.catch_warnings():  # the fits' warnings come back as res.notes, printed below
-        warnings.simplefilter("ignore")
-        res = write_report(study.experiment, tracking_uri=outcome.tracking_uri, output=out, laws=study.laws,
-                           parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0)
+    # the fits' notes come back as res.notes (nothing is warned), printed once below
+    res = write_report(study.experiment, tracking_uri=outcome.tracking_uri, output=out, laws=study.laws,
+                       parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0)
     typer.echo("")
     typer.echo(res.runs_line())
     for name, fit in res.fits.items():

@@ -2,8 +2,9 @@
 
 Parent run per sweep (``moue.kind = study`` and the provenance tags), one child run per trial
 (``mlflow.parentRunId``, ``moue.kind = trial``, ``moue.schema``, ``moue.trial_id``, ``moue.status``,
-``moue.stop_reason``, ``moue.seed``), params flat and dotted (strings), derived counts, learning
-curves with ``step`` = tokens seen, ``final/*`` metrics, everything through ``log_batch``.
+``moue.stop_reason``, ``moue.seed``), params flat and dotted (strings; with ``typed_config`` also
+the typed ``config.json`` param the writer logs), derived counts, learning curves with ``step`` =
+tokens seen, ``final/*`` metrics, everything through ``log_batch``.
 
 The losses follow a known virtual-width law (``vw_multiplicative``) with multiplicative noise, so
 tests know the truth.
@@ -12,6 +13,7 @@ tests know the truth.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -69,6 +71,7 @@ def log_study(
     noise: float = 0.004,
     rng_seed: int = 0,
     n_marks: int = 5,
+    typed_config: bool = False,
 ) -> str:
     """Log one sweep (parent + children); returns the parent run id."""
     from mlflow import MlflowClient
@@ -114,6 +117,8 @@ def log_study(
             "train.use_compile": False,
             **t.params_extra,
         }
+        if typed_config:  # as studies.callbacks.trial_params logs it
+            params["config.json"] = json.dumps(params, sort_keys=True)
         marks = np.linspace(t.tokens / n_marks, t.tokens, n_marks).astype(np.int64)
         metrics = []
         for j, step in enumerate(marks):

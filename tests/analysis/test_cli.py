@@ -34,6 +34,8 @@ def test_fit_json(cli):
     assert d["holdout"]["n_test"] >= 1 and d["holdout"]["rmse"] > 0
     assert d["variables"]["C"] == 'C = "Training FLOP" * 1'
     assert d["provenance"]["filter"] == "loss < 4.5"
+    # the fit's notes, printed once each on stderr
+    assert r.stderr.count("warning: fit compute: n_bootstrap=200 < 1000: intervals are rough") == 1
 
 
 def test_fit_table_output(cli):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis import LAWS, AnalysisError, get_law
+from analysis import LAWS, AnalysisError, DerivedContext, get_law
 from analysis.objective import huber, make_objective
 
 
@@ -97,3 +97,61 @@ def test_natural_parameters():
     clark = get_law("clark")
     nat = clark.to_natural(np.array([[-0.08, -0.1, 0.01, 1.1, np.log(2.0), np.log(100.0)]]))[0]
     np.testing.assert_allclose(nat[4:], [2.0, 200.0])
+
+
+@pytest.mark.parametrize("name", sorted(LAWS))
+def test_natural_parameters_round_trip(name):
+    """Every law owns both directions of its transform (no law is special-cased elsewhere)."""
+    law = LAWS[name]
+    theta = _theta(law, np.random.default_rng(3))
+    np.testing.assert_allclose(law.from_natural(law.to_natural(theta)), theta, rtol=1e-12,
+                               atol=1e-12)
+
+
+DERIVED = {  # what each law derives, at a context with a target compute, n_ref and a V range
+    "compute": ["loss_at_target"],
+    "compute_power": ["loss_at_target"],
+    "chinchilla": ["a_opt", "b_opt", "loss_at_target", "n_opt_at_target", "d_opt_at_target"],
+    "vw_additive": ["a_opt", "b_opt", "loss_at_target", "n_opt_at_target", "d_opt_at_target",
+                    "loss_gain_v", "v_best"],
+    "vw_multiplicative": ["a_opt", "b_opt", "loss_at_target", "n_opt_at_target",
+                          "d_opt_at_target", "loss_gain_v", "v_best"],
+    "vw_interaction": ["n_cutoff", "loss_at_n_ref", "loss_gain_v", "v_best"],
+    "vw_interaction_base": [],
+    "clark": ["n_cutoff"],
+    "joint_moe": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAWS))
+def test_derived_quantities_by_name(name):
+    law = LAWS[name]
+    nat = law.to_natural(_theta(law, np.random.default_rng(4), S=5))
+    ctx = DerivedContext(target_compute=1e21, n_ref=1e8, v_range=(8.0, 256.0))
+    out = law.derived_quantities(law.by_name(nat), ctx)
+    assert list(out) == DERIVED[name]
+    assert all(np.shape(v) == (5,) for v in out.values())
+    assert law.derived_quantities(law.by_name(nat), DerivedContext()).keys() <= set(out)
+
+
+def test_compute_optimal_quantities_of_chinchilla():
+    law = get_law("chinchilla")
+    p = {"E": np.array([1.8]), "A": np.array([480.0]), "alpha": np.array([0.35]),
+         "B": np.array([2100.0]), "beta": np.array([0.37])}
+    out = law.derived_quantities(p, DerivedContext(target_compute=1e23))
+    assert out["a_opt"][0] == pytest.approx(0.37 / 0.72)
+    opt = law.optimum(p, np.array([1e23]))
+    assert opt.n * opt.d * 6 == pytest.approx(1e23)
+    assert out["loss_at_target"][0] == opt.loss[0]
+    assert opt.loss[0] == pytest.approx(1.8 + 480.0 / opt.n[0] ** 0.35 + 2100.0 / opt.d[0] ** 0.37)
+
+
+def test_nested_laws_drop_the_virtual_width_term():
+    for law in LAWS.values():
+        nested = law.nested_law
+        if nested is None:
+            continue
+        assert "V" in law.variables and "V" not in nested.variables
+        assert law.select({"N": "n", "D": "d", "V": "v", "C": "c"}).keys() == set(law.variables)
+        assert set(nested.select(law.select({v: v.lower() for v in law.variables}))) == set(
+            nested.variables)

@@ -94,3 +94,36 @@ def test_mixed_corpora_and_conventions_are_refused(tmp_path):
 def test_default_tracking_uri_is_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/moue_runs/mlflow.db"
+
+
+def test_param_types_come_from_the_typed_config(tmp_path):
+    """``config.json`` decides each column's type where the string guess would get it wrong (a
+    string param of numeric-looking values, a list) and is not a column itself; the same runs
+    logged without it (older runs) fall back to guessing from the strings."""
+    from study_log import default_trials, log_study
+
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    trials = default_trials()[:6]
+    for i, t in enumerate(trials):
+        t.params_extra = {"data.shard": f"{i:03d}", "model.balance_depth_weights": [0.5, 1.0],
+                          "data.vocab_size": None}
+    log_study(uri, "typed", trials, artifact_root=str(tmp_path / "a"), typed_config=True)
+    log_study(uri, "guessed", trials, artifact_root=str(tmp_path / "a"))
+
+    typed = load_runs("typed", tracking_uri=uri).frame
+    assert "config.json" not in typed.columns
+    assert typed.schema["data.shard"] == pl.String
+    assert sorted(typed.get_column("data.shard").to_list()) == [f"{i:03d}" for i in range(6)]
+    assert typed.schema["model.balance_depth_weights"] == pl.String
+    assert set(typed.get_column("model.balance_depth_weights")) == {"[0.5, 1.0]"}
+    assert typed.get_column("data.vocab_size").null_count() == 6
+    # where the guess is right, the typed config agrees with it
+    for col, dtype in (("model.d_model", pl.Int64), ("train.lr", pl.Float64),
+                       ("train.use_compile", pl.Boolean), ("model.router", pl.String),
+                       ("derived.n_params_active", pl.Float64)):
+        assert typed.schema[col] == dtype, col
+
+    guessed = load_runs("guessed", tracking_uri=uri).frame
+    assert guessed.schema["data.shard"] == pl.Int64  # "001" read back as the number 1
+    assert sorted(guessed.get_column("data.shard").to_list()) == list(range(6))
+    assert guessed.drop("data.shard").schema == typed.drop("data.shard").schema

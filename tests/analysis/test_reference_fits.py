@@ -30,18 +30,16 @@ def test_chinchilla_point_estimates(epoch_fit):
 def test_optimum_matches_a_tight_scipy_loop(chinchilla_frame, epoch_fit):
     """The reference of ``moue bench fit``: scipy L-BFGS-B (ftol=0) from an evenly spaced subset
     of the same start grid finds the same optimum to 1e-4 in every fitted parameter."""
-    from analysis.fitting import FitOptions, _optimize
+    from analysis.fitting import fit_point, prepare
 
     law = get_law("chinchilla")
-    data = {"N": chinchilla_frame["Model Size"].to_numpy(), "D": chinchilla_frame["D"].to_numpy()}
-    y = law.target(chinchilla_frame["loss"].to_numpy())
+    problem = prepare(chinchilla_frame, law=law, loss="loss",
+                      variables={"N": "Model Size", "D": "D"}, options=FitOptions(engine="scipy"))
     grid = law.start_grid()
     starts = grid[np.linspace(0, grid.shape[0] - 1, 45).round().astype(int)]
-    ref = _optimize(law, law.prepare(data), y, np.ones(y.size), 1e-3, starts,
-                    FitOptions(engine="scipy"), continuation=False)
-    best = ref.x[np.argmin(ref.f)]
-    assert np.max(np.abs(best - np.asarray(epoch_fit.theta))) < 1e-4
-    assert ref.f.min() == pytest.approx(epoch_fit.diagnostics.objective, rel=1e-9)
+    ref = fit_point(problem, starts=starts)
+    assert np.max(np.abs(ref.theta - np.asarray(epoch_fit.theta))) < 1e-4
+    assert ref.objective == pytest.approx(epoch_fit.diagnostics.objective, rel=1e-9)
 
 
 def test_chinchilla_diagnostics(epoch_fit):

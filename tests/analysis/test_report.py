@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +143,14 @@ def test_laws_without_d_are_fitted_at_the_largest_budget(study):
     rows, note = law_frame(frame, "vw_interaction")
     assert set(rows.get_column("final/tokens").to_list()) == {budgets[-1]}
     assert 0 < rows.height < frame.height and f"{rows.height} runs at the largest token budget" in note
-    with pytest.warns(UserWarning, match="no D term"):
-        fits, skipped = fit_laws(frame, laws=["vw_interaction"], n_bootstrap=20)
+    with warnings.catch_warnings(record=True) as caught:  # notes are returned, not warned
+        warnings.simplefilter("always")
+        fitted = fit_laws(frame, laws=["vw_interaction"], n_bootstrap=20)
+    assert not [w for w in caught if "vw_interaction" in str(w.message)]
+    assert fitted.notes[0] == note and "no D term" in note
+    assert fitted.notes[1:] == fitted.fits["vw_interaction"].notes
+    assert "fit vw_interaction: n_bootstrap=20 < 1000: intervals are rough" in fitted.notes
+    fits, skipped = fitted.fits, fitted.skipped
     prov = fits["vw_interaction"].provenance
     assert not skipped and prov.n_points == rows.height
     assert "largest token budget" in prov.filter

@@ -48,6 +48,28 @@ def test_exponents_recovered_inside_their_intervals(with_v):
     assert r.provenance.n_clusters == 75
 
 
+def test_fit_is_its_public_stages(with_v):
+    """prepare -> fit_point -> fit_bootstrap -> fit_holdout -> assemble is exactly ``fit``."""
+    import warnings
+
+    from analysis import Holdout, assemble, fit_bootstrap, fit_holdout, fit_point, prepare
+
+    kw = dict(law="vw_multiplicative", loss="loss", variables=VARS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        whole = fit(with_v, **kw, n_bootstrap=50, seed=2)
+    # the fit's notes are in its diagnostics, never warned
+    assert not [w for w in caught if "intervals are rough" in str(w.message)]
+    problem = prepare(with_v, **kw)
+    point = fit_point(problem)
+    samples = fit_bootstrap(problem, point, n_bootstrap=50, seed=2)
+    staged = assemble(problem, point, samples, fit_holdout(problem, Holdout()), seed=2)
+    assert staged.to_json() == whole.to_json()
+    assert samples.natural.shape == (50, 6) and point.objective == whole.diagnostics.objective
+    assert whole.diagnostics.warnings[0] == "n_bootstrap=50 < 1000: intervals are rough"
+    assert whole.notes[0] == "fit vw_multiplicative: n_bootstrap=50 < 1000: intervals are rough"
+
+
 def test_likelihood_ratio_prefers_the_v_law_when_v_matters(with_v):
     t = likelihood_ratio_test(with_v, law="vw_multiplicative", loss="loss", variables=VARS)
     assert t.nested == "chinchilla" and t.df == 1
