@@ -1,6 +1,6 @@
 """moue analysis: MLflow -> polars, scaling-law fits with virtual width, reports, regression gate.
 
-Layers (each testable alone): :func:`load_runs` (TRACKING.md schema -> typed polars frame),
+Layers (each testable alone): :func:`load_runs` (docs/TRACKING.md schema -> typed polars frame),
 :data:`LAWS` (each law one unit: variables, parametrisation, derived quantities, exponents, nested
 law) and :func:`fit` (multi-start Huber fits, bootstrap, hold-out -> :class:`FitResult`; its
 stages :func:`prepare`, :func:`fit_point`, :func:`fit_bootstrap`, :func:`fit_holdout`,

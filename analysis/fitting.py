@@ -1,6 +1,6 @@
 """Fit a scaling law to a table: multi-start, bootstrap, hold-out, diagnostics.
 
-Method (FITTING.md): log-space residuals, summed Huber loss with a named ``delta``, the full
+Method (docs/FITTING.md): log-space residuals, summed Huber loss with a named ``delta``, the full
 Cartesian start grid of the law, every start optimised and the best kept; tolerances that never
 decide the answer; percentile intervals from a bootstrap by cluster (by run: several checkpoints of
 one run resample together); a hold-out fit without the largest-compute group.
@@ -57,7 +57,7 @@ __all__ = [
     "resample_weights",
 ]
 
-#: Where the law variables live in a frame loaded by :func:`analysis.load_runs` (TRACKING.md).
+#: Where the law variables live in a frame loaded by :func:`analysis.load_runs` (docs/TRACKING.md).
 DEFAULT_COLUMNS: Mapping[str, str] = types.MappingProxyType({
     "N": "derived.n_params_active",
     "D": "final/tokens",
@@ -72,7 +72,7 @@ DEFAULT_LOSS = "final/val_loss"
 class FitOptions:
     """How the optimiser runs. ``engine="scipy"`` loops scipy L-BFGS-B over the starts instead
     (slow; the reference of ``moue bench fit``); ``scipy_tolerances="default"`` reproduces the
-    default-tolerance pitfall of FITTING.md and exists so that tests can show it fails."""
+    default-tolerance pitfall of docs/FITTING.md and exists so that tests can show it fails."""
 
     engine: str = "newton"
     gtol_rel: float = 1e-8  # converged when max|projected gradient| <= gtol_rel * delta * sum(w)

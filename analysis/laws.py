@@ -3,7 +3,7 @@ fitted and reported parameters and the transform between them, bounds, start gri
 quantities derived from it, the exponents the regression gate watches and its nested law without
 the virtual-width term.
 
-Conventions (FITTING.md):
+Conventions (docs/FITTING.md):
 
 - Every law predicts the *log* of the loss, and residuals are taken there: ``r = log L - pred``
   (natural log; ``clark`` uses log10 as published).
@@ -300,7 +300,7 @@ _VW_ADDITIVE = Law(
           (0.25, 0.75, 1.5), (-5.0, 0.0, 5.0), (0.25, 0.75, 1.5)),
     exponents=("alpha", "beta", "gamma"),
     nested="chinchilla",
-    reference="FITTING.md (virtual width as a separate additive term)",
+    reference="docs/FITTING.md (virtual width as a separate additive term)",
     model=LSEModel(features=_additive_features,
                    log_params=(True, True, False, True, False, True, False)),
     derive=_additive_derived,
@@ -340,7 +340,7 @@ _VW_MULTIPLICATIVE = Law(
           (0.0, 10.0, 20.0), (0.25, 0.75, 1.5)),
     exponents=("alpha", "gamma", "beta"),
     nested="chinchilla",
-    reference="FITTING.md (virtual width scales the parameter term)",
+    reference="docs/FITTING.md (virtual width scales the parameter term)",
     model=LSEModel(features=_multiplicative_features,
                    log_params=(True, True, False, False, True, False)),
     derive=_multiplicative_derived,

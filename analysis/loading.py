@@ -1,6 +1,6 @@
-"""MLflow -> polars: one typed row per finished trial of a study (TRACKING.md, schema 1).
+"""MLflow -> polars: one typed row per finished trial of a study (docs/TRACKING.md, schema 1).
 
-The loader reads only what TRACKING.md specifies: trial runs are tagged ``moue.kind = trial`` and
+The loader reads only what docs/TRACKING.md specifies: trial runs are tagged ``moue.kind = trial`` and
 ``moue.schema``, children of a parent run tagged ``moue.kind = study``; final metrics are
 ``final/*``; learning curves have ``step`` = tokens seen.
 
@@ -46,7 +46,7 @@ _INT = re.compile(r"^[+-]?\d+$")
 
 @dataclass(frozen=True, kw_only=True)
 class ParentRun:
-    """A sweep's parent run: its id, name and the provenance tags of TRACKING.md."""
+    """A sweep's parent run: its id, name and the provenance tags of docs/TRACKING.md."""
 
     run_id: str
     name: str

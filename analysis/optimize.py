@@ -18,7 +18,7 @@ Method (per problem, vectorised over the batch):
   ratio of actual to predicted decrease;
 - convergence: ``max|pg| <= gtol``. There is deliberately no relative-``f`` test: summed Huber
   objectives are ~1e-3, and a test against ``max(|f|, 1)`` stops at once (the scipy
-  default-tolerance pitfall described in FITTING.md);
+  default-tolerance pitfall described in docs/FITTING.md);
 - ``"stalled"``: no decrease of ``f`` is possible even within a vanishing radius (the point is
   resolved to floating point, or sits on a plateau), or ``f`` fell by less than 1e-10 of itself
   over the last 50 iterations (a crawl along a flat ridge: a parameter that the data do not

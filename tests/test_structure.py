@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("moue_core", "studies", "search_spaces", "analysis")
 
@@ -78,7 +76,6 @@ def test_no_module_parses_another_module_s_source() -> None:
         assert "ast.parse(" not in text and "ast.literal_eval(" not in text, path
 
 
-@pytest.mark.xfail(strict=True, reason="the analysis half of the interior redesign is on its branch")
 def test_at_most_three_functions_over_80_lines() -> None:
     long = []
     for path in _modules().values():
@@ -88,7 +85,6 @@ def test_at_most_three_functions_over_80_lines() -> None:
     assert len(long) <= 3, long
 
 
-@pytest.mark.xfail(strict=True, reason="the analysis half of the interior redesign is on its branch")
 def test_no_private_name_imported_across_modules() -> None:
     bad = []
     for name, path in _modules().items():

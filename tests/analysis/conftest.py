@@ -22,7 +22,7 @@ def chinchilla_frame():
 
 @pytest.fixture(scope="session")
 def logged_study(tmp_path_factory):
-    """A study logged as TRACKING.md says: 48 finished trials plus excluded ones.
+    """A study logged as docs/TRACKING.md says: 48 finished trials plus excluded ones.
 
     Returns (tracking_uri, experiment, parent_run_id, workspace).
     """

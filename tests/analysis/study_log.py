@@ -1,4 +1,4 @@
-"""Log a synthetic study to a real MLflow store exactly as TRACKING.md specifies.
+"""Log a synthetic study to a real MLflow store exactly as docs/TRACKING.md specifies.
 
 Parent run per sweep (``moue.kind = study`` and the provenance tags), one child run per trial
 (``mlflow.parentRunId``, ``moue.kind = trial``, ``moue.schema``, ``moue.trial_id``, ``moue.status``,

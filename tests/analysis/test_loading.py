@@ -1,4 +1,4 @@
-"""The loader against a real MLflow SQLite store populated as TRACKING.md specifies."""
+"""The loader against a real MLflow SQLite store populated as docs/TRACKING.md specifies."""
 
 from __future__ import annotations
 

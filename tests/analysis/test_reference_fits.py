@@ -1,4 +1,4 @@
-"""The fitter reproduces published fits on real data (FITTING.md, tests/data/README.md)."""
+"""The fitter reproduces published fits on real data (docs/FITTING.md, tests/data/README.md)."""
 
 from __future__ import annotations
 
