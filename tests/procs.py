@@ -67,3 +67,30 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return False
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def launched(marker: str, wait_s: float = 10.0) -> list[str]:
+    """What a finished command left running besides its own watchdog (``studies/reaper.py``, which
+    outlives the command by about a second by design and must then be gone too): the command
+    lines of marked processes, polled for ``wait_s`` until none is left. Empty: nothing launched."""
+    seen: list[str] = []
+    end = time.time() + wait_s
+    while True:
+        pids = marked_pids(marker)
+        for pid in pids:
+            cmd = _cmdline(pid)
+            if b"sys.stdin.buffer.read()" not in cmd:  # not the watchdog
+                seen.append(cmd.replace(b"\0", b" ").decode(errors="replace")[:200])
+        if seen or not pids:
+            return seen
+        if time.time() > end:
+            return ["the command's watchdog is still running after the command ended"]
+        time.sleep(0.25)
+

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import kill_marked, marked_env, marked_pids
+from procs import kill_marked, launched, marked_env
 
 from moue_core.errors import ConfigError
 from studies.spec import load_study
@@ -79,13 +79,6 @@ def test_config_errors_survive_pickling() -> None:
         assert str(back) == "train.device ('cuda') needs CUDA"
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def _sweep(tmp_path: Path, text: str, *extra: str) -> tuple[subprocess.CompletedProcess, float, Path]:
     spec = tmp_path / "spec.toml"
     spec.write_text(text)
@@ -97,9 +90,7 @@ def _sweep(tmp_path: Path, text: str, *extra: str) -> tuple[subprocess.Completed
         proc = subprocess.run([sys.executable, "-c", "from studies.cli import main; main()", "sweep", str(spec),
                                "--workspace", str(ws), *extra], env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
-        # the command's own watchdog (studies/reaper.py) outlives it by a second or two by design;
-        # anything else marked means something was launched
-        started = any(b"sys.stdin.buffer.read()" not in _cmdline(pid) for pid in marked_pids(mark))
+        started = launched(mark)
     finally:
         kill_marked(mark)
     assert not started

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from procs import kill_marked, marked_env, marked_pids
+from procs import kill_marked, launched, marked_env, marked_pids
 
 from moue_core.errors import ConfigError
 from studies.locking import LOCK_FILE, hold
@@ -88,7 +88,7 @@ def test_resume_with_an_edited_spec_exits_2_naming_the_change(tmp_path) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     line = proc.stderr.strip().splitlines()
     assert len(line) == 1 and "fixed.train.lr: 0.003 -> 0.001" in line[0] and "changed since sweep" in line[0], line
-    assert not marked_pids(mark), "nothing was launched"
+    assert not launched(mark), "nothing was launched"
     # comments and layout are not a change of the study: the check lets it through (and the
     # fake state then fails in Tune, which is not what this test is about)
     spec.write_text("# a comment\n" + SMOKE.read_text())

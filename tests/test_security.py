@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import kill_marked, marked_env, marked_pids
+from procs import kill_marked, launched, marked_env, marked_pids
 
 from moue_core.errors import ConfigError
 from studies.cluster import SINGLE_HOST_ENV, TOKEN_FILE, check_state_trust, ensure_token
@@ -178,4 +178,4 @@ def test_resume_of_world_writable_state_exits_2_before_launch(tmp_path) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "tuner.pkl" in lines[0] and "writable by every user" in lines[0], proc.stderr
-    assert not marked_pids(mark), "no cluster was started"
+    assert not launched(mark), "no cluster was started"
