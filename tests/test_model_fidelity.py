@@ -703,3 +703,25 @@ def test_dead_fraction_ignores_experts_a_widening_window_has_not_reached(tmp_pat
     assert train(trial, sink, cache_dir=tmp_path / "cache").status == "finished"
     # step 1 ran at window 2: top-2 of 2 uses all 4 visible experts; the 12 others are not yet visible
     assert sink.marks[1].metrics["balance/dead_frac"] == 0.0
+
+
+# ------------------------------------------------------------------ the training loss
+
+
+def test_train_backpropagates_the_auxiliary_loss(tmp_path) -> None:
+    """Two trials that differ only in the balance coefficient (no z-loss) end with different routers:
+    ``train()`` adds the auxiliary loss to what it differentiates."""
+    from moue_core.train import NullSink, train
+
+    routers = []
+    for coef in (0.0, 10.0):
+        cfg = TrialConfig.from_dict({
+            "model": dict(vocab_size=256, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, expert_hidden=16,
+                          pool_size=8, window=4, stride=4, balance="switch", balance_coef=coef, z_loss_coef=0.0),
+            "train": dict(tokens=512, batch_tokens=256, seq_len=16, eval_every_tokens=512, eval_batch=8,
+                          device="cpu", warmup_frac=0.0),
+            "data": dict(val_tokens=512)})
+        sink = NullSink()
+        assert train(cfg, sink, cache_dir=tmp_path / "cache").status == "finished"
+        routers.append(sink.checkpoints[-1][1]["model"]["moe.router.weight_LWD"])
+    assert not torch.allclose(routers[0], routers[1], rtol=0, atol=1e-6)
