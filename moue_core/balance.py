@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["balance_loss", "pooled_statistic", "pool_fraction", "z_loss", "LOSSES", "POOLED"]
+__all__ = ["balance_loss", "pooled_statistic", "pool_fraction", "exposure_load", "z_loss", "LOSSES", "POOLED"]
 
 
 def _scatter_sum(values_Lw: torch.Tensor, ids_Lw: torch.Tensor, pool_size: int) -> torch.Tensor:
