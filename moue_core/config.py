@@ -7,6 +7,14 @@ at the edge (``ModelConfig.from_dict``) and never travel further inward.
 
 Notation (docs/MODEL.md): ``L`` layers, ``d`` width, ``P`` pool size, ``f`` expert hidden size, ``k``
 top-k, ``w`` window, ``s`` stride, ``g`` layers per rotation step, ``n_s`` shared experts.
+
+Per-router defaults. ``z_loss_coef = None`` (the default) means "what this router's reference
+uses" (``Z_LOSS_DEFAULTS``): ``softmax`` 1e-3 (ST-MoE, Zoph et al. 2022), ``trajectory`` 1e-3 (it
+selects like ``softmax``; MoUE publishes no value), ``norm`` 0 (UniPool's NormRouter: its selection
+ignores the scale of the logits, so a z-loss, like weight decay, only shrinks the router weights;
+UniPool's scripts set no z-loss). ``__post_init__`` resolves it, so the field (and ``to_dict``, and
+the logged param) holds the number that is used; ``replace`` resolves a defaulted field again for
+the new router.
 """
 
 from __future__ import annotations
@@ -18,19 +26,26 @@ from typing import Any, Literal
 
 from moue_core.errors import ConfigError
 from moue_core.fields import build, choice, integer, is_int, number
-from moue_core.topology import Topology
+from moue_core.topology import LAYOUTS, Topology
 
-__all__ = ["ModelConfig", "ROUTERS", "BALANCES", "FFNS", "DISPATCHES"]
+__all__ = ["ModelConfig", "ROUTERS", "BALANCES", "FFNS", "DISPATCHES", "LAYOUTS", "Z_LOSS_DEFAULTS"]
 
 ROUTERS = ("softmax", "norm", "trajectory")
 BALANCES = ("switch", "pool", "exposure", "none")
 FFNS = ("moe", "dense")
 DISPATCHES = ("auto", "grouped_mm", "triton")
+# model.router -> its z-loss coefficient when model.z_loss_coef is unset (module docstring)
+Z_LOSS_DEFAULTS = {"softmax": 1e-3, "trajectory": 1e-3, "norm": 0.0}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """One model of the family. Defaults: a small MoUE-style rotational pool."""
+    """One model of the family. Defaults: a small MoUE-style rotational pool.
+
+    ``z_loss_coef`` defaults per router to what its reference uses (``Z_LOSS_DEFAULTS``: 1e-3 for
+    ``softmax`` and ``trajectory``, none for ``norm``, as UniPool); the field holds the resolved
+    value. ``window_layout`` is ``ring`` (windows wrap) or ``clamped`` (they stop at the end of the
+    pool, as UniPool's ``sliding`` mode; ``moue_core.topology``)."""
 
     # trunk
     vocab_size: int = 256  # byte-level vocabulary
@@ -49,6 +64,7 @@ class ModelConfig:
     window: int = 8
     stride: int = 4
     group: int = 1
+    window_layout: Literal["ring", "clamped"] = "ring"  # windows wrap (ring) or stop at the pool's end
     top_k: int = 2
     expert_hidden: int = 128
     n_shared: int = 0  # always-on shared experts per layer (layer-private)
@@ -63,13 +79,21 @@ class ModelConfig:
     # balance losses (docs/MODEL.md section 3)
     balance: Literal["switch", "pool", "exposure", "none"] = "switch"
     balance_coef: float = 1e-2
-    balance_prev_batch: bool = True  # pool loss: fbar from the previous micro-batch (UniPool)
+    balance_prev_batch: bool = True  # pool, exposure: pooled load of the previous micro-batch (UniPool)
     balance_depth_weights: tuple[float, ...] = ()  # exposure loss: gamma_l per layer (empty: all 1)
-    z_loss_coef: float = 1e-3
+    z_loss_coef: float | None = None  # None: the router's default (Z_LOSS_DEFAULTS; 0 for norm)
     # dispatch (docs/MODEL.md section 5)
     dispatch: Literal["auto", "grouped_mm", "triton"] = "auto"  # auto: Triton on CUDA, grouped_mm on CPU
 
     def __post_init__(self) -> None:
+        choice("model.router", self.router, ROUTERS)
+        defaulted = []
+        if self.z_loss_coef is None:
+            object.__setattr__(self, "z_loss_coef", Z_LOSS_DEFAULTS[self.router])
+            defaulted.append("z_loss_coef")
+        elif is_int(self.z_loss_coef):  # TOML's 0 is the float 0.0 (fields.build cannot tell from None)
+            object.__setattr__(self, "z_loss_coef", float(self.z_loss_coef))
+        object.__setattr__(self, "_router_defaults", tuple(defaulted))  # not a field: replace() reads it
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dense_hidden",
                      "pool_size", "window", "group", "top_k", "expert_hidden", "router_state_dim"):
             integer(f"model.{name}", getattr(self, name), 1)
@@ -80,7 +104,8 @@ class ModelConfig:
         integer("model.n_shared", self.n_shared, 0)
         if self.rope_theta <= 0:
             raise ConfigError("model.rope_theta", self.rope_theta, "must be > 0")
-        for name, allowed in (("ffn", FFNS), ("router", ROUTERS), ("balance", BALANCES), ("dispatch", DISPATCHES)):
+        for name, allowed in (("ffn", FFNS), ("router", ROUTERS), ("balance", BALANCES), ("dispatch", DISPATCHES),
+                              ("window_layout", LAYOUTS)):
             choice(f"model.{name}", getattr(self, name), allowed)
         gammas = self.balance_depth_weights
         if not isinstance(gammas, tuple) or (gammas and (
@@ -121,13 +146,17 @@ class ModelConfig:
     @property
     def topology(self) -> Topology:
         return Topology(n_layers=self.n_layers, pool_size=self.pool_size, window=self.window,
-                        stride=self.stride, group=self.group)
+                        stride=self.stride, group=self.group, layout=self.window_layout)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes``; a per-router default not set here is resolved again (so
+        ``replace(router="norm")`` of a default config gets NormRouter's z-loss, not softmax's)."""
+        for name in getattr(self, "_router_defaults", ()):
+            changes.setdefault(name, None)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,12 @@ Training then widens the window from ``E`` to a target ``w`` over a schedule (``
 router rows for newly visible experts start at zero, or copied from the router of the layer that
 owned the expert (``router_init="copy"``).
 
+The target may be any family whose gates at ``w = E`` are the source's: a ``softmax`` or
+``trajectory`` router (per-layer or shared), any balance loss, z-loss, expert bias, shared experts,
+either window layout. Everything the target has that the source lacks starts neutral (balancing
+buffers and the trajectory keys at zero, new shared experts with a zero output projection), so the
+converted state loads with ``strict=True`` and the logits are the source's (``convert_layerwise``).
+
 ``LayerwiseMoEModel`` is the source format: an ordinary per-layer MoE written independently of
 ``moue_core.moe`` (per-layer expert tensors, a naive per-expert loop), used both as the conversion
 source and as the reference implementation the tests compare the shared-pool model against.
@@ -22,7 +28,8 @@ from torch import nn
 
 from moue_core.config import ModelConfig
 from moue_core.errors import ConfigError
-from moue_core.model import Attention, rope_tables
+from moue_core.model import Attention, MoUEModel, rope_tables
+from moue_core.moe import SwiGLU
 
 __all__ = ["LayerwiseMoEModel", "WindowSchedule", "convert_layerwise", "layerwise_config", "widen_layerwise"]
 
@@ -66,12 +73,16 @@ class _LayerwiseBlock(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.moe = _LayerMoE(cfg.d_model, cfg.window, cfg.expert_hidden, cfg.top_k, cfg.router_renorm)
+        if cfg.n_shared:
+            self.shared = SwiGLU(cfg.d_model, cfg.n_shared * cfg.expert_hidden)
 
 
 class LayerwiseMoEModel(nn.Module):
     """An ordinary MoE decoder: layer ``l`` owns experts ``[E, ...]`` and a router ``[E, D]``.
 
-    ``cfg.window`` is the experts per layer ``E``; pool, stride and router options are ignored.
+    ``cfg.window`` is the experts per layer ``E``, plus ``cfg.n_shared`` always-on shared experts
+    per layer (as ``MoUEModel``'s); pool, stride and router options are ignored (they describe the
+    model ``convert_layerwise`` makes of it).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -94,8 +105,16 @@ class LayerwiseMoEModel(nn.Module):
         x = self.embed(idx_BS)
         for block in self.blocks:
             x = x + block.attn(block.attn_norm(x), cos, sin)
-            x = x + block.moe(block.ffn_norm(x).view(B * S, -1)).view(B, S, -1)
+            h = block.ffn_norm(x)
+            y = block.moe(h.view(B * S, -1)).view(B, S, -1)
+            x = x + (y + block.shared(h) if self.cfg.n_shared else y)
         return self.lm_head(self.norm(x))
+
+
+# the trunk and expert settings a conversion target must share with its source (identical logits)
+_SAME_AS_SOURCE = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "rope_theta", "norm_eps",
+                   "top_k", "expert_hidden", "router_renorm")
+_CONVERTIBLE_ROUTERS = ("softmax", "trajectory")
 
 
 def convert_layerwise(
@@ -104,12 +123,22 @@ def convert_layerwise(
     *,
     target_window: int,
     router_init: str = "zero",
+    target: ModelConfig | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A ``LayerwiseMoEModel`` state dict -> (config, state dict) of an equivalent ``MoUEModel``.
 
-    The converted config has ``window = target_window``; build the model and call
-    ``model.set_window(E)`` (or follow a ``WindowSchedule``) to start at the original width, where
-    its logits equal the source model's.
+    The target is ``target`` or, by default, ``source``'s own settings on the layerwise ring
+    (``P = L*E, s = E``) with ``window = target_window``: its balance loss, z-loss, expert bias,
+    shared experts, router kind and window layout. Every key the target model has is in the
+    returned state (``load_state_dict(strict=True)`` works): what the source has no counterpart for
+    starts neutral, so the logits at ``w = E`` are the source's: balancing buffers at zero, the
+    trajectory router's expert keys at zero (its GRU and projections at their initialisation:
+    with zero keys the state adds nothing to the logits), the shared experts' output projections
+    at zero when the source has none. A NormRouter target is refused: its gates are not the
+    source's softmax gates, so no conversion could keep the logits.
+
+    Build the model and call ``model.set_window(E)`` (or follow a ``WindowSchedule``) to start at
+    the original width, where its logits equal the source model's.
     """
     L, E = source.n_layers, source.window
     P = L * E
@@ -118,56 +147,112 @@ def convert_layerwise(
                           f"must be in [experts per layer ({E}), L*E ({P})]")
     if router_init not in ("zero", "copy"):
         raise ConfigError("convert.router_init", router_init, "must be one of zero, copy")
-    cfg = layerwise_config(source, E).replace(window=target_window, router="softmax")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if ".moe." not in key:
-            out[key] = value.clone()
+    if target is None:
+        target = layerwise_config(source, E).replace(window=target_window, router_shared=source.router_shared)
+    _check_target(target, source, target_window, router_init)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # what has no source counterpart starts from a fixed initialisation
+        fresh = MoUEModel(target).state_dict()
+    out = {key: value.clone() for key, value in state.items() if ".moe." not in key}
     out["moe.pool.w_in_PDF2"] = torch.cat([state[f"blocks.{l}.moe.w_in"] for l in range(L)])
     out["moe.pool.w_out_PFD"] = torch.cat([state[f"blocks.{l}.moe.w_out"] for l in range(L)])
     routers_LED = torch.stack([state[f"blocks.{l}.moe.router.weight"] for l in range(L)])
-    out["moe.router.weight_LWD"] = _widen_router(routers_LED, target_window, router_init)
-    return cfg, out
+    if target.router_shared:
+        out["moe.router.weight_PD"] = routers_LED.reshape(P, -1).clone()  # row p: its owner's row
+    else:
+        out["moe.router.weight_LWD"] = _widen_router(routers_LED, target.topology, router_init)
+    for key, value in fresh.items():
+        if key not in out:  # neutral starts (docstring)
+            zero = key == "moe.router.keys_PR" or (".shared." in key and key.endswith("w_out.weight"))
+            out[key] = torch.zeros_like(value) if zero else value
+    extra = sorted(set(out) - set(fresh))
+    if extra:
+        raise ConfigError("model.n_shared", target.n_shared, f"leaves source weights without a place: {extra[0]}")
+    for key, value in fresh.items():
+        if out[key].shape != value.shape:
+            raise ConfigError("convert.source", key, f"has shape {tuple(out[key].shape)}, the target needs "
+                              f"{tuple(value.shape)}")
+    return target, out
 
 
-def _widen_router(routers_LED: torch.Tensor, target_window: int, router_init: str) -> torch.Tensor:
-    """Per-layer router rows for windows of ``target_window`` slots on the layerwise ring.
+def _check_target(target: ModelConfig, source: ModelConfig, target_window: int, router_init: str) -> None:
+    """A conversion target must keep the source's trunk, experts and gates, on the layerwise ring."""
+    L, E = source.n_layers, source.window
+    for name in _SAME_AS_SOURCE:
+        if getattr(target, name) != getattr(source, name):
+            raise ConfigError(f"model.{name}", getattr(target, name),
+                              f"must equal the layerwise source's ({getattr(source, name)}) to keep its logits")
+    expect = {"ffn": "moe", "pool_size": L * E, "stride": E % (L * E), "group": 1, "window": target_window}
+    for name, value in expect.items():
+        if getattr(target, name) != value:
+            raise ConfigError(f"model.{name}", getattr(target, name),
+                              f"must be {value!r} for a conversion of the layerwise MoE (P = L*E, s = E, g = 1)")
+    if target.router not in _CONVERTIBLE_ROUTERS:
+        raise ConfigError("model.router", target.router,
+                          "must be softmax or trajectory for a conversion target (NormRouter gates differ from "
+                          "the layerwise softmax gates, so no converted model would keep the logits)")
+    if target.router_shared and router_init == "zero":
+        raise ConfigError("convert.router_init", router_init,
+                          "must be copy for a shared router (model.router_shared: each expert has one row, its owner's)")
 
-    Slot ``j`` of layer ``l`` scores pool expert ``p = (l*E + j) mod P``, owned by layer ``p // E``
-    as its expert ``p % E``: the first ``E`` slots are the layer's own rows; the others start at
-    zero or as a copy of the owner's row.
+
+def _widen_router(routers_LED: torch.Tensor, topo, router_init: str) -> torch.Tensor:
+    """Per-layer router rows for the windows of ``topo`` over the layerwise pool (``P = L*E``).
+
+    Slot ``j`` of layer ``l`` scores pool expert ``p = topo.window_ids(l)[j]``, owned by layer
+    ``p // E`` as its expert ``p % E``: the layer's own experts keep its rows (they are its first
+    ``E`` slots in both layouts, ``moue_core.topology``); the others start at zero or as a copy of
+    the owner's row.
     """
     L, E, D = routers_LED.shape
-    P = L * E
-    weight = routers_LED.new_zeros(L, target_window, D)
-    weight[:, :E] = routers_LED
-    if router_init == "copy":
-        for l in range(L):
-            for j in range(E, target_window):
-                owner, e = divmod((l * E + j) % P, E)
+    weight = routers_LED.new_zeros(L, topo.window, D)
+    for l in range(L):
+        for j, p in enumerate(topo.window_ids(l)):
+            owner, e = divmod(p, E)
+            if owner == l or router_init == "copy":
                 weight[l, j] = routers_LED[owner, e]
     return weight
+
+
+def _widen_bias(bias_LE: torch.Tensor, topo) -> torch.Tensor:
+    """Expert-bias buffer for the wider windows: the layer's own slots keep theirs, new ones start at 0."""
+    L, E = bias_LE.shape
+    bias = bias_LE.new_zeros(L, topo.window)
+    for l in range(L):
+        for j, p in enumerate(topo.window_ids(l)):
+            if p // E == l:
+                bias[l, j] = bias_LE[l, p % E]
+    return bias
 
 
 def widen_layerwise(
     state: dict[str, torch.Tensor], base: ModelConfig, *, target_window: int, router_init: str = "zero"
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A ``MoUEModel`` state dict with the layerwise topology (``P = L*E, w = s = E``) -> the same
-    model with windows of ``target_window`` (start it at ``w = E``: identical logits)."""
+    model with windows of ``target_window`` (start it at ``w = E``: identical logits).
+
+    Every router kind and balance option carries over: per-layer router rows and the expert-bias
+    buffer get the new slots (zero, or the owner's rows with ``router_init="copy"``); a shared
+    router, the trajectory router's keys and the pool-level balancing buffers are per pool expert
+    and stay as they are (a shared router's rows are necessarily the owners': ``copy`` only)."""
     L, E = base.n_layers, base.window
-    if base.ffn != "moe" or base.pool_size != L * E or base.stride != E % base.pool_size or base.router_shared:
-        raise ConfigError("convert.base", f"P={base.pool_size}, w={E}, s={base.stride}",
-                          "must be a layerwise MoE (P = L*E, w = s = E, per-layer softmax router)")
+    if base.ffn != "moe" or base.pool_size != L * E or base.stride != E % base.pool_size or base.group != 1:
+        raise ConfigError("convert.base", f"P={base.pool_size}, w={E}, s={base.stride}, g={base.group}",
+                          "must be a layerwise MoE (P = L*E, w = s = E, g = 1)")
     if not E <= target_window <= L * E:
         raise ConfigError("convert.target_window", target_window, f"must be in [experts per layer ({E}), L*E ({L * E})]")
     if router_init not in ("zero", "copy"):
         raise ConfigError("convert.router_init", router_init, "must be one of zero, copy")
+    if base.router_shared and router_init == "zero":
+        raise ConfigError("convert.router_init", router_init,
+                          "must be copy for a shared router (model.router_shared: each expert has one row, its owner's)")
+    cfg = base.replace(window=target_window)
     out = dict(state)
-    out["moe.router.weight_LWD"] = _widen_router(state["moe.router.weight_LWD"], target_window, router_init)
+    if not base.router_shared:
+        out["moe.router.weight_LWD"] = _widen_router(state["moe.router.weight_LWD"], cfg.topology, router_init)
     if "moe.router.bias_LW" in state:
-        bias = state["moe.router.bias_LW"]
-        out["moe.router.bias_LW"] = torch.cat([bias, bias.new_zeros(L, target_window - E)], dim=1)
-    return base.replace(window=target_window), out
+        out["moe.router.bias_LW"] = _widen_bias(state["moe.router.bias_LW"], cfg.topology)
+    return cfg, out
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,11 @@ Conventions (``CONVENTION`` is logged as ``count.convention``; analysis never mi
   and values over a context of ``S`` tokens (Kaplan's ``2 n_layer n_ctx d_attn`` forward, times 3,
   no causal halving) ``+ 6 * D * V`` for the unembedding. ``compute = flops_per_token * tokens``.
 - A GRU layer counted as its matrices and biases, applied once per layer (trajectory router).
+- Topology (``moue_core.topology``, both window layouts): ``virtual_width = L * w``,
+  ``physical_width = P``, ``reuse = V / P``, ``log10_paths = L * log10 C(w, k)`` (the same for
+  ``ring`` and ``clamped``: both give every layer ``w`` experts); ``exposure_min`` / ``exposure_max``
+  and ``unreachable`` (experts in no window) from the windows themselves, which is where the
+  layouts differ (a clamped layout piles its last windows at the end of the pool).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Counts:
     log10_paths: float
     exposure_min: int
     exposure_max: int
+    unreachable: int
     seq_len: int
     convention: str = CONVENTION
 
@@ -89,7 +95,7 @@ def count(cfg: ModelConfig, *, seq_len: int | None = None) -> Counts:
     if cfg.ffn == "dense":
         ffn = L * 3 * D * cfg.dense_hidden
         total = active = trunk + ffn
-        virtual = physical = exp_min = exp_max = 0
+        virtual = physical = exp_min = exp_max = unreachable = 0
         reuse = paths = 0.0
     else:
         expert = 3 * D * cfg.expert_hidden
@@ -99,12 +105,12 @@ def count(cfg: ModelConfig, *, seq_len: int | None = None) -> Counts:
         topo = cfg.topology
         virtual, physical, reuse = topo.virtual_width, topo.physical_width, topo.reuse
         paths = topo.log10_paths(cfg.top_k)
-        exp_min, exp_max = min(topo.exposure), max(topo.exposure)
+        exp_min, exp_max, unreachable = min(topo.exposure), max(topo.exposure), topo.unreachable
     flops = 6 * active + 6 * L * S * D + 6 * D * V
     return Counts(
         n_params_total=total, n_params_active=active, n_params_embedding=embedding,
         flops_per_token=flops, virtual_width=virtual, physical_width=physical, reuse=reuse,
-        log10_paths=paths, exposure_min=exp_min, exposure_max=exp_max, seq_len=S,
+        log10_paths=paths, exposure_min=exp_min, exposure_max=exp_max, unreachable=unreachable, seq_len=S,
     )
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moue_core.balance import balance_loss, pool_fraction, z_loss
+from moue_core.balance import POOLED, balance_loss, pooled_statistic, z_loss
 from moue_core.config import ModelConfig
 from moue_core.grouped import grouped_mm
 from moue_core.router import Route, Router
@@ -134,8 +134,9 @@ class MoE(nn.Module):
         self.pool = ExpertPool(cfg.pool_size, cfg.d_model, cfg.expert_hidden, cfg.init_std)
         self.router = Router(cfg)
         self.window = cfg.window
-        if cfg.balance == "pool" and cfg.balance_prev_batch:
-            # fbar of the previous training micro-batch (balancing state: training mode only)
+        if cfg.balance in POOLED and cfg.balance_prev_batch:
+            # the pool-level load statistic of the previous training micro-batch (fbar for pool, r for
+            # exposure; moue_core.balance), balancing state written in training mode only
             self.register_buffer("prev_fbar_P", torch.zeros(cfg.pool_size))
             self.register_buffer("has_prev_fbar", torch.zeros((), dtype=torch.bool))
 
@@ -157,18 +158,21 @@ class MoE(nn.Module):
         load_Lw = torch.stack([r.slots_TK.reshape(-1).bincount(minlength=w) for r in routes]).float()
         T_K = routes[0].slots_TK.numel()
         frac_Lw = load_Lw / T_K
-        prob_Lw = torch.stack([r.probs_Tw.mean(dim=0) for r in routes])
+        prob_Lw = torch.stack([r.balance_Tw.mean(dim=0) for r in routes])
         ids_Lw = torch.stack([r.window_ids_w for r in routes])
         lse_LT = [torch.logsumexp(r.logits_Tw.float(), dim=-1) for r in routes]
 
-        use_prev = cfg.balance == "pool" and cfg.balance_prev_batch
-        # a copy: the loss keeps it for backward while the buffer is updated below
-        prev = self.prev_fbar_P.clone() if use_prev and self.has_prev_fbar else None
+        use_prev = cfg.balance in POOLED and cfg.balance_prev_batch
         gamma_L = prob_Lw.new_tensor(cfg.balance_depth_weights) if cfg.balance_depth_weights else None
-        bal = balance_loss(cfg.balance, cfg.balance_coef, frac_Lw=frac_Lw, prob_Lw=prob_Lw,
-                           ids_Lw=ids_Lw, pool_size=P, prev_fbar_P=prev, gamma_L=gamma_L)
-        if use_prev and self.training:  # after the loss read it: this batch's fbar is the next one's
-            self.prev_fbar_P.copy_(pool_fraction(frac_Lw, ids_Lw, P))
+        if use_prev and not self.has_prev_fbar:  # UniPool: no pool-level loss before a previous batch
+            bal = prob_Lw.new_zeros(())
+        else:
+            # a copy: the loss keeps it for backward while the buffer is updated below
+            prev = self.prev_fbar_P.clone() if use_prev else None
+            bal = balance_loss(cfg.balance, cfg.balance_coef, frac_Lw=frac_Lw, prob_Lw=prob_Lw,
+                               ids_Lw=ids_Lw, pool_size=P, prev_P=prev, gamma_L=gamma_L)
+        if use_prev and self.training:  # after the loss read it: this batch's statistic is the next one's
+            self.prev_fbar_P.copy_(pooled_statistic(cfg.balance, frac_Lw, ids_Lw, P, gamma_L))
             self.has_prev_fbar.fill_(True)
         zl = z_loss(cfg.z_loss_coef, lse_LT) if cfg.z_loss_coef else bal.new_zeros(())
         with torch.no_grad():

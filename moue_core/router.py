@@ -16,10 +16,26 @@ window never influence selection), picks the top-k, and returns pool ids and gat
   ``r_l = GRUCell(A_l x_l, r_(l-1))``, ``r_0 = 0``, one GRU for all layers, per-layer ``A_l``;
   logits ``z_l = W_l x_l + U[C_l] r_l`` with universal expert keys ``U: [P, R]``. Gates as softmax.
 - ``router_shared``: one pool-wide matrix ``[P, D]`` for all layers (Omni-Router); otherwise
-  per-layer matrices ``[L, W, D]`` indexed by window slot (row ``j`` scores expert ``(o_l + j) mod P``).
+  per-layer matrices ``[L, W, D]`` indexed by window slot (row ``j`` scores the expert of slot ``j``,
+  ``Topology.window_ids``: ``(o_l + j) mod P`` on the ring).
 
-For the balance losses every router also reports ``probs = softmax(z)`` over the window (the
-"router probability" ``p`` of docs/MODEL.md section 3), whatever its gates are.
+Every router reports ``probs = softmax(z)`` over the window (router entropy, statistics) and the
+per-token scores the balance losses pair with the load (``balance_Tw``, the "router probability"
+``p`` of docs/MODEL.md section 3): ``softmax(z)`` for ``softmax`` and ``trajectory``; for ``norm``
+the NormRouter scores themselves, as UniPool feeds its pool loss ``scores_for_aux_loss = scores``
+(Centaurus-Alpha/UniPool, ``megatron/core/transformer/moe/router.py``, ``NormRouter.routing``).
+NormRouter's selection ignores the scale of ``z``, and so does a loss on its scores (up to the
+``eps`` of the norm); ``softmax(z)`` instead falls with ``|z|`` and could be lowered by shrinking the
+logits without rebalancing anything. A loss on the scores is linear in ``sigma``, so the learnable
+scale gets a balance gradient ``d loss / d sigma = loss / sigma`` (it pulls ``sigma`` down; the
+language-model loss holds it up).
+
+Precision: logits, probabilities, scores and top-k run in fp32 (fp64 for a float64 model), with
+autocast switched off for the router (a bf16 near-tie would change the selection); the gates go to
+the experts in the input's dtype.
+
+Initialisation: every router matrix, the trajectory router's projections, keys and GRU weights are
+``N(0, init_std^2)``; the GRU biases start at zero (not PyTorch's ``U(-1/sqrt(R), 1/sqrt(R))``).
 
 Expert-bias balancing (aux-loss-free, DeepSeek-V3): a buffer ``bias_LW`` added to the selection
 scores only; ``update_bias`` moves it after each optimizer step, outside the forward pass.
@@ -27,6 +43,7 @@ scores only; ``update_bias`` moves it after each optimizer step, outside the for
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +69,11 @@ def norm_constant(window: int, top_k: int, *, samples: int = 200_000, seed: int 
     return float((1.0 / top.sqrt()).mean())
 
 
+@functools.lru_cache(maxsize=None)
+def _norm_constant_for(window: int, top_k: int) -> float:
+    return norm_constant(window, top_k)
+
+
 @dataclass
 class Route:
     """One layer's routing decision for ``T`` tokens."""
@@ -59,8 +81,9 @@ class Route:
     ids_TK: torch.Tensor  # pool ids of the selected experts (int64)
     slots_TK: torch.Tensor  # the same experts as window slots 0..w-1
     gates_TK: torch.Tensor  # gate weights (differentiable)
-    probs_Tw: torch.Tensor  # softmax(z) over the window (differentiable), for balance losses
-    logits_Tw: torch.Tensor  # router logits over the window (z-loss, statistics)
+    probs_Tw: torch.Tensor  # softmax(z) over the window (differentiable): entropy, statistics
+    balance_Tw: torch.Tensor  # the scores the balance losses use (differentiable; module docstring)
+    logits_Tw: torch.Tensor  # router logits over the window, fp32 (z-loss, statistics)
     window_ids_w: torch.Tensor  # pool ids of the window, in slot order
 
 
@@ -70,9 +93,11 @@ class RouterKind:
     Every kind starts from ``z = W_l x`` over the window; a kind may own parameters (``build``),
     carry a per-token state down the depth (``initial_state``, ``logits``), and turn the window's
     ``softmax(z)`` into its own selection scores (``scores``). ``renorm``: whether
-    ``router_renorm`` applies to its gates."""
+    ``router_renorm`` applies to its gates; ``balance_on_scores``: whether the balance losses use
+    its scores (else ``softmax(z)``)."""
 
     renorm = True
+    balance_on_scores = False
 
     def build(self, router: Router, cfg: ModelConfig) -> None:
         pass
@@ -93,17 +118,22 @@ class _Softmax(RouterKind):
 
 
 class _Norm(RouterKind):
-    """UniPool's NormRouter: ``sigma * c * relu(z / (||z|| + eps))``, gates not renormalised."""
+    """UniPool's NormRouter: ``sigma * c * relu(z / (||z|| + eps))``, gates not renormalised; the
+    balance losses use these scores (as UniPool's pool loss does). ``c`` is the constant of the
+    active window (``norm_c`` for the full one), so a window that widens keeps its scores near 1."""
 
     renorm = False
+    balance_on_scores = True
 
     def build(self, router: Router, cfg: ModelConfig) -> None:
         router.sigma = nn.Parameter(torch.ones(()))
-        router.register_buffer("norm_c", torch.tensor(norm_constant(cfg.window, cfg.top_k)), persistent=False)
+        router.register_buffer("norm_c", torch.tensor(_norm_constant_for(cfg.window, cfg.top_k)), persistent=False)
 
     def scores(self, router: Router, logits_Tw: torch.Tensor, probs_Tw: torch.Tensor) -> torch.Tensor:
+        w, cfg = logits_Tw.shape[1], router.cfg
+        c = router.norm_c if w == cfg.window else _norm_constant_for(w, cfg.top_k)
         unit_Tw = logits_Tw / (logits_Tw.norm(dim=-1, keepdim=True) + 1e-6)
-        return router.sigma * router.norm_c * torch.relu(unit_Tw)
+        return router.sigma * c * torch.relu(unit_Tw)
 
 
 class _Trajectory(RouterKind):
@@ -135,7 +165,7 @@ class Router(nn.Module):
         self.kind = KINDS[cfg.router]
         L, P, W, D = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model
         topo = cfg.topology
-        # window_ids_LW[l, j] = (o_l + j) mod P; the window of width w < W is its first w columns
+        # window_ids_LW[l, j]: the expert of slot j (Topology.window_ids); a window w < W is its first w columns
         self.register_buffer(
             "window_ids_LW",
             torch.tensor([topo.window_ids(layer) for layer in range(L)], dtype=torch.long),
@@ -155,6 +185,11 @@ class Router(nn.Module):
         for name in ("weight_PD", "weight_LWD", "proj_LRD", "keys_PR"):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name), std=std)
+        if hasattr(self, "gru"):
+            nn.init.normal_(self.gru.weight_ih, std=std)
+            nn.init.normal_(self.gru.weight_hh, std=std)
+            nn.init.zeros_(self.gru.bias_ih)
+            nn.init.zeros_(self.gru.bias_hh)
 
     def initial_state(self, x_TD: torch.Tensor) -> torch.Tensor | None:
         return self.kind.initial_state(self, x_TD)
@@ -168,21 +203,27 @@ class Router(nn.Module):
             weight_wD = self.weight_PD[window_ids_w]
         else:
             weight_wD = self.weight_LWD[layer, :window]
-        logits_Tw, state_TR = self.kind.logits(self, layer, x_TD, x_TD @ weight_wD.t(), state_TR, window_ids_w)
-        probs_Tw = logits_Tw.float().softmax(dim=-1)
-        scores_Tw = self.kind.scores(self, logits_Tw, probs_Tw)
-        select_Tw = scores_Tw.detach()
-        if cfg.expert_bias:
-            select_Tw = select_Tw + self.bias_LW[layer, :window]
-        slots_TK = select_Tw.topk(cfg.top_k, dim=-1, sorted=False).indices
-        gates_TK = scores_Tw.gather(1, slots_TK)
-        if self.kind.renorm and cfg.router_renorm:
-            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)  # fp32, or fp64 for a float64 model
+        with torch.autocast(x_TD.device.type, enabled=False):  # routing in fp32 (module docstring)
+            x32_TD = x_TD.to(dtype)
+            state_TR = None if state_TR is None else state_TR.to(dtype)
+            logits_Tw, state_TR = self.kind.logits(self, layer, x32_TD, x32_TD @ weight_wD.to(dtype).t(), state_TR,
+                                                   window_ids_w)
+            probs_Tw = logits_Tw.softmax(dim=-1)
+            scores_Tw = self.kind.scores(self, logits_Tw, probs_Tw)
+            select_Tw = scores_Tw.detach()
+            if cfg.expert_bias:
+                select_Tw = select_Tw + self.bias_LW[layer, :window]
+            slots_TK = select_Tw.topk(cfg.top_k, dim=-1, sorted=False).indices
+            gates_TK = scores_Tw.gather(1, slots_TK)
+            if self.kind.renorm and cfg.router_renorm:
+                gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
         route = Route(
             ids_TK=window_ids_w[slots_TK],
             slots_TK=slots_TK,
             gates_TK=gates_TK.to(x_TD.dtype),
             probs_Tw=probs_Tw,
+            balance_Tw=scores_Tw if self.kind.balance_on_scores else probs_Tw,
             logits_Tw=logits_Tw,
             window_ids_w=window_ids_w,
         )

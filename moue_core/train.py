@@ -202,8 +202,8 @@ class _Run:
             self._resume(resume)
         self.forward = torch.compile(self.model) if tc.compile else self.model
         self.use_bf16 = device.type == "cuda"
-        self.reachable_P = (torch.tensor(mc.topology.exposure) > 0) if mc.ffn == "moe" else None
-        self.window_sums = _Window(self.reachable_P)
+        self.visible: dict[int, torch.Tensor] = {}  # active window -> experts some layer can reach
+        self.window_sums = _Window()
         self.mark_train_s = self.timers["train"]
 
     def _init_from(self, tc: TrainConfig, mc: ModelConfig) -> WindowSchedule | None:
@@ -213,10 +213,10 @@ class _Run:
             raise ConfigError("train.init_from", tc.init_from, "holds a model whose config differs from model.*")
         self.model.load_state_dict(blob["model"])
         start = int(blob.get("start_window", mc.window))
+        self.model.set_window(start)  # also for the first mark's evaluation, before any step
         if tc.widen_tokens:
             return WindowSchedule(start=start, end=mc.window, start_step=0,
                                   end_step=max(1, tc.widen_tokens // tc.batch_tokens))
-        self.model.set_window(start)
         return None
 
     def _resume(self, resume: dict) -> None:
@@ -257,7 +257,7 @@ class _Run:
         ckpt = {"version": CHECKPOINT_VERSION, "step": step, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
                 "rng": torch.get_rng_state(), "timers": dict(self.timers), "val_loss": self.val_loss}
-        self.window_sums = _Window(self.reachable_P)
+        self.window_sums = _Window()
         self.mark_train_s = self.timers["train"]
         result = self.result("finished", "", tokens) if step == tc.steps else None
         return Mark(tokens=tokens, metrics=metrics, checkpoint=ckpt, result=result)
@@ -293,32 +293,44 @@ class _Run:
             model.moe.router.update_bias(out.stats.load_Lw)
         self.step += 1
         self.timers["train"] += time.perf_counter() - t0
-        self.window_sums.add(loss_v, gn_v, out.stats, tc.batch_tokens)
+        self.window_sums.add(loss_v, gn_v, out.stats, tc.batch_tokens, self.visible_experts())
         return None
+
+    def visible_experts(self) -> torch.Tensor | None:
+        """The experts some layer's active window reaches now (fewer while a window widens)."""
+        if self.model.moe is None:
+            return None
+        w = self.model.moe.window
+        if w not in self.visible:
+            self.visible[w] = torch.tensor(self.cfg.model.topology.exposure_at(w), device=self.device) > 0
+        return self.visible[w]
 
 
 class _Window:
     """Running sums of the training metrics between two marks.
 
-    ``balance/load_cv`` and ``balance/dead_frac`` are over the pool: the tokens each reachable
+    ``balance/load_cv`` and ``balance/dead_frac`` are over the pool: the tokens each visible
     expert processed in the interval, summed over layers (coefficient of variation; fraction of
-    reachable experts that processed none).
+    visible experts that processed none). Visible: in some layer's active window at some step of
+    the interval, so an expert a widening window has not reached yet is not counted as dead.
     """
 
-    def __init__(self, reachable_P: torch.Tensor | None) -> None:
+    def __init__(self) -> None:
         self.n = 0
         self.tokens = 0
         self.sums: dict[str, float] = {}
-        self.reachable_P = reachable_P
+        self.visible_P: torch.Tensor | None = None
         self.load_P: torch.Tensor | None = None
 
-    def add(self, loss: float, grad_norm: float, stats, tokens: int) -> None:
+    def add(self, loss: float, grad_norm: float, stats, tokens: int, visible_P: torch.Tensor | None = None) -> None:
         self.n += 1
         self.tokens += tokens
         vals = {"train/loss": loss, "grad_norm": grad_norm}
         if stats is not None:
             load_P = stats.load_LP.sum(dim=0)
             self.load_P = load_P if self.load_P is None else self.load_P + load_P
+            seen_P = torch.ones_like(load_P, dtype=torch.bool) if visible_P is None else visible_P.to(load_P.device)
+            self.visible_P = seen_P if self.visible_P is None else self.visible_P | seen_P
             vals.update({"balance/loss": float(stats.balance_loss), "router/entropy": float(stats.entropy_L.mean()),
                          "router/z": float(stats.lse_L.mean())})
         for k, v in vals.items():
@@ -329,7 +341,7 @@ class _Window:
             return {}
         out = {k: v / self.n for k, v in self.sums.items()}
         if self.load_P is not None:
-            load = self.load_P[self.reachable_P].float()
+            load = self.load_P[self.visible_P].float()
             out["balance/load_cv"] = float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
             out["balance/dead_frac"] = float((load == 0).float().mean())
         return out

@@ -18,6 +18,7 @@ TOPOLOGIES = {
     "grouped": grouped(L, 3, 2),
     "adjacent": adjacent(L, 3, 2),
     "rotational": None,  # P=10, w=5, s=3: windows wrap and exposure is uneven
+    "clamped": "clamped",  # P=10, w=5, s=3 without wrapping: the last windows stop at the pool's end
 }
 ROUTERS = {
     "softmax": dict(router="softmax"),
@@ -32,8 +33,10 @@ BALANCES = ("switch", "pool", "exposure", "none")
 
 def make_cfg(topology: str, router: str, balance: str) -> ModelConfig:
     topo = TOPOLOGIES[topology]
-    ring = (dict(pool_size=10, window=5, stride=3, group=1) if topo is None else
-            dict(pool_size=topo.pool_size, window=topo.window, stride=topo.stride, group=topo.group))
+    if topo is None or topo == "clamped":
+        ring = dict(pool_size=10, window=5, stride=3, group=1, window_layout="clamped" if topo else "ring")
+    else:
+        ring = dict(pool_size=topo.pool_size, window=topo.window, stride=topo.stride, group=topo.group)
     return ModelConfig(vocab_size=64, d_model=32, n_layers=L, n_heads=2, max_seq_len=16,
                        expert_hidden=16, top_k=2, balance=balance, **ring, **ROUTERS[router])
 
@@ -190,10 +193,10 @@ def test_pool_loss_uses_the_previous_micro_batch_statistic() -> None:
     out, routes = run(model, torch.randint(0, 64, (2, 16)))
     P, w = cfg.pool_size, cfg.window
     frac = torch.stack([r.slots_TK.reshape(-1).bincount(minlength=w) for r in routes]).float() / 32 / cfg.top_k
-    prob = torch.stack([r.probs_Tw.mean(0) for r in routes])
+    prob = torch.stack([r.balance_Tw.mean(0) for r in routes])
     ids = torch.stack([r.window_ids_w for r in routes])
     kw = dict(frac_Lw=frac, prob_Lw=prob, ids_Lw=ids, pool_size=P)
-    with_prev = balance_loss("pool", cfg.balance_coef, prev_fbar_P=first_fbar, **kw)
+    with_prev = balance_loss("pool", cfg.balance_coef, prev_P=first_fbar, **kw)
     with_own = balance_loss("pool", cfg.balance_coef, **kw)
     assert not torch.allclose(with_prev, with_own)  # the two batches route differently
     torch.testing.assert_close(out.stats.balance_loss, with_prev.detach())

@@ -175,7 +175,7 @@ def test_pool_loss_is_unipool_formula_when_windows_tile() -> None:
     torch.testing.assert_close(loss, 0.1 * 12 * (fbar * pbar).sum())
     prev = torch.full((12,), 1 / 12)
     loss_prev = balance_loss("pool", 0.1, frac_Lw=frac, prob_Lw=prob, ids_Lw=ids, pool_size=12,
-                             prev_fbar_P=prev)
+                             prev_P=prev)
     torch.testing.assert_close(loss_prev, 0.1 * 12 * (prev * pbar).sum())
 
 

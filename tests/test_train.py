@@ -159,7 +159,7 @@ def test_converted_model_widens_its_window_during_training(cache_dir, tmp_path) 
     finally:
         moe_mod.MoE.set_window = original
     assert result.status == "finished"
-    assert windows == [4, 6, 8, 8]  # 4 steps; widening over the first 2
+    assert windows == [4, 4, 6, 8, 8]  # the start (first mark's evaluation), then 4 steps widening over 2
 
 
 def test_lr_schedules() -> None:
