@@ -102,6 +102,9 @@ class RouterKind:
     def build(self, router: Router, cfg: ModelConfig) -> None:
         pass
 
+    def reset(self, router: Router, std: float) -> None:
+        """Initialise what ``build`` added (after the common router matrices)."""
+
     def initial_state(self, router: Router, x_TD: torch.Tensor) -> torch.Tensor | None:
         return None
 
@@ -145,6 +148,12 @@ class _Trajectory(RouterKind):
         router.gru = nn.GRUCell(R, R)
         router.keys_PR = nn.Parameter(torch.empty(P, R))
 
+    def reset(self, router: Router, std: float) -> None:
+        for p in (router.proj_LRD, router.keys_PR, router.gru.weight_ih, router.gru.weight_hh):
+            nn.init.normal_(p, std=std)
+        nn.init.zeros_(router.gru.bias_ih)
+        nn.init.zeros_(router.gru.bias_hh)
+
     def initial_state(self, router: Router, x_TD: torch.Tensor) -> torch.Tensor | None:
         return x_TD.new_zeros(x_TD.shape[0], router.cfg.router_state_dim)
 
@@ -182,14 +191,8 @@ class Router(nn.Module):
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
-        for name in ("weight_PD", "weight_LWD", "proj_LRD", "keys_PR"):
-            if hasattr(self, name):
-                nn.init.normal_(getattr(self, name), std=std)
-        if hasattr(self, "gru"):
-            nn.init.normal_(self.gru.weight_ih, std=std)
-            nn.init.normal_(self.gru.weight_hh, std=std)
-            nn.init.zeros_(self.gru.bias_ih)
-            nn.init.zeros_(self.gru.bias_hh)
+        nn.init.normal_(self.weight_PD if self.cfg.router_shared else self.weight_LWD, std=std)
+        self.kind.reset(self, std)
 
     def initial_state(self, x_TD: torch.Tensor) -> torch.Tensor | None:
         return self.kind.initial_state(self, x_TD)
