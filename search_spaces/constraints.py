@@ -86,7 +86,8 @@ def prune(points: Iterable[Mapping[str, Any]], fixed: Mapping[str, Any]
     return kept, pruned
 
 
-def reaching_stride(*, n_layers: int, pool_size: int, window: int, stride: int, group: int = 1) -> int | None:
+def reaching_stride(*, n_layers: int, pool_size: int, window: int, stride: int, group: int = 1,
+                    layout: str = "ring") -> int | None:
     """The smallest stride ``>= stride`` (and ``< pool_size``) with every expert in some window.
 
     ``stride`` itself when it already reaches them all; ``None`` when none does (``L*w < P``).
@@ -95,7 +96,7 @@ def reaching_stride(*, n_layers: int, pool_size: int, window: int, stride: int, 
     if window >= pool_size:
         return stride
     for s in range(max(stride, 1), pool_size):
-        topo = Topology(n_layers=n_layers, pool_size=pool_size, window=window, stride=s, group=group)
+        topo = Topology(n_layers=n_layers, pool_size=pool_size, window=window, stride=s, group=group, layout=layout)
         if topo.unreachable == 0:
             return s
     return None

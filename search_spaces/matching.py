@@ -8,6 +8,9 @@ Every number comes from ``moue_core.counting.count`` (pure Python), so a helper 
   parameters are linear in ``f`` (``L * (k + n_s) * 3 * d * f`` plus what does not depend on ``f``),
   so two counts give the line and the nearest multiples of 4 are compared exactly. Changing ``k``
   at a matched target keeps ``k * f`` about constant (the router's rows are the small remainder).
+- ``match_router_state(flat, max_active)``: the largest state size ``d_r`` of the trajectory router
+  whose active count stays within ``max_active``, the expert width held. The count is quadratic in
+  ``d_r`` (the GRU's ``6 d_r^2`` per layer), so it is searched (monotone, bisection).
 - ``match_pool_size(flat, target_total)``: the pool size ``P`` whose total count is closest to the
   target, the window held (or, for a UniPool-style ``w = P``, kept equal to ``P``). Total
   parameters are linear in ``P`` for a fixed window rule, so the same two-count method applies.
@@ -27,7 +30,7 @@ from moue_core.errors import ConfigError
 from search_spaces.constraints import model_config, model_value
 
 __all__ = ["counts", "active_params", "total_params", "virtual_width", "match_expert_hidden",
-           "match_pool_size", "topology_family"]
+           "match_router_state", "match_pool_size", "topology_family"]
 
 
 def counts(flat: Mapping[str, Any]) -> Counts:
@@ -67,6 +70,29 @@ def match_expert_hidden(flat: Mapping[str, Any], target_active: int) -> int:
     ideal = 4 + (target_active - a4) / slope
     low = max(4, 4 * math.floor(ideal / 4))
     return _nearest([low, low + 4], active, target_active)
+
+
+def match_router_state(flat: Mapping[str, Any], max_active: int) -> int:
+    """The largest ``model.router_state_dim`` whose active count is at most ``max_active``.
+
+    Raises ``ConfigError`` when even ``d_r = 1`` exceeds it (the held expert width leaves no room)."""
+    if model_value(flat, "router") != "trajectory":
+        raise ConfigError("model.router", model_value(flat, "router"), "must be trajectory to match router_state_dim")
+
+    def active(r: int) -> int:
+        return active_params({**flat, "model.router_state_dim": r})
+
+    if active(1) > max_active:
+        raise ConfigError("model.router_state_dim", 1, f"leaves {active(1)} active parameters, over the "
+                          f"budget of {max_active} at model.expert_hidden = {model_value(flat, 'expert_hidden')}")
+    lo, hi = 1, 4 * model_value(flat, "d_model")  # active(r) grows with r
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if active(mid) <= max_active:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def match_pool_size(flat: Mapping[str, Any], target_total: int) -> int:

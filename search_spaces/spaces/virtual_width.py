@@ -9,7 +9,18 @@ The main space. Three architectures, each an explicit family of points on the sa
   ``V = L * P``.
 - ``moue`` — MoUE-style rotational pool: ``w = moue_window * E`` (capped at ``P - 1``), stride
   from ``moue_overlap`` (``s = round(w * (1 - overlap))``, raised if needed until every expert is
-  reachable, always ``0 < s < w``), router ``trajectory``, balance ``exposure``. ``V = L * w``.
+  reachable, always ``0 < s < w``), router ``trajectory``, balance ``exposure``, window layout
+  ``moue_layout`` (``ring`` by default, or ``clamped``). ``V = L * w``.
+
+The ablation families (issue 12) share the ``moue`` topology and change one component at a time
+from the plain rotational pool, so a study can attribute a difference to one mechanism:
+
+- ``rotational`` — the rotational windows alone: router ``softmax``, balance ``switch``, ``ring``;
+- ``rotational_clamped`` — ``rotational`` with non-wrapping (``clamped``) windows;
+- ``rotational_trajectory`` — ``rotational`` with the ``trajectory`` router;
+- ``rotational_exposure`` — ``rotational`` with the ``exposure`` balance loss.
+
+``moue`` with ``moue_layout = "clamped"`` is then the full recipe (all three components).
 
 Held fixed: everything the study fixes. Varied: the family, ``E``, and optionally ``top_k``,
 ``n_layers`` and ``d_models`` (empty lists keep the study's values). A point at another width
@@ -26,6 +37,15 @@ Matching (``match``):
   ``active_tol`` of the matched MoE's; changing ``k`` therefore keeps ``k * f`` about constant, and
   a router's extra active parameters are paid for by slightly smaller experts. A point that cannot
   be matched within the tolerance (``f`` moves in steps of 4) is pruned with the mismatch.
+- ``"router_state"``: the same target, but a point with the ``trajectory`` router keeps the expert
+  width of the matched MoE (``f`` as ``"active"`` would give it without the router's state) and pays
+  for its state with the state size ``d_r`` instead: the largest ``d_r`` within ``active_tol`` above
+  the target (``match_router_state``; pruned when even ``d_r = 1`` is over). At ``d = 64, E = 4``
+  the experts alone already meet the target, so the state gets only the tolerance (``d_r = 12`` at
+  5%, against 16 with ``f`` 56 under ``"active"``). The other routers have no state and are matched
+  as under ``"active"``. Beside ``"active"`` (narrower experts, same
+  ``d_r``) this separates "the router helps" from "narrower experts hurt": both keep the active
+  count, and ``--dry-run`` prints both the active and the stored (total) count of every point.
 - ``"none"``: docs/MODEL.md's looser iso-active (same ``d, L`` and ``k * f``: ``f = f0 * k0 / k``);
   the routers' differences in active parameters are left in and reported by the counts.
 
@@ -44,19 +64,24 @@ from moue_core.errors import ConfigError
 from search_spaces._common import half_up, layerwise_topology, listed, multiple_of_4
 from search_spaces._space import Candidate, Space
 from search_spaces.constraints import model_value, reaching_stride
-from search_spaces.matching import active_params, match_expert_hidden
+from search_spaces.matching import active_params, match_expert_hidden, match_router_state
 
 __all__ = ["SPACE", "FAMILIES", "build"]
 
-FAMILIES = ("layerwise", "unipool", "moue")
-_ROUTING = {  # family -> (router, balance): the published pairing of each architecture
-    "layerwise": ("softmax", "switch"),
-    "unipool": ("norm", "pool"),
-    "moue": ("trajectory", "exposure"),
+FAMILIES = ("layerwise", "unipool", "moue", "rotational", "rotational_clamped", "rotational_trajectory",
+            "rotational_exposure")
+_ROUTING = {  # family -> (router, balance, window layout); None: the layout of space.moue_layout
+    "layerwise": ("softmax", "switch", "ring"),
+    "unipool": ("norm", "pool", "ring"),
+    "moue": ("trajectory", "exposure", None),
+    "rotational": ("softmax", "switch", "ring"),
+    "rotational_clamped": ("softmax", "switch", "clamped"),
+    "rotational_trajectory": ("trajectory", "switch", "ring"),
+    "rotational_exposure": ("softmax", "exposure", "ring"),
 }
 
 
-def _topology(family: str, L: int, E: int, opts: dict[str, Any], group: int) -> Candidate:
+def _topology(family: str, L: int, E: int, opts: dict[str, Any], group: int, layout: str) -> Candidate:
     P = L * E
     if family == "layerwise":
         return layerwise_topology(L, E), None
@@ -64,11 +89,11 @@ def _topology(family: str, L: int, E: int, opts: dict[str, Any], group: int) -> 
         return {"model.pool_size": P, "model.window": P, "model.stride": 0}, None
     w = min(opts["moue_window"] * E, P - 1)
     if L < 2 or w < 2:
-        return None, f"moue family: a rotational pool needs n_layers >= 2 and window >= 2 (L={L}, E={E})"
+        return None, f"{family} family: a rotational pool needs n_layers >= 2 and window >= 2 (L={L}, E={E})"
     s = min(max(half_up(w * (1 - opts["moue_overlap"])), 1), w - 1)
-    s = reaching_stride(n_layers=L, pool_size=P, window=w, stride=s, group=group)
+    s = reaching_stride(n_layers=L, pool_size=P, window=w, stride=s, group=group, layout=layout)
     if s is None or s >= w:
-        return None, f"moue family: no stride in (0, {w}) reaches all {P} experts with windows of {w} over {L} layers"
+        return None, f"{family} family: no stride in (0, {w}) reaches all {P} experts with windows of {w} over {L} layers"
     return {"model.pool_size": P, "model.window": w, "model.stride": s}, None
 
 
@@ -102,16 +127,19 @@ def build(fixed: Mapping[str, Any], opts: dict[str, Any], *, family: str, E: int
     """One point of the space (also used by the tests and the runner's dry run to explain it)."""
     width, fixed = _at_width(fixed, opts, d_model)
     group = model_value(fixed, "group")
-    topo, reason = _topology(family, n_layers, E, opts, group)
+    router, balance, layout = _ROUTING[family]
+    layout = layout or opts["moue_layout"]
+    topo, reason = _topology(family, n_layers, E, opts, group, layout)
     if topo is None:
         return None, reason
-    router, balance = _ROUTING[family]
     point = {**({"model.d_model": width["model.d_model"]} if width else {}),
              "model.n_layers": n_layers, "model.top_k": top_k, **topo,
              "model.router": router, "model.balance": balance}
+    if layout != model_value(fixed, "window_layout"):
+        point["model.window_layout"] = layout
     if group != 1:
         point["model.group"] = 1
-    if family == "moue" and (opts["router_state_dim"] or width):
+    if router == "trajectory" and (opts["router_state_dim"] or width):
         point["model.router_state_dim"] = model_value(fixed, "router_state_dim") if width else opts["router_state_dim"]
     k0, f0 = model_value(fixed, "top_k"), model_value(fixed, "expert_hidden")
     if opts["match"] == "none":
@@ -129,7 +157,14 @@ def build(fixed: Mapping[str, Any], opts: dict[str, Any], *, family: str, E: int
         return point, None  # impossible anyway; check_point names the constraint
     try:
         target = active_params(matched)
-        point["model.expert_hidden"] = match_expert_hidden({**fixed, **point}, target)
+        if opts["match"] == "router_state" and router == "trajectory":
+            # keep the expert width the point would have without the router's state; pay with d_r
+            stateless = {**fixed, **point, "model.router": "softmax"}
+            point["model.expert_hidden"] = match_expert_hidden(stateless, target)
+            budget = int(target * (1 + opts["active_tol"]))  # the state gets what the tolerance leaves
+            point["model.router_state_dim"] = match_router_state({**fixed, **point}, budget)
+        else:
+            point["model.expert_hidden"] = match_expert_hidden({**fixed, **point}, target)
         got = active_params({**fixed, **point})
     except ConfigError as err:  # the study's own settings cannot make this model: prune, saying why
         return point, str(err)
@@ -164,13 +199,14 @@ SPACE = Space(
     description="layerwise vs UniPool-style vs MoUE-style pools over experts per layer (virtual width), "
                 "top-k and depth, iso-active with the matched layerwise MoE",
     defaults={
-        "families": list(FAMILIES),
+        "families": list(FAMILIES[:3]),  # the three architectures; the ablation families on request
         "experts_per_layer": [2, 4, 8],
         "top_k": [],  # empty: the study's model.top_k
         "n_layers": [],  # empty: the study's model.n_layers
         "d_models": [],  # empty: the study's model.d_model; else widths (expert_hidden scaled with d)
         "moue_window": 2,  # rotational window, in experts per layer
         "moue_overlap": 0.5,  # fraction of a window shared with the next layer's
+        "moue_layout": "ring",  # window layout of the moue family: ring (wraps) or clamped
         "match": "active",
         "active_tol": 0.02,
         "router_state_dim": 0,  # trajectory router state size for the moue family; 0: the study's
@@ -178,7 +214,7 @@ SPACE = Space(
     smoke={"experts_per_layer": [2], "router_state_dim": 8, "active_tol": 0.1},
     candidates=_candidates,
     define_fn=_define,
-    choices={"families": FAMILIES, "match": ("active", "none")},
+    choices={"families": FAMILIES, "match": ("active", "router_state", "none"), "moue_layout": ("ring", "clamped")},
     bounds={"experts_per_layer": (1, 1024), "top_k": (1, 1024), "n_layers": (1, 1024), "d_models": (4, 65536),
             "moue_window": (2, 1024), "moue_overlap": (0.0, 0.95), "active_tol": (0.0, 1.0),
             "router_state_dim": (0, 65536)},
