@@ -25,6 +25,7 @@ _EXPORTS = {
     "WindowSchedule": "moue_core.convert",
     "convert_layerwise": "moue_core.convert",
     "layerwise_config": "moue_core.convert",
+    "upcycle_dense": "moue_core.convert",
     "DataConfig": "moue_core.trial_config",
     "TrainConfig": "moue_core.trial_config",
     "TrialConfig": "moue_core.trial_config",

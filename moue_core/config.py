@@ -12,7 +12,7 @@ Per-router defaults. ``z_loss_coef = None`` (the default) means "what this route
 uses" (``Z_LOSS_DEFAULTS``): ``softmax`` 1e-3 (ST-MoE, Zoph et al. 2022), ``trajectory`` 1e-3 (it
 selects like ``softmax``; MoUE publishes no value), ``norm`` 0 (UniPool's NormRouter: its selection
 ignores the scale of the logits, so a z-loss, like weight decay, only shrinks the router weights;
-UniPool's scripts set no z-loss). ``__post_init__`` resolves it, so the field (and ``to_dict``, and
+UniPool's scripts set no z-loss), ``sigmoid`` 0 (DeepSeek-V3 uses none). ``__post_init__`` resolves it, so the field (and ``to_dict``, and
 the logged param) holds the number that is used; ``replace`` resolves a defaulted field again for
 the new router.
 """
@@ -28,14 +28,17 @@ from moue_core.errors import ConfigError
 from moue_core.fields import build, choice, integer, is_int, number
 from moue_core.topology import LAYOUTS, Topology
 
-__all__ = ["ModelConfig", "ROUTERS", "BALANCES", "FFNS", "DISPATCHES", "LAYOUTS", "Z_LOSS_DEFAULTS"]
+__all__ = ["ModelConfig", "ROUTERS", "ROUTINGS", "BIAS_SCOPES", "BALANCES", "FFNS", "DISPATCHES", "LAYOUTS",
+           "Z_LOSS_DEFAULTS"]
 
-ROUTERS = ("softmax", "norm", "trajectory")
+ROUTERS = ("softmax", "norm", "trajectory", "sigmoid")
+ROUTINGS = ("token", "expert", "unified")
+BIAS_SCOPES = ("layer", "pool")
 BALANCES = ("switch", "pool", "exposure", "none")
 FFNS = ("moe", "dense")
 DISPATCHES = ("auto", "grouped_mm", "triton")
 # model.router -> its z-loss coefficient when model.z_loss_coef is unset (module docstring)
-Z_LOSS_DEFAULTS = {"softmax": 1e-3, "trajectory": 1e-3, "norm": 0.0}
+Z_LOSS_DEFAULTS = {"softmax": 1e-3, "trajectory": 1e-3, "norm": 0.0, "sigmoid": 0.0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,8 +77,15 @@ class ModelConfig:
     router_renorm: bool = True  # softmax/trajectory: renormalise gates over the selected k
     router_shared: bool = False  # one router matrix for all layers (Omni-Router)
     router_state_dim: int = 64  # trajectory router: GRU state size d_r
-    expert_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3)
+    routing: Literal["token", "expert", "unified"] = "token"  # who chooses: tokens, experts, or both (USMoE)
+    routing_alpha: float = 0.5  # unified routing: weight of the token-choice score
+    capacity_factor: float = 0.0  # 0: dropless; else expert capacity ceil(c * T * k / w), overflow dropped
+    expert_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3), selection only
     expert_bias_rate: float = 1e-3
+    expert_bias_scope: Literal["layer", "pool"] = "layer"  # one bias per layer slot, or per pool expert
+    # dense layers among MoE layers
+    dense_first: int = 0  # the first layers are dense
+    moe_every: int = 1  # then every n-th layer is an MoE layer
     # balance losses (docs/MODEL.md section 3)
     balance: Literal["switch", "pool", "exposure", "none"] = "switch"
     balance_coef: float = 1e-2
@@ -99,19 +109,24 @@ class ModelConfig:
             integer(f"model.{name}", getattr(self, name), 1)
         for name in ("balance_coef", "z_loss_coef", "expert_bias_rate", "init_std", "norm_eps"):
             number(f"model.{name}", getattr(self, name), 0, finite=False)
+        number("model.capacity_factor", self.capacity_factor, 0)
+        number("model.routing_alpha", self.routing_alpha, 0, 1)
+        integer("model.dense_first", self.dense_first, 0)
+        integer("model.moe_every", self.moe_every, 1)
         if not is_int(self.stride):
             raise ConfigError("model.stride", self.stride, "must be an integer >= 0")
         integer("model.n_shared", self.n_shared, 0)
         if self.rope_theta <= 0:
             raise ConfigError("model.rope_theta", self.rope_theta, "must be > 0")
         for name, allowed in (("ffn", FFNS), ("router", ROUTERS), ("balance", BALANCES), ("dispatch", DISPATCHES),
-                              ("window_layout", LAYOUTS)):
+                              ("window_layout", LAYOUTS), ("routing", ROUTINGS), ("expert_bias_scope", BIAS_SCOPES)):
             choice(f"model.{name}", getattr(self, name), allowed)
+        self._check_options()
         gammas = self.balance_depth_weights
         if not isinstance(gammas, tuple) or (gammas and (
-                len(gammas) != self.n_layers or not all(isinstance(g, (int, float)) and g > 0 for g in gammas))):
+                len(gammas) != self.n_moe_layers or not all(isinstance(g, (int, float)) and g > 0 for g in gammas))):
             raise ConfigError("model.balance_depth_weights", gammas,
-                              f"must be empty or {self.n_layers} positive numbers (one per layer)")
+                              f"must be empty or {self.n_moe_layers} positive numbers (one per MoE layer)")
         if gammas and self.balance != "exposure":
             raise ConfigError("model.balance_depth_weights", gammas, "applies only to balance = 'exposure'")
         if self.d_model % self.n_heads:
@@ -143,9 +158,34 @@ class ModelConfig:
                     raise ConfigError("model.stride", self.stride, f"leaves experts unreachable: {msg}")
                 warnings.warn(f"model.stride ({self.stride}): {msg} (dead weight)", stacklevel=3)
 
+    def _check_options(self) -> None:
+        """The rules of the optional mechanisms (class docstring)."""
+        if self.ffn == "moe" and not self.moe_layers:
+            raise ConfigError("model.dense_first", self.dense_first,
+                              f"leaves no MoE layer among {self.n_layers} (use ffn = 'dense' for a dense model)")
+        if self.routing != "token":
+            if self.router == "norm":
+                raise ConfigError("model.routing", self.routing, "needs a softmax, sigmoid or trajectory router "
+                                  "(NormRouter scores are per token, not comparable across tokens)")
+            if self.expert_bias:
+                raise ConfigError("model.expert_bias", True, f"applies to token choice only (model.routing = "
+                                  f"{self.routing!r} balances by construction)")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the MoE layers (all of them unless ``dense_first`` / ``moe_every`` say otherwise)."""
+        if self.ffn != "moe":
+            return ()
+        return tuple(l for l in range(self.n_layers)
+                     if l >= self.dense_first and (l - self.dense_first) % self.moe_every == 0)
+
+    @property
+    def n_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
     @property
     def topology(self) -> Topology:
-        return Topology(n_layers=self.n_layers, pool_size=self.pool_size, window=self.window,
+        return Topology(n_layers=max(1, self.n_moe_layers), pool_size=self.pool_size, window=self.window,
                         stride=self.stride, group=self.group, layout=self.window_layout)
 
     @property

@@ -13,6 +13,14 @@ either window layout. Everything the target has that the source lacks starts neu
 buffers and the trajectory keys at zero, new shared experts with a zero output projection), so the
 converted state loads with ``strict=True`` and the logits are the source's (``convert_layerwise``).
 
+Dense-to-MoE upcycling (``upcycle_dense``, Komatsuzaki et al. 2023, "Sparse upcycling"): every
+expert starts as a copy of a trained dense model's FFN (plus optional noise), the trunk is copied,
+the router starts fresh. Expert ``p`` copies the FFN of the first MoE layer whose window holds it. On
+a layerwise target (each window holds copies of its own layer's FFN only), with no noise and
+renormalised softmax gates, the upcycled model computes what the dense model computed (the gates of
+identical experts sum to 1); on a shared pool a layer's window also holds other layers' copies, so
+the start is close to the dense model but not equal.
+
 ``LayerwiseMoEModel`` is the source format: an ordinary per-layer MoE written independently of
 ``moue_core.moe`` (per-layer expert tensors, a naive per-expert loop), used both as the conversion
 source and as the reference implementation the tests compare the shared-pool model against.
@@ -31,7 +39,8 @@ from moue_core.errors import ConfigError
 from moue_core.model import Attention, MoUEModel, rope_tables
 from moue_core.moe import SwiGLU
 
-__all__ = ["LayerwiseMoEModel", "WindowSchedule", "convert_layerwise", "layerwise_config", "widen_layerwise"]
+__all__ = ["LayerwiseMoEModel", "WindowSchedule", "convert_layerwise", "layerwise_config", "widen_layerwise",
+           "upcycle_dense"]
 
 
 def layerwise_config(base: ModelConfig, experts_per_layer: int) -> ModelConfig:
@@ -182,11 +191,13 @@ def _check_target(target: ModelConfig, source: ModelConfig, target_window: int, 
         if getattr(target, name) != getattr(source, name):
             raise ConfigError(f"model.{name}", getattr(target, name),
                               f"must equal the layerwise source's ({getattr(source, name)}) to keep its logits")
-    expect = {"ffn": "moe", "pool_size": L * E, "stride": E % (L * E), "group": 1, "window": target_window}
+    expect = {"ffn": "moe", "pool_size": L * E, "stride": E % (L * E), "group": 1, "window": target_window,
+              "dense_first": 0, "moe_every": 1, "routing": "token", "capacity_factor": 0.0}
     for name, value in expect.items():
         if getattr(target, name) != value:
             raise ConfigError(f"model.{name}", getattr(target, name),
-                              f"must be {value!r} for a conversion of the layerwise MoE (P = L*E, s = E, g = 1)")
+                              f"must be {value!r} for a conversion of the layerwise MoE (P = L*E, s = E, g = 1, "
+                          "every layer MoE, token choice, dropless: the logits at w = E must be the source's)")
     if target.router not in _CONVERTIBLE_ROUTERS:
         raise ConfigError("model.router", target.router,
                           "must be softmax or trajectory for a conversion target (NormRouter gates differ from "
@@ -236,7 +247,8 @@ def widen_layerwise(
     router, the trajectory router's keys and the pool-level balancing buffers are per pool expert
     and stay as they are (a shared router's rows are necessarily the owners': ``copy`` only)."""
     L, E = base.n_layers, base.window
-    if base.ffn != "moe" or base.pool_size != L * E or base.stride != E % base.pool_size or base.group != 1:
+    if (base.ffn != "moe" or base.pool_size != L * E or base.stride != E % base.pool_size or base.group != 1
+            or base.n_moe_layers != L):
         raise ConfigError("convert.base", f"P={base.pool_size}, w={E}, s={base.stride}, g={base.group}",
                           "must be a layerwise MoE (P = L*E, w = s = E, g = 1)")
     if not E <= target_window <= L * E:
@@ -253,6 +265,71 @@ def widen_layerwise(
     if "moe.router.bias_LW" in state:
         out["moe.router.bias_LW"] = _widen_bias(state["moe.router.bias_LW"], cfg.topology)
     return cfg, out
+
+
+# the trunk settings an upcycled model keeps from its dense source
+_UPCYCLE_SAME = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "rope_theta", "norm_eps")
+
+
+def upcycle_dense(
+    state: dict[str, torch.Tensor], source: ModelConfig, target: ModelConfig, *, noise: float = 0.0, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A dense ``MoUEModel`` state dict (``ffn = "dense"``) -> a state dict of the MoE ``target``.
+
+    The trunk (embeddings, attention, norms, head) is copied. Pool expert ``p`` is a copy of the
+    dense FFN of its owner, the first MoE layer whose window holds it (layer 0's for an expert no
+    window holds), times ``1 + noise * N(0, 1)`` elementwise (``noise = 0``: exact copies); dense
+    layers of the target (``dense_first`` / ``moe_every``) keep their own FFN. The router, the
+    trajectory router's parameters and the balancing buffers start at the target's
+    initialisation (seed ``seed``), shared experts with a zero output projection (they add
+    nothing at the start). ``target.expert_hidden`` and ``target.dense_hidden`` must equal the
+    source's ``dense_hidden``. Loads into ``MoUEModel(target)`` with ``strict=True``."""
+    if source.ffn != "dense":
+        raise ConfigError("convert.source", source.ffn, "must be a dense model (model.ffn = 'dense') to upcycle")
+    if target.ffn != "moe":
+        raise ConfigError("model.ffn", target.ffn, "must be moe for an upcycling target")
+    for name in _UPCYCLE_SAME:
+        if getattr(target, name) != getattr(source, name):
+            raise ConfigError(f"model.{name}", getattr(target, name),
+                              f"must equal the dense source's ({getattr(source, name)}) to upcycle it")
+    for name in ("expert_hidden", "dense_hidden"):
+        if getattr(target, name) != source.dense_hidden:
+            raise ConfigError(f"model.{name}", getattr(target, name),
+                              f"must equal the dense source's model.dense_hidden ({source.dense_hidden})")
+    if not noise >= 0:
+        raise ConfigError("convert.noise", noise, "must be a number >= 0")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = MoUEModel(target).state_dict()
+        out = {key: value.clone() for key, value in state.items() if ".mlp." not in key}
+        layers, topo = target.moe_layers, target.topology
+        owner_P = [0] * target.pool_size
+        for i in reversed(range(len(layers))):  # the first layer that holds p wins
+            for p in topo.window_ids(i):
+                owner_P[p] = layers[i]
+        w_in, w_out = [], []
+        for p in range(target.pool_size):
+            layer = owner_P[p]
+            w_in.append(state[f"blocks.{layer}.mlp.w_in.weight"].t())  # [D, 2F]
+            w_out.append(state[f"blocks.{layer}.mlp.w_out.weight"].t())  # [F, D]
+        w_in_PDF2, w_out_PFD = torch.stack(w_in), torch.stack(w_out)
+        if noise:
+            w_in_PDF2 = w_in_PDF2 * (1 + noise * torch.randn_like(w_in_PDF2))
+            w_out_PFD = w_out_PFD * (1 + noise * torch.randn_like(w_out_PFD))
+    out["moe.pool.w_in_PDF2"], out["moe.pool.w_out_PFD"] = w_in_PDF2.contiguous(), w_out_PFD.contiguous()
+    moe_layers = set(layers)
+    for layer in range(target.n_layers):
+        if layer not in moe_layers:
+            for name in ("w_in", "w_out"):
+                out[f"blocks.{layer}.mlp.{name}.weight"] = state[f"blocks.{layer}.mlp.{name}.weight"].clone()
+    for key, value in fresh.items():
+        if key not in out:
+            zero = ".shared." in key and key.endswith("w_out.weight")
+            out[key] = torch.zeros_like(value) if zero else value
+    extra = sorted(set(out) - set(fresh))
+    if extra:
+        raise ConfigError("convert.source", extra[0], "has no place in the upcycled model")
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)

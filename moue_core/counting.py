@@ -18,6 +18,10 @@ Conventions (``CONVENTION`` is logged as ``count.convention``; analysis never mi
   and values over a context of ``S`` tokens (Kaplan's ``2 n_layer n_ctx d_attn`` forward, times 3,
   no causal halving) ``+ 6 * D * V`` for the unembedding. ``compute = flops_per_token * tokens``.
 - A GRU layer counted as its matrices and biases, applied once per layer (trajectory router).
+- Dense layers among MoE layers (``dense_first``, ``moe_every``) count their SwiGLU in both totals;
+  the router, the ``k`` experts, shared experts and the topology count MoE layers only.
+- Expert-choice and unified routing (``routing``) give a token ``k`` experts on average (``T * k``
+  pairs per layer), so they count as top-k; a capacity factor is counted dropless (upper bound).
 - Topology (``moue_core.topology``, both window layouts): ``virtual_width = L * w``,
   ``physical_width = P``, ``reuse = V / P``, ``log10_paths = L * log10 C(w, k)`` (the same for
   ``ring`` and ``clamped``: both give every layer ``w`` experts); ``exposure_min`` / ``exposure_max``
@@ -63,7 +67,7 @@ class Counts:
 
 
 def _router_params(cfg: ModelConfig, *, active: bool) -> int:
-    L, P, W, D = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model
+    L, P, W, D = cfg.n_moe_layers, cfg.pool_size, cfg.window, cfg.d_model
     if active:
         n = L * W * D  # the window rows each layer scores
     else:
@@ -73,7 +77,7 @@ def _router_params(cfg: ModelConfig, *, active: bool) -> int:
 
 def _trajectory_params(cfg: ModelConfig, active: bool) -> int:
     """Per-layer projections ``A_l``, one GRU cell (applied at every layer), universal keys ``U``."""
-    L, P, W, D, R = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model, cfg.router_state_dim
+    L, P, W, D, R = cfg.n_moe_layers, cfg.pool_size, cfg.window, cfg.d_model, cfg.router_state_dim
     gru = 2 * (3 * R * R) + 2 * (3 * R)  # weight_ih, weight_hh, bias_ih, bias_hh
     return L * R * D + (L * gru if active else gru) + (L * W * R if active else P * R)
 
@@ -83,6 +87,7 @@ _ROUTER_KIND_PARAMS = {
     "softmax": lambda cfg, active: 0,
     "norm": lambda cfg, active: 1,  # sigma
     "trajectory": _trajectory_params,
+    "sigmoid": lambda cfg, active: 0,
 }
 
 
@@ -98,10 +103,11 @@ def count(cfg: ModelConfig, *, seq_len: int | None = None) -> Counts:
         virtual = physical = exp_min = exp_max = unreachable = 0
         reuse = paths = 0.0
     else:
-        expert = 3 * D * cfg.expert_hidden
-        shared = L * cfg.n_shared * expert
-        total = trunk + cfg.pool_size * expert + shared + _router_params(cfg, active=False)
-        active = trunk + L * cfg.top_k * expert + shared + _router_params(cfg, active=True)
+        expert, L_moe = 3 * D * cfg.expert_hidden, cfg.n_moe_layers
+        shared = L_moe * cfg.n_shared * expert
+        dense = (L - L_moe) * 3 * D * cfg.dense_hidden  # dense layers among the MoE layers
+        total = trunk + dense + cfg.pool_size * expert + shared + _router_params(cfg, active=False)
+        active = trunk + dense + L_moe * cfg.top_k * expert + shared + _router_params(cfg, active=True)
         topo = cfg.topology
         virtual, physical, reuse = topo.virtual_width, topo.physical_width, topo.reuse
         paths = topo.log10_paths(cfg.top_k)

@@ -1,9 +1,9 @@
 """The decoder of the moue family (docs/MODEL.md section 4).
 
 Pre-norm blocks: RMSNorm -> causal multi-head attention with RoPE (``scaled_dot_product_attention``)
--> residual -> RMSNorm -> FFN -> residual. The FFN is a dense SwiGLU (dense baselines) or the routed
-mixture over the model's one shared expert pool (``moue_core.moe.MoE``), plus ``n_s`` always-on
-shared experts private to the layer. Untied input/output embeddings; byte vocabulary by default.
+-> residual -> RMSNorm -> FFN -> residual. The FFN is a dense SwiGLU (dense baselines, and the dense
+layers of ``dense_first`` / ``moe_every``) or the routed mixture over the model's one shared expert
+pool (``moue_core.moe.MoE``), plus ``n_s`` always-on shared experts private to the layer. Untied input/output embeddings; byte vocabulary by default.
 
 Legend: ``B`` batch, ``S`` sequence, ``T = B*S`` tokens, ``D`` width, ``H`` heads, ``V`` vocab.
 """
@@ -51,12 +51,12 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, moe: bool) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        if cfg.ffn == "dense":
+        if not moe:  # a dense model, or a dense layer among MoE layers (dense_first, moe_every)
             self.mlp = SwiGLU(cfg.d_model, cfg.dense_hidden)
         elif cfg.n_shared:
             self.shared = SwiGLU(cfg.d_model, cfg.n_shared * cfg.expert_hidden)
@@ -76,7 +76,8 @@ class MoUEModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        moe_layers = set(cfg.moe_layers)
+        self.blocks = nn.ModuleList(Block(cfg, moe=layer in moe_layers) for layer in range(cfg.n_layers))
         self.moe = MoE(cfg) if cfg.ffn == "moe" else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -95,13 +96,14 @@ class MoUEModel(nn.Module):
         x_BSD = self.embed(idx_BS)
         state = self.moe.router.initial_state(x_BSD.view(B * S, -1)) if self.moe else None
         routes = []
-        for layer, block in enumerate(self.blocks):
+        for block in self.blocks:
             x_BSD = x_BSD + block.attn(block.attn_norm(x_BSD), cos, sin)
             h_BSD = block.ffn_norm(x_BSD)
-            if self.moe is None:
+            if hasattr(block, "mlp"):  # the router's state passes a dense layer unchanged
                 x_BSD = x_BSD + block.mlp(h_BSD)
                 continue
-            y_TD, route, state = self.moe(layer, h_BSD.view(B * S, -1), state)
+            # the router, its windows and the balance losses index MoE layers only
+            y_TD, route, state = self.moe(len(routes), h_BSD.view(B * S, -1), state)
             routes.append(route)
             if self.cfg.n_shared:
                 y_TD = y_TD + block.shared(h_BSD).view(B * S, -1)

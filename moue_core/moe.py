@@ -59,9 +59,11 @@ class ExpertPool(nn.Module):
 
 
 def dispatch(
-    x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor, pool: ExpertPool, *, backend: str = "grouped_mm"
+    x_TD: torch.Tensor, ids_TK: torch.Tensor, gates_TK: torch.Tensor, pool: ExpertPool, *, backend: str = "grouped_mm",
+    keep_TK: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dropless top-k mixture: ``y_t = sum_k gate_tk * expert_(id_tk)(x_t)``.
+    """Top-k mixture: ``y_t = sum_k gate_tk * expert_(id_tk)(x_t)`` over the pairs of ``keep_TK``
+    (all of them when ``None``: dropless; a dropped pair costs nothing and adds nothing).
 
     ``backend``: ``grouped_mm`` (torch grouped matmuls; CPU and GPU) or ``triton`` (the fused
     kernels of ``moue_core.triton_moe``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
@@ -69,10 +71,17 @@ def dispatch(
     T, K = ids_TK.shape
     P = pool.w_in_PDF2.shape[0]
     ids_S = ids_TK.reshape(-1)
-    order_S = ids_S.argsort(stable=True)
-    token_S = order_S // K
+    gates_S = gates_TK.reshape(-1)
+    if keep_TK is None:
+        order_S = ids_S.argsort(stable=True)
+        token_S = order_S // K
+    else:  # only the kept pairs, in the same expert-major order
+        pair_S = keep_TK.reshape(-1).nonzero().squeeze(1)
+        ids_S, gates_S = ids_S.index_select(0, pair_S), gates_S.index_select(0, pair_S)
+        order_S = ids_S.argsort(stable=True)
+        token_S = (pair_S // K).index_select(0, order_S)
     offs_P = ids_S.bincount(minlength=P).cumsum(0).to(torch.int32)
-    gates_S = gates_TK.reshape(-1).index_select(0, order_S)
+    gates_S = gates_S.index_select(0, order_S)
     w_in, w_out, x_in = pool.w_in_PDF2, pool.w_out_PFD, x_TD
     if torch.is_autocast_enabled(x_TD.device.type):
         # autocast does not reach custom autograd functions or Triton: the expert matmuls run in
@@ -118,6 +127,7 @@ class RouterStats:
     lse_L: torch.Tensor  # mean logsumexp of the router logits
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
+    dropped_frac: float = 0.0  # chosen (token, expert) pairs dropped for capacity
 
 
 class MoE(nn.Module):
@@ -150,14 +160,13 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, Route, torch.Tensor | None]:
         route, state_TR = self.router(layer, x_TD, state_TR, self.window)
         backend = select_backend(self.cfg.dispatch, x_TD.device)
-        y_TD = dispatch(x_TD, route.ids_TK, route.gates_TK, self.pool, backend=backend)
+        y_TD = dispatch(x_TD, route.ids_TK, route.gates_TK, self.pool, backend=backend, keep_TK=route.keep_TK)
         return y_TD, route, state_TR
 
     def finish(self, routes: list[Route]) -> tuple[torch.Tensor, RouterStats]:
         cfg, P, w = self.cfg, self.cfg.pool_size, self.window
-        load_Lw = torch.stack([r.slots_TK.reshape(-1).bincount(minlength=w) for r in routes]).float()
-        T_K = routes[0].slots_TK.numel()
-        frac_Lw = load_Lw / T_K
+        load_Lw = torch.stack([r.chosen_slots().bincount(minlength=w) for r in routes]).float()
+        frac_Lw = load_Lw / load_Lw.sum(dim=1, keepdim=True).clamp_min(1)
         prob_Lw = torch.stack([r.balance_Tw.mean(dim=0) for r in routes])
         ids_Lw = torch.stack([r.window_ids_w for r in routes])
         lse_LT = [torch.logsumexp(r.logits_Tw.float(), dim=-1) for r in routes]
@@ -184,5 +193,6 @@ class MoE(nn.Module):
                 load_LP=load_LP, load_Lw=load_Lw, entropy_L=entropy_L,
                 lse_L=torch.stack([lse.mean() for lse in lse_LT]).detach(),
                 balance_loss=bal.detach(), z_loss=zl.detach(),
+                dropped_frac=sum(r.n_dropped() for r in routes) / max(1.0, float(load_Lw.sum())),
             )
         return bal + zl, stats

@@ -15,6 +15,8 @@ window never influence selection), picks the top-k, and returns pool ids and gat
 - ``trajectory``: the MoUE-style universal router. A per-token state carried down the depth,
   ``r_l = GRUCell(A_l x_l, r_(l-1))``, ``r_0 = 0``, one GRU for all layers, per-layer ``A_l``;
   logits ``z_l = W_l x_l + U[C_l] r_l`` with universal expert keys ``U: [P, R]``. Gates as softmax.
+- ``sigmoid``: DeepSeek-V3's scores ``s = sigmoid(z)``; gates are the selected scores normalised
+  over the k (``router_renorm``), the balance losses use ``s`` normalised per token (V3's ``s'``).
 - ``router_shared``: one pool-wide matrix ``[P, D]`` for all layers (Omni-Router); otherwise
   per-layer matrices ``[L, W, D]`` indexed by window slot (row ``j`` scores the expert of slot ``j``,
   ``Topology.window_ids``: ``(o_l + j) mod P`` on the ring).
@@ -37,13 +39,30 @@ the experts in the input's dtype.
 Initialisation: every router matrix, the trajectory router's projections, keys and GRU weights are
 ``N(0, init_std^2)``; the GRU biases start at zero (not PyTorch's ``U(-1/sqrt(R), 1/sqrt(R))``).
 
-Expert-bias balancing (aux-loss-free, DeepSeek-V3): a buffer ``bias_LW`` added to the selection
-scores only; ``update_bias`` moves it after each optimizer step, outside the forward pass.
+Expert-bias balancing (aux-loss-free, DeepSeek-V3): a buffer added to the selection scores only
+(the gates are the unbiased scores); ``update_bias`` moves it after each optimizer step, outside the
+forward pass. ``expert_bias_scope = "layer"``: ``bias_LW``, one per layer and window slot, each
+layer balanced on its own; ``"pool"``: ``bias_P``, one per pool expert and read by every layer that
+reaches it, moved by the expert's load per reaching layer against the mean over reachable experts
+(a shared pool balanced as a whole, the aux-loss-free analogue of UniPool's pool loss).
+
+Who chooses (``model.routing``, ``moue_core.config``): ``token`` picks each token's top k as above.
+``expert`` and ``unified`` score every (token, slot) pair of the window and choose pairs instead
+(expert choice: each slot its ``C`` best tokens; unified, USMoE: the ``T * k`` best pairs by a mix
+of the token-wise and token-axis softmax); their routes list all ``w`` slots per token with a
+``chosen_TK`` mask, and the gates are the router's scores of the chosen pairs (not renormalised: a
+token may get 0 to ``w`` experts).
+
+Capacity (``capacity_factor > 0``, token choice): ``keep_TK`` marks the chosen pairs within their
+expert's capacity ``ceil(c * T * k / w)``; top-1 choices claim room first, then token order
+(GShard); the rest are dropped (``moue_core.moe`` skips them; the loads count them, so the balance
+losses still see what the router wanted).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +104,19 @@ class Route:
     balance_Tw: torch.Tensor  # the scores the balance losses use (differentiable; module docstring)
     logits_Tw: torch.Tensor  # router logits over the window, fp32 (z-loss, statistics)
     window_ids_w: torch.Tensor  # pool ids of the window, in slot order
+    chosen_TK: torch.Tensor | None = None  # pairs the router chose (None: all; expert / unified routing)
+    keep_TK: torch.Tensor | None = None  # chosen pairs that are computed (None: all chosen; capacity)
+
+    def chosen_slots(self) -> torch.Tensor:
+        """The window slots of the chosen pairs, flattened (what the loads count)."""
+        return self.slots_TK.reshape(-1) if self.chosen_TK is None else self.slots_TK[self.chosen_TK]
+
+    def n_dropped(self) -> int:
+        """Chosen pairs dropped for capacity."""
+        if self.keep_TK is None or self.keep_TK is self.chosen_TK:
+            return 0
+        chosen = self.keep_TK.numel() if self.chosen_TK is None else int(self.chosen_TK.sum())
+        return chosen - int(self.keep_TK.sum())
 
 
 class RouterKind:
@@ -92,12 +124,11 @@ class RouterKind:
 
     Every kind starts from ``z = W_l x`` over the window; a kind may own parameters (``build``),
     carry a per-token state down the depth (``initial_state``, ``logits``), and turn the window's
-    ``softmax(z)`` into its own selection scores (``scores``). ``renorm``: whether
-    ``router_renorm`` applies to its gates; ``balance_on_scores``: whether the balance losses use
-    its scores (else ``softmax(z)``)."""
+    ``softmax(z)`` into its own selection scores (``scores``) and the scores its balance losses
+    pair with the load (``balance``; ``softmax(z)`` by default). ``renorm``: whether
+    ``router_renorm`` applies to its gates."""
 
     renorm = True
-    balance_on_scores = False
 
     def build(self, router: Router, cfg: ModelConfig) -> None:
         pass
@@ -115,9 +146,22 @@ class RouterKind:
     def scores(self, router: Router, logits_Tw: torch.Tensor, probs_Tw: torch.Tensor) -> torch.Tensor:
         return probs_Tw
 
+    def balance(self, probs_Tw: torch.Tensor, scores_Tw: torch.Tensor) -> torch.Tensor:
+        return probs_Tw
+
 
 class _Softmax(RouterKind):
     """Gates are the selected ``softmax(z)`` probabilities."""
+
+
+class _Sigmoid(RouterKind):
+    """DeepSeek-V3: ``sigmoid(z)`` scores; balance on the scores normalised per token."""
+
+    def scores(self, router: Router, logits_Tw: torch.Tensor, probs_Tw: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits_Tw)
+
+    def balance(self, probs_Tw: torch.Tensor, scores_Tw: torch.Tensor) -> torch.Tensor:
+        return scores_Tw / scores_Tw.sum(dim=-1, keepdim=True)
 
 
 class _Norm(RouterKind):
@@ -126,7 +170,6 @@ class _Norm(RouterKind):
     active window (``norm_c`` for the full one), so a window that widens keeps its scores near 1."""
 
     renorm = False
-    balance_on_scores = True
 
     def build(self, router: Router, cfg: ModelConfig) -> None:
         router.sigma = nn.Parameter(torch.ones(()))
@@ -138,12 +181,15 @@ class _Norm(RouterKind):
         unit_Tw = logits_Tw / (logits_Tw.norm(dim=-1, keepdim=True) + 1e-6)
         return router.sigma * c * torch.relu(unit_Tw)
 
+    def balance(self, probs_Tw: torch.Tensor, scores_Tw: torch.Tensor) -> torch.Tensor:
+        return scores_Tw
+
 
 class _Trajectory(RouterKind):
     """The MoUE-style universal router: a GRU state over depth and universal expert keys."""
 
     def build(self, router: Router, cfg: ModelConfig) -> None:
-        L, P, D, R = cfg.n_layers, cfg.pool_size, cfg.d_model, cfg.router_state_dim
+        L, P, D, R = cfg.n_moe_layers, cfg.pool_size, cfg.d_model, cfg.router_state_dim
         router.proj_LRD = nn.Parameter(torch.empty(L, R, D))
         router.gru = nn.GRUCell(R, R)
         router.keys_PR = nn.Parameter(torch.empty(P, R))
@@ -162,7 +208,42 @@ class _Trajectory(RouterKind):
         return logits_Tw + state_TR @ router.keys_PR[window_ids_w].t(), state_TR
 
 
-KINDS: dict[str, RouterKind] = {"softmax": _Softmax(), "norm": _Norm(), "trajectory": _Trajectory()}
+KINDS: dict[str, RouterKind] = {"softmax": _Softmax(), "norm": _Norm(), "trajectory": _Trajectory(),
+                                "sigmoid": _Sigmoid()}
+
+
+def capacity(tokens: int, top_k: int, window: int, factor: float) -> int:
+    """Slots one expert of a layer may take: ``ceil(factor * T * k / w)``, at most ``T``."""
+    return min(tokens, math.ceil(factor * tokens * top_k / window))
+
+
+def within_capacity(slots_TK: torch.Tensor, window: int, cap: int) -> torch.Tensor:
+    """``[T, K]`` mask of the pairs within their slot's capacity ``cap``: top-1 choices first, then
+    the second choices, each in token order (GShard's priority)."""
+    T, K = slots_TK.shape
+    flat_S = slots_TK.t().reshape(-1)  # k-major
+    order_S = flat_S.argsort(stable=True)
+    counts_w = flat_S.bincount(minlength=window)
+    starts_w = counts_w.cumsum(0) - counts_w
+    rank_S = torch.empty_like(flat_S)
+    rank_S[order_S] = torch.arange(flat_S.numel(), device=flat_S.device) - starts_w[flat_S[order_S]]
+    return (rank_S < cap).view(K, T).t()
+
+
+def choose_pairs(scores_Tw: torch.Tensor, logits_Tw: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """``[T, w]`` mask of the (token, slot) pairs expert or unified routing chooses (no gradient)."""
+    T, w = scores_Tw.shape
+    with torch.no_grad():
+        if cfg.routing == "expert":  # each slot its C best tokens (Zhou et al. 2022)
+            cap = capacity(T, cfg.top_k, w, cfg.capacity_factor or 1.0)
+            rows_Cw = scores_Tw.topk(cap, dim=0, sorted=False).indices
+            return torch.zeros_like(scores_Tw, dtype=torch.bool).scatter_(0, rows_Cw, True)
+        # unified (USMoE): the T*k best pairs by alpha * token-choice + (1 - alpha) * expert-choice score;
+        # the token-axis softmax is scaled by T / w so both terms have the same column mass
+        a = cfg.routing_alpha
+        unified_Tw = a * scores_Tw + (1 - a) * (T / w) * logits_Tw.softmax(dim=0)
+        best = unified_Tw.reshape(-1).topk(min(T * cfg.top_k, T * w), sorted=False).indices
+        return torch.zeros(T * w, dtype=torch.bool, device=scores_Tw.device).scatter_(0, best, True).view(T, w)
 
 
 class Router(nn.Module):
@@ -172,7 +253,7 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.kind = KINDS[cfg.router]
-        L, P, W, D = cfg.n_layers, cfg.pool_size, cfg.window, cfg.d_model
+        L, P, W, D = cfg.n_moe_layers, cfg.pool_size, cfg.window, cfg.d_model
         topo = cfg.topology
         # window_ids_LW[l, j]: the expert of slot j (Topology.window_ids); a window w < W is its first w columns
         self.register_buffer(
@@ -185,7 +266,9 @@ class Router(nn.Module):
         else:
             self.weight_LWD = nn.Parameter(torch.empty(L, W, D))
         self.kind.build(self, cfg)
-        if cfg.expert_bias:
+        if cfg.expert_bias and cfg.expert_bias_scope == "pool":
+            self.register_buffer("bias_P", torch.zeros(P))
+        elif cfg.expert_bias:
             self.register_buffer("bias_LW", torch.zeros(L, W))
         self.reset_parameters()
 
@@ -214,23 +297,33 @@ class Router(nn.Module):
                                                    window_ids_w)
             probs_Tw = logits_Tw.softmax(dim=-1)
             scores_Tw = self.kind.scores(self, logits_Tw, probs_Tw)
-            select_Tw = scores_Tw.detach()
-            if cfg.expert_bias:
-                select_Tw = select_Tw + self.bias_LW[layer, :window]
-            slots_TK = select_Tw.topk(cfg.top_k, dim=-1, sorted=False).indices
-            gates_TK = scores_Tw.gather(1, slots_TK)
-            if self.kind.renorm and cfg.router_renorm:
-                gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
-        route = Route(
-            ids_TK=window_ids_w[slots_TK],
-            slots_TK=slots_TK,
-            gates_TK=gates_TK.to(x_TD.dtype),
-            probs_Tw=probs_Tw,
-            balance_Tw=scores_Tw if self.kind.balance_on_scores else probs_Tw,
-            logits_Tw=logits_Tw,
-            window_ids_w=window_ids_w,
-        )
+            route = self._choose(logits_Tw, probs_Tw, scores_Tw, window_ids_w, layer)
+        route.gates_TK = route.gates_TK.to(x_TD.dtype)
         return route, state_TR
+
+    def _choose(self, logits_Tw, probs_Tw, scores_Tw, window_ids_w, layer: int) -> Route:
+        """The route of one layer from its fp32 scores (module docstring: who chooses, capacity)."""
+        cfg = self.cfg
+        T, w = scores_Tw.shape
+        common = dict(probs_Tw=probs_Tw, balance_Tw=self.kind.balance(probs_Tw, scores_Tw), logits_Tw=logits_Tw,
+                      window_ids_w=window_ids_w)
+        if cfg.routing != "token":
+            slots_TK = torch.arange(w, device=scores_Tw.device).expand(T, w)
+            chosen_TK = choose_pairs(scores_Tw.detach(), logits_Tw.detach(), cfg)
+            return Route(ids_TK=window_ids_w[slots_TK], slots_TK=slots_TK, gates_TK=scores_Tw * chosen_TK,
+                         chosen_TK=chosen_TK, keep_TK=chosen_TK, **common)
+        select_Tw = scores_Tw.detach()
+        if cfg.expert_bias:
+            bias_w = self.bias_P[window_ids_w] if cfg.expert_bias_scope == "pool" else self.bias_LW[layer, :w]
+            select_Tw = select_Tw + bias_w
+        slots_TK = select_Tw.topk(cfg.top_k, dim=-1, sorted=False).indices
+        gates_TK = scores_Tw.gather(1, slots_TK)
+        if self.kind.renorm and cfg.router_renorm:
+            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+        keep_TK = None
+        if cfg.capacity_factor:
+            keep_TK = within_capacity(slots_TK, w, capacity(T, cfg.top_k, w, cfg.capacity_factor))
+        return Route(ids_TK=window_ids_w[slots_TK], slots_TK=slots_TK, gates_TK=gates_TK, keep_TK=keep_TK, **common)
 
     @torch.no_grad()
     def update_bias(self, load_Lw: torch.Tensor) -> None:
@@ -242,6 +335,15 @@ class Router(nn.Module):
         if not self.cfg.expert_bias:
             return
         w = load_Lw.shape[1]
+        if self.cfg.expert_bias_scope == "pool":  # per pool expert: its load per reaching layer
+            ids = self.window_ids_LW[:, :w].reshape(-1)
+            load_P = self.bias_P.new_zeros(self.bias_P.shape).index_add_(0, ids, load_Lw.reshape(-1).to(self.bias_P.dtype))
+            reach_P = self.bias_P.new_zeros(self.bias_P.shape).index_add_(0, ids, torch.ones_like(ids, dtype=self.bias_P.dtype))
+            seen = reach_P > 0
+            per_reach_P = torch.where(seen, load_P / reach_P.clamp_min(1), 0.0)
+            delta = torch.where(seen, torch.sign(per_reach_P[seen].mean() - per_reach_P), 0.0)
+            self.bias_P += self.cfg.expert_bias_rate * delta
+            return
         load_Lw = load_Lw.to(self.bias_LW.dtype)
         delta = torch.sign(load_Lw.mean(dim=1, keepdim=True) - load_Lw)
         self.bias_LW[:, :w] += self.cfg.expert_bias_rate * delta

@@ -25,7 +25,7 @@ from pathlib import Path
 __all__ = [
     "SCHEMA_VERSION", "KIND", "KIND_STUDY", "KIND_TRIAL", "SCHEMA", "STATUS", "STOP_REASON", "TRIAL_ID", "SEED",
     "SWEEP_ID", "PARENT_RUN", "STATUSES", "DONE", "VAL_LOSS", "TRAIN_LOSS", "FINAL_VAL_LOSS", "FINAL_TOKENS",
-    "TRACKED", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
+    "TRACKED", "LAYER_METRICS", "is_tracked", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
 ]
 
 SCHEMA_VERSION = 1
@@ -56,7 +56,15 @@ TRAIN_LOSS = "train/loss"
 FINAL_VAL_LOSS = "final/val_loss"
 FINAL_TOKENS = "final/tokens"
 TRACKED = (TRAIN_LOSS, VAL_LOSS, "lr", "grad_norm", "tokens_per_s", "balance/loss", "balance/load_cv",
-           "balance/dead_frac", "router/entropy", "router/z", "trial/restored_from", "trial/corrupt_checkpoints")
+           "balance/dead_frac", "balance/maxvio", "balance/dropped_frac", "router/entropy", "router/z",
+           "trial/restored_from", "trial/corrupt_checkpoints")
+# per-MoE-layer curves: <prefix>layer_<l> (moue_core.train, the load metrics of a mark interval)
+LAYER_METRICS = ("balance/maxvio/", "balance/load_entropy/")
+
+
+def is_tracked(name: str) -> bool:
+    """Whether metric ``name`` is a learning curve logged at every mark (``TRACKED`` or per layer)."""
+    return name in TRACKED or name.startswith(LAYER_METRICS)
 CURVE_METRICS = (TRAIN_LOSS, VAL_LOSS)
 
 # where things are by default

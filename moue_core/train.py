@@ -293,16 +293,21 @@ class _Run:
             model.moe.router.update_bias(out.stats.load_Lw)
         self.step += 1
         self.timers["train"] += time.perf_counter() - t0
-        self.window_sums.add(loss_v, gn_v, out.stats, tc.batch_tokens, self.visible_experts())
+        self.window_sums.add(loss_v, gn_v, out.stats, tc.batch_tokens, self.reach())
         return None
 
-    def visible_experts(self) -> torch.Tensor | None:
-        """The experts some layer's active window reaches now (fewer while a window widens)."""
+    def reach(self) -> torch.Tensor | None:
+        """``[L_moe, P]``: which experts each MoE layer's active window holds now (fewer while a
+        window widens); an expert is visible when some layer reaches it."""
         if self.model.moe is None:
             return None
         w = self.model.moe.window
         if w not in self.visible:
-            self.visible[w] = torch.tensor(self.cfg.model.topology.exposure_at(w), device=self.device) > 0
+            topo, P = self.cfg.model.topology, self.cfg.model.pool_size
+            mask = torch.zeros(topo.n_layers, P, dtype=torch.bool)
+            for layer in range(topo.n_layers):
+                mask[layer, list(topo.window_ids(layer)[:w])] = True
+            self.visible[w] = mask.to(self.device)
         return self.visible[w]
 
 
@@ -313,26 +318,37 @@ class _Window:
     expert processed in the interval, summed over layers (coefficient of variation; fraction of
     visible experts that processed none). Visible: in some layer's active window at some step of
     the interval, so an expert a widening window has not reached yet is not counted as dead.
+
+    Load metrics per MoE layer ``l`` (its index among the MoE layers) over the interval, from the
+    tokens routed to each expert of its window (chosen pairs, before any capacity drop):
+
+    - ``balance/maxvio/layer_l``: ``max_j load_j / mean_j load_j - 1`` (MaxVio, Wang et al. 2024,
+      "Auxiliary-loss-free load balancing"; 0 is perfectly balanced);
+    - ``balance/load_entropy/layer_l``: ``-sum_j p_j ln p_j / ln w``, ``p_j = load_j / sum load``
+      (1 is uniform over the window, 0 is one expert);
+    - ``balance/maxvio``: pool-wide MaxVio of each visible expert's load per layer that reached it
+      (so an expert two layers share is not "overloaded" for carrying two layers' tokens);
+    - ``balance/dropped_frac``: the mean fraction of chosen pairs dropped for capacity.
     """
 
     def __init__(self) -> None:
         self.n = 0
         self.tokens = 0
         self.sums: dict[str, float] = {}
-        self.visible_P: torch.Tensor | None = None
-        self.load_P: torch.Tensor | None = None
+        self.reach_LP: torch.Tensor | None = None  # steps each layer's window held each expert
+        self.load_LP: torch.Tensor | None = None
 
-    def add(self, loss: float, grad_norm: float, stats, tokens: int, visible_P: torch.Tensor | None = None) -> None:
+    def add(self, loss: float, grad_norm: float, stats, tokens: int, reach_LP: torch.Tensor | None = None) -> None:
         self.n += 1
         self.tokens += tokens
         vals = {"train/loss": loss, "grad_norm": grad_norm}
         if stats is not None:
-            load_P = stats.load_LP.sum(dim=0)
-            self.load_P = load_P if self.load_P is None else self.load_P + load_P
-            seen_P = torch.ones_like(load_P, dtype=torch.bool) if visible_P is None else visible_P.to(load_P.device)
-            self.visible_P = seen_P if self.visible_P is None else self.visible_P | seen_P
+            load_LP = stats.load_LP
+            held_LP = (torch.ones_like(load_LP) if reach_LP is None else reach_LP.to(load_LP.device, load_LP.dtype))
+            self.load_LP = load_LP if self.load_LP is None else self.load_LP + load_LP
+            self.reach_LP = held_LP if self.reach_LP is None else self.reach_LP + held_LP
             vals.update({"balance/loss": float(stats.balance_loss), "router/entropy": float(stats.entropy_L.mean()),
-                         "router/z": float(stats.lse_L.mean())})
+                         "router/z": float(stats.lse_L.mean()), "balance/dropped_frac": float(stats.dropped_frac)})
         for k, v in vals.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
@@ -340,8 +356,30 @@ class _Window:
         if not self.n:
             return {}
         out = {k: v / self.n for k, v in self.sums.items()}
-        if self.load_P is not None:
-            load = self.load_P[self.visible_P].float()
-            out["balance/load_cv"] = float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
-            out["balance/dead_frac"] = float((load == 0).float().mean())
+        if self.load_LP is not None:
+            out.update(_load_metrics(self.load_LP.float(), self.reach_LP.float()))
         return out
+
+
+def _maxvio(load: torch.Tensor) -> float:
+    return float(load.max() / load.mean().clamp_min(1e-9) - 1)
+
+
+def _load_metrics(load_LP: torch.Tensor, reach_LP: torch.Tensor) -> dict[str, float]:
+    """The pool and per-layer load metrics of ``_Window`` (its docstring)."""
+    visible_P = reach_LP.sum(0) > 0
+    load_P = load_LP.sum(0)[visible_P]
+    out = {"balance/load_cv": float(load_P.std(unbiased=False) / load_P.mean().clamp_min(1e-9)),
+           "balance/dead_frac": float((load_P == 0).float().mean())}
+    # per reaching layer: an expert's load over the interval / the layer-steps its windows held it,
+    # against the same for the others
+    per_reach_P = load_LP.sum(0)[visible_P] / reach_LP.sum(0)[visible_P]
+    out["balance/maxvio"] = _maxvio(per_reach_P)
+    for layer in range(load_LP.shape[0]):
+        held = reach_LP[layer] > 0
+        load = load_LP[layer][held]
+        p = load / load.sum().clamp_min(1e-9)
+        ent = -(p * p.clamp_min(1e-30).log()).sum() / math.log(held.sum()) if held.sum() > 1 else p.new_ones(())
+        out[f"balance/maxvio/layer_{layer}"] = _maxvio(load)
+        out[f"balance/load_entropy/layer_{layer}"] = float(ent)
+    return out

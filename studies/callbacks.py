@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ray import tune
 
-from moue_core.tracking_contract import TRACKED, VAL_LOSS
+from moue_core.tracking_contract import VAL_LOSS, is_tracked
 from studies.spec import Study
 from studies.trainable import TIME_ATTR
 from studies.plan import trial_params
@@ -124,7 +124,7 @@ class MlflowCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._attach(trial)
-        metrics = {k: result[k] for k in TRACKED if k in result}
+        metrics = {k: v for k, v in result.items() if is_tracked(k)}
         if result.get("status") == "diverged":
             metrics.pop(VAL_LOSS, None)  # the searchers' inf, not a measured loss
         if metrics:

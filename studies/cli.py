@@ -437,13 +437,25 @@ def convert_cmd(
 
     Example: moue convert layerwise.pt -o moue.pt --window 16
     """
+    blob = _load_checkpoint(checkpoint, output)
+    import torch
+
+    from moue_core import ModelConfig, convert_layerwise
+
+    source = ModelConfig.from_dict(blob["config"])
+    cfg, state = convert_layerwise(blob["model"], source, target_window=window, router_init=router_init)
+    torch.save({"config": cfg.to_dict(), "model": state, "start_window": source.window}, output)
+    typer.echo(f"wrote {output}: pool {cfg.pool_size}, window {source.window} -> {cfg.window}, "
+               f"stride {cfg.stride}")
+
+
+def _load_checkpoint(checkpoint: Path, output: Path) -> dict:
+    """``{'config', 'model'}`` of a user's checkpoint (``weights_only=True``); user errors exit 2."""
     if not checkpoint.is_file():
         fail(f"checkpoint ({str(checkpoint)!r}) must be an existing file")
     if output.exists():
         fail(f"--output ({str(output)!r}) already exists; choose a new path")
     import torch
-
-    from moue_core import ModelConfig, convert_layerwise
 
     try:
         blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -451,11 +463,45 @@ def convert_cmd(
         fail(f"checkpoint ({str(checkpoint)!r}) is not a readable torch checkpoint: {exc}".splitlines()[0])
     if not isinstance(blob, dict) or "config" not in blob or "model" not in blob:
         fail(f"checkpoint ({str(checkpoint)!r}) must hold the keys 'config' and 'model'")
+    return blob
+
+
+@app.command("upcycle")
+@user_errors
+def upcycle_cmd(
+    checkpoint: Path = typer.Argument(..., help="Dense model checkpoint (.pt) with 'config' and 'model'."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the upcycled checkpoint."),
+    sets: list[str] = typer.Option([], "--set", help="Target model field, e.g. --set pool_size=16 (repeatable)."),
+    noise: float = typer.Option(0.0, "--noise", help="Relative noise on the expert copies (0: exact copies)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the router initialisation and the noise."),
+) -> None:
+    """Upcycle a dense model into an MoE: every expert starts as a copy of the dense FFN.
+
+    The target is the source's config with ffn = moe, expert_hidden = the source's dense_hidden,
+    and the --set fields (pool_size, window, stride, router, ...). Loaded with weights_only=True.
+
+    Example: moue upcycle dense.pt -o moe.pt --set pool_size=16 --set window=4 --set stride=4 --noise 0.01
+    """
+    blob = _load_checkpoint(checkpoint, output)
+    import torch
+
+    from moue_core import ModelConfig, upcycle_dense
+
     source = ModelConfig.from_dict(blob["config"])
-    cfg, state = convert_layerwise(blob["model"], source, target_window=window, router_init=router_init)
-    torch.save({"config": cfg.to_dict(), "model": state, "start_window": source.window}, output)
-    typer.echo(f"wrote {output}: pool {cfg.pool_size}, window {source.window} -> {cfg.window}, "
-               f"stride {cfg.stride}")
+    changes: dict = {"ffn": "moe", "expert_hidden": source.dense_hidden}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            fail(f"--set ({item!r}) must be FIELD=VALUE, e.g. pool_size=16")
+        try:
+            changes[key.removeprefix("model.")] = json.loads(raw)
+        except json.JSONDecodeError:
+            changes[key.removeprefix("model.")] = raw
+    target = ModelConfig.from_dict({**source.to_dict(), **changes, "z_loss_coef": changes.get("z_loss_coef")})
+    state = upcycle_dense(blob["model"], source, target, noise=noise, seed=seed)
+    torch.save({"config": target.to_dict(), "model": state}, output)
+    typer.echo(f"wrote {output}: {target.pool_size} experts (window {target.window}, stride {target.stride}) "
+               f"from the dense FFN, noise {noise}")
 
 
 from analysis.cli import register as _register_analysis  # noqa: E402 - cheap: analysis imports lazily

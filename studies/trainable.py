@@ -14,7 +14,7 @@ from typing import Any
 
 from ray import tune
 
-from moue_core.tracking_contract import FINAL_TOKENS, FINAL_VAL_LOSS, TRACKED, VAL_LOSS
+from moue_core.tracking_contract import FINAL_TOKENS, FINAL_VAL_LOSS, VAL_LOSS, is_tracked
 from studies.checkpoints import load_checkpoint, write_checkpoint
 from studies.spec import Study
 from studies.workspace import Workspace, sweep_name
@@ -57,7 +57,7 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_check
 def _replayed(recorded: dict[str, Any]) -> dict[str, Any]:
     """A done trial's last report, rebuilt from its MLflow record."""
     metrics = recorded["metrics"]
-    out = {k: v for k, v in metrics.items() if k in TRACKED or k.startswith("final/") or k.startswith("time/")}
+    out = {k: v for k, v in metrics.items() if is_tracked(k) or k.startswith("final/") or k.startswith("time/")}
     out.update(status=recorded["status"], stop_reason=recorded["stop_reason"], replayed=True)
     out[TIME_ATTR] = int(metrics.get(FINAL_TOKENS, 0))
     val = metrics.get(FINAL_VAL_LOSS, metrics.get(VAL_LOSS))

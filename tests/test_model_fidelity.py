@@ -54,16 +54,23 @@ def ref_routes(router: Router, xs: list[torch.Tensor], window: int) -> list[dict
             h = x.new_zeros(x.shape[0], cfg.router_state_dim) if h is None else h
             h = ref_gru(x @ router.proj_LRD[l].T, h, router.gru)  # the state carried from layer l-1
             z = z + h @ router.keys_PR[ids].T  # universal keys: by pool id
+        balance = None
         if cfg.router == "norm":
             score = router.sigma * norm_constant(window, cfg.top_k) * torch.relu(z / (z.norm(dim=-1, keepdim=True) + 1e-6))
+        elif cfg.router == "sigmoid":  # DeepSeek-V3: sigmoid scores, balance on them normalised per token
+            score = torch.sigmoid(z)
+            balance = score / score.sum(dim=-1, keepdim=True)
         else:
             score = torch.softmax(z, dim=-1)
-        select = score.detach() + (router.bias_LW[l, :window] if cfg.expert_bias else 0.0)
+        bias = 0.0
+        if cfg.expert_bias:  # per layer slot, or per pool expert (read through the window's ids)
+            bias = router.bias_P[ids] if cfg.expert_bias_scope == "pool" else router.bias_LW[l, :window]
+        select = score.detach() + bias
         slots = select.argsort(dim=-1, descending=True)[:, :cfg.top_k].sort(dim=-1).values
         gates = score.gather(1, slots)  # unbiased scores: the bias only selects
         if cfg.router != "norm" and cfg.router_renorm:
             gates = gates / gates.sum(dim=-1, keepdim=True)
-        out.append(dict(ids=ids, slots=slots, gates=gates, balance=score, logits=z))
+        out.append(dict(ids=ids, slots=slots, gates=gates, balance=score if balance is None else balance, logits=z))
     return out
 
 
@@ -145,7 +152,15 @@ ROUTERS = {
     "trajectory": dict(router="trajectory", router_state_dim=8),
     "trajectory-shared": dict(router="trajectory", router_state_dim=8, router_shared=True),
     "softmax-shared-bias": dict(router="softmax", router_shared=True, expert_bias=True),
+    "sigmoid": dict(router="sigmoid"),
+    "sigmoid-bias": dict(router="sigmoid", expert_bias=True),
+    "sigmoid-pool-bias": dict(router="sigmoid", expert_bias=True, expert_bias_scope="pool"),
 }
+
+
+def _randomise_bias(router: Router) -> None:
+    with torch.no_grad():
+        (router.bias_P if router.cfg.expert_bias_scope == "pool" else router.bias_LW).uniform_(-0.05, 0.05)
 
 
 def _model(**changes) -> MoUEModel:
@@ -154,8 +169,7 @@ def _model(**changes) -> MoUEModel:
     torch.manual_seed(0)
     model = MoUEModel(BASE.replace(**changes))
     if model.cfg.expert_bias:
-        with torch.no_grad():
-            model.moe.router.bias_LW.uniform_(-0.05, 0.05)
+        _randomise_bias(model.moe.router)
     return model
 
 
@@ -164,8 +178,7 @@ def _router(**changes) -> Router:
     torch.manual_seed(0)
     router = Router(BASE.replace(**changes)).double()
     if router.cfg.expert_bias:
-        with torch.no_grad():
-            router.bias_LW.uniform_(-0.05, 0.05)
+        _randomise_bias(router)
     return router
 
 
