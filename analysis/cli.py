@@ -1,4 +1,4 @@
-"""The analysis commands of ``moue``: ``report``, ``fit``, ``check`` and ``bench-fit``.
+"""The analysis commands of ``moue``: ``report``, ``fit``, ``isoflop``, ``check`` and ``bench-fit``.
 
 ``studies/cli.py`` owns the ``moue`` app and calls :func:`register`. Importing this module is cheap
 (typer only); numpy, polars, scipy, plotly and mlflow load inside the commands. Unusable input
@@ -181,15 +181,7 @@ def fit_cmd(
 
     try:
         spec = get_law(law)
-        frame = _read_table(file)
-        if where:
-            import polars as pl
-
-            try:
-                frame = frame.filter(pl.sql_expr(where))
-            except Exception as e:  # polars raises several error types for a bad predicate
-                raise AnalysisError("--where", where, f"is not a valid SQL predicate "
-                                    f"({type(e).__name__})") from None
+        frame = _filtered(_read_table(file), where)
         frame, variables = _apply_sets(frame, set_, spec)
         holdout = None if no_holdout else Holdout(
             column=holdout_column, min_value=_parse_float("--holdout-min", holdout_min))
@@ -206,6 +198,78 @@ def fit_cmd(
         typer.echo(json.dumps(d, allow_nan=False))
         return
     _print_fit(result)
+
+
+def isoflop_cmd(
+    file: Annotated[Path, typer.Argument(help="Table: .csv, .csv.gz or .parquet.")],
+    loss: Annotated[str, typer.Option("--loss", help="Loss column.")],
+    set_: Annotated[list[str], typer.Option("--set", help="N=COLUMN and C=COLUMN (parameters, FLOPs), "
+                                            "optionally D=COLUMN (tokens; default C / 6N); SQL "
+                                            "expressions allowed.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    where: Annotated[str | None, typer.Option("--where", help="Keep rows matching this SQL "
+                                              "predicate, e.g. \"loss < 3\".")] = None,
+    tol_dex: Annotated[float, typer.Option("--tol-dex", help="Runs within this many decades of C "
+                                           "form one budget.")] = 0.1,
+    min_points: Annotated[int, typer.Option("--min-points", help="Runs a budget needs.")] = 5,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples (within budgets).")] = 1000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """IsoFLOP profiles (Hoffmann et al.'s Approach 2): a parabola in ln N per compute budget, its
+    minima, and N_opt ~ C^a, D_opt ~ C^b with 95% bootstrap intervals and a verdict.
+
+    Example (Epoch's Chinchilla data): moue isoflop tests/data/chinchilla_epoch2024.csv --loss loss
+    --set N="Model Size" --set C="Training FLOP" --json
+    """
+    from types import SimpleNamespace
+
+    from analysis.errors import AnalysisError
+    from analysis.isoflop import isoflop
+
+    try:
+        frame = _filtered(_read_table(file), where)
+        names = ("N", "C", "D") if any(s.strip().startswith("D=") for s in set_) else ("N", "C")
+        frame, cols = _apply_sets(frame, set_, SimpleNamespace(name="isoflop", variables=names))
+        if loss not in frame.columns:
+            raise AnalysisError("--loss", loss, "must be a column: " + ", ".join(frame.columns))
+        get = {k: frame[v].cast(float).to_numpy() for k, v in cols.items()}
+        result = isoflop(frame[loss].cast(float).to_numpy(), get["N"], get["C"], get.get("D"), tol_dex=tol_dex,
+                         min_points=min_points, bootstrap=bootstrap, seed=seed)
+    except AnalysisError as e:
+        raise _fail(e) from None
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), allow_nan=False, default=float))
+        return
+    _print_isoflop(result)
+
+
+def _print_isoflop(r) -> None:
+    typer.echo(f"IsoFLOP (Approach 2): {sum(b.used for b in r.budgets)} of {len(r.budgets)} budgets used; "
+               f"{r.n_bootstrap} bootstrap resamples within budgets, 95% intervals")
+    typer.echo(f"  N_opt ~ C^a: a = {r.a:.3f} [{r.a_ci[0]:.3f}, {r.a_ci[1]:.3f}]")
+    typer.echo(f"  D_opt ~ C^b: b = {r.b:.3f} [{r.b_ci[0]:.3f}, {r.b_ci[1]:.3f}]")
+    for b in r.budgets:
+        flags = f"  ({', '.join(b.flags)})" if b.flags else ""
+        typer.echo(f"  C = {b.compute:.3g}: {b.n_points} runs, N {b.n_range[0]:.3g}..{b.n_range[1]:.3g}, "
+                   f"N_opt {b.n_opt:.3g}, D_opt {b.d_opt:.3g}, loss {b.loss_opt:.4g}{flags}")
+    if r.identified:
+        typer.echo("verdict: identified")
+    else:
+        typer.echo("verdict: NOT identified: " + "; ".join(r.reasons))
+
+
+def _filtered(frame, where: str | None):
+    """``frame`` with ``--where`` applied (a polars SQL predicate)."""
+    if not where:
+        return frame
+    import polars as pl
+
+    from analysis.errors import AnalysisError
+
+    try:
+        return frame.filter(pl.sql_expr(where))
+    except Exception as e:  # polars raises several error types for a bad predicate
+        raise AnalysisError("--where", where, f"is not a valid SQL predicate ({type(e).__name__})") from None
 
 
 def _print_fit(r) -> None:
@@ -388,6 +452,7 @@ def register(app: typer.Typer, bench: typer.Typer | None = None) -> None:
     app.command("report")(report_cmd)
     app.command("fit")(fit_cmd)
     app.command("check")(check_cmd)
+    app.command("isoflop")(isoflop_cmd)
     if bench is not None:
         bench.command("fit")(bench_fit_cmd)
     else:
