@@ -59,6 +59,9 @@ def report_cmd(
                             ] = True,
     png: Annotated[Path | None, typer.Option("--png", help="Also write PNGs here (needs the "
                                              "'png' extra: kaleido + Chromium).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (headline, and per law: "
+                                          "identified, reasons, params, ci, exponents, holdout); "
+                                          "the other lines go to stderr.")] = False,
 ) -> None:
     """Fit the study's scaling laws and write one self-contained HTML report.
 
@@ -78,13 +81,26 @@ def report_cmd(
                            log_artifact=log_artifact, png_dir=png)
     except AnalysisError as e:
         raise _fail(e) from None
-    typer.echo(f"wrote {res.path} ({len(res.fits)} laws fitted, {len(res.figures)} figures); {res.runs_line()}")
+    err = as_json  # with --json, stdout holds the JSON object only
+    typer.echo(f"wrote {res.path} ({len(res.fits)} laws fitted, {len(res.figures)} figures); {res.runs_line()}",
+               err=err)
     for name, why in res.skipped.items():
-        typer.echo(f"skipped {name}: {why}")
+        typer.echo(f"skipped {name}: {why}", err=err)
     for note in res.notes:
-        typer.echo(f"note: {note}")
+        typer.echo(f"note: {note}", err=err)
     if res.logged_to:
-        typer.echo(f"logged as an artifact of {', '.join(res.logged_to)}")
+        typer.echo(f"logged as an artifact of {', '.join(res.logged_to)}", err=err)
+    if as_json:
+        from analysis.report import summary_json
+
+        typer.echo(json.dumps(summary_json(res), allow_nan=False, default=_json_float))
+        return
+    for name, r in res.fits.items():
+        typer.echo(f"{name}: {r.verdict.line()}")
+
+
+def _json_float(x):
+    return float(x)
 
 
 def _parse_float(name: str, raw: str | None) -> float | None:
@@ -295,6 +311,7 @@ def _print_fit(r) -> None:
         console.print(f"hold-out ({h.n_test} points with {h.column} >= {h.min_value:.3g}, fit on "
                       f"{h.n_train}): RMSE {h.rmse:.4f}, max |err| {h.max_abs_error:.4f}, "
                       f"MAPE {h.mape:.2f}%, extrapolation x{h.extrapolation_ratio:.2f}")
+    console.print(f"verdict: {r.verdict.line()}", style=None if r.verdict.identified else "dim")
 
 
 def check_cmd(
@@ -312,8 +329,11 @@ def check_cmd(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples when writing a "
                                            "baseline (checks reuse the baseline's).")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed when writing a baseline.")] = 0,
+    force_unidentified: Annotated[bool, typer.Option("--force-unidentified", help="Gate exponents the "
+                                                     "runs do not identify (refused by default).")] = False,
 ) -> None:
-    """Gate fitted exponents against a baseline: exit 0 pass, 1 regression, 2 unusable input.
+    """Gate fitted exponents against a baseline: exit 0 pass, 1 regression, 2 unusable input
+    (including an exponent the runs do not identify: see --force-unidentified).
 
     Example: moue check virtual_width --baseline baselines/virtual_width.json
     """
@@ -336,11 +356,20 @@ def check_cmd(
         else:
             laws = list(law) if law else list(base.fits)
             fits, notes = _refit_for_check(runs.frame, base, laws, flt)
+            for name in laws:  # an exponent the data do not identify is not gated (analysis.verdict)
+                why = fits[name].verdict.exponent_reasons
+                if why and not force_unidentified:
+                    raise AnalysisError(f"law {name}", experiment, "is not identified by these runs, so its "
+                                        "exponents cannot be gated: " + "; ".join(why))
             results = [compare(base.fits[name], fits[name], level=level) for name in laws]
     except AnalysisError as e:
         raise _fail(e) from None
     if write_baseline:
         _print_notes(fitted.notes)
+        for name, r in fitted.fits.items():
+            if r.verdict.exponent_reasons:
+                typer.echo(f"warning: {name} is not identified (`moue check` will refuse to gate it): "
+                           + "; ".join(r.verdict.exponent_reasons), err=True)
         path = write(baseline, experiment=experiment, fits=fitted.fits)
         typer.echo(f"wrote baseline {path} ({', '.join(fitted.fits)}; {runs.frame.height} runs)")
         for name, why in fitted.skipped.items():

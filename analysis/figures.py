@@ -105,6 +105,7 @@ class ParamRow:
     lo: float | None
     hi: float | None
     kind: str  # "parameter" or "derived"
+    identified: bool = True  # the law's verdict (unidentified rows are shown greyed, apart)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -295,14 +296,16 @@ def parallel_data(frame, *, loss: str, max_dims: int = 10) -> ParallelData:
 
 def param_rows(fits: Mapping[str, FitResult]) -> list[ParamRow]:
     rows = []
-    for name, r in fits.items():
+    for name, r in sorted(fits.items(), key=lambda item: not item[1].verdict.identified):
+        ok = r.verdict.identified
         for k, v in r.params.items():
             lo, hi = r.ci.get(k, (None, None))
             rows.append(ParamRow(law=name, parameter=k, estimate=v, lo=lo, hi=hi,
-                                 kind="parameter"))
+                                 kind="parameter", identified=ok))
         for k, v in r.derived.items():
             lo, hi = r.derived_ci.get(k, (None, None))
-            rows.append(ParamRow(law=name, parameter=k, estimate=v, lo=lo, hi=hi, kind="derived"))
+            rows.append(ParamRow(law=name, parameter=k, estimate=v, lo=lo, hi=hi, kind="derived",
+                                 identified=ok))
     return rows
 
 

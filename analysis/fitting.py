@@ -100,11 +100,13 @@ class Holdout:
 
     ``column=None`` means the compute axis of the fit (the ``C`` variable, else ``final/flops``,
     else ``6 N D``). ``min_value=None`` means the largest-compute group: rows within ``0.1`` dex
-    (a factor 1.26) of the largest compute.
+    (a factor 1.26) of the largest compute, extended down the axis until it holds at least
+    ``min_count`` rows (ties at the threshold included); the result says how many it held out.
     """
 
     column: str | None = None
     min_value: float | None = None
+    min_count: int = 3
 
 
 # ----------------------------------------------------------------------------- stage 1: prepare
@@ -292,12 +294,17 @@ class BootstrapSamples:
 
     natural: np.ndarray
     n_unconverged: int = 0  # resamples whose refit hit the iteration limit
+    n_on_bound: int = 0  # resamples whose refit ended with a parameter on a bound
 
     @property
     def notes(self) -> tuple[str, ...]:
-        if not self.n_unconverged:
-            return ()
-        return (f"{self.n_unconverged} bootstrap resamples hit the iteration limit",)
+        notes = []
+        if self.n_unconverged:
+            notes.append(f"{self.n_unconverged} bootstrap resamples hit the iteration limit")
+        if self.n_on_bound:
+            notes.append(f"{self.n_on_bound} of {self.natural.shape[0]} bootstrap resamples ended with a "
+                         "parameter on a bound")
+        return tuple(notes)
 
 
 def resample_weights(cluster_index: np.ndarray, n_clusters: int, n_bootstrap: int,
@@ -349,8 +356,10 @@ def fit_bootstrap(problem: Problem, point: PointFit, *, n_bootstrap: int,
     f = out.f.reshape(n_bootstrap, K)
     best = np.argmin(np.where(np.isfinite(f), f, np.inf), axis=1)
     pick = np.arange(n_bootstrap) * K + best
-    return BootstrapSamples(natural=law.to_natural(out.x[pick]),
-                            n_unconverged=int(np.sum(out.status[pick] == "max_iter")))
+    theta = out.x[pick]
+    return BootstrapSamples(natural=law.to_natural(theta),
+                            n_unconverged=int(np.sum(out.status[pick] == "max_iter")),
+                            n_on_bound=int(sum(bool(_on_bound(law, t)) for t in theta)))
 
 
 # ----------------------------------------------------------------------------- stage 4: hold-out
@@ -380,6 +389,8 @@ def fit_holdout(problem: Problem, spec: Holdout = Holdout(), *, frame=None) -> H
     threshold = spec.min_value
     if threshold is None:
         threshold = float(np.max(axis)) / 10**0.1
+        if (axis >= threshold).sum() < spec.min_count and axis.size > spec.min_count:
+            threshold = float(np.sort(axis)[::-1][spec.min_count - 1])  # the min_count largest (and ties)
     test = axis >= threshold
     n_train = int((~test).sum())
     if test.sum() == 0 or n_train < law.n_params + 2:
@@ -471,6 +482,7 @@ def assemble(problem: Problem, point: PointFit, samples: BootstrapSamples,
         on_bound=point.on_bound,
         n_bootstrap_unconverged=samples.n_unconverged,
         warnings=notes,
+        n_bootstrap_on_bound=samples.n_on_bound,
     )
     return FitResult(
         law=law.name, loss=problem.loss, variables=problem.variables, delta=problem.delta,
@@ -485,7 +497,8 @@ def assemble(problem: Problem, point: PointFit, samples: BootstrapSamples,
             n_points=int(pts.loss.shape[0]), n_clusters=len(pts.clusters),
             cluster_column=pts.cluster_column, clusters=pts.clusters, filter=filter_desc,
             corpus_fingerprint=pts.corpus_fingerprint,
-            counting_convention=pts.counting_convention, source=source),
+            counting_convention=pts.counting_convention, source=source,
+            levels={k: int(np.unique(v).size) for k, v in pts.data.items()}),
     )
 
 

@@ -121,8 +121,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def params_table(rows: Sequence[ParamRow], level: float) -> str:
-    return table(["law", "quantity", "kind", "estimate", f"{level:.0%} low", f"{level:.0%} high"],
-                  [(r.law, r.parameter, r.kind, r.estimate, r.lo, r.hi) for r in rows])
+    """The fitted quantities; rows of unidentified laws greyed (class ``unidentified``) and last."""
+    heads = ["law", "quantity", "kind", "estimate", f"{level:.0%} low", f"{level:.0%} high"]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in heads)
+    body = "".join(
+        ("<tr>" if r.identified else '<tr class="unidentified">')
+        + "".join(f"<td>{_fmt(c)}</td>" for c in (r.law + ("" if r.identified else " (not identified)"),
+                                                  r.parameter, r.kind, r.estimate, r.lo, r.hi)) + "</tr>"
+        for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def models_table(rows: Sequence[ModelRow]) -> str:
@@ -135,7 +142,8 @@ def models_table(rows: Sequence[ModelRow]) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:8px 0 24px}td,th{border:1px solid #ccc;padding:3px 8px;
 font-size:13px;text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}
-.figure{margin:16px 0 32px}.note{color:#555;font-size:13px}code{font-size:12px}"""
+.figure{margin:16px 0 32px}.note{color:#555;font-size:13px}code{font-size:12px}
+tr.unidentified td{color:#999;background:#fafafa}.summary{font-size:15px;max-width:900px}"""
 
 
 def page(*, title: str, sections: Sequence[tuple[str, str]], figures: Mapping[str, object],

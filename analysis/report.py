@@ -9,6 +9,7 @@ the report with the reason instead of failing the whole report. The report is lo
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from analysis.nested import NestedTest, likelihood_ratio_test
 from analysis.result import FitResult
 
 __all__ = ["DEFAULT_REPORT_LAWS", "MAX_BUDGET_FILTER", "LawFits", "ReportResult", "fit_laws",
-           "law_frame", "write_report"]
+           "law_frame", "write_report", "headline", "summary_json"]
 
 DEFAULT_REPORT_LAWS = ("compute", "chinchilla", "vw_additive", "vw_multiplicative",
                        "vw_interaction")
@@ -40,11 +41,51 @@ class ReportResult:
     logged_to: tuple[str, ...]
     n_runs: int = 0  # trial runs the fits used
     excluded: dict[str, int] = field(default_factory=dict)  # runs left out, by reason (diverged, failed, ...)
+    headline: str | None = None  # the law the report leads with (``headline``), None when none is identified
 
     def runs_line(self) -> str:
         """The runs the report used and those it left out, as its HTML says."""
         parts = ", ".join(f"{v} {k}" for k, v in sorted(self.excluded.items()))
         return f"runs: {self.n_runs} used" + (f"; excluded: {parts}" if parts else "")
+
+
+def headline(fits: dict[str, FitResult], preferred: Sequence[str] = ()) -> str | None:
+    """The law to lead with: the first of ``preferred`` (the study's own) that is identified, else
+    the identified law with the smallest hold-out MAPE, else ``None`` (no law is a result)."""
+    for name in preferred:
+        if name in fits and fits[name].verdict.identified:
+            return name
+    good = [(r.holdout.mape, n) for n, r in fits.items() if r.verdict.identified and r.holdout is not None]
+    return min(good)[1] if good else None
+
+
+def summary_json(res: ReportResult) -> dict:
+    """``moue report --json``: the headline and, per law, its verdict, estimates, 95% intervals,
+    exponents and hold-out (``params`` are fitted on all rows; the hold-out's own fit is on the
+    training rows only)."""
+    laws = {}
+    for name, r in res.fits.items():
+        v, h = r.verdict, r.holdout
+        laws[name] = {
+            "identified": v.identified, "reasons": list(v.reasons), "params": dict(r.params),
+            "ci": {k: list(b) for k, b in r.ci.items()}, "exponents": list(r.law_spec.exponents),
+            "derived": dict(r.derived), "derived_ci": {k: list(b) for k, b in r.derived_ci.items()},
+            "holdout": None if h is None else {"rmse": h.rmse, "mape": h.mape, "n": h.n_test,
+                                               "n_train": h.n_train, "params_train_only": dict(h.params)},
+        }
+    return _finite({"headline": res.headline, "laws": laws, "skipped": dict(res.skipped), "runs": res.n_runs,
+                    "report": str(res.path)})
+
+
+def _finite(x):
+    """JSON-safe: NaN as None, infinities as "inf" / "-inf" (as ``FitResult.to_dict`` writes them)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
 
 
 MAX_BUDGET_FILTER = ", largest token budget"  # appended to a fit's filter when law_frame kept only those
@@ -162,7 +203,9 @@ def write_report(
     figs = _figures(frame, fitted.fits, loss)
     prov = _provenance_rows(runs, experiment=experiment, tracking_uri=tracking_uri, flt=flt,
                             loss=loss, delta=delta, n_bootstrap=n_bootstrap, seed=seed)
+    lead = headline(fitted.fits, laws)
     sections = _sections(fitted, tests, notes, prov, have_v="loss_vs_virtual_width" in figs)
+    sections.insert(0, ("Summary", _summary_html(fitted, tests, lead, n_runs=frame.height)))
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(R.page(title=f"moue report: {experiment}", sections=sections, figures=figs),
@@ -172,7 +215,31 @@ def write_report(
     logged = _log_report(out, runs.parents, tracking_uri) if log_artifact else ()
     return ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
                         figures=tuple(figs), notes=notes + tuple(extra_notes),
-                        logged_to=logged, n_runs=frame.height, excluded=dict(runs.excluded))
+                        logged_to=logged, n_runs=frame.height, excluded=dict(runs.excluded), headline=lead)
+
+
+def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | None, *, n_runs: int) -> str:
+    """The plain-language paragraph at the top, and every law's verdict."""
+    fits = fitted.fits
+    if lead is None:
+        text = (f"{n_runs} runs. <b>No law is identified</b> by these runs, so none of the fitted values "
+                "below is a result (each law's reasons are listed).")
+    else:
+        r = fits[lead]
+        exps = ", ".join(f"{k} = {r.params[k]:.3g} [{r.ci[k][0]:.3g}, {r.ci[k][1]:.3g}]"
+                         for k in r.law_spec.exponents if k in r.ci)
+        h = r.holdout
+        text = (f"{n_runs} runs. Headline law: <b>{html.escape(lead)}</b> ({html.escape(r.law_spec.formula)}): "
+                f"{html.escape(exps)} (95% bootstrap intervals); hold-out MAPE {h.mape:.2f}% on {h.n_test} "
+                "largest-compute runs.")
+    v_tests = [t for t in tests.values() if t.law in fits and fits[t.law].verdict.identified]
+    for t in v_tests:
+        text += (f" Virtual width ({html.escape(t.law)} vs {html.escape(t.nested)}): likelihood-ratio "
+                 f"{t.lr_stat:.2f} (df {t.df}), p = {t.p_value:.3g}.")
+    rows = "".join(
+        f"<li{'' if r.verdict.identified else ' class=note'}><b>{html.escape(n)}</b>: "
+        f"{html.escape(r.verdict.line())}</li>" for n, r in fits.items())
+    return f"<p class=summary>{text}</p><ul>{rows}</ul>"
 
 
 def _figures(frame, fits: dict[str, FitResult], loss: str) -> dict[str, object]:

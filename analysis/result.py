@@ -4,8 +4,9 @@ bootstrap samples, diagnostics, hold-out, provenance) and its JSON form.
 The JSON form (schema ``RESULT_SCHEMA``) is the dataclasses' own fields, written and read back
 generically from their type annotations: nested dataclasses become objects, tuples and arrays
 lists, and the non-finite floats JSON lacks are written as ``null`` (NaN) and ``"inf"``/``"-inf"``.
-Three things are added for readers of the file and ignored when it is read back: ``schema``, the
-law's ``formula`` and the bootstrap ``sd`` of every parameter; the bootstrap samples sit under
+Five things are added for readers of the file and ignored when it is read back: ``schema``, the
+law's ``formula``, the bootstrap ``sd`` of every parameter and the verdict (``identified``,
+``reasons``; ``analysis.verdict``); the bootstrap samples sit under
 ``bootstrap`` (``params``, ``derived``, ``derived_names``).
 """
 
@@ -65,6 +66,7 @@ class Diagnostics:
     on_bound: tuple[str, ...]  # natural names of parameters sitting on a bound
     n_bootstrap_unconverged: int = 0
     warnings: tuple[str, ...] = ()
+    n_bootstrap_on_bound: int = 0  # resamples whose refit ended with a parameter on a bound
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +81,7 @@ class Provenance:
     corpus_fingerprint: str | None = None
     counting_convention: str | None = None
     source: str = ""
+    levels: Mapping[str, int] = field(default_factory=dict)  # distinct values of each law variable
 
 
 def _ro(mapping: Mapping) -> Mapping:
@@ -128,6 +131,13 @@ class FitResult:
         return get_law(self.law)
 
     @property
+    def verdict(self):
+        """Identified, or not with reasons (``analysis.verdict``)."""
+        from analysis.verdict import verdict
+
+        return verdict(self)
+
+    @property
     def notes(self) -> tuple[str, ...]:
         """The fit's notes (``diagnostics.warnings``) as the command line prints them."""
         return tuple(f"fit {self.law}: {note}" for note in self.diagnostics.warnings)
@@ -158,6 +168,8 @@ class FitResult:
                 out["formula"] = self.law_spec.formula
             elif key == "ci":
                 out["sd"] = _to_json(sd)
+        v = self.verdict
+        out["identified"], out["reasons"] = v.identified, list(v.reasons)
         out["bootstrap"] = samples
         return out
 

@@ -249,13 +249,7 @@ def run_cmd(
                        parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0)
     typer.echo("")
     typer.echo(res.runs_line())
-    for name, fit in res.fits.items():
-        params = ", ".join(f"{k} = {v:.4g} [{fit.ci[k][0]:.3g}, {fit.ci[k][1]:.3g}]" for k, v in fit.params.items())
-        typer.echo(f"{name}: {params}")
-        if fit.holdout is not None:
-            h = fit.holdout
-            typer.echo(f"  hold-out ({h.n_test} largest-compute runs): RMSE {h.rmse:.4f}, max |err| "
-                       f"{h.max_abs_error:.4f}, MAPE {h.mape:.2f}%")
+    _print_laws(res.fits)
     for test in res.tests.values():
         typer.echo(f"{test.law} vs {test.nested}: LR {test.lr_stat:.2f} (df {test.df}), p = {test.p_value:.3g}; "
                    f"AIC {test.aic:.1f} vs {test.aic_nested:.1f}")
@@ -265,6 +259,28 @@ def run_cmd(
         typer.echo(f"note: {note}")
     typer.echo(f"\nreport: {res.path}")
     typer.echo(f"browse the runs: moue ui --workspace {workspace}   (MLflow UI on http://127.0.0.1:5000)")
+
+
+def _print_laws(fits) -> None:
+    """Identified laws first, as results; the others apart, with their reasons, never as a result."""
+    def show(name, fit, prefix=""):
+        params = ", ".join(f"{k} = {v:.4g} [{fit.ci[k][0]:.3g}, {fit.ci[k][1]:.3g}]" if k in fit.ci else
+                           f"{k} = {v:.4g}" for k, v in fit.params.items())
+        typer.echo(f"{prefix}{name}: {params}  (95% bootstrap intervals)")
+        if fit.holdout is not None:
+            h = fit.holdout
+            typer.echo(f"{prefix}  hold-out ({h.n_test} largest-compute runs, fit on {h.n_train}): RMSE "
+                       f"{h.rmse:.4f}, max |err| {h.max_abs_error:.4f}, MAPE {h.mape:.2f}%")
+
+    good = {n: f for n, f in fits.items() if f.verdict.identified}
+    for name, fit in good.items():
+        show(name, fit)
+    if not good:
+        typer.echo("no law is identified by these runs: none is a result (reasons below)")
+    for name, fit in fits.items():
+        if name not in good:
+            typer.echo(f"not identified, not a result: {name}: " + "; ".join(fit.verdict.reasons))
+            show(name, fit, prefix="    ")
 
 
 @app.command("sweep")
