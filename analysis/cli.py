@@ -171,7 +171,8 @@ def fit_cmd(
                                           )] = False,
     where: Annotated[str | None, typer.Option("--where", help="Keep rows matching this SQL "
                                               "predicate, e.g. \"loss < 3\".")] = None,
-    delta: Annotated[float, typer.Option("--delta", help="Huber delta (log-loss units).")] = 1e-3,
+    delta: Annotated[float | None, typer.Option("--delta", help="Huber delta in the law's residual units "
+                                                "(default: the law's own; docs/FITTING.md).")] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples (0: none).")] = 1000,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     cluster: Annotated[str | None, typer.Option("--cluster", help="Column whose rows resample "

@@ -135,7 +135,7 @@ class Problem:
 
 
 def prepare(frame, *, law: Law | str, loss: str = DEFAULT_LOSS,
-            variables: Mapping[str, str] | None = None, delta: float = 1e-3,
+            variables: Mapping[str, str] | None = None, delta: float | None = None,
             weights: str | None = None, cluster: str | None = None,
             options: FitOptions = FitOptions()) -> Problem:
     """Stage 1 of :func:`fit`: validate ``frame`` (a polars DataFrame or a mapping of columns)
@@ -146,6 +146,7 @@ def prepare(frame, *, law: Law | str, loss: str = DEFAULT_LOSS,
     (default ``run_id`` when present, else each row).
     """
     spec = get_law(law) if isinstance(law, str) else law
+    delta = spec.delta if delta is None else delta  # the law's own, in its residual's units
     if not delta > 0:
         raise AnalysisError("delta", delta, "must be > 0")
     variables = dict(variables) if variables is not None else {
@@ -511,7 +512,7 @@ def fit(
     law: str,
     loss: str = DEFAULT_LOSS,
     variables: Mapping[str, str] | None = None,
-    delta: float = 1e-3,
+    delta: float | None = None,
     weights: str | None = None,
     cluster: str | None = None,
     n_bootstrap: int = 1000,
@@ -536,6 +537,7 @@ def fit(
     The fit's notes are in ``diagnostics.warnings`` (nothing is warned).
     """
     spec = get_law(law)
+    delta = spec.delta if delta is None else delta  # the law's own, in its residual's units
     if not delta > 0:
         raise AnalysisError("delta", delta, "must be > 0")
     if n_bootstrap < 0:

@@ -124,7 +124,7 @@ class LawFits:
 
 
 def fit_laws(frame, *, laws: Sequence[str], loss: str = DEFAULT_LOSS, n_bootstrap: int = 1000,
-             seed: int = 0, delta: float = 1e-3, filter_desc: str = "", source: str = "",
+             seed: int = 0, delta: float | None = None, filter_desc: str = "", source: str = "",
              ) -> LawFits:
     """Fit each law with the default moue columns; unusable laws are returned with the reason."""
     fits, skipped, notes = {}, {}, []
@@ -159,7 +159,7 @@ def _nested_tests(frame, fits: dict[str, FitResult], loss: str, delta: float,
         frame, _ = law_frame(full, name)  # the nested law shares the rows of the law it tests
         small = fits.get(nspec.name)
         if small is None or small.delta != r.delta:
-            small = fit(frame, law=nspec.name, loss=loss, delta=delta, n_bootstrap=0,
+            small = fit(frame, law=nspec.name, loss=loss, delta=r.delta, n_bootstrap=0,
                         holdout=None, variables=nspec.select(r.variables))
             notes.extend(small.notes)
         tests[name] = likelihood_ratio_test(frame, law=name, fits=(r, small))
@@ -176,7 +176,7 @@ def write_report(
     loss: str = DEFAULT_LOSS,
     n_bootstrap: int = 1000,
     seed: int = 0,
-    delta: float = 1e-3,
+    delta: float | None = None,
     log_artifact: bool = True,
     png_dir: str | Path | None = None,
 ) -> ReportResult:
@@ -277,7 +277,7 @@ def _provenance_rows(runs, *, experiment: str, tracking_uri: str, flt: str, loss
         ("runs fitted", frame.height),
         ("runs excluded", ", ".join(f"{v} {k}" for k, v in sorted(runs.excluded.items()))
          or "none"),
-        ("filter", flt), ("loss column", loss), ("Huber delta", delta),
+        ("filter", flt), ("loss column", loss), ("Huber delta", "each law's own (see the fitted laws)" if delta is None else delta),
         ("bootstrap", f"{n_bootstrap} resamples by run, seed {seed}"),
         ("generated", datetime.now(UTC).isoformat(timespec="seconds")),
     ]

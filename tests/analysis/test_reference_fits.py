@@ -113,3 +113,25 @@ def test_clark_routing_per_router():
         assert r.params["b"] == pytest.approx(b, abs=0.03), router
         assert r.params["c"] == pytest.approx(c, abs=0.01), router
         assert r.params["E_max"] > r.params["E_start"]
+
+
+def test_clark_huber_delta_is_in_the_units_of_its_residual():
+    """The clark law's residuals are log10 L with a typical sd of 0.003: a delta of 1e-3 there acts
+    like least absolute deviations, and its default (1e-2) fits typical points by least squares.
+    On RL-R, held out by the largest dense size, the default extrapolates better than 1e-3."""
+    from analysis.fitting import Holdout
+    from analysis.laws import get_law
+    from conftest import DATA
+
+    assert get_law("clark").delta == 1e-2 and get_law("chinchilla").delta == 1e-3
+    df = pl.read_csv(DATA / "clark2022_routing.csv.gz")
+    last = df.filter(pl.col("step") == pl.col("step").max().over("hyper_id"))
+    sel = last.filter((pl.col("routing_frequency") == 0.5) & (pl.col("k") == 1) & (pl.col("seed") == 42))
+    data = pl.concat([sel.filter(pl.col("router_type") == "Dense"), sel.filter(pl.col("router_type") == "RL-R")])
+    n_max = data["dense_parameter_count"].max()
+    common = dict(law="clark", loss="loss_validation", cluster="hyper_id", n_bootstrap=0,
+                  variables={"N": "dense_parameter_count", "E": "num_experts"},
+                  holdout=Holdout(column="dense_parameter_count", min_value=n_max))
+    default, small = fit(data, **common), fit(data, **common, delta=1e-3)
+    assert default.delta == 1e-2 and small.delta == 1e-3
+    assert default.holdout.rmse < 0.9 * small.holdout.rmse
