@@ -38,7 +38,7 @@ from moue_core.tracking_contract import (CONFIG_PARAM, CURVE_METRICS, FINAL_VAL_
 if TYPE_CHECKING:
     import polars as pl
 
-__all__ = ["SCHEMA_VERSION", "LoadedRuns", "ParentRun", "default_tracking_uri", "load_runs"]
+__all__ = ["SCHEMA_VERSION", "LoadedRuns", "ParentRun", "default_tracking_uri", "load_runs", "with_cooldown_points"]
 
 _PARENT_TAGS = PARENT_TAGS
 _INT = re.compile(r"^[+-]?\d+$")
@@ -295,6 +295,33 @@ def load_runs(
                       for p in parents),
         curves=curve_frame,
     )
+
+
+_COOLDOWN = re.compile(r"^final/cooldown/(\d+)/val_loss$")
+
+
+def with_cooldown_points(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` plus one row per cooldown branch of a run (``train.cooldown_at``): a copy of the
+    run's row whose ``final/val_loss``, ``final/tokens`` and ``final/flops`` are the branch's, so
+    each branch is its own (N, D) point. ``point`` says which (``final``, or ``cooldown@<t>`` for the
+    branch forked at ``t`` tokens); ``run_id`` stays the run's, so a bootstrap by run resamples a
+    run with its branches. A branch that diverged (NaN loss) is left out. The ``final/cooldown/*``
+    columns are dropped."""
+    import polars as pl
+
+    at = sorted({int(m.group(1)) for c in frame.columns if (m := _COOLDOWN.match(c))})
+    base = frame.drop([c for c in frame.columns if c.startswith("final/cooldown/")])
+    parts = [base.with_columns(pl.lit("final").alias("point"))]
+    for t in at:
+        key = f"final/cooldown/{t}"
+        rows = frame.filter(pl.col(f"{key}/val_loss").is_not_null() & pl.col(f"{key}/val_loss").is_not_nan())
+        if rows.height == 0:
+            continue
+        branch = rows.with_columns(pl.col(f"{key}/val_loss").alias(FINAL_VAL_LOSS),
+                                   pl.col(f"{key}/tokens").cast(pl.Float64).alias("final/tokens"),
+                                   pl.col(f"{key}/flops").cast(pl.Float64).alias("final/flops"))
+        parts.append(branch.select(base.columns).with_columns(pl.lit(f"cooldown@{t}").alias("point")))
+    return pl.concat(parts, how="vertical_relaxed")
 
 
 def _load_curves(client, run_ids: list[str], keys: tuple[str, ...]) -> pl.DataFrame:

@@ -25,7 +25,7 @@ from pathlib import Path
 __all__ = [
     "SCHEMA_VERSION", "KIND", "KIND_STUDY", "KIND_TRIAL", "SCHEMA", "STATUS", "STOP_REASON", "TRIAL_ID", "SEED",
     "SWEEP_ID", "PARENT_RUN", "STATUSES", "DONE", "VAL_LOSS", "TRAIN_LOSS", "FINAL_VAL_LOSS", "FINAL_TOKENS",
-    "TRACKED", "LAYER_METRICS", "is_tracked", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
+    "TRACKED", "LAYER_METRICS", "COOLDOWN", "is_tracked", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
 ]
 
 SCHEMA_VERSION = 1
@@ -60,11 +60,14 @@ TRACKED = (TRAIN_LOSS, VAL_LOSS, "lr", "grad_norm", "tokens_per_s", "balance/los
            "trial/restored_from", "trial/corrupt_checkpoints")
 # per-MoE-layer curves: <prefix>layer_<l> (moue_core.train, the load metrics of a mark interval)
 LAYER_METRICS = ("balance/maxvio/", "balance/load_entropy/")
+# cooldown branches (train.cooldown_at): cooldown/<t>/{val_loss,tokens,flops,branch_tokens} at the mark
+# after the branch ran, and every branch again as final/cooldown/<t>/* with the final metrics
+COOLDOWN = "cooldown/"
 
 
 def is_tracked(name: str) -> bool:
-    """Whether metric ``name`` is a learning curve logged at every mark (``TRACKED`` or per layer)."""
-    return name in TRACKED or name.startswith(LAYER_METRICS)
+    """Whether metric ``name`` is logged at a mark (``TRACKED``, per layer, or a cooldown branch)."""
+    return name in TRACKED or name.startswith(LAYER_METRICS) or name.startswith(COOLDOWN)
 CURVE_METRICS = (TRAIN_LOSS, VAL_LOSS)
 
 # where things are by default

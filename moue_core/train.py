@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from moue_core.config import ModelConfig
 from moue_core.convert import WindowSchedule
 from moue_core.counting import Counts, count
-from moue_core.data import BatchSampler, Corpus, load_corpus, validation_set
+from moue_core.data import BatchSampler, load_corpus, validation_set
 from moue_core.errors import ConfigError
 from moue_core.model import MoUEModel
 from moue_core.tracking_contract import FINAL_TOKENS, FINAL_VAL_LOSS, VAL_LOSS
-from moue_core.trial_config import TrainConfig, TrialConfig, lr_at
+from moue_core.trial_config import TrainConfig, TrialConfig, cooldown_lr, lr_at
 
 __all__ = ["TrainConfig", "TrialConfig", "TrialResult", "Mark", "Sink", "NullSink", "train", "lr_at",
            "CHECKPOINT_VERSION"]
@@ -164,6 +164,9 @@ def train(
                 return mark.result
         if run.step == tc.steps:  # resumed at the last mark: it was reported before the checkpoint
             return run.result("finished", "", tc.steps * tc.batch_tokens)
+        tokens_at = run.branch_steps.get(run.step)
+        if tokens_at is not None and tokens_at not in run.branches:
+            run.cooldown(tokens_at)
         diverged = run.train_step()
         if diverged is not None:
             sink.report(Mark(tokens=diverged.tokens, result=diverged))
@@ -181,7 +184,7 @@ class _Run:
         if device.type == "cuda" and tc.gpu_memory_fraction:
             # fractional-GPU trials (e.g. 4 per card) cannot starve each other of memory
             torch.cuda.set_per_process_memory_fraction(tc.gpu_memory_fraction, device)
-        corpus: Corpus = load_corpus(cfg.data, cache_dir=cache_dir)
+        self.corpus = corpus = load_corpus(cfg.data, cache_dir=cache_dir)
         if corpus.vocab_size > mc.vocab_size:
             raise ConfigError("model.vocab_size", mc.vocab_size,
                               f"must be >= the corpus vocabulary ({corpus.vocab_size})")
@@ -198,6 +201,10 @@ class _Run:
         self.step = 0
         self.timers = {"train": 0.0, "eval": 0.0}
         self.val_loss = math.nan
+        # cooldown branches: optimizer step -> its token count; those run, and those not yet reported
+        self.branch_steps = {t // tc.batch_tokens: t for t in tc.cooldown_at}
+        self.branches: dict[int, dict[str, float]] = {}
+        self.pending: list[int] = []
         if resume is not None:
             self._resume(resume)
         self.forward = torch.compile(self.model) if tc.compile else self.model
@@ -229,6 +236,7 @@ class _Run:
         self.step = int(resume["step"])
         self.timers = dict(resume["timers"])
         self.val_loss = resume["val_loss"]
+        self.branches = {int(t): dict(b) for t, b in resume.get("branches", {}).items()}
 
     def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -253,10 +261,12 @@ class _Run:
         interval_train_s = self.timers["train"] - self.mark_train_s
         metrics = {VAL_LOSS: self.val_loss, "lr": lr_at(min(step, tc.steps - 1), tc), **self.window_sums.means(),
                    "tokens_per_s": self.window_sums.tokens / interval_train_s if interval_train_s > 0 else 0.0,
-                   "time/train_s": self.timers["train"], "time/eval_s": self.timers["eval"]}
+                   "time/train_s": self.timers["train"], "time/eval_s": self.timers["eval"],
+                   **self.branch_metrics(final=step == tc.steps)}
         ckpt = {"version": CHECKPOINT_VERSION, "step": step, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-                "rng": torch.get_rng_state(), "timers": dict(self.timers), "val_loss": self.val_loss}
+                "rng": torch.get_rng_state(), "timers": dict(self.timers), "val_loss": self.val_loss,
+                "branches": {str(t): b for t, b in self.branches.items()}}
         self.window_sums = _Window()
         self.mark_train_s = self.timers["train"]
         result = self.result("finished", "", tokens) if step == tc.steps else None
@@ -264,17 +274,33 @@ class _Run:
 
     def train_step(self) -> TrialResult | None:
         """One optimizer step (the hot path); the result when it diverged."""
-        tc, step, model, optimizer = self.cfg.train, self.step, self.model, self.optimizer
+        tc, step, model = self.cfg.train, self.step, self.model
         t0 = time.perf_counter()
         if self.schedule is not None:
             model.set_window(self.schedule.window_at(step))
         lr = lr_at(step, tc)
+        loss_v, gn_v, out = self._step(self.forward, model, self.optimizer, self.sampler, lr)
+        if out is None:
+            self.timers["train"] += time.perf_counter() - t0
+            what = "loss" if not math.isfinite(loss_v) or loss_v > tc.max_loss else "gradient norm"
+            value = loss_v if what == "loss" else gn_v
+            return self.result("diverged", f"{what} {value:.4g} at step {step + 1} (lr {lr:.3g})",
+                               (step + 1) * tc.batch_tokens)
+        self.step += 1
+        self.timers["train"] += time.perf_counter() - t0
+        self.window_sums.add(loss_v, gn_v, out.stats, tc.batch_tokens, self.reach())
+        return None
+
+    def _step(self, forward, model, optimizer, sampler, lr: float):
+        """Forward, backward, clip, optimizer step, expert-bias update at ``lr``: (loss, grad
+        norm, output), the output ``None`` when the step diverged (nothing was applied)."""
+        tc = self.cfg.train
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = next(self.sampler)
+        x, y = next(sampler)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with self.autocast():
-            out = self.forward(x)
+            out = forward(x)
             loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
             total = loss + out.aux_loss
         total.backward()
@@ -282,19 +308,49 @@ class _Run:
         loss_v, gn_v = loss.item(), grad_norm.item()  # sync point: the divergence check needs them
         if not (math.isfinite(loss_v) and math.isfinite(gn_v)) or loss_v > tc.max_loss:
             optimizer.zero_grad(set_to_none=True)
-            self.timers["train"] += time.perf_counter() - t0
-            what = "loss" if not math.isfinite(loss_v) or loss_v > tc.max_loss else "gradient norm"
-            value = loss_v if what == "loss" else gn_v
-            return self.result("diverged", f"{what} {value:.4g} at step {step + 1} (lr {lr:.3g})",
-                               (step + 1) * tc.batch_tokens)
+            return loss_v, gn_v, None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if out.stats is not None and self.cfg.model.expert_bias:
             model.moe.router.update_bias(out.stats.load_Lw)
-        self.step += 1
-        self.timers["train"] += time.perf_counter() - t0
-        self.window_sums.add(loss_v, gn_v, out.stats, tc.batch_tokens, self.reach())
-        return None
+        return loss_v, gn_v, out
+
+    def cooldown(self, tokens_at: int) -> None:
+        """A cooldown branch from this step (``TrainConfig.cooldown_at``): a copy of the model and
+        optimizer decays the LR over ``cooldown_frac`` of the steps so far on the batches the main
+        run would see next, is evaluated, and is dropped; the main run's state is untouched."""
+        tc = self.cfg.train
+        t0 = time.perf_counter()
+        steps = max(1, round(tc.cooldown_frac * self.step))
+        model = copy.deepcopy(self.model)
+        optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                      fused=self.device.type == "cuda")
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))  # its state tensors, not the main run's
+        sampler = BatchSampler(self.corpus, batch_size=tc.batch_size, seq_len=tc.seq_len, seed=self.cfg.data.seed)
+        sampler.load_state_dict(self.sampler.state_dict())
+        rng = torch.get_rng_state()
+        peak, val = lr_at(self.step, tc), math.nan
+        for i in range(steps):
+            lr = cooldown_lr(i, steps, peak, tc.min_lr_ratio * tc.lr, tc.cooldown_shape)
+            if self._step(model, model, optimizer, sampler, lr)[2] is None:
+                break  # a diverged branch is recorded with a NaN loss
+        else:
+            val = _evaluate(model, self.val, tc.eval_batch, self.device, self.autocast)
+        torch.set_rng_state(rng)
+        tokens = (self.step + steps) * tc.batch_tokens
+        self.branches[tokens_at] = {"val_loss": val, "tokens": tokens, "flops": self.counts.compute(tokens),
+                                    "branch_tokens": steps * tc.batch_tokens}
+        self.pending.append(tokens_at)
+        self.timers["cooldown"] = self.timers.get("cooldown", 0.0) + time.perf_counter() - t0
+
+    def branch_metrics(self, final: bool) -> dict[str, float]:
+        """``cooldown/<t>/*`` of the branches run since the last mark, and at the last mark every
+        branch again as ``final/cooldown/<t>/*`` (what the loader reads as extra (N, D) points)."""
+        out = {f"cooldown/{t}/{k}": v for t in self.pending for k, v in self.branches[t].items()}
+        self.pending = []
+        if final:
+            out.update({f"final/cooldown/{t}/{k}": v for t, b in self.branches.items() for k, v in b.items()})
+        return out
 
     def reach(self) -> torch.Tensor | None:
         """``[L_moe, P]``: which experts each MoE layer's active window holds now (fewer while a

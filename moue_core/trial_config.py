@@ -21,12 +21,13 @@ from moue_core.counting import CONVENTION
 from moue_core.errors import ConfigError
 from moue_core.fields import build, choice, integer, is_int, number
 
-__all__ = ["TrainConfig", "DataConfig", "ConvertConfig", "TrialConfig", "lr_at", "SECTIONS", "SCHEDULES",
+__all__ = ["TrainConfig", "DataConfig", "ConvertConfig", "TrialConfig", "lr_at", "cooldown_lr", "SECTIONS", "SCHEDULES",
            "DEVICES", "ROUTER_INITS", "TOKEN_DTYPES", "CONVERTED_IN_TRIAL", "CORPUS_ALLOWED"]
 
 SECTIONS = ("model", "train", "data", "convert")
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
+COOLDOWN_SHAPES = ("linear", "1-sqrt")
 ROUTER_INITS = ("zero", "copy")  # moue_core.convert.widen_layerwise
 TOKEN_DTYPES = ("uint16", "uint32")
 CONVERTED_IN_TRIAL = "layerwise base (converted in the trial)"  # train.init_from as logged before the worker converts
@@ -59,6 +60,13 @@ class TrainConfig:
     gpu_memory_fraction: float = 0.0  # CUDA: cap this process's share of the GPU (fractional trials); 0 = none
     init_from: str = ""  # a converted checkpoint (``moue convert``) to start from
     widen_tokens: int = 0  # converted models: tokens over which the window widens to model.window
+    # wsd: cooldown branches (Hägele et al. 2024): at each of these token counts of the stable phase
+    # a copy of the run decays to min_lr_ratio * lr over cooldown_frac of the tokens seen, and its
+    # final validation loss is reported as the point (N, D = t * (1 + cooldown_frac)); the main
+    # run continues unchanged (moue_core.train)
+    cooldown_at: tuple[int, ...] = ()
+    cooldown_frac: float = 0.2
+    cooldown_shape: Literal["linear", "1-sqrt"] = "linear"
 
     def __post_init__(self) -> None:
         for name, low in (("tokens", 1), ("batch_tokens", 1), ("seq_len", 1), ("eval_every_tokens", 1),
@@ -80,8 +88,29 @@ class TrainConfig:
                               f"must be at least one step (train.batch_tokens = {self.batch_tokens})")
         if self.widen_tokens > self.tokens:
             raise ConfigError("train.widen_tokens", self.widen_tokens, f"must be <= train.tokens ({self.tokens})")
+        self._check_cooldowns()
         if self.init_from and not Path(self.init_from).is_file():
             raise ConfigError("train.init_from", self.init_from, "must be an existing checkpoint file")
+
+    def _check_cooldowns(self) -> None:
+        number("train.cooldown_frac", self.cooldown_frac, 0.0, 1.0, open_low=True)
+        choice("train.cooldown_shape", self.cooldown_shape, COOLDOWN_SHAPES)
+        at = self.cooldown_at
+        if not isinstance(at, tuple) or not all(is_int(t) for t in at):
+            raise ConfigError("train.cooldown_at", at, "must be a list of token counts")
+        if not at:
+            return
+        if self.schedule != "wsd":
+            raise ConfigError("train.cooldown_at", list(at), "needs train.schedule = 'wsd' (a constant-LR phase to branch from)")
+        steps = self.tokens // self.batch_tokens
+        lo = max(1, int(self.warmup_frac * steps)) * self.batch_tokens
+        hi = (steps - int(self.decay_frac * steps)) * self.batch_tokens
+        for t in at:
+            if not lo <= t <= hi:
+                raise ConfigError("train.cooldown_at", t, f"must be in the stable phase, [{lo}, {hi}] tokens "
+                                  "(after warm-up, before the final decay)")
+        if list(at) != sorted(set(at)):
+            raise ConfigError("train.cooldown_at", list(at), "must be increasing without repeats")
 
     @property
     def steps(self) -> int:
@@ -94,6 +123,13 @@ class TrainConfig:
     @property
     def eval_every_steps(self) -> int:
         return max(1, self.eval_every_tokens // self.batch_tokens)
+
+
+def cooldown_lr(i: int, steps: int, peak: float, floor: float, shape: str) -> float:
+    """Learning rate at step ``i`` (0-based) of a cooldown of ``steps`` steps from ``peak`` to
+    ``floor``: linear, or ``1-sqrt`` (Hägele et al. 2024: ``peak - (peak - floor) sqrt(p)``)."""
+    p = (i + 1) / steps
+    return peak - (peak - floor) * (math.sqrt(p) if shape == "1-sqrt" else p)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
