@@ -22,7 +22,7 @@ from analysis.nested import NestedTest, likelihood_ratio_test
 from analysis.result import FitResult
 
 __all__ = ["DEFAULT_REPORT_LAWS", "MAX_BUDGET_FILTER", "LawFits", "ReportResult", "fit_laws",
-           "law_frame", "write_report", "headline", "summary_json"]
+           "law_frame", "write_report", "headline", "summary_json", "approach_rows"]
 
 DEFAULT_REPORT_LAWS = ("compute", "chinchilla", "vw_additive", "vw_multiplicative",
                        "vw_interaction")
@@ -42,6 +42,7 @@ class ReportResult:
     n_runs: int = 0  # trial runs the fits used
     excluded: dict[str, int] = field(default_factory=dict)  # runs left out, by reason (diverged, failed, ...)
     headline: str | None = None  # the law the report leads with (``headline``), None when none is identified
+    approaches: tuple = ()  # analysis.approaches.ApproachRow, one per approach
 
     def runs_line(self) -> str:
         """The runs the report used and those it left out, as its HTML says."""
@@ -73,8 +74,11 @@ def summary_json(res: ReportResult) -> dict:
             "holdout": None if h is None else {"rmse": h.rmse, "mape": h.mape, "n": h.n_test,
                                                "n_train": h.n_train, "params_train_only": dict(h.params)},
         }
-    return _finite({"headline": res.headline, "laws": laws, "skipped": dict(res.skipped), "runs": res.n_runs,
-                    "report": str(res.path)})
+    approaches = [{"approach": r.approach, "a": r.a, "a_ci": None if r.a_ci is None else list(r.a_ci), "b": r.b,
+                   "b_ci": None if r.b_ci is None else list(r.b_ci), "identified": r.identified,
+                   "reasons": list(r.reasons)} for r in res.approaches]
+    return _finite({"headline": res.headline, "laws": laws, "approaches": approaches, "skipped": dict(res.skipped),
+                    "runs": res.n_runs, "report": str(res.path)})
 
 
 def _finite(x):
@@ -188,7 +192,7 @@ def write_report(
 
     for name in laws:
         get_law(name)
-    runs = load_runs(experiment, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    runs = load_runs(experiment, tracking_uri=tracking_uri, parent_run_id=parent_run_id, curves=True)
     frame = runs.frame
     if frame.height == 0:
         why = ", ".join(f"{v} {k}" for k, v in sorted(runs.excluded.items()))
@@ -204,8 +208,10 @@ def write_report(
     prov = _provenance_rows(runs, experiment=experiment, tracking_uri=tracking_uri, flt=flt,
                             loss=loss, delta=delta, n_bootstrap=n_bootstrap, seed=seed)
     lead = headline(fitted.fits, laws)
+    approaches = approach_rows(runs, fitted.fits, seed=seed)
     sections = _sections(fitted, tests, notes, prov, have_v="loss_vs_virtual_width" in figs)
     sections.insert(0, ("Summary", _summary_html(fitted, tests, lead, n_runs=frame.height)))
+    sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)))
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(R.page(title=f"moue report: {experiment}", sections=sections, figures=figs),
@@ -215,7 +221,54 @@ def write_report(
     logged = _log_report(out, runs.parents, tracking_uri) if log_artifact else ()
     return ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
                         figures=tuple(figs), notes=notes + tuple(extra_notes),
-                        logged_to=logged, n_runs=frame.height, excluded=dict(runs.excluded), headline=lead)
+                        logged_to=logged, n_runs=frame.height, excluded=dict(runs.excluded), headline=lead,
+                        approaches=tuple(approaches))
+
+
+def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> list:
+    """Approaches 1-3 (``analysis.approaches``) on a study's runs: the envelope of the ``val/loss``
+    curves against ``derived.flops_per_token * tokens``, IsoFLOP profiles of the final losses
+    (``final/flops`` budgets), and the laws' ``a_opt``; an approach the runs cannot support is a
+    row with its reason."""
+    import numpy as np
+
+    from analysis.approaches import ApproachRow, envelope, three_approaches
+    from analysis.isoflop import isoflop
+
+    frame, env, iso, missing = runs.frame, None, None, []
+    n_col, f_col = DEFAULT_COLUMNS["N"], "derived.flops_per_token"
+    try:
+        if runs.curves is None or n_col not in frame.columns or f_col not in frame.columns:
+            raise AnalysisError("curves", None, "are needed (val/loss at every mark)")
+        val = runs.curves.filter(runs.curves["key"] == "val/loss")
+        by_run = {r: (n, f) for r, n, f in zip(frame["run_id"], frame[n_col], frame[f_col])}
+        curves = {}
+        for (rid,), g in val.group_by(["run_id"]):
+            if rid in by_run:
+                curves[rid] = (*by_run[rid], g["step"].to_numpy(), g["value"].to_numpy())
+        env = envelope(curves, bootstrap=200, seed=seed)
+    except AnalysisError as e:
+        missing.append(ApproachRow("1: envelope of training curves", None, None, None, None, False, (str(e),)))
+    try:
+        iso = isoflop(frame[DEFAULT_LOSS].to_numpy(), np.asarray(frame[n_col], float),
+                      np.asarray(frame[DEFAULT_COLUMNS["C"]], float), bootstrap=200, seed=seed)
+    except (AnalysisError, KeyError) as e:
+        missing.append(ApproachRow("2: IsoFLOP profiles", None, None, None, None, False, (str(e),)))
+    return three_approaches(env=env, iso=iso, fits=fits) + missing
+
+
+def _approaches_html(rows) -> str:
+    from analysis import render as R
+
+    def ci(b):
+        return "" if b is None else f"[{b[0]:.3g}, {b[1]:.3g}]"
+
+    table = R.table(["approach", "a (N_opt ~ C^a)", "95% interval", "b (D_opt ~ C^b)", "95% interval", "verdict"],
+                    [(r.approach, r.a, ci(r.a_ci), r.b, ci(r.b_ci),
+                      "identified" if r.identified else "not identified: " + "; ".join(r.reasons)) for r in rows])
+    return table + ("<p class=note>Approach 1 uses intermediate marks, which are not decayed losses (the "
+                    "learning rate has not annealed there); cooldown branches remove that bias. Approach 2 "
+                    "groups runs within 0.1 decades of compute into budgets.</p>")
 
 
 def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | None, *, n_runs: int) -> str:
