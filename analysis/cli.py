@@ -260,6 +260,48 @@ def isoflop_cmd(
     _print_isoflop(result)
 
 
+def lr_rule_cmd(
+    experiment: Annotated[str, typer.Argument(help="The LR stage's study (MLflow experiment) name.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Rule JSON to write (a ladder's space.lr_rule).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rule as one JSON object.")] = False,
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+    workspace: Annotated[Path, _WORKSPACE] = Path(DEFAULT_WORKSPACE),
+    parent: Annotated[str | None, _PARENT] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples (within sizes).")] = 1000,
+) -> None:
+    """Fit lr = c * N^-exponent to an LR stage (a ladder with space.lr_scan): the optimum per size
+    from a parabola in ln lr, then the power law, with a bootstrap interval and a verdict.
+
+    Example: moue lr-rule ladder_lr -o studies/results/ladder_lr_rule.json
+    """
+    from analysis.errors import AnalysisError
+    from analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS
+    from analysis.loading import load_runs
+    from analysis.lr_rule import fit_lr_rule
+
+    try:
+        frame = load_runs(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent).frame
+        for col in (DEFAULT_COLUMNS["N"], "train.lr", DEFAULT_LOSS):
+            if col not in frame.columns:
+                raise AnalysisError("experiment", experiment, f"has no column {col!r}")
+        rule = fit_lr_rule(frame[DEFAULT_COLUMNS["N"]].to_numpy(), frame["train.lr"].to_numpy(),
+                           frame[DEFAULT_LOSS].to_numpy(), bootstrap=bootstrap)
+    except AnalysisError as e:
+        raise _fail(e) from None
+    text = json.dumps(rule.as_dict(), allow_nan=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text + "\n")
+    if as_json:
+        typer.echo(text)
+        return
+    typer.echo(f"lr = {rule.c:.4g} * N^-{rule.exponent:.3f}  (exponent 95% interval [{rule.exponent_ci[0]:.3f}, "
+               f"{rule.exponent_ci[1]:.3f}]); wrote {output}")
+    for sz in rule.sizes:
+        flags = f" ({', '.join(sz['flags'])})" if sz["flags"] else ""
+        typer.echo(f"  N = {sz['n']:.4g}: lr_opt {sz['lr_opt']:.4g}, loss {sz['loss_opt']:.4g}{flags}")
+    typer.echo("verdict: identified" if rule.identified else "verdict: NOT identified: " + "; ".join(rule.reasons))
+
+
 def _print_isoflop(r) -> None:
     typer.echo(f"IsoFLOP (Approach 2): {sum(b.used for b in r.budgets)} of {len(r.budgets)} budgets used; "
                f"{r.n_bootstrap} bootstrap resamples within budgets, 95% intervals")
@@ -483,6 +525,7 @@ def register(app: typer.Typer, bench: typer.Typer | None = None) -> None:
     app.command("fit")(fit_cmd)
     app.command("check")(check_cmd)
     app.command("isoflop")(isoflop_cmd)
+    app.command("lr-rule")(lr_rule_cmd)
     if bench is not None:
         bench.command("fit")(bench_fit_cmd)
     else:

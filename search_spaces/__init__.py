@@ -17,7 +17,7 @@ spec's ``[space]`` table into points: flat dotted overrides (``{"model.pool_size
   ``match_expert_hidden`` (iso-active), ``match_pool_size`` (iso-total), ``topology_family``.
 
 Shipped spaces: ``virtual_width``, ``pool_size``, ``rotation``, ``depth``, ``router_balance``,
-``conversion``, ``lr`` (``search_spaces/spaces/<name>.py``: each docstring says what the space
+``conversion``, ``lr``, ``ladder`` (``search_spaces/spaces/<name>.py``: each docstring says what the space
 studies and what it holds fixed).
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 from moue_core.errors import ConfigError
 from search_spaces._space import SEARCH_PREFIX, Space
 from search_spaces.constraints import check_point, prune, train_defaults
-from search_spaces.spaces import conversion, depth, lr, pool_size, rotation, router_balance
+from search_spaces.spaces import conversion, depth, ladder, lr, pool_size, rotation, router_balance
 from search_spaces.spaces import virtual_width as _virtual_width
 from search_spaces.spaces.conversion import layerwise_base
 from search_spaces.matching import (
@@ -47,7 +47,7 @@ __all__ = [
 
 SPACES: dict[str, Space] = {
     module.SPACE.name: module.SPACE
-    for module in (_virtual_width, pool_size, rotation, depth, router_balance, conversion, lr)
+    for module in (_virtual_width, pool_size, rotation, depth, router_balance, conversion, lr, ladder)
 }
 
 

@@ -1,0 +1,100 @@
+"""The learning-rate rule of a ladder's LR stage: the optimum per size and ``lr = c * N^-exponent``.
+
+Runs are grouped by size (their active parameter count ``N``). Per size, a least-squares parabola
+of the final loss in ``ln lr`` gives the optimum ``lr_opt(N)`` (flagged ``edge`` when it falls
+outside the scanned LRs, ``no-minimum`` when the parabola opens downward: that size is not used);
+then ``ln lr_opt = ln c - exponent * ln N`` by least squares. A bootstrap that resamples the runs
+within each size gives the exponent's 95% interval. The rule is identified with at least 3 usable
+sizes, no optimum at an edge, and an exponent interval narrower than 1 (in ``ln lr`` per ``ln N``).
+
+``moue lr-rule`` writes the rule as JSON (``c``, ``exponent``, ``exponent_ci``, ``sizes``), which a
+ladder's ``space.lr_rule`` reads (``search_spaces.spaces.ladder``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from analysis.errors import AnalysisError
+
+__all__ = ["LrRule", "fit_lr_rule"]
+
+
+@dataclass(frozen=True)
+class LrRule:
+    c: float
+    exponent: float
+    exponent_ci: tuple[float, float]
+    sizes: tuple[dict, ...]  # n, lr_opt, loss_opt, lrs, losses, flags, used
+    identified: bool
+    reasons: tuple[str, ...]
+    rule: str = "power"
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["exponent_ci"] = list(self.exponent_ci)
+        return out
+
+    def lr(self, n: float) -> float:
+        return self.c * n ** -self.exponent
+
+
+def _optimum(lr: np.ndarray, loss: np.ndarray) -> tuple[float, float, tuple[str, ...]]:
+    x = np.log(lr)
+    if len(np.unique(x)) < 3:
+        return math.nan, math.nan, ("no-minimum",)
+    m = x.mean()
+    p2, p1, p0 = np.polyfit(x - m, loss, 2)
+    if not p2 > 0:
+        return math.nan, math.nan, ("no-minimum",)
+    u = -p1 / (2 * p2)
+    flags = () if x.min() <= m + u <= x.max() else ("edge",)
+    return float(math.exp(m + u)), float(p0 + p1 * u + p2 * u * u), flags
+
+
+def _line(ns, lrs) -> tuple[float, float]:
+    slope, intercept = np.polyfit(np.log(ns), np.log(lrs), 1)
+    return float(math.exp(intercept)), float(-slope)
+
+
+def fit_lr_rule(n, lr, loss, *, bootstrap: int = 1000, seed: int = 0) -> LrRule:
+    """The rule from arrays of each run's active parameters ``n``, learning rate and final loss."""
+    n, lr, loss = (np.asarray(v, dtype=float) for v in (n, lr, loss))
+    ok = np.isfinite(n) & np.isfinite(lr) & np.isfinite(loss) & (lr > 0) & (n > 0)
+    n, lr, loss = n[ok], lr[ok], loss[ok]
+    groups = [np.flatnonzero(n == v) for v in np.unique(n)]
+    sizes = []
+    for g in groups:
+        lr_opt, loss_opt, flags = _optimum(lr[g], loss[g])
+        sizes.append({"n": float(n[g[0]]), "lr_opt": lr_opt, "loss_opt": loss_opt, "lrs": lr[g].tolist(),
+                      "losses": loss[g].tolist(), "flags": list(flags), "used": "no-minimum" not in flags})
+    used = [(s, g) for s, g in zip(sizes, groups) if s["used"]]
+    if len(used) < 2:
+        raise AnalysisError("runs", f"{len(used)} sizes with an LR optimum",
+                            "must give at least 2 sizes whose loss has a minimum in ln lr (scan 3+ LRs per size)")
+    c, e = _line([s["n"] for s, _ in used], [s["lr_opt"] for s, _ in used])
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(bootstrap):
+        pts = []
+        for s, g in used:
+            pick = rng.choice(g, size=len(g), replace=True)
+            opt = _optimum(lr[pick], loss[pick])[0]
+            if math.isfinite(opt):
+                pts.append((s["n"], opt))
+        if len(pts) >= 2:
+            boot.append(_line(*zip(*pts))[1])
+    e_ci = tuple(float(v) for v in np.percentile(boot, [2.5, 97.5])) if boot else (math.nan, math.nan)
+    reasons = []
+    if len(used) < 3:
+        reasons.append(f"only {len(used)} sizes have an LR optimum (at least 3 are needed)")
+    edges = [s for s, _ in used if "edge" in s["flags"]]
+    if edges:
+        reasons.append(f"{len(edges)} size(s) have their optimum outside the scanned LRs (widen lr_scan)")
+    if not (math.isfinite(e_ci[0]) and e_ci[1] - e_ci[0] < 1):
+        reasons.append(f"the exponent's 95% interval [{e_ci[0]:.3g}, {e_ci[1]:.3g}] is wider than 1")
+    return LrRule(c=c, exponent=e, exponent_ci=e_ci, sizes=tuple(sizes), identified=not reasons,
+                  reasons=tuple(reasons))

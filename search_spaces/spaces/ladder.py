@@ -1,0 +1,186 @@
+"""``ladder``: a size ladder from one dial, every other setting derived in code (issue 13).
+
+A study names one size dial and its values (``sizes``); each size of each family becomes a point
+whose settings follow from it by the rules below (each with its source), so a ladder's sizes differ
+in the way the scaling-law literature says they should and in no other way:
+
+- ``dial = "d_model"``: the width is the size (depth stays the study's); ``"n_layers"``: the depth
+  (width stays); ``"active_params"``: the width whose layerwise model at the study's depth has the
+  active (non-embedding) count closest to the size.
+- heads: ``n_heads = d_model / head_dim`` (a fixed head size, as OLMo-core's and most ladders).
+- expert width: ``f = expert_ratio * d_model`` to a multiple of 4 (default: the study's ``f / d``);
+  the trajectory router's state ``d_r = router_state_ratio * d_model``. The families' topologies
+  and iso-active matching are ``virtual_width``'s (``build``), at each size.
+- tokens per trial: ``D = tokens_per_param * N_active`` (Hoffmann et al. 2022: about 20 tokens per
+  parameter is compute-optimal), whole batches, at least one; ``0`` keeps the study's budget.
+- warm-up: ``warmup = "per_param"`` makes the warm-up ``N_active`` tokens (OLMo-core's ladder:
+  one token per parameter), at most 20% of the run; ``"study"`` keeps the study's fraction.
+- learning rate (``lr_rule``): ``"fixed"`` (the study's ``train.lr`` at every size; biased,
+  Porian et al. 2024), ``"power"`` (``lr = train.lr * (N / N_ref)^-lr_exponent``, ``N_ref`` the
+  smallest size's count unless ``lr_ref_params``), or the path of a rule fitted by ``moue
+  lr-rule`` from an LR stage (``lr = c * N^-exponent``, the JSON it writes).
+- the LR stage: ``lr_scan`` (multipliers, e.g. ``[0.25, 0.5, 1, 2, 4]``) runs every size at each
+  multiple of its rule's LR, at ``lr_scan_tokens_per_param`` tokens per parameter (short); ``moue
+  lr-rule`` then fits the optimum per size and the power law through them.
+
+``--dry-run`` prints every derived value of every point and the compute of each trial and of the
+whole study.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from moue_core.errors import ConfigError
+from search_spaces._common import half_up, multiple_of_4
+from search_spaces._space import Candidate, Space
+from search_spaces.constraints import model_value, train_value
+from search_spaces.matching import active_params
+from search_spaces.spaces import virtual_width as vw
+
+__all__ = ["SPACE", "lr_from_rule"]
+
+_VW_OPTIONS = ("moue_window", "moue_overlap", "moue_layout", "match", "active_tol")
+
+
+def lr_from_rule(path: str, n_active: int) -> float:
+    """``c * N^-exponent`` of a rule file written by ``moue lr-rule``."""
+    try:
+        rule = json.loads(Path(path).read_text())
+        return float(rule["c"]) * float(n_active) ** -float(rule["exponent"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError("space.lr_rule", path, f"must be 'fixed', 'power' or a rule file of moue lr-rule "
+                          f"({type(e).__name__})") from None
+
+
+def _width_for(fixed: Mapping[str, Any], opts: dict[str, Any], target: float) -> int:
+    """The width (a multiple of ``head_dim``) whose layerwise model has the active count closest to ``target``."""
+    hd, E = opts["head_dim"], opts["experts_per_layer"]
+    L = model_value(fixed, "n_layers")
+
+    def active(d: int) -> int:
+        f = multiple_of_4(_ratio(fixed, opts) * d)
+        return active_params({**fixed, "model.d_model": d, "model.n_heads": d // hd, "model.expert_hidden": f,
+                              "model.pool_size": L * E, "model.window": E, "model.stride": E % (L * E),
+                              "model.router": "softmax"})
+
+    return min(range(hd, 64 * hd + 1, hd), key=lambda d: abs(active(d) - target))
+
+
+def _ratio(fixed: Mapping[str, Any], opts: dict[str, Any]) -> float:
+    return opts["expert_ratio"] or model_value(fixed, "expert_hidden") / model_value(fixed, "d_model")
+
+
+def _size_settings(fixed: Mapping[str, Any], opts: dict[str, Any], size: float) -> dict[str, Any]:
+    """The trunk settings of one size (heads, width or depth, expert width, router state)."""
+    d, L = model_value(fixed, "d_model"), model_value(fixed, "n_layers")
+    if opts["dial"] == "d_model":
+        d = int(size)
+    elif opts["dial"] == "n_layers":
+        L = int(size)
+    else:
+        d = _width_for(fixed, opts, size)
+    if d % opts["head_dim"] or (d // opts["head_dim"]) % 1:
+        raise ConfigError("space.sizes", size, f"gives d_model {d}, not a multiple of space.head_dim ({opts['head_dim']})")
+    return {"model.d_model": d, "model.n_layers": L, "model.n_heads": d // opts["head_dim"],
+            "model.expert_hidden": multiple_of_4(_ratio(fixed, opts) * d),
+            "model.router_state_dim": max(1, half_up(opts["router_state_ratio"] * d))}
+
+
+def _train_settings(fixed, opts, n_active: int, n_ref: int, multiplier: float, scan: bool) -> dict[str, Any]:
+    batch = train_value(fixed, "batch_tokens")
+    per_param = opts["lr_scan_tokens_per_param"] if scan else opts["tokens_per_param"]
+    out: dict[str, Any] = {}
+    tokens = train_value(fixed, "tokens")
+    if per_param:
+        tokens = max(batch, half_up(per_param * n_active / batch) * batch)
+        out["train.tokens"] = tokens
+    if opts["warmup"] == "per_param":
+        out["train.warmup_frac"] = round(min(0.2, n_active / tokens), 4)
+    rule, lr = opts["lr_rule"], train_value(fixed, "lr")
+    if rule == "power":
+        lr = lr * (n_active / (opts["lr_ref_params"] or n_ref)) ** -opts["lr_exponent"]
+    elif rule != "fixed":
+        lr = lr_from_rule(rule, n_active)
+    out["train.lr"] = float(f"{lr * multiplier:.4g}")
+    return out
+
+
+def _candidates(fixed: Mapping[str, Any], opts: dict[str, Any]) -> list[Candidate]:
+    vw_opts = vw.SPACE.options({k: opts[k] for k in _VW_OPTIONS})
+    sizes = sorted(opts["sizes"])
+    multipliers = opts["lr_scan"] or [1.0]
+    out: list[Candidate] = []
+    refs: dict[float, int] = {}
+    for size, family in product(sizes, opts["families"]):
+        trunk = _size_settings(fixed, opts, size)
+        at = {**fixed, **trunk}
+        point, reason = vw.build(at, vw_opts, family=family, E=opts["experts_per_layer"],
+                                 top_k=model_value(fixed, "top_k"), n_layers=trunk["model.n_layers"])
+        if point is None or reason:
+            out.append((point, reason))
+            continue
+        point = {**trunk, **point}
+        n_active = active_params({**fixed, **point})
+        refs.setdefault(sizes[0], n_active)  # N_ref of the power rule: the smallest size's first family
+        for m in multipliers:
+            out.append(({**point, **_train_settings(fixed, opts, n_active, refs[sizes[0]], m, bool(opts["lr_scan"]))},
+                        None))
+    return out
+
+
+def _define(trial, fixed: Mapping[str, Any], opts: dict[str, Any]) -> Candidate:
+    points = [p for p, why in _candidates(fixed, opts) if p is not None and not why]
+    if not points:
+        return None, "the ladder has no valid point"
+    i = trial.suggest_int("space.point", 0, len(points) - 1)
+    return points[i], None
+
+
+def _check(opts: dict[str, Any]) -> None:
+    if not opts["sizes"]:
+        raise ConfigError("space.sizes", opts["sizes"], "must list the ladder's sizes (values of space.dial)")
+    if opts["dial"] in ("d_model", "n_layers") and not all(float(s).is_integer() for s in opts["sizes"]):
+        raise ConfigError("space.sizes", opts["sizes"], f"must be integers for dial {opts['dial']!r}")
+    if opts["lr_rule"] not in ("fixed", "power") and not Path(opts["lr_rule"]).is_file():
+        raise ConfigError("space.lr_rule", opts["lr_rule"], "must be 'fixed', 'power' or an existing rule file "
+                          "(moue lr-rule)")
+
+
+SPACE = Space(
+    name="ladder",
+    description="a size ladder from one dial (d_model, n_layers or active params): heads, expert width, router "
+                "state, tokens, warm-up and LR derived per size; families iso-active per size",
+    defaults={
+        "families": ["layerwise"],
+        "dial": "d_model",
+        "sizes": [],
+        "experts_per_layer": 4,
+        "head_dim": 16,
+        "expert_ratio": 0.0,  # 0: the study's expert_hidden / d_model
+        "router_state_ratio": 0.25,
+        "tokens_per_param": 20.0,  # 0: the study's budget
+        "warmup": "per_param",
+        "lr_rule": "fixed",
+        "lr_exponent": 0.0,
+        "lr_ref_params": 0.0,
+        "lr_scan": [],  # the LR stage: multipliers of each size's LR
+        "lr_scan_tokens_per_param": 5.0,
+        **{k: vw.SPACE.defaults[k] for k in _VW_OPTIONS},
+    },
+    smoke={"sizes": [16, 32], "tokens_per_param": 0.05, "warmup": "study", "active_tol": 0.5},
+    candidates=_candidates,
+    define_fn=_define,
+    choices={"families": vw.FAMILIES, "dial": ("d_model", "n_layers", "active_params"),
+             "warmup": ("per_param", "study"), **{k: v for k, v in vw.SPACE.choices.items() if k in _VW_OPTIONS}},
+    bounds={"sizes": (1, 1e12), "experts_per_layer": (1, 1024), "head_dim": (2, 1024), "expert_ratio": (0, 64),
+            "router_state_ratio": (0.0, 16.0), "tokens_per_param": (0.0, 1e6), "lr_exponent": (-4.0, 4.0),
+            "lr_ref_params": (0.0, 1e15), "lr_scan": (1e-4, 1e4), "lr_scan_tokens_per_param": (1e-3, 1e6),
+            **{k: v for k, v in vw.SPACE.bounds.items() if k in _VW_OPTIONS}},
+    item_types={"sizes": float, "lr_scan": float},
+    check=_check,
+)

@@ -1,0 +1,85 @@
+"""The ``ladder`` space (one size dial, the rest derived) and the LR rule of its LR stage."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import search_spaces as ss
+from analysis.lr_rule import fit_lr_rule
+from moue_core import ConfigError
+
+FIXED = {"model.d_model": 64, "model.n_layers": 4, "model.n_heads": 4, "model.max_seq_len": 64, "model.top_k": 2,
+         "model.expert_hidden": 64, "model.router_state_dim": 16, "train.seq_len": 64, "train.batch_tokens": 4096,
+         "train.lr": 3e-3, "train.tokens": 1_000_000}
+LADDER = ss.get_space("ladder")
+
+
+def test_each_size_derives_its_settings_from_the_dial():
+    points = LADDER.grid(FIXED, {"sizes": [32, 64, 128], "lr_rule": "power", "lr_exponent": 0.5})
+    assert [p["model.d_model"] for p in points] == [32, 64, 128]
+    n0 = ss.active_params({**FIXED, **points[0]})
+    for p in points:
+        flat = {**FIXED, **p}
+        d, n = p["model.d_model"], ss.active_params(flat)
+        assert p["model.n_heads"] == d // 16 and p["model.expert_hidden"] == d  # the study's f/d = 1
+        assert p["model.router_state_dim"] == d // 4
+        assert abs(p["train.tokens"] - 20 * n) <= 4096 and p["train.tokens"] % 4096 == 0
+        assert p["train.warmup_frac"] == pytest.approx(min(0.2, n / p["train.tokens"]), abs=1e-4)
+        assert p["train.lr"] == pytest.approx(3e-3 * (n / n0) ** -0.5, rel=1e-3)
+        assert ss.check_point(flat) is None
+
+
+def test_families_are_iso_active_at_every_size_and_other_dials():
+    points = LADDER.grid(FIXED, {"sizes": [64, 96], "families": ["layerwise", "moue"], "active_tol": 0.05})
+    by_d = {}
+    for p in points:
+        by_d.setdefault(p["model.d_model"], []).append(ss.active_params({**FIXED, **p}))
+    for counts in by_d.values():
+        assert len(counts) == 2 and abs(counts[0] - counts[1]) <= 0.05 * counts[0]
+    deep = LADDER.grid(FIXED, {"dial": "n_layers", "sizes": [2, 4, 8]})
+    assert [p["model.n_layers"] for p in deep] == [2, 4, 8] and {p["model.d_model"] for p in deep} == {64}
+    target = 200_000
+    (p,) = LADDER.grid(FIXED, {"dial": "active_params", "sizes": [target]})
+    near = ss.active_params({**FIXED, **p})
+    for d in (p["model.d_model"] - 16, p["model.d_model"] + 16):  # no other width is closer
+        other = LADDER.grid(FIXED, {"dial": "d_model", "sizes": [d]})[0]
+        assert abs(ss.active_params({**FIXED, **other}) - target) >= abs(near - target)
+
+
+def test_the_lr_stage_and_a_rule_file(tmp_path):
+    scan = LADDER.grid(FIXED, {"sizes": [32, 64], "lr_scan": [0.5, 1.0, 2.0]})
+    assert len(scan) == 6
+    lrs = sorted(p["train.lr"] for p in scan if p["model.d_model"] == 32)
+    assert lrs == pytest.approx([1.5e-3, 3e-3, 6e-3])
+    n = ss.active_params({**FIXED, **scan[0]})
+    assert scan[0]["train.tokens"] == max(4096, round(5 * n / 4096) * 4096)  # short: 5 tokens per parameter
+    rule = tmp_path / "rule.json"
+    rule.write_text(json.dumps({"c": 2.0, "exponent": 0.5}))
+    (p,) = LADDER.grid(FIXED, {"sizes": [64], "lr_rule": str(rule)})
+    assert p["train.lr"] == pytest.approx(2.0 * ss.active_params({**FIXED, **p}) ** -0.5, rel=1e-3)
+    with pytest.raises(ConfigError, match="space.lr_rule"):
+        LADDER.options({"sizes": [64], "lr_rule": str(tmp_path / "missing.json")})
+    with pytest.raises(ConfigError, match="space.sizes"):
+        LADDER.options({"sizes": []})
+
+
+def test_lr_rule_recovers_a_power_law_and_flags_edges():
+    c, e = 0.5, 0.3
+    rows = []
+    for n in (1e4, 3e4, 1e5, 3e5, 1e6):
+        opt = c * n ** -e
+        for m in (0.25, 0.5, 1, 2, 4):
+            rows.append((n, opt * m, 2.0 + 0.1 * math.log(m) ** 2))
+    n, lr, loss = (np.array(v) for v in zip(*rows))
+    rule = fit_lr_rule(n, lr, loss, bootstrap=100)
+    assert rule.exponent == pytest.approx(e, abs=1e-6) and rule.c == pytest.approx(c, rel=1e-5)
+    assert rule.identified and rule.lr(1e5) == pytest.approx(c * 1e5 ** -e)
+    # the true optimum 20x above the scanned LRs at every size: each vertex is outside the scan
+    shifted = [(a, b, 2.0 + 0.1 * math.log(b / (20 * c * a ** -e)) ** 2) for a, b, _ in rows]
+    n, lr, loss = (np.array(v) for v in zip(*shifted))
+    edged = fit_lr_rule(n, lr, loss, bootstrap=20)
+    assert any("edge" in s["flags"] for s in edged.sizes) and not edged.identified
