@@ -213,3 +213,58 @@ def bench_train(cfg, *, steps: int = 20, cache_dir) -> dict:
         "threads": torch.get_num_threads(),
         "dtype": "float32",
     }
+
+
+def bench_cooldown(cfg, *, at: tuple[int, ...], frac: float, seeds: tuple[int, ...], cache_dir) -> dict:
+    """Cooldown branches against separate cosine runs (issue 13, a cheap data axis).
+
+    Per seed: one WSD run of ``cfg.train.tokens`` (decaying over its last ``frac`` of the steps)
+    with a cooldown branch at each of ``at`` (``frac`` of the tokens seen), and one separate
+    cosine run of each branch's length and of the main run's length. Reports each point's loss
+    both ways, their difference per seed against the seed spread of the cosine runs, and the
+    tokens and training time of the branches against the separate runs they replace."""
+    import dataclasses
+    import statistics
+    import time
+
+    from moue_core.train import NullSink, train
+
+    def run(tc):
+        t0 = time.perf_counter()
+        sink = NullSink()
+        result = train(dataclasses.replace(cfg, train=tc), sink, cache_dir=cache_dir)
+        return sink.reports[-1][1], result, time.perf_counter() - t0
+
+    base = cfg.train
+    points: dict[int, dict] = {}
+    cost = {"wsd_tokens": 0, "wsd_s": 0.0, "separate_tokens": 0, "separate_s": 0.0}
+    for seed in seeds:
+        wsd = dataclasses.replace(base, seed=seed, schedule="wsd", decay_frac=frac, cooldown_at=tuple(at),
+                                  cooldown_frac=frac, eval_every_tokens=base.tokens)
+        final, result, wall = run(wsd)
+        branch_tokens = sum(int(final[f"final/cooldown/{t}/branch_tokens"]) for t in at)
+        cost["wsd_tokens"] += result.tokens + branch_tokens
+        cost["wsd_s"] += wall
+        lengths = {int(final[f"final/cooldown/{t}/tokens"]): final[f"final/cooldown/{t}/val_loss"] for t in at}
+        lengths[result.tokens] = final["final/val_loss"]
+        for tokens, branch_loss in lengths.items():
+            cosine = dataclasses.replace(base, seed=seed, schedule="cosine", tokens=tokens, eval_every_tokens=tokens)
+            c_final, c_result, c_wall = run(cosine)
+            if tokens != result.tokens:  # the main run's own length is trained by the WSD run anyway
+                cost["separate_tokens"] += c_result.tokens
+                cost["separate_s"] += c_wall
+            p = points.setdefault(tokens, {"tokens": tokens, "wsd": [], "cosine": []})
+            p["wsd"].append(branch_loss)
+            p["cosine"].append(c_final["final/val_loss"])
+    rows = []
+    for tokens in sorted(points):
+        p = points[tokens]
+        diffs = [a - b for a, b in zip(p["wsd"], p["cosine"])]
+        spread = statistics.stdev(p["cosine"]) if len(p["cosine"]) > 1 else float("nan")
+        rows.append({**p, "diff": diffs, "mean_diff": statistics.fmean(diffs), "cosine_seed_sd": spread,
+                     "within_seed_noise": abs(statistics.fmean(diffs)) <= 2 * spread if spread == spread else None})
+    main_tokens = seeds and max(points)
+    return {"points": rows, "seeds": list(seeds), "cooldown_frac": frac, "branch_at": list(at),
+            "main_tokens": main_tokens, **cost,
+            "branch_tokens_vs_separate": (cost["wsd_tokens"] - len(seeds) * main_tokens) / max(1, cost["separate_tokens"]),
+            "torch": torch.__version__}

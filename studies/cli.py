@@ -188,6 +188,41 @@ def train_cmd(
         raise typer.Exit(1)
 
 
+@bench_app.command("cooldown")
+@user_errors
+def bench_cooldown_cmd(
+    config: Path = typer.Argument(Path(__file__).parent / "trials" / "cooldown.toml",
+                                  help="Trial TOML (default: studies/trials/cooldown.toml)."),
+    at: list[int] = typer.Option([307_200, 614_400], "--at", help="Branch points in tokens (repeatable)."),
+    frac: float = typer.Option(0.2, "--frac", help="Cooldown length as a fraction of the tokens seen."),
+    seeds: int = typer.Option(3, min=1, help="Seeds 0..n-1."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace (corpus cache)."),
+) -> None:
+    """Cooldown branches of one WSD run against separate cosine runs of the same lengths: the loss
+    at each length both ways, per seed, and what the branches cost against the runs they replace.
+
+    Example: moue bench cooldown --json
+    """
+    from moue_core.bench import bench_cooldown
+    from moue_core.runtime import configure_process
+    from studies.trial import load_trial
+
+    cfg = load_trial(config)
+    configure_process(cfg.train.threads)
+    r = bench_cooldown(cfg, at=tuple(at), frac=frac, seeds=tuple(range(seeds)), cache_dir=workspace.resolve() / "cache")
+    if json_out:
+        typer.echo(json.dumps(r, allow_nan=True))
+        return
+    for p in r["points"]:
+        typer.echo(f"D = {p['tokens']:>9,}: WSD/branch {' '.join(f'{v:.4f}' for v in p['wsd'])} | cosine "
+                   f"{' '.join(f'{v:.4f}' for v in p['cosine'])} | mean diff {p['mean_diff']:+.4f} "
+                   f"(cosine seed sd {p['cosine_seed_sd']:.4f})")
+    typer.echo(f"tokens: WSD runs with branches {r['wsd_tokens']:,} ({r['wsd_s']:.0f} s) vs separate cosine runs "
+               f"for the branch lengths {r['separate_tokens']:,} ({r['separate_s']:.0f} s); branch tokens / separate "
+               f"tokens {r['branch_tokens_vs_separate']:.3f}")
+
+
 @bench_app.command("train")
 @user_errors
 def bench_train_cmd(

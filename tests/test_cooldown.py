@@ -91,3 +91,18 @@ def test_the_loader_makes_each_branch_a_point():
     assert branch["run_id"].to_list() == ["a"]  # b's branch diverged (NaN): left out
     assert branch["final/val_loss"].to_list() == [2.5] and branch["final/tokens"].to_list() == [1.2e6]
     assert branch["final/flops"].to_list() == [3e11]
+
+
+def test_bench_cooldown_compares_branches_with_separate_runs(tmp_path):
+    from moue_core.bench import bench_cooldown
+
+    cfg = _cfg(tokens=20480, warmup_frac=0.0)
+    r = bench_cooldown(cfg, at=(8192,), frac=0.25, seeds=(0, 1), cache_dir=tmp_path)
+    lengths = [p["tokens"] for p in r["points"]]
+    assert lengths == [10240, 20480]
+    for p in r["points"]:
+        assert len(p["wsd"]) == len(p["cosine"]) == 2 and p["cosine_seed_sd"] >= 0
+        assert p["mean_diff"] == pytest.approx(sum(p["diff"]) / 2)
+    # the branch replaces a separate run of 10,240 tokens per seed at the cost of its 2,048
+    assert r["separate_tokens"] == 2 * 10240 and r["wsd_tokens"] == 2 * (20480 + 2048)
+    assert r["branch_tokens_vs_separate"] == pytest.approx(2048 / 10240)
