@@ -302,6 +302,56 @@ def lr_rule_cmd(
     typer.echo("verdict: identified" if rule.identified else "verdict: NOT identified: " + "; ".join(rule.reasons))
 
 
+def compare_cmd(
+    experiment: Annotated[str, typer.Argument(help="Study (MLflow experiment) name.")],
+    variant: Annotated[list[str], typer.Option("--variant", help="Column(s) naming a variant (repeatable; "
+                                               "values joined with '/').")],
+    reference: Annotated[str, typer.Option("--reference", help="The variant the others are compared with "
+                                           "(a joined value, or a --label name).")],
+    pair: Annotated[list[str], typer.Option("--pair", help="Columns a pair shares (repeatable), e.g. "
+                                            "train.seed and model.n_layers.")] = [],  # noqa: B006 - typer default
+    label: Annotated[list[str], typer.Option("--label", help="NAME=JOINED_VALUE (repeatable).")] = [],  # noqa: B006
+    loss: Annotated[str, typer.Option("--loss", help="Loss column.")] = "final/val_loss",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+    workspace: Annotated[Path, _WORKSPACE] = Path(DEFAULT_WORKSPACE),
+    parent: Annotated[str | None, _PARENT] = None,
+) -> None:
+    """Compare variants on paired runs (same seed, depth, budget...): mean difference, paired t-test
+    and how many pairs each variant wins, per variant against the reference.
+
+    Example: moue compare ablation --variant model.router --variant model.balance --reference softmax/switch
+    --pair train.seed --pair model.n_layers
+    """
+    from dataclasses import asdict
+
+    from analysis.compare import compare_variants
+    from analysis.errors import AnalysisError
+    from analysis.loading import load_runs
+
+    try:
+        names = {}
+        for item in label:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise AnalysisError("--label", item, "must be NAME=JOINED_VALUE")
+            names[value] = name
+        frame = load_runs(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent).frame
+        for col in pair:
+            if col not in frame.columns:
+                raise AnalysisError("--pair", col, "is not a column")
+        rows = compare_variants(frame, variant=variant, reference=reference, pair=pair, loss=loss, label=names)
+    except AnalysisError as e:
+        raise _fail(e) from None
+    if as_json:
+        typer.echo(json.dumps([asdict(r) for r in rows], allow_nan=True))
+        return
+    for r in rows:
+        typer.echo(r.line())
+        typer.echo("    by " + (pair[0] if pair else "all") + ": " + ", ".join(
+            f"{k}: {v:+.2f}%" for k, v in r.by_group.items()))
+
+
 def _print_isoflop(r) -> None:
     typer.echo(f"IsoFLOP (Approach 2): {sum(b.used for b in r.budgets)} of {len(r.budgets)} budgets used; "
                f"{r.n_bootstrap} bootstrap resamples within budgets, 95% intervals")
@@ -526,6 +576,7 @@ def register(app: typer.Typer, bench: typer.Typer | None = None) -> None:
     app.command("check")(check_cmd)
     app.command("isoflop")(isoflop_cmd)
     app.command("lr-rule")(lr_rule_cmd)
+    app.command("compare")(compare_cmd)
     if bench is not None:
         bench.command("fit")(bench_fit_cmd)
     else:

@@ -1,0 +1,30 @@
+"""Paired comparisons of variants (analysis.compare)."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from scipy import stats
+
+from analysis.compare import compare_variants
+
+
+def test_paired_differences_and_t_test():
+    ref = [2.00, 2.10, 1.90, 2.05]
+    var = [1.95, 2.08, 1.86, 2.06]
+    frame = pl.DataFrame({"family": ["a"] * 4 + ["b"] * 4, "seed": [0, 1, 2, 3] * 2, "L": [2, 2, 4, 4] * 2,
+                          "final/val_loss": ref + var})
+    (c,) = compare_variants(frame, variant=["family"], reference="base", pair=["L", "seed"],
+                            label={"a": "base", "b": "new"})
+    d = [v - r for v, r in zip(var, ref)]
+    assert c.variant == "new" and c.n_pairs == 4 and c.n_better == 3
+    assert c.mean_diff == pytest.approx(sum(d) / 4)
+    assert c.p_value == pytest.approx(stats.ttest_rel(var, ref).pvalue)
+    assert set(c.by_group) == {"2", "4"}
+    assert c.by_group["2"] == pytest.approx(100 * ((1.95 - 2.0) / 2.0 + (2.08 - 2.1) / 2.1) / 2)
+
+
+def test_unpaired_runs_are_left_out():
+    frame = pl.DataFrame({"family": ["a", "a", "b"], "seed": [0, 1, 0], "final/val_loss": [2.0, 2.1, 1.9]})
+    (c,) = compare_variants(frame, variant=["family"], reference="a", pair=["seed"])
+    assert c.n_pairs == 1
