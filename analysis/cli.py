@@ -305,7 +305,8 @@ def lr_rule_cmd(
 def compare_cmd(
     experiment: Annotated[str, typer.Argument(help="Study (MLflow experiment) name.")],
     variant: Annotated[list[str], typer.Option("--variant", help="Column(s) naming a variant (repeatable; "
-                                               "values joined with '/').")],
+                                               "values joined with '/'); 'topology' is layerwise, unipool "
+                                               "or rotational.")],
     reference: Annotated[str, typer.Option("--reference", help="The variant the others are compared with "
                                            "(a joined value, or a --label name).")],
     pair: Annotated[list[str], typer.Option("--pair", help="Columns a pair shares (repeatable), e.g. "
@@ -325,7 +326,7 @@ def compare_cmd(
     """
     from dataclasses import asdict
 
-    from analysis.compare import compare_variants
+    from analysis.compare import compare_variants, with_topology
     from analysis.errors import AnalysisError
     from analysis.loading import load_runs
 
@@ -336,7 +337,8 @@ def compare_cmd(
             if not sep:
                 raise AnalysisError("--label", item, "must be NAME=JOINED_VALUE")
             names[value] = name
-        frame = load_runs(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent).frame
+        frame = with_topology(load_runs(experiment, tracking_uri=_uri(tracking_uri, workspace),
+                                        parent_run_id=parent).frame)
         for col in pair:
             if col not in frame.columns:
                 raise AnalysisError("--pair", col, "is not a column")

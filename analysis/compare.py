@@ -17,7 +17,23 @@ import numpy as np
 
 from analysis.errors import AnalysisError
 
-__all__ = ["Comparison", "compare_variants", "variant_labels"]
+__all__ = ["Comparison", "compare_variants", "variant_labels", "with_topology"]
+
+
+def with_topology(frame):
+    """``frame`` with a ``topology`` column: ``layerwise`` (``P = L w``, ``s = w``), ``unipool``
+    (``w = P``), ``rotational`` (otherwise), ``dense`` (no pool), from the model columns."""
+    import polars as pl
+
+    need = ("model.pool_size", "model.window", "model.stride", "model.n_layers")
+    if not all(c in frame.columns for c in need):
+        return frame
+    P, w, s, L = (pl.col(c) for c in need)
+    topo = (pl.when((P == L * w) & (s == w)).then(pl.lit("layerwise"))
+            .when(w == P).then(pl.lit("unipool")).otherwise(pl.lit("rotational")))
+    if "model.ffn" in frame.columns:
+        topo = pl.when(pl.col("model.ffn") == "dense").then(pl.lit("dense")).otherwise(topo)
+    return frame.with_columns(topo.alias("topology"))
 
 
 @dataclass(frozen=True)

@@ -28,3 +28,24 @@ def test_unpaired_runs_are_left_out():
     frame = pl.DataFrame({"family": ["a", "a", "b"], "seed": [0, 1, 0], "final/val_loss": [2.0, 2.1, 1.9]})
     (c,) = compare_variants(frame, variant=["family"], reference="a", pair=["seed"])
     assert c.n_pairs == 1
+
+
+def test_topology_labels():
+    from analysis.compare import with_topology
+
+    frame = pl.DataFrame({"model.pool_size": [8, 8, 8], "model.window": [4, 8, 7], "model.stride": [4, 0, 4],
+                          "model.n_layers": [2, 2, 2]})
+    assert with_topology(frame)["topology"].to_list() == ["layerwise", "unipool", "rotational"]
+
+
+def test_compare_command(cli, logged_study):
+    import json
+
+    uri, exp, _, _ = logged_study
+    r = cli("compare", exp, "--tracking-uri", uri, "--variant", "model.window", "--reference", "w16",
+            "--label", "w16=16", "--pair", "model.d_model", "--pair", "final/tokens", "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert len(rows) == 3 and all(row["reference"] == "w16" and row["n_pairs"] >= 10 for row in rows)
+    r = cli("compare", exp, "--tracking-uri", uri, "--variant", "topology", "--reference", "nope")
+    assert r.exit_code == 2 and "is not a variant" in r.output
