@@ -83,3 +83,11 @@ def test_lr_rule_recovers_a_power_law_and_flags_edges():
     n, lr, loss = (np.array(v) for v in zip(*shifted))
     edged = fit_lr_rule(n, lr, loss, bootstrap=20)
     assert any("edge" in s["flags"] for s in edged.sizes) and not edged.identified
+
+
+def test_cooldown_branches_at_fractions_of_each_size(tmp_path):
+    fixed = {**FIXED, "train.schedule": "wsd"}
+    for p in LADDER.grid(fixed, {"sizes": [32, 64], "cooldowns": [0.25, 0.5]}):
+        t = p["train.tokens"]
+        assert p["train.cooldown_at"] == [round(0.25 * t / 4096) * 4096, round(0.5 * t / 4096) * 4096]
+        assert ss.check_point({**fixed, **p}) is None

@@ -19,6 +19,8 @@ in the way the scaling-law literature says they should and in no other way:
   Porian et al. 2024), ``"power"`` (``lr = train.lr * (N / N_ref)^-lr_exponent``, ``N_ref`` the
   smallest size's count unless ``lr_ref_params``), or the path of a rule fitted by ``moue
   lr-rule`` from an LR stage (``lr = c * N^-exponent``, the JSON it writes).
+- cooldown branches (``cooldowns``, fractions of each trial's tokens, for a ``wsd`` study): the
+  trial's ``train.cooldown_at``, so every size gets extra D points at the same relative lengths.
 - the LR stage: ``lr_scan`` (multipliers, e.g. ``[0.25, 0.5, 1, 2, 4]``) runs every size at each
   multiple of its rule's LR, at ``lr_scan_tokens_per_param`` tokens per parameter (short); ``moue
   lr-rule`` then fits the optimum per size and the power law through them.
@@ -99,6 +101,8 @@ def _train_settings(fixed, opts, n_active: int, n_ref: int, multiplier: float, s
     if per_param:
         tokens = max(batch, half_up(per_param * n_active / batch) * batch)
         out["train.tokens"] = tokens
+    if opts["cooldowns"] and not scan:  # branch points as fractions of this trial's tokens (wsd)
+        out["train.cooldown_at"] = sorted({max(1, half_up(f * tokens / batch)) * batch for f in opts["cooldowns"]})
     if opts["warmup"] == "per_param":
         out["train.warmup_frac"] = round(min(0.2, n_active / tokens), 4)
     rule, lr = opts["lr_rule"], train_value(fixed, "lr")
@@ -170,6 +174,7 @@ SPACE = Space(
         "lr_ref_params": 0.0,
         "lr_scan": [],  # the LR stage: multipliers of each size's LR
         "lr_scan_tokens_per_param": 5.0,
+        "cooldowns": [],  # wsd cooldown branches at these fractions of each trial's tokens
         **{k: vw.SPACE.defaults[k] for k in _VW_OPTIONS},
     },
     smoke={"sizes": [16, 32], "tokens_per_param": 0.05, "warmup": "study", "active_tol": 0.5},
@@ -180,7 +185,8 @@ SPACE = Space(
     bounds={"sizes": (1, 1e12), "experts_per_layer": (1, 1024), "head_dim": (2, 1024), "expert_ratio": (0, 64),
             "router_state_ratio": (0.0, 16.0), "tokens_per_param": (0.0, 1e6), "lr_exponent": (-4.0, 4.0),
             "lr_ref_params": (0.0, 1e15), "lr_scan": (1e-4, 1e4), "lr_scan_tokens_per_param": (1e-3, 1e6),
+            "cooldowns": (0.01, 0.8),
             **{k: v for k, v in vw.SPACE.bounds.items() if k in _VW_OPTIONS}},
-    item_types={"sizes": float, "lr_scan": float},
+    item_types={"sizes": float, "lr_scan": float, "cooldowns": float},
     check=_check,
 )
