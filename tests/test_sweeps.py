@@ -3,6 +3,8 @@ an `mlflow server`, a killed driver and a killed worker."""
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -274,6 +276,10 @@ def test_every_shipped_study_runs_as_smoke(spec: str, local_ray, tmp_path) -> No
         assert (ws.root / "conversion" / "conversion-smoke-base.pt").is_file()
         windows = sorted({int(c.data.params["model.window"]) for c in children})
         assert len(windows) >= 2  # the control and a widened window
+    if spec == "ladder.toml":  # every size's cooldown branches reach MLflow as final/cooldown/<t>/*
+        for c in children:
+            at = [int(t) for t in json.loads(c.data.params["config.json"])["train.cooldown_at"]]
+            assert at and all(f"final/cooldown/{t}/val_loss" in c.data.metrics for t in at)
     if len(study.budgets) > 1:  # every trial ran its own budget
         assert sorted({int(c.data.metrics["final/tokens"]) for c in children}) == list(study.budgets)
         assert all(int(c.data.metrics["final/tokens"]) == int(c.data.params["train.tokens"]) for c in children)
