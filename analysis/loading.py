@@ -306,10 +306,12 @@ def with_cooldown_points(frame: pl.DataFrame) -> pl.DataFrame:
     each branch is its own (N, D) point. ``point`` says which (``final``, or ``cooldown@<t>`` for the
     branch forked at ``t`` tokens); ``run_id`` stays the run's, so a bootstrap by run resamples a
     run with its branches. A branch that diverged (NaN loss) is left out. The ``final/cooldown/*``
-    columns are dropped."""
+    columns are dropped. A frame without branches is returned as it is."""
     import polars as pl
 
     at = sorted({int(m.group(1)) for c in frame.columns if (m := _COOLDOWN.match(c))})
+    if not at:
+        return frame
     base = frame.drop([c for c in frame.columns if c.startswith("final/cooldown/")])
     parts = [base.with_columns(pl.lit("final").alias("point"))]
     for t in at:

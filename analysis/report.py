@@ -188,12 +188,13 @@ def write_report(
     of the fits (and which rows a law was fitted on) are listed in the report and returned in
     ``ReportResult.notes``, each once."""
     from analysis import render as R
-    from analysis.loading import load_runs
+    from analysis.loading import load_runs, with_cooldown_points
 
     for name in laws:
         get_law(name)
     runs = load_runs(experiment, tracking_uri=tracking_uri, parent_run_id=parent_run_id, curves=True)
-    frame = runs.frame
+    # cooldown branches (train.cooldown_at) are (N, D) points of their own, resampled with their run
+    frame = with_cooldown_points(runs.frame)
     if frame.height == 0:
         why = ", ".join(f"{v} {k}" for k, v in sorted(runs.excluded.items()))
         raise AnalysisError("experiment", experiment, "has no finished trials to report on"
@@ -210,7 +211,8 @@ def write_report(
     lead = headline(fitted.fits, laws)
     approaches = approach_rows(runs, fitted.fits, seed=seed)
     sections = _sections(fitted, tests, notes, prov, have_v="loss_vs_virtual_width" in figs)
-    sections.insert(0, ("Summary", _summary_html(fitted, tests, lead, n_runs=frame.height)))
+    sections.insert(0, ("Summary", _summary_html(fitted, tests, lead, n_runs=runs.frame.height,
+                                                 n_points=frame.height)))
     sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)))
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +223,7 @@ def write_report(
     logged = _log_report(out, runs.parents, tracking_uri) if log_artifact else ()
     return ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
                         figures=tuple(figs), notes=notes + tuple(extra_notes),
-                        logged_to=logged, n_runs=frame.height, excluded=dict(runs.excluded), headline=lead,
+                        logged_to=logged, n_runs=runs.frame.height, excluded=dict(runs.excluded), headline=lead,
                         approaches=tuple(approaches))
 
 
@@ -271,18 +273,20 @@ def _approaches_html(rows) -> str:
                     "groups runs within 0.1 decades of compute into budgets.</p>")
 
 
-def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | None, *, n_runs: int) -> str:
+def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | None, *, n_runs: int,
+                  n_points: int) -> str:
     """The plain-language paragraph at the top, and every law's verdict."""
     fits = fitted.fits
+    runs_text = f"{n_runs} runs" + (f" ({n_points} points with their cooldown branches)" if n_points > n_runs else "")
     if lead is None:
-        text = (f"{n_runs} runs. <b>No law is identified</b> by these runs, so none of the fitted values "
+        text = (f"{runs_text}. <b>No law is identified</b> by these runs, so none of the fitted values "
                 "below is a result (each law's reasons are listed).")
     else:
         r = fits[lead]
         exps = ", ".join(f"{k} = {r.params[k]:.3g} [{r.ci[k][0]:.3g}, {r.ci[k][1]:.3g}]"
                          for k in r.law_spec.exponents if k in r.ci)
         h = r.holdout
-        text = (f"{n_runs} runs. Headline law: <b>{html.escape(lead)}</b> ({html.escape(r.law_spec.formula)}): "
+        text = (f"{runs_text}. Headline law: <b>{html.escape(lead)}</b> ({html.escape(r.law_spec.formula)}): "
                 f"{html.escape(exps)} (95% bootstrap intervals); hold-out MAPE {h.mape:.2f}% on {h.n_test} "
                 "largest-compute runs.")
     v_tests = [t for t in tests.values() if t.law in fits and fits[t.law].verdict.identified]
