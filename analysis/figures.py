@@ -25,6 +25,7 @@ __all__ = [
     "ScatterData",
     "Series",
     "architecture_labels",
+    "family_labels",
     "bootstrap_data",
     "holdout_data",
     "loss_vs_compute_data",
@@ -137,6 +138,37 @@ def architecture_labels(frame, columns: Sequence[str] = ARCH_COLUMNS) -> list[st
             for i in range(frame.height)]
 
 
+# readable family names: (topology, router, balance, window layout) -> name (analysis.compare.with_topology)
+FAMILY_NAMES = {
+    ("layerwise", "softmax", "switch", "ring"): "layerwise MoE",
+    ("unipool", "norm", "pool", "ring"): "UniPool-style",
+    ("rotational", "trajectory", "exposure", "ring"): "MoUE-style (ring)",
+    ("rotational", "trajectory", "exposure", "clamped"): "MoUE-style",
+    ("rotational", "softmax", "switch", "ring"): "rotational windows",
+    ("rotational", "softmax", "switch", "clamped"): "rotational + clamped",
+    ("rotational", "trajectory", "switch", "ring"): "rotational + trajectory",
+    ("rotational", "softmax", "exposure", "ring"): "rotational + exposure",
+}
+
+
+def family_labels(frame) -> list[str] | None:
+    """The architecture family of each row (``FAMILY_NAMES``, else ``topology router/balance``), or
+    ``None`` when the frame lacks the model columns (then ``architecture_labels`` is used)."""
+    from analysis.compare import with_topology
+
+    cols = ("model.router", "model.balance")
+    framed = with_topology(frame)
+    if "topology" not in framed.columns or not all(c in frame.columns for c in cols):
+        return None
+    layout = (framed.get_column("model.window_layout").to_list() if "model.window_layout" in framed.columns
+              else ["ring"] * framed.height)
+    out = []
+    for key in zip(framed.get_column("topology").to_list(), *(framed.get_column(c).to_list() for c in cols), layout):
+        key = tuple("ring" if v is None else str(v) for v in key)
+        out.append(FAMILY_NAMES.get(key, f"{key[0]} {key[1]}/{key[2]}" + ("" if key[3] == "ring" else f" {key[3]}")))
+    return out
+
+
 def _band(name, x, samples, point, level):
     lo, hi = percentile_interval(samples, level) if samples.shape[0] > 1 else (point, point)
     return Band(name=name, x=tuple(map(float, x)), y=tuple(map(float, point)),
@@ -155,18 +187,23 @@ def loss_vs_compute_data(frame, *, loss: str, compute: str, fits: Mapping[str, F
         m = [i for i, v in enumerate(labels) if v == lab]
         points.append(Series(name=lab, x=tuple(float(x[i]) for i in m),
                              y=tuple(float(y[i]) for i in m), text=tuple(runs[i] for i in m)))
-    grid = np.geomspace(x.min(), x.max() * 10, 60)
+    # the fitted range solid, a decade beyond it as a marked extrapolation (name ends "extrapolated")
+    ranges = (("", np.geomspace(x.min(), x.max(), 40)), (" (extrapolated)", np.geomspace(x.max(), x.max() * 10, 20)))
     curves = []
     for name, r in fits.items():
-        if name == "compute":
-            pt = r.predict({"C": grid})
-            bs = r.predict({"C": grid}, samples=True) if r.n_bootstrap > 1 else pt[None]
-            curves.append(_band("compute law", grid, bs, pt, r.level))
-        elif r.law_spec.optimum is not None:
-            # compute-optimal frontier: N_opt(C), D_opt(C) from the fitted law at each C
-            curves.append(_frontier(r, grid))
-    return ScatterData(title="Loss vs compute by architecture", x_label=f"compute ({compute})",
-                       y_label=f"loss ({loss})", points=tuple(points), curves=tuple(curves))
+        tag = "" if r.verdict.identified else " (not identified)"  # drawn grey: not a result
+        for suffix, grid in ranges:
+            suffix = tag + suffix
+            if name == "compute":
+                pt = r.predict({"C": grid})
+                bs = r.predict({"C": grid}, samples=True) if r.n_bootstrap > 1 else pt[None]
+                curves.append(_band("compute law" + suffix, grid, bs, pt, r.level))
+            elif r.law_spec.optimum is not None:
+                # compute-optimal frontier: N_opt(C), D_opt(C) from the fitted law at each C
+                band = _frontier(r, grid)
+                curves.append(Band(name=band.name + suffix, x=band.x, y=band.y, lo=band.lo, hi=band.hi))
+    return ScatterData(title="Loss vs compute by architecture family", x_label=f"training compute (FLOPs, {compute})",
+                       y_label=f"validation loss (nats per token, {loss})", points=tuple(points), curves=tuple(curves))
 
 
 def _frontier(r: FitResult, grid: np.ndarray) -> Band:

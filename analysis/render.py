@@ -35,18 +35,28 @@ def _go():
     return go
 
 
+# one distinct colour per series (plotly's 24-colour qualitative palette; the default cycles 10)
+PALETTE = ("#2E91E5", "#E15F99", "#1CA71C", "#FB0D0D", "#DA16FF", "#222A2A", "#B68100", "#750D86", "#EB663B",
+           "#511CFB", "#00A08B", "#FB00D1", "#FC0080", "#B2828D", "#6C7C32", "#778AAE", "#862A16", "#A777F1",
+           "#620042", "#1616A7", "#DA60CA", "#6C4516", "#0D2A63", "#AF0038")
+
+
 def draw_scatter(data: ScatterData):
     go = _go()
     fig = go.Figure()
-    for s in data.points:
+    for i, s in enumerate(data.points):
         fig.add_trace(go.Scatter(x=s.x, y=s.y, mode="markers", name=s.name,
-                                 text=s.text or None,
+                                 marker={"color": PALETTE[i % len(PALETTE)]}, text=s.text or None,
                                  hovertemplate="%{x:.3g}, %{y:.4f}<br>%{text}"))
     for c in data.curves:
+        dashed, grey = c.name.endswith("(extrapolated)"), "(not identified)" in c.name
+        line = {"dash": "dash"} if dashed else {}
+        if grey:
+            line["color"] = "#aaaaaa"
         fig.add_trace(go.Scatter(x=c.x + c.x[::-1], y=c.hi + c.lo[::-1], fill="toself",
-                                 line={"width": 0}, opacity=0.2, hoverinfo="skip",
+                                 line={"width": 0}, opacity=0.1 if dashed or grey else 0.2, hoverinfo="skip",
                                  name=f"{c.name} band", showlegend=False))
-        fig.add_trace(go.Scatter(x=c.x, y=c.y, mode="lines", name=c.name))
+        fig.add_trace(go.Scatter(x=c.x, y=c.y, mode="lines", name=c.name, line=line))
     fig.update_layout(title=data.title, xaxis_title=data.x_label, yaxis_title=data.y_label,
                       **_LAYOUT)
     if data.log_x:

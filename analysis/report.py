@@ -305,7 +305,7 @@ def _figures(frame, fits: dict[str, FitResult], loss: str) -> dict[str, object]:
     from analysis import render as R
 
     compute = DEFAULT_COLUMNS["C"] if DEFAULT_COLUMNS["C"] in frame.columns else loss
-    labels = F.architecture_labels(frame)
+    labels = F.family_labels(frame) or F.architecture_labels(frame)
     v_law = next((fits[n] for n in ("vw_multiplicative", "vw_additive", "vw_interaction")
                   if n in fits), None)
     figs = {

@@ -49,3 +49,14 @@ def test_compare_command(cli, logged_study):
     assert len(rows) == 3 and all(row["reference"] == "w16" and row["n_pairs"] >= 10 for row in rows)
     r = cli("compare", exp, "--tracking-uri", uri, "--variant", "topology", "--reference", "nope")
     assert r.exit_code == 2 and "is not a variant" in r.output
+
+
+def test_family_labels_name_the_architectures():
+    from analysis.figures import family_labels
+
+    frame = pl.DataFrame({"model.pool_size": [8, 8, 8, 8], "model.window": [4, 8, 7, 7], "model.stride": [4, 0, 4, 4],
+                          "model.n_layers": [2, 2, 2, 2], "model.router": ["softmax", "norm", "trajectory", "softmax"],
+                          "model.balance": ["switch", "pool", "exposure", "exposure"],
+                          "model.window_layout": ["ring", "ring", "clamped", "ring"]})
+    assert family_labels(frame) == ["layerwise MoE", "UniPool-style", "MoUE-style", "rotational + exposure"]
+    assert family_labels(pl.DataFrame({"x": [1]})) is None

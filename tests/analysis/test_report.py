@@ -36,9 +36,17 @@ def test_loss_vs_compute_data(study):
     d = F.loss_vs_compute_data(frame, loss="final/val_loss", compute="final/flops", fits=fits,
                                labels=labels)
     assert len(d.points) == 4 and sum(len(s.x) for s in d.points) == frame.height
-    (band,) = d.curves  # the compute law's curve (chinchilla's frontier only when it is fitted)
-    lo, y, hi = (np.array(v) for v in (band.lo, band.y, band.hi))
-    assert np.all(lo <= y + 1e-12) and np.all(y <= hi + 1e-12) and np.all(hi > lo)
+    # the compute law's curve over the fitted compute, then a decade beyond it marked as extrapolated
+    # (chinchilla's frontier only when it is fitted); an unidentified law is named so
+    fitted, beyond = d.curves
+    assert beyond.name.endswith("(extrapolated)") and not fitted.name.endswith("(extrapolated)")
+    x = frame["final/flops"].to_numpy()
+    assert fitted.x[0] == pytest.approx(x.min()) and fitted.x[-1] == pytest.approx(x.max())
+    assert beyond.x[0] == pytest.approx(x.max()) and beyond.x[-1] == pytest.approx(10 * x.max())
+    assert ("(not identified)" in fitted.name) == (not fits["compute"].verdict.identified)
+    for band in d.curves:
+        lo, y, hi = (np.array(v) for v in (band.lo, band.y, band.hi))
+        assert np.all(lo <= y + 1e-12) and np.all(y <= hi + 1e-12) and np.all(hi > lo)
 
 
 def test_loss_vs_virtual_width_data(study):
