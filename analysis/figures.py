@@ -6,6 +6,7 @@ draws them. Bands are central ``level`` percentile intervals of the bootstrap pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ __all__ = [
     "bootstrap_data",
     "holdout_data",
     "loss_vs_compute_data",
+    "isoflop_data",
     "loss_vs_virtual_width_data",
     "model_rows",
     "parallel_data",
@@ -204,6 +206,29 @@ def loss_vs_compute_data(frame, *, loss: str, compute: str, fits: Mapping[str, F
                 curves.append(Band(name=band.name + suffix, x=band.x, y=band.y, lo=band.lo, hi=band.hi))
     return ScatterData(title="Loss vs compute by architecture family", x_label=f"training compute (FLOPs, {compute})",
                        y_label=f"validation loss (nats per token, {loss})", points=tuple(points), curves=tuple(curves))
+
+
+def isoflop_data(iso) -> ScatterData:
+    """IsoFLOP profiles (``analysis.isoflop``): each budget's runs, its parabola in ln N over the
+    sampled range, and its minimum (a point series of the minima)."""
+    points, curves = [], []
+    for b in iso.budgets:
+        name = f"C = {b.compute:.2g} FLOPs" + ("" if b.used else " (no minimum)")
+        points.append(Series(name=name, x=b.n, y=b.loss))
+        p2, p1, p0, m = b.parabola
+        if math.isfinite(p2):
+            grid = np.geomspace(b.n_range[0], b.n_range[1], 30)
+            u = np.log(grid) - m
+            y = p0 + p1 * u + p2 * u * u
+            curves.append(Band(name=f"parabola, {name}", x=tuple(map(float, grid)), y=tuple(map(float, y)),
+                               lo=tuple(map(float, y)), hi=tuple(map(float, y))))
+    used = [b for b in iso.budgets if b.used]
+    points.append(Series(name="minima (N_opt, loss)", x=tuple(b.n_opt for b in used),
+                         y=tuple(b.loss_opt for b in used)))
+    return ScatterData(title=f"IsoFLOP profiles: N_opt ~ C^{iso.a:.3f} [{iso.a_ci[0]:.3f}, {iso.a_ci[1]:.3f}]"
+                             + ("" if iso.identified else " (not identified)"),
+                       x_label="active parameters N", y_label="final validation loss (nats per token)",
+                       points=tuple(points), curves=tuple(curves))
 
 
 def _frontier(r: FitResult, grid: np.ndarray) -> Band:

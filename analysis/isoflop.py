@@ -52,6 +52,9 @@ class Budget:
     curvature: float  # p2 of the parabola in ln N (> 0 for a minimum)
     used: bool
     flags: tuple[str, ...]
+    n: tuple[float, ...] = ()  # the budget's runs (the figure draws them with the parabola)
+    loss: tuple[float, ...] = ()
+    parabola: tuple[float, float, float, float] = (math.nan,) * 4  # (p2, p1, p0, centre): loss in u = ln N - centre
 
 
 @dataclass(frozen=True)
@@ -95,13 +98,19 @@ def group_budgets(log_c: np.ndarray, tol_dex: float) -> list[np.ndarray]:
     return groups
 
 
+def _parabola(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    """(p2, p1, p0, centre) of the least-squares parabola in ``x - centre`` (centred, for conditioning)."""
+    m = float(x.mean())
+    p2, p1, p0 = np.polyfit(x - m, y, 2)
+    return float(p2), float(p1), float(p0), m
+
+
 def _vertex(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """(vertex x, vertex y, curvature p2) of the least-squares parabola in ``x`` (centred, for
     conditioning); the vertex is NaN without a minimum or with fewer than 3 distinct ``x``."""
     if len(np.unique(x)) < 3:
         return math.nan, math.nan, math.nan
-    m = x.mean()
-    p2, p1, p0 = np.polyfit(x - m, y, 2)
+    p2, p1, p0, m = _parabola(x, y)
     if not p2 > 0:
         return math.nan, math.nan, float(p2)
     u = -p1 / (2 * p2)
@@ -131,7 +140,9 @@ def _budget(loss, ln_n, ln_d, c, idx, wide_dex) -> Budget:
         ln_d_opt = _vertex(ln_d[idx], y)[0]
     return Budget(compute=math.exp(ln_c), n_points=len(idx), n_range=(math.exp(lo), math.exp(hi)),
                   n_opt=float(np.exp(xv)), d_opt=float(np.exp(ln_d_opt)), loss_opt=yv, curvature=p2,
-                  used="no-minimum" not in flags and math.isfinite(ln_d_opt), flags=tuple(flags))
+                  used="no-minimum" not in flags and math.isfinite(ln_d_opt), flags=tuple(flags),
+                  n=tuple(float(v) for v in np.exp(x)), loss=tuple(float(v) for v in y),
+                  parabola=_parabola(x, y) if len(np.unique(x)) >= 3 else (math.nan,) * 4)
 
 
 def _slopes(budgets) -> tuple[float, float]:

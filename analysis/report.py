@@ -209,11 +209,16 @@ def write_report(
     prov = _provenance_rows(runs, experiment=experiment, tracking_uri=tracking_uri, flt=flt,
                             loss=loss, delta=delta, n_bootstrap=n_bootstrap, seed=seed)
     lead = headline(fitted.fits, laws)
-    approaches = approach_rows(runs, fitted.fits, seed=seed)
+    approaches, iso = approach_rows(runs, fitted.fits, seed=seed)
+    if iso is not None:
+        from analysis import figures as F
+
+        figs["isoflop"] = R.draw_scatter(F.isoflop_data(iso))
     sections = _sections(fitted, tests, notes, prov, have_v="loss_vs_virtual_width" in figs)
     sections.insert(0, ("Summary", _summary_html(fitted, tests, lead, n_runs=runs.frame.height,
                                                  n_points=frame.height)))
-    sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)))
+    sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)
+                        + ("{{figure:isoflop}}" if iso is not None else "")))
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(R.page(title=f"moue report: {experiment}", sections=sections, figures=figs),
@@ -227,11 +232,11 @@ def write_report(
                         approaches=tuple(approaches))
 
 
-def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> list:
+def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[list, object]:
     """Approaches 1-3 (``analysis.approaches``) on a study's runs: the envelope of the ``val/loss``
     curves against ``derived.flops_per_token * tokens``, IsoFLOP profiles of the final losses
     (``final/flops`` budgets), and the laws' ``a_opt``; an approach the runs cannot support is a
-    row with its reason."""
+    row with its reason. Also returns the IsoFLOP result (``None`` when it could not be computed)."""
     import numpy as np
 
     from analysis.approaches import ApproachRow, envelope, three_approaches
@@ -256,7 +261,7 @@ def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> list:
                       np.asarray(frame[DEFAULT_COLUMNS["C"]], float), bootstrap=200, seed=seed)
     except (AnalysisError, KeyError) as e:
         missing.append(ApproachRow("2: IsoFLOP profiles", None, None, None, None, False, (str(e),)))
-    return three_approaches(env=env, iso=iso, fits=fits) + missing
+    return three_approaches(env=env, iso=iso, fits=fits) + missing, iso
 
 
 def _approaches_html(rows) -> str:

@@ -94,3 +94,16 @@ def test_isoflop_cli_json(cli, tmp_path):
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     r = cli("isoflop", CSV, "--loss", "loss", "--set", "N=Model Size")
     assert r.exit_code == 2 and "C" in r.output
+
+
+def test_isoflop_figure_data_draws_each_budget_and_its_minimum():
+    from analysis.figures import isoflop_data
+
+    loss, n, c, _ = _chinchilla_grid(np.logspace(18, 21, 4))
+    r = isoflop(loss, n, c, bootstrap=20)
+    d = isoflop_data(r)
+    assert len(d.points) == 5 and d.points[-1].name.startswith("minima")
+    assert len(d.curves) == 4
+    for b, curve in zip(r.budgets, d.curves):
+        i = int(np.argmin(curve.y))  # the drawn parabola bottoms out near the budget's minimum
+        assert curve.x[i] == pytest.approx(b.n_opt, rel=0.2) and min(curve.y) == pytest.approx(b.loss_opt, abs=1e-3)
