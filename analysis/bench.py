@@ -129,7 +129,34 @@ def _measure(reference_starts: int) -> dict:
         "best_basin_starts_ours": int(ours.basin.sum()),
         "bootstrap_1000_s": boot_s,
         "bootstrap_sd": sd,
+        **machine(),
     }
+
+
+def machine() -> dict:
+    """The CPU model and numpy's BLAS (name, version, threads where it says): the fit's speed
+    depends on both, so every benchmark records them."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    blas = "unknown"
+    try:
+        from threadpoolctl import threadpool_info
+
+        libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        if libs:
+            blas = ", ".join(f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} threads)" for i in libs)
+    except ImportError:
+        config = np.show_config(mode="dicts") if "mode" in np.show_config.__code__.co_varnames else {}
+        lib = config.get("Build Dependencies", {}).get("blas", {}) if isinstance(config, dict) else {}
+        blas = f"{lib.get('name', 'unknown')} {lib.get('version', '')}".strip()
+    return {"cpu": cpu, "blas": blas, "cpu_count": os.cpu_count(), "numpy": np.__version__}
 
 
 def _describe(result: dict) -> str:
@@ -138,7 +165,8 @@ def _describe(result: dict) -> str:
     scaled = (f" (measured {result['reference_measured_s']:.2f} s on {n_ref} random starts, "
               f"scaled x{S / n_ref:.1f} to {S})" if result["reference_scaled"] else "")
     return "\n".join([
-        f"Chinchilla fit, Epoch AI data (240 points), {S} starts, Huber delta {_DELTA:g}",
+        f"Chinchilla fit, Epoch AI data (240 points), {S} starts, Huber delta {_DELTA:g}; "
+        f"CPU {result['cpu']}, BLAS {result['blas']}",
         f"  moue batched trust-region Newton: {result['fit_s']:8.2f} s  "
         f"({result['best_basin_starts_ours']} starts reached the best basin)",
         f"  scipy L-BFGS-B loop (ftol=0, analytic gradient): {result['reference_s']:8.2f} s"
