@@ -268,6 +268,7 @@ def lr_rule_cmd(
     workspace: Annotated[Path, _WORKSPACE] = Path(DEFAULT_WORKSPACE),
     parent: Annotated[str | None, _PARENT] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples (within sizes).")] = 1000,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a page with the LR curves and the rule.")] = None,
 ) -> None:
     """Fit lr = c * N^-exponent to an LR stage (a ladder with space.lr_scan): the optimum per size
     from a parabola in ln lr, then the power law, with a bootstrap interval and a verdict.
@@ -291,6 +292,14 @@ def lr_rule_cmd(
     text = json.dumps(rule.as_dict(), allow_nan=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text + "\n")
+    if html is not None:
+        from analysis import figures as F
+        from analysis import render as R
+
+        fig = R.draw_scatter(F.lr_rule_data(rule))
+        html.parent.mkdir(parents=True, exist_ok=True)
+        html.write_text(R.page(title=f"moue lr-rule: {experiment}", sections=[("LR curves and the rule", "{{figure:lr}}")],
+                               figures={"lr": fig}), encoding="utf-8")
     if as_json:
         typer.echo(text)
         return

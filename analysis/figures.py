@@ -31,6 +31,7 @@ __all__ = [
     "holdout_data",
     "loss_vs_compute_data",
     "isoflop_data",
+    "lr_rule_data",
     "loss_vs_virtual_width_data",
     "model_rows",
     "parallel_data",
@@ -229,6 +230,20 @@ def isoflop_data(iso) -> ScatterData:
                              + ("" if iso.identified else " (not identified)"),
                        x_label="active parameters N", y_label="final validation loss (nats per token)",
                        points=tuple(points), curves=tuple(curves))
+
+
+def lr_rule_data(rule) -> ScatterData:
+    """An LR stage (``analysis.lr_rule``): each size's loss against its learning rates with the
+    optimum marked, in the title the fitted rule."""
+    points = [Series(name=f"N = {s['n']:.3g}" + (f" ({', '.join(s['flags'])})" if s["flags"] else ""),
+                     x=tuple(s["lrs"]), y=tuple(s["losses"])) for s in rule.sizes]
+    used = [s for s in rule.sizes if s["used"]]
+    points.append(Series(name="optimum per size", x=tuple(s["lr_opt"] for s in used),
+                         y=tuple(s["loss_opt"] for s in used)))
+    lo, hi = rule.exponent_ci
+    return ScatterData(title=f"LR stage: lr = {rule.c:.3g} N^-{rule.exponent:.3f} (exponent 95% [{lo:.3f}, {hi:.3f}])"
+                             + ("" if rule.identified else " (not identified)"),
+                       x_label="learning rate", y_label="final validation loss (nats per token)", points=tuple(points))
 
 
 def _frontier(r: FitResult, grid: np.ndarray) -> Band:

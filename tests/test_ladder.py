@@ -78,6 +78,10 @@ def test_lr_rule_recovers_a_power_law_and_flags_edges():
     rule = fit_lr_rule(n, lr, loss, bootstrap=100)
     assert rule.exponent == pytest.approx(e, abs=1e-6) and rule.c == pytest.approx(c, rel=1e-5)
     assert rule.identified and rule.lr(1e5) == pytest.approx(c * 1e5 ** -e)
+    from analysis.figures import lr_rule_data
+
+    fig = lr_rule_data(rule)
+    assert len(fig.points) == 6 and fig.points[-1].x == pytest.approx([c * n ** -e for n in (1e4, 3e4, 1e5, 3e5, 1e6)])
     # the true optimum 20x above the scanned LRs at every size: each vertex is outside the scan
     shifted = [(a, b, 2.0 + 0.1 * math.log(b / (20 * c * a ** -e)) ** 2) for a, b, _ in rows]
     n, lr, loss = (np.array(v) for v in zip(*shifted))
