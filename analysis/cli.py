@@ -122,11 +122,16 @@ def _read_table(path: Path):
     if not path.exists():
         raise AnalysisError("FILE", str(path), "does not exist")
     suffixes = "".join(path.suffixes[-2:]).lower()
-    if path.suffix.lower() == ".parquet":
-        return pl.read_parquet(path)
-    if path.suffix.lower() == ".csv" or suffixes == ".csv.gz":
-        return pl.read_csv(path)
-    raise AnalysisError("FILE", str(path), "must be .csv, .csv.gz or .parquet")
+    if path.suffix.lower() != ".parquet" and not (path.suffix.lower() == ".csv" or suffixes == ".csv.gz"):
+        raise AnalysisError("FILE", str(path), "must be .csv, .csv.gz or .parquet")
+    try:
+        frame = pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path)
+    except (pl.exceptions.NoDataError, pl.exceptions.ComputeError, OSError) as e:
+        raise AnalysisError("FILE", str(path), f"is not a readable table ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'empty'})") from None
+    if frame.height == 0:
+        raise AnalysisError("FILE", str(path), f"has no rows (columns: {', '.join(frame.columns) or 'none'})")
+    return frame
 
 
 def _apply_sets(frame, sets: list[str], law) -> tuple[object, dict[str, str]]:

@@ -176,3 +176,11 @@ def test_check_a_law_without_d_on_the_rows_of_its_baseline(cli, logged_study, tm
     assert r.exit_code == 0, r.output
     assert "paired" in r.stdout and "pass" in " ".join(r.stdout.split()), r.stdout
     assert "largest token budget" in fitted["provenance"]["filter"]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "loss,x\n"])
+def test_fit_on_an_empty_or_blank_table_is_one_line_and_exit_2(cli, tmp_path, text):
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    r = cli("fit", path, "--law", "compute", "--loss", "loss", "--set", "C=x")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "FILE" in r.output, r.output
