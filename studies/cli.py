@@ -288,12 +288,37 @@ def run_cmd(
     for test in res.tests.values():
         typer.echo(f"{test.law} vs {test.nested}: LR {test.lr_stat:.2f} (df {test.df}), p = {test.p_value:.3g}; "
                    f"AIC {test.aic:.1f} vs {test.aic_nested:.1f}")
+    typer.echo(_virtual_width_line(res))
     for name, why in res.skipped.items():
         typer.echo(f"{name}: not fitted: {why}")
     for note in res.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"\nreport: {res.path}")
     typer.echo(f"browse the runs: moue ui --workspace {workspace}   (MLflow UI on http://127.0.0.1:5000)")
+
+
+def _virtual_width_line(res) -> str:
+    """One line: what virtual width did, from the first identified law with a V term (its V
+    parameters with 95% intervals and the likelihood-ratio test against the law without V)."""
+    for test in res.tests.values():
+        fit = res.fits.get(test.law)
+        if fit is None or not fit.verdict.identified:
+            continue
+        extra = [k for k in fit.params if k not in _nested_params(fit)]
+        terms = ", ".join(f"{k} = {fit.params[k]:.3g} [{fit.ci[k][0]:.3g}, {fit.ci[k][1]:.3g}]" for k in extra if k in fit.ci)
+        helps = "helps" if test.p_value < 0.05 else "is not shown to help"
+        return (f"virtual width: {test.law}: {terms} (95% bootstrap intervals); likelihood-ratio test against "
+                f"{test.nested}: p = {test.p_value:.3g}, so at this scale virtual width {helps}")
+    v_laws = [n for n in res.tests if n in res.fits]
+    if not v_laws:
+        return "virtual width: no law with a V term was fitted"
+    return ("virtual width: no law with a V term is identified by these runs (" +
+            "; ".join(f"{n}: {res.fits[n].verdict.reasons[0]}" for n in v_laws) + ")")
+
+
+def _nested_params(fit) -> tuple[str, ...]:
+    nested = fit.law_spec.nested_law
+    return () if nested is None else tuple(nested.natural)
 
 
 def _print_laws(fits) -> None:
