@@ -340,7 +340,7 @@ def compare_cmd(
     """
     from dataclasses import asdict
 
-    from analysis.compare import compare_variants, with_topology
+    from analysis.paired import compare_variants, with_topology
     from analysis.errors import AnalysisError
     from analysis.loading import load_runs
 

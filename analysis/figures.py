@@ -141,7 +141,7 @@ def architecture_labels(frame, columns: Sequence[str] = ARCH_COLUMNS) -> list[st
             for i in range(frame.height)]
 
 
-# readable family names: (topology, router, balance, window layout) -> name (analysis.compare.with_topology)
+# readable family names: (topology, router, balance, window layout) -> name (analysis.paired.with_topology)
 FAMILY_NAMES = {
     ("layerwise", "softmax", "switch", "ring"): "layerwise MoE",
     ("unipool", "norm", "pool", "ring"): "UniPool-style",
@@ -157,7 +157,7 @@ FAMILY_NAMES = {
 def family_labels(frame) -> list[str] | None:
     """The architecture family of each row (``FAMILY_NAMES``, else ``topology router/balance``), or
     ``None`` when the frame lacks the model columns (then ``architecture_labels`` is used)."""
-    from analysis.compare import with_topology
+    from analysis.paired import with_topology
 
     cols = ("model.router", "model.balance")
     framed = with_topology(frame)

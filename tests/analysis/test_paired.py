@@ -1,4 +1,4 @@
-"""Paired comparisons of variants (analysis.compare)."""
+"""Paired comparisons of variants (analysis.paired)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from analysis.compare import compare_variants
+from analysis.paired import compare_variants
 
 
 def test_paired_differences_and_t_test():
@@ -31,7 +31,7 @@ def test_unpaired_runs_are_left_out():
 
 
 def test_topology_labels():
-    from analysis.compare import with_topology
+    from analysis.paired import with_topology
 
     frame = pl.DataFrame({"model.pool_size": [8, 8, 8], "model.window": [4, 8, 7], "model.stride": [4, 0, 4],
                           "model.n_layers": [2, 2, 2]})
