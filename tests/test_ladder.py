@@ -19,7 +19,8 @@ LADDER = ss.get_space("ladder")
 
 
 def test_each_size_derives_its_settings_from_the_dial():
-    points = LADDER.grid(FIXED, {"sizes": [32, 64, 128], "lr_rule": "power", "lr_exponent": 0.5})
+    points = LADDER.grid(FIXED, {"sizes": [32, 64, 128], "lr_rule": "power", "lr_exponent": 0.5,
+                                 "families": ["layerwise"]})
     assert [p["model.d_model"] for p in points] == [32, 64, 128]
     n0 = ss.active_params({**FIXED, **points[0]})
     for p in points:
@@ -40,18 +41,18 @@ def test_families_are_iso_active_at_every_size_and_other_dials():
         by_d.setdefault(p["model.d_model"], []).append(ss.active_params({**FIXED, **p}))
     for counts in by_d.values():
         assert len(counts) == 2 and abs(counts[0] - counts[1]) <= 0.05 * counts[0]
-    deep = LADDER.grid(FIXED, {"dial": "n_layers", "sizes": [2, 4, 8]})
+    deep = LADDER.grid(FIXED, {"dial": "n_layers", "sizes": [2, 4, 8], "families": ["layerwise"]})
     assert [p["model.n_layers"] for p in deep] == [2, 4, 8] and {p["model.d_model"] for p in deep} == {64}
     target = 200_000
-    (p,) = LADDER.grid(FIXED, {"dial": "active_params", "sizes": [target]})
+    (p,) = LADDER.grid(FIXED, {"dial": "active_params", "sizes": [target], "families": ["layerwise"]})
     near = ss.active_params({**FIXED, **p})
     for d in (p["model.d_model"] - 16, p["model.d_model"] + 16):  # no other width is closer
-        other = LADDER.grid(FIXED, {"dial": "d_model", "sizes": [d]})[0]
+        other = LADDER.grid(FIXED, {"dial": "d_model", "sizes": [d], "families": ["layerwise"]})[0]
         assert abs(ss.active_params({**FIXED, **other}) - target) >= abs(near - target)
 
 
 def test_the_lr_stage_and_a_rule_file(tmp_path):
-    scan = LADDER.grid(FIXED, {"sizes": [32, 64], "lr_scan": [0.5, 1.0, 2.0]})
+    scan = LADDER.grid(FIXED, {"sizes": [32, 64], "lr_scan": [0.5, 1.0, 2.0], "families": ["layerwise"]})
     assert len(scan) == 6
     lrs = sorted(p["train.lr"] for p in scan if p["model.d_model"] == 32)
     assert lrs == pytest.approx([1.5e-3, 3e-3, 6e-3])
@@ -59,7 +60,7 @@ def test_the_lr_stage_and_a_rule_file(tmp_path):
     assert scan[0]["train.tokens"] == max(4096, round(5 * n / 4096) * 4096)  # short: 5 tokens per parameter
     rule = tmp_path / "rule.json"
     rule.write_text(json.dumps({"c": 2.0, "exponent": 0.5}))
-    (p,) = LADDER.grid(FIXED, {"sizes": [64], "lr_rule": str(rule)})
+    (p,) = LADDER.grid(FIXED, {"sizes": [64], "lr_rule": str(rule), "families": ["layerwise"]})
     assert p["train.lr"] == pytest.approx(2.0 * ss.active_params({**FIXED, **p}) ** -0.5, rel=1e-3)
     with pytest.raises(ConfigError, match="space.lr_rule"):
         LADDER.options({"sizes": [64], "lr_rule": str(tmp_path / "missing.json")})
@@ -91,7 +92,7 @@ def test_lr_rule_recovers_a_power_law_and_flags_edges():
 
 def test_cooldown_branches_at_fractions_of_each_size(tmp_path):
     fixed = {**FIXED, "train.schedule": "wsd"}
-    for p in LADDER.grid(fixed, {"sizes": [32, 64], "cooldowns": [0.25, 0.5]}):
+    for p in LADDER.grid(fixed, {"sizes": [32, 64], "cooldowns": [0.25, 0.5], "families": ["layerwise"]}):
         t = p["train.tokens"]
         assert p["train.cooldown_at"] == [round(0.25 * t / 4096) * 4096, round(0.5 * t / 4096) * 4096]
         assert ss.check_point({**fixed, **p}) is None

@@ -44,7 +44,7 @@ def test_import_does_not_load_torch_or_ray():
 
 def test_registry_and_unknown_space():
     assert set(ss.SPACES) == {"virtual_width", "pool_size", "rotation", "depth", "router_balance",
-                              "conversion", "lr"}
+                              "conversion", "lr", "ladder"}
     assert set(ss.__all__) <= set(dir(ss))
     for name, space in ss.SPACES.items():
         assert ss.get_space(name) is space and space.name == name
@@ -52,7 +52,7 @@ def test_registry_and_unknown_space():
     with pytest.raises(ConfigError) as err:
         ss.get_space("nope")
     assert err.value.field == "search.space"
-    assert "conversion, depth, lr, pool_size, rotation, router_balance, virtual_width" in str(err.value)
+    assert "conversion, depth, ladder, lr, pool_size, rotation, router_balance, virtual_width" in str(err.value)
 
 
 # -- grids --------------------------------------------------------------------------------------

@@ -160,9 +160,9 @@ SPACE = Space(
     description="a size ladder from one dial (d_model, n_layers or active params): heads, expert width, router "
                 "state, tokens, warm-up and LR derived per size; families iso-active per size",
     defaults={
-        "families": ["layerwise"],
+        "families": list(vw.FAMILIES[:3]),  # the three architectures
         "dial": "d_model",
-        "sizes": [],
+        "sizes": [32, 48, 64, 96],
         "experts_per_layer": 4,
         "head_dim": 16,
         "expert_ratio": 0.0,  # 0: the study's expert_hidden / d_model
@@ -177,7 +177,8 @@ SPACE = Space(
         "cooldowns": [],  # wsd cooldown branches at these fractions of each trial's tokens
         **{k: vw.SPACE.defaults[k] for k in _VW_OPTIONS},
     },
-    smoke={"sizes": [16, 32], "tokens_per_param": 0.05, "warmup": "study", "active_tol": 0.5},
+    smoke={"families": ["layerwise"], "sizes": [16, 32], "tokens_per_param": 0.05, "warmup": "study",
+           "active_tol": 0.5},
     candidates=_candidates,
     define_fn=_define,
     choices={"families": vw.FAMILIES, "dial": ("d_model", "n_layers", "active_params"),
