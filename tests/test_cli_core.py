@@ -91,3 +91,25 @@ def test_console_entry_turns_config_errors_into_exit_2(tmp_path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: convert.target_window (99) must be in [experts per layer (4), L*E (8)]"]
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_upcycle_command(tmp_path) -> None:
+    torch.manual_seed(0)
+    src = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, ffn="dense", dense_hidden=16)
+    dense = MoUEModel(src)
+    ckpt = tmp_path / "dense.pt"
+    torch.save({"config": src.to_dict(), "model": dense.state_dict()}, ckpt)
+    out_path = tmp_path / "moe.pt"
+    args = ["upcycle", str(ckpt), "-o", str(out_path), "--set", "pool_size=8", "--set", "window=4",
+            "--set", "stride=4", "--set", "top_k=2"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    blob = torch.load(out_path, weights_only=True)
+    cfg = ModelConfig.from_dict(blob["config"])
+    assert (cfg.ffn, cfg.pool_size, cfg.expert_hidden) == ("moe", 8, 16)
+    model = MoUEModel(cfg)
+    model.load_state_dict(blob["model"])
+    idx = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(model(idx).logits, dense(idx).logits, atol=1e-5, rtol=1e-5)  # layerwise, no noise
+    bad = runner.invoke(app, ["upcycle", str(ckpt), "-o", str(tmp_path / "b.pt"), "--set", "pool_size"])
+    assert bad.exit_code == 2 and "--set" in bad.output
