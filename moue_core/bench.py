@@ -263,7 +263,7 @@ def bench_cooldown(cfg, *, at: tuple[int, ...], frac: float, seeds: tuple[int, .
         spread = statistics.stdev(p["cosine"]) if len(p["cosine"]) > 1 else float("nan")
         rows.append({**p, "diff": diffs, "mean_diff": statistics.fmean(diffs), "cosine_seed_sd": spread,
                      "within_seed_noise": abs(statistics.fmean(diffs)) <= 2 * spread if spread == spread else None})
-    main_tokens = seeds and max(points)
+    main_tokens = max(points)  # the WSD run's own length (the longest point)
     return {"points": rows, "seeds": list(seeds), "cooldown_frac": frac, "branch_at": list(at),
             "main_tokens": main_tokens, **cost,
             "branch_tokens_vs_separate": (cost["wsd_tokens"] - len(seeds) * main_tokens) / max(1, cost["separate_tokens"]),

@@ -86,7 +86,7 @@ def _size_settings(fixed: Mapping[str, Any], opts: dict[str, Any], size: float) 
         L = int(size)
     else:
         d = _width_for(fixed, opts, size)
-    if d % opts["head_dim"] or (d // opts["head_dim"]) % 1:
+    if d % opts["head_dim"]:
         raise ConfigError("space.sizes", size, f"gives d_model {d}, not a multiple of space.head_dim ({opts['head_dim']})")
     return {"model.d_model": d, "model.n_layers": L, "model.n_heads": d // opts["head_dim"],
             "model.expert_hidden": multiple_of_4(_ratio(fixed, opts) * d),
