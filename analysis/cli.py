@@ -62,6 +62,9 @@ def report_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (headline, and per law: "
                                           "identified, reasons, params, ci, exponents, holdout); "
                                           "the other lines go to stderr.")] = False,
+    lr_rule: Annotated[Path | None, typer.Option("--lr-rule", help="The study's LR rule (its LR stage's "
+                                                 "<workspace>/reports/<name>_lr_rule.json): adds the LR curves.")
+                       ] = None,
 ) -> None:
     """Fit the study's scaling laws and write one self-contained HTML report.
 
@@ -76,9 +79,14 @@ def report_cmd(
         _check_laws(laws)
         if bootstrap < 0:
             raise AnalysisError("--bootstrap", bootstrap, "must be >= 0")
+        rule = None
+        if lr_rule is not None:
+            from analysis.lr_rule import load_rule
+
+            rule = load_rule(lr_rule)
         res = write_report(experiment, tracking_uri=_uri(tracking_uri, workspace), output=out,
                            laws=laws, parent_run_id=parent, n_bootstrap=bootstrap, seed=seed,
-                           log_artifact=log_artifact, png_dir=png)
+                           log_artifact=log_artifact, png_dir=png, lr_rule=rule)
     except AnalysisError as e:
         raise _fail(e) from None
     err = as_json  # with --json, stdout holds the JSON object only
@@ -281,17 +289,11 @@ def lr_rule_cmd(
     Example: moue lr-rule ladder_lr -o studies/results/ladder_lr_rule.json
     """
     from analysis.errors import AnalysisError
-    from analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS
-    from analysis.loading import load_runs
-    from analysis.lr_rule import fit_lr_rule
+    from analysis.lr_rule import rule_of_experiment
 
     try:
-        frame = load_runs(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent).frame
-        for col in (DEFAULT_COLUMNS["N"], "train.lr", DEFAULT_LOSS):
-            if col not in frame.columns:
-                raise AnalysisError("experiment", experiment, f"has no column {col!r}")
-        rule = fit_lr_rule(frame[DEFAULT_COLUMNS["N"]].to_numpy(), frame["train.lr"].to_numpy(),
-                           frame[DEFAULT_LOSS].to_numpy(), bootstrap=bootstrap)
+        rule = rule_of_experiment(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent,
+                                  bootstrap=bootstrap)
     except AnalysisError as e:
         raise _fail(e) from None
     text = json.dumps(rule.as_dict(), allow_nan=True)
@@ -308,12 +310,10 @@ def lr_rule_cmd(
     if as_json:
         typer.echo(text)
         return
-    typer.echo(f"lr = {rule.c:.4g} * N^-{rule.exponent:.3f}  (exponent 95% interval [{rule.exponent_ci[0]:.3f}, "
-               f"{rule.exponent_ci[1]:.3f}]); wrote {output}")
-    for sz in rule.sizes:
-        flags = f" ({', '.join(sz['flags'])})" if sz["flags"] else ""
-        typer.echo(f"  N = {sz['n']:.4g}: lr_opt {sz['lr_opt']:.4g}, loss {sz['loss_opt']:.4g}{flags}")
-    typer.echo("verdict: identified" if rule.identified else "verdict: NOT identified: " + "; ".join(rule.reasons))
+    lines = rule.lines()
+    typer.echo(f"{lines[0]}; wrote {output}")
+    for line in lines[1:]:
+        typer.echo(line)
 
 
 def compare_cmd(

@@ -2,7 +2,8 @@
 
 Runs are grouped by size (their active parameter count ``N``). Per size, a least-squares parabola
 of the final loss in ``ln lr`` gives the optimum ``lr_opt(N)`` (flagged ``edge`` when it falls
-outside the scanned LRs, ``no-minimum`` when the parabola opens downward: that size is not used);
+outside the scanned LRs, and then the best scanned LR is its optimum, not the parabola's vertex, an
+extrapolation; ``no-minimum`` when the parabola opens downward: that size is not used);
 then ``ln lr_opt = ln c - exponent * ln N`` by least squares. A bootstrap that resamples the runs
 within each size gives the exponent's 95% interval. The rule is identified with at least 3 usable
 sizes, no optimum at an edge, and an exponent interval narrower than 1 (in ``ln lr`` per ``ln N``).
@@ -20,7 +21,7 @@ import numpy as np
 
 from analysis.errors import AnalysisError
 
-__all__ = ["LrRule", "fit_lr_rule"]
+__all__ = ["LrRule", "fit_lr_rule", "rule_of_experiment", "load_rule"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,44 @@ class LrRule:
     def lr(self, n: float) -> float:
         return self.c * n ** -self.exponent
 
+    def lines(self) -> list[str]:
+        """The rule, each size's optimum and the verdict (as ``moue run`` and ``moue lr-rule`` print them)."""
+        lo, hi = self.exponent_ci
+        out = [f"lr = {self.c:.4g} * N^-{self.exponent:.3f}  (exponent 95% bootstrap interval [{lo:.3f}, {hi:.3f}])"]
+        for sz in self.sizes:
+            flags = f" ({', '.join(sz['flags'])})" if sz["flags"] else ""
+            out.append(f"  N = {sz['n']:.4g}: lr_opt {sz['lr_opt']:.4g}, loss {sz['loss_opt']:.4g}{flags}")
+        out.append("LR rule: identified" if self.identified else "LR rule: NOT identified: " + "; ".join(self.reasons))
+        return out
+
+
+def load_rule(path) -> LrRule:
+    """A rule file written by ``moue lr-rule`` or a study's LR stage."""
+    import json
+    from pathlib import Path
+
+    try:
+        d = json.loads(Path(path).read_text())
+        return LrRule(c=float(d["c"]), exponent=float(d["exponent"]), exponent_ci=tuple(d["exponent_ci"]),
+                      sizes=tuple(d["sizes"]), identified=bool(d["identified"]), reasons=tuple(d["reasons"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AnalysisError("--lr-rule", str(path), f"must be a rule file of moue lr-rule ({type(e).__name__})") from None
+
+
+def rule_of_experiment(experiment: str, *, tracking_uri: str, parent_run_id: str | None = None,
+                       bootstrap: int = 1000, seed: int = 0) -> LrRule:
+    """The rule of an LR stage logged to MLflow: its finished runs' active parameters, ``train.lr``
+    and final validation loss."""
+    from analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS
+    from analysis.loading import load_runs
+
+    frame = load_runs(experiment, tracking_uri=tracking_uri, parent_run_id=parent_run_id).frame
+    for col in (DEFAULT_COLUMNS["N"], "train.lr", DEFAULT_LOSS):
+        if col not in frame.columns:
+            raise AnalysisError("experiment", experiment, f"has no column {col!r} (an LR stage's runs have)")
+    return fit_lr_rule(frame[DEFAULT_COLUMNS["N"]].to_numpy(), frame["train.lr"].to_numpy(),
+                       frame[DEFAULT_LOSS].to_numpy(), bootstrap=bootstrap, seed=seed)
+
 
 def _optimum(lr: np.ndarray, loss: np.ndarray) -> tuple[float, float, tuple[str, ...]]:
     x = np.log(lr)
@@ -51,8 +90,10 @@ def _optimum(lr: np.ndarray, loss: np.ndarray) -> tuple[float, float, tuple[str,
     if not p2 > 0:
         return math.nan, math.nan, ("no-minimum",)
     u = -p1 / (2 * p2)
-    flags = () if x.min() <= m + u <= x.max() else ("edge",)
-    return float(math.exp(m + u)), float(p0 + p1 * u + p2 * u * u), flags
+    if x.min() <= m + u <= x.max():
+        return float(math.exp(m + u)), float(p0 + p1 * u + p2 * u * u), ()
+    best = int(np.argmin(loss))  # the vertex is an extrapolation: the best scanned LR instead
+    return float(lr[best]), float(loss[best]), ("edge",)
 
 
 def _line(ns, lrs) -> tuple[float, float]:

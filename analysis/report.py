@@ -183,10 +183,12 @@ def write_report(
     delta: float | None = None,
     log_artifact: bool = True,
     png_dir: str | Path | None = None,
+    lr_rule=None,
 ) -> ReportResult:
     """Write the report of ``experiment`` to ``output`` and return what it contains. The notes
     of the fits (and which rows a law was fitted on) are listed in the report and returned in
-    ``ReportResult.notes``, each once."""
+    ``ReportResult.notes``, each once. ``lr_rule`` (an ``analysis.lr_rule.LrRule``: the study's LR
+    stage) adds its LR curves and rule."""
     from analysis import render as R
     from analysis.loading import load_runs, with_cooldown_points
 
@@ -219,6 +221,11 @@ def write_report(
                                                  n_points=frame.height)))
     sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)
                         + ("{{figure:isoflop}}" if iso is not None else "")))
+    if lr_rule is not None:
+        from analysis import figures as F
+
+        figs["lr_stage"] = R.draw_scatter(F.lr_rule_data(lr_rule))
+        sections.insert(1, ("Learning rate per size (the LR stage)", _lr_rule_html(lr_rule)))
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(R.page(title=f"moue report: {experiment}", sections=sections, figures=figs),
@@ -262,6 +269,21 @@ def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[l
     except (AnalysisError, KeyError) as e:
         missing.append(ApproachRow("2: IsoFLOP profiles", None, None, None, None, False, (str(e),)))
     return three_approaches(env=env, iso=iso, fits=fits) + missing, iso
+
+
+def _lr_rule_html(rule) -> str:
+    """The LR stage: its curves, the rule the main trials ran at, each size's optimum, the verdict."""
+    from analysis import render as R
+
+    lo, hi = rule.exponent_ci
+    verdict = ("identified" if rule.identified else
+               "<b>not identified</b>: " + html.escape("; ".join(rule.reasons)))
+    head = (f"<p>The main trials ran at <b>lr = {rule.c:.4g} N<sup>-{rule.exponent:.3f}</sup></b> (exponent 95% "
+            f"bootstrap interval [{lo:.3f}, {hi:.3f}]), fitted to the optimum of a parabola in ln lr at each size "
+            f"of the LR stage; the rule is {verdict}.</p>")
+    rows = [(f"{sz['n']:.4g}", f"{sz['lr_opt']:.4g}", f"{sz['loss_opt']:.4g}", ", ".join(sz["flags"]) or "-",
+             "yes" if sz["used"] else "no") for sz in rule.sizes]
+    return head + R.table(["N (active)", "optimal lr", "loss at the optimum", "flags", "used"], rows) + "{{figure:lr_stage}}"
 
 
 def _approaches_html(rows) -> str:

@@ -43,10 +43,10 @@ def user_errors(fn):
     return wrapper
 
 
-def fail(message: str) -> None:
-    """One-line error, exit code 2."""
+def fail(message: str, code: int = 2) -> None:
+    """One-line error, exit code 2 (bad input) unless ``code`` says otherwise."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @bench_app.command("moe")
@@ -270,18 +270,19 @@ def run_cmd(
     from analysis.report import write_report
     from studies.runner import Workspace, run_sweep, sweep_name
     from studies.spec import load_study
+    from studies.stages import run_stages
 
     study = load_study(spec, smoke=smoke)
     ws = Workspace.at(workspace)
-    resume = (ws.ray / sweep_name(study) / "tuner.pkl").is_file()
-    if resume:
-        typer.echo(f"resuming the sweep in {ws.ray / sweep_name(study)}")
-    outcome = run_sweep(study, workspace=ws, resume=resume)
-    _print_outcome(outcome)
+    staged = run_stages(study, workspace=ws, echo=typer.echo, bootstrap=bootstrap,
+                        sweep=lambda s, resume: _shown(run_sweep(s, workspace=ws, resume=resume)))
+    if staged.main is None:
+        fail(staged.stopped, code=1)
+    outcome = staged.main
     out = ws.reports / f"{sweep_name(study)}.html"
     # the fits' notes come back as res.notes (nothing is warned), printed once below
     res = write_report(study.experiment, tracking_uri=outcome.tracking_uri, output=out, laws=study.laws,
-                       parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0)
+                       parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0, lr_rule=staged.rule)
     typer.echo("")
     typer.echo(res.runs_line())
     _print_laws(res.fits)
@@ -295,6 +296,11 @@ def run_cmd(
         typer.echo(f"note: {note}")
     typer.echo(f"\nreport: {res.path}")
     typer.echo(f"browse the runs: moue ui --workspace {workspace}   (MLflow UI on http://127.0.0.1:5000)")
+
+
+def _shown(outcome):
+    _print_outcome(outcome)
+    return outcome
 
 
 def _virtual_width_line(res) -> str:
@@ -363,11 +369,23 @@ def sweep_cmd(
 
     study = load_study(spec, smoke=smoke)
     if dry_run_:
+        if study.lr_stage is not None:
+            _print_dry_run(load_study(spec, smoke=smoke, stage="lr"))
+            typer.echo("then the main stage, at the rule the LR stage fits (shown here at the spec's space.lr_rule):")
         _print_dry_run(study)
         return
-    outcome = _sweep(study, workspace=workspace, resume=resume, address=address, storage=storage,
-                     tracking_uri=tracking_uri)
-    _print_outcome(outcome)
+    if study.lr_stage is None:
+        _print_outcome(_sweep(study, workspace=workspace, resume=resume, address=address, storage=storage,
+                              tracking_uri=tracking_uri))
+        return
+    from studies.runner import Workspace
+    from studies.stages import run_stages
+
+    staged = run_stages(study, workspace=Workspace.at(workspace), echo=typer.echo,
+                        sweep=lambda s, resume_: _shown(_sweep(s, workspace=workspace, resume=resume_, address=address,
+                                                               storage=storage, tracking_uri=tracking_uri)))
+    if staged.main is None:
+        fail(staged.stopped, code=1)
 
 
 def _sweep(study, *, workspace: Path, resume: bool, address, storage, tracking_uri):

@@ -120,6 +120,9 @@ def _largest_node(ray) -> dict[str, float]:
     return {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU")}
 
 
+_NOT_TRIAL_KEYS = ("lr_stage.on_unidentified", "smoke.lr_stage.on_unidentified")  # spec keys that change no trial: editable on resume
+
+
 def _check_resumable(study: Study, recorded) -> None:
     """A resumed sweep continues the spec it started with: an edited spec is refused, naming what changed."""
     if recorded is None or recorded.spec_sha256 in ("", study.sha256):
@@ -132,8 +135,10 @@ def _check_resumable(study: Study, recorded) -> None:
         before, after = flatten_toml(tomllib.loads(recorded.spec_text)), flatten_toml(tomllib.loads(study.source))
     except tomllib.TOMLDecodeError:
         before, after = {}, {"?": "?"}
+    for key in _NOT_TRIAL_KEYS:
+        before.pop(key, None), after.pop(key, None)
     if before == after:
-        return  # comments or layout only: the same study
+        return  # comments or layout only (or a setting no trial depends on): the same study
     changed = [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}"
                for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
     raise ConfigError(f"spec {study.path}", "; ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""),

@@ -35,8 +35,14 @@ Format (every table but ``[search]`` and ``[budget]`` optional; see ``studies/*.
     laws = ["compute", "vw_additive"]    # analysis.LAWS names
 
     [space]                              # options of the search space (search_spaces.<space>.defaults)
+    [lr_stage]                           # ladder only: tune the LR per size first (studies.stages)
+    multipliers = [0.25, 0.5, 1, 2, 4]   # each size at these multiples of its rule's LR
+    tokens_per_param = 5.0               # the stage's (short) trials
+    families = ["layerwise"]             # the stage's families (default: the study's first)
+    on_unidentified = "stop"             # stop | use: a rule that is not identified stops the study
     [fixed.model] / [fixed.train] / [fixed.data]   # settings every trial shares
-    [smoke.model] / [smoke.train] / [smoke.data] / [smoke.budget] / [smoke.space] / [smoke.scheduler]
+    [smoke.model] / [smoke.train] / [smoke.data] / [smoke.budget] / [smoke.space] / [smoke.scheduler] /
+    [smoke.lr_stage]
                                          # --smoke overrides
 
 Every error is a ``ConfigError`` naming the field, the value and what is allowed.
@@ -54,7 +60,7 @@ from typing import Any
 from moue_core.errors import ConfigError
 from moue_core.fields import is_int
 
-__all__ = ["Study", "SearchSpec", "SchedulerSpec", "ResourcesSpec", "load_study", "STUDIES_DIR", "shipped_studies",
+__all__ = ["Study", "LrStageSpec", "STAGES", "SearchSpec", "SchedulerSpec", "ResourcesSpec", "load_study", "STUDIES_DIR", "shipped_studies",
            "flatten_toml"]
 
 STUDIES_DIR = Path(__file__).parent
@@ -86,6 +92,18 @@ class ResourcesSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LrStageSpec:
+    """``[lr_stage]``: each ladder size at ``multipliers`` of its rule's LR for ``tokens_per_param``
+    tokens per parameter; ``moue run`` fits ``lr = c N^-exponent`` to it (``analysis.lr_rule``) and
+    runs the main trials at that rule."""
+
+    multipliers: tuple[float, ...]
+    tokens_per_param: float = 5.0
+    families: tuple[str, ...] = ()  # () : the study's first family
+    on_unidentified: str = "stop"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Study:
     name: str
     description: str
@@ -107,6 +125,9 @@ class Study:
     pruned: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     budgets: tuple[int, ...] = ()  # every token budget, ascending (one entry unless [budget] lists several)
     plans: tuple = ()  # grid: one studies.plan.TrialPlan per point, in the order of ``points``
+    lr_stage: LrStageSpec | None = None  # [lr_stage] (main stage; None in the LR stage itself)
+    stage: str = "main"
+    lr_rule_file: str = ""  # main stage of a study with [lr_stage]: the fitted rule it runs at
 
     def plan(self, config: dict[str, Any]):
         """The ``TrialPlan`` of the trial Tune configured with ``config`` (``{"point": {...}}`` for
@@ -153,7 +174,9 @@ MAX_NAME = 100  # a study name becomes folder names (Tune's trial dirs add ~100 
 MAX_TOKENS = 10**12  # per trial
 
 _TOP_KEYS = {"name", "description", "search", "scheduler", "budget", "resources", "tracking", "analysis",
-             "space", "fixed", "smoke"}
+             "space", "lr_stage", "fixed", "smoke"}
+STAGES = ("main", "lr")  # a study with [lr_stage] runs "lr" (its LR scan) and then "main"
+LR_STAGE_SUFFIX = "_lr"
 
 
 def _table(doc: dict, key: str, allowed: dict[str, type | tuple], *, required: tuple[str, ...] = ()) -> dict:
@@ -193,7 +216,8 @@ def _flatten_fixed(doc: dict, key: str) -> dict[str, Any]:
         raise ConfigError(key, fixed, "must be a table with [model], [train] and/or [data] sub-tables")
     flat: dict[str, Any] = {}
     for section, table in fixed.items():
-        allowed = ("model", "train", "data") if key == "fixed" else ("model", "train", "data", "budget", "space", "scheduler", "search")
+        allowed = ("model", "train", "data") if key == "fixed" else ("model", "train", "data", "budget", "space", "scheduler",
+                                                                   "search", "lr_stage")
         if section not in allowed or not isinstance(table, dict):
             raise ConfigError(f"{key}.{section}", table, f"must be one of the tables {', '.join(allowed)}")
         for k, v in table.items():
@@ -201,8 +225,17 @@ def _flatten_fixed(doc: dict, key: str) -> dict[str, Any]:
     return flat
 
 
-def load_study(path: str | Path, *, smoke: bool = False) -> Study:
-    """Load, validate and resolve a study (grid points included); raise ``ConfigError`` on any problem."""
+def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr_rule: str | Path | None = None
+               ) -> Study:
+    """Load, validate and resolve a study (grid points included); raise ``ConfigError`` on any problem.
+
+    A study with ``[lr_stage]`` has two stages: ``stage="lr"`` is its LR scan (experiment and name
+    with the suffix ``_lr``; ``space.lr_scan`` and ``lr_scan_tokens_per_param`` from the table, the
+    stage's families, no cooldown branches); ``stage="main"`` with ``lr_rule`` (a rule file of the
+    scan) is the study at the fitted rule. The main stage without ``lr_rule`` is the study at the
+    spec's own ``space.lr_rule`` (what ``--dry-run`` shows before the scan has run)."""
+    if stage not in STAGES:
+        raise ConfigError("stage", stage, f"must be one of {', '.join(STAGES)}")
     p = Path(path)
     text, doc = _read_spec(p, path)
     name = doc.get("name")
@@ -223,6 +256,11 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
     t = _table(doc, "tracking", {"experiment": str, "tracking_uri": str})
     a = _table(doc, "analysis", {"laws": list})
     space_options = dict(_table(doc, "space", {k: object for k in doc.get("space", {})}))
+    if smoke and isinstance(doc.get("smoke", {}).get("lr_stage"), dict) and "lr_stage" in doc:
+        doc = {**doc, "lr_stage": {**doc["lr_stage"], **doc["smoke"]["lr_stage"]}}
+    lr_stage = _lr_stage_spec(doc, s)
+    if stage == "lr" and lr_stage is None:
+        raise ConfigError("lr_stage", None, "is required for the LR stage (the spec has no [lr_stage] table)")
     fixed = _flatten_fixed(doc, "fixed")
     smoke_space: dict[str, Any] = {}
     if smoke:
@@ -263,18 +301,69 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
     options = space.options(space_options)  # defaults < [space]
     if smoke:  # < the space's own smoke options < the spec's [smoke.space]
         options = space.options({**options, **space.smoke, **smoke_space})
+    if stage == "lr":
+        options = space.options({**options, **_lr_stage_options(lr_stage, options)})
+        name, experiment = name + LR_STAGE_SUFFIX, _with_suffix(experiment, LR_STAGE_SUFFIX)
+    elif lr_rule is not None:
+        options = space.options({**options, "lr_rule": str(Path(lr_rule).resolve())})
     fixed["train.tokens"] = budget  # the spaces see the budget (e.g. widening as a fraction of it)
     study = Study(
         name=name, description=description, search=search, scheduler=scheduler, budget_tokens=budget,
         marks=marks, resources=resources, experiment=experiment, tracking_uri=t.get("tracking_uri", ""),
         laws=tuple(laws), space_options=options, fixed=fixed, source=text,
         sha256=hashlib.sha256(text.encode()).hexdigest(), path=str(p.resolve()), smoke=smoke, budgets=budgets,
+        lr_stage=lr_stage if stage == "main" else None, stage=stage,
+        lr_rule_file=str(Path(lr_rule).resolve()) if lr_rule is not None and stage == "main" else "",
     )
     _probe_fixed(fixed)
     study = _resolve_points(study, space)
     if not smoke and "smoke" in doc:  # the [smoke.*] overrides are checked now, not at the first --smoke
         _check_smoke(p, _flatten_fixed(doc, "smoke"))
     return study
+
+
+def _with_suffix(experiment: str, suffix: str) -> str:
+    """``name-smoke`` -> ``name_lr-smoke``: the smoke tag stays last."""
+    base, smoke = (experiment[:-6], "-smoke") if experiment.endswith("-smoke") else (experiment, "")
+    return base + suffix + smoke
+
+
+def _lr_stage_spec(doc: dict, s: dict) -> LrStageSpec | None:
+    """``[lr_stage]`` checked: a ladder study's LR scan (multipliers of each size's rule LR)."""
+    if "lr_stage" not in doc:
+        return None
+    t = _table(doc, "lr_stage", {"multipliers": list, "tokens_per_param": (int, float), "families": list,
+                                 "on_unidentified": str}, required=("multipliers",))
+    if s.get("space") != "ladder":
+        raise ConfigError("lr_stage", "[lr_stage]", f"needs search.space = \"ladder\" (the study's space is "
+                          f"{s.get('space')!r}): the stage scans the LR of each ladder size")
+    m = t["multipliers"]
+    if len(m) < 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in m) \
+            or len(set(m)) != len(m):
+        raise ConfigError("lr_stage.multipliers", m, "must be at least 3 distinct positive numbers (a parabola "
+                          "in ln lr needs 3 LRs per size)")
+    tpp = t.get("tokens_per_param", 5.0)
+    if not tpp > 0:
+        raise ConfigError("lr_stage.tokens_per_param", tpp, "must be > 0")
+    fams = t.get("families", [])
+    if not all(isinstance(f, str) for f in fams):
+        raise ConfigError("lr_stage.families", fams, "must be a list of family names (space.families)")
+    on = t.get("on_unidentified", "stop")
+    if on not in ("stop", "use"):
+        raise ConfigError("lr_stage.on_unidentified", on, "must be 'stop' or 'use'")
+    return LrStageSpec(multipliers=tuple(float(v) for v in sorted(m)), tokens_per_param=float(tpp),
+                       families=tuple(fams), on_unidentified=on)
+
+
+def _lr_stage_options(lr_stage: LrStageSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """The ladder options of the LR stage: the scan, its families, no cooldown branches."""
+    families = list(lr_stage.families) or list(options["families"][:1])
+    for f in families:
+        if f not in options["families"]:
+            raise ConfigError("lr_stage.families", f, f"must be among the study's space.families "
+                              f"({', '.join(options['families'])})")
+    return {"lr_scan": list(lr_stage.multipliers), "lr_scan_tokens_per_param": lr_stage.tokens_per_param,
+            "families": families, "cooldowns": []}
 
 
 def _read_spec(p: Path, path: str | Path) -> tuple[str, dict]:
@@ -315,6 +404,8 @@ def _apply_smoke(overrides: dict[str, Any], s: dict, b: dict, c: dict, fixed: di
             if rest not in ("kind", "grace_tokens", "reduction_factor"):
                 raise ConfigError(f"smoke.{k}", v, "must be scheduler.kind, grace_tokens or reduction_factor")
             c = {**c, rest: v}
+        elif section == "lr_stage":
+            continue  # merged into [lr_stage] by load_study
         elif section == "search":
             if rest != "num_samples":
                 raise ConfigError(f"smoke.{k}", v, "must be search.num_samples")

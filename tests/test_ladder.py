@@ -88,6 +88,9 @@ def test_lr_rule_recovers_a_power_law_and_flags_edges():
     n, lr, loss = (np.array(v) for v in zip(*shifted))
     edged = fit_lr_rule(n, lr, loss, bootstrap=20)
     assert any("edge" in s["flags"] for s in edged.sizes) and not edged.identified
+    for s in edged.sizes:  # an edge size's optimum is its best scanned LR, never the extrapolated vertex
+        if "edge" in s["flags"]:
+            assert s["lr_opt"] == max(s["lrs"]) and s["loss_opt"] == min(s["losses"])
 
 
 def test_cooldown_branches_at_fractions_of_each_size(tmp_path):

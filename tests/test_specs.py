@@ -89,6 +89,8 @@ def test_shipped_specs_load_and_dry_run(path: Path) -> None:
         assert out.exit_code == 0, out.output
         n = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples
         assert f"total: {n} trials" in out.output
+        if study.lr_stage is not None:  # the LR stage's trials are listed first
+            n += len(load_study(path, smoke=smoke, stage="lr").points)
         assert out.output.count("  #") == n
 
 

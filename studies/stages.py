@@ -1,0 +1,88 @@
+"""A study's stages: the LR scan of a ladder (``[lr_stage]``), its fitted rule, then the main trials.
+
+A ladder with ``[lr_stage]`` tunes the learning rate per size before it spends its budget
+(Porian et al. 2024: one LR for every size biases the fitted exponents). ``run_stages`` runs
+
+1. the LR stage (``load_study(..., stage="lr")``: every size of the stage's families at each
+   multiplier of its rule's LR, short trials; experiment ``<name>_lr``),
+2. ``analysis.lr_rule`` on its finished runs: the optimum per size and ``lr = c N^-exponent``,
+   written to ``<workspace>/reports/<name>_lr_rule.json``,
+3. the main stage at that rule (``space.lr_rule`` = the file), unless the rule is not identified
+   and ``on_unidentified = "stop"``: then the study stops with the reasons, the stage kept.
+
+Each stage is an ordinary sweep: a stage whose Tune state exists is resumed, so re-running the
+command after an interruption continues where it stopped (a finished LR stage is not rerun; its
+rule is refitted from the same runs, deterministically).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from studies.runner import SweepOutcome, Workspace, sweep_name
+from studies.spec import Study, load_study
+
+__all__ = ["StagedOutcome", "run_stages", "rule_path"]
+
+
+@dataclass(frozen=True)
+class StagedOutcome:
+    main: SweepOutcome | None  # None when the LR stage stopped the study
+    lr: SweepOutcome | None = None
+    rule: object | None = None  # analysis.lr_rule.LrRule
+    rule_file: Path | None = None
+    stopped: str = ""  # why the main stage did not run
+
+
+def rule_path(workspace: Workspace, lr_study: Study) -> Path:
+    return workspace.reports / f"{sweep_name(lr_study)}_rule.json"
+
+
+def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bool], SweepOutcome],
+               echo: Callable[[str], None] = print, bootstrap: int = 1000) -> StagedOutcome:
+    """Run ``study`` (its LR stage first when it has one). ``sweep(study, resume)`` runs one stage;
+    each stage resumes when its Tune state exists."""
+
+    def run(s: Study) -> SweepOutcome:
+        resume = (workspace.ray / sweep_name(s) / "tuner.pkl").is_file()
+        if resume:
+            echo(f"resuming the sweep in {workspace.ray / sweep_name(s)}")
+        return sweep(s, resume)
+
+    if study.lr_stage is None:
+        return StagedOutcome(main=run(study))
+    lr_study = load_study(study.path, smoke=study.smoke, stage="lr")
+    echo(f"LR stage: {len(lr_study.points)} trials ({', '.join(f'{m:g}' for m in study.lr_stage.multipliers)} x "
+         f"each size's LR, {study.lr_stage.tokens_per_param:g} tokens per parameter)")
+    lr_out = run(lr_study)
+    from analysis.errors import AnalysisError
+
+    try:
+        rule = fit_stage_rule(lr_out, bootstrap=bootstrap)
+    except AnalysisError as e:
+        return StagedOutcome(main=None, lr=lr_out, stopped=f"the LR stage gives no rule ({e}); the main stage did "
+                             "not run. Widen lr_stage.multipliers (each size needs a minimum in ln lr)")
+    path = rule_path(workspace, lr_study)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rule.as_dict(), allow_nan=True) + "\n")
+    for line in rule.lines():
+        echo(line)
+    echo(f"the rule: {path}")
+    if not rule.identified and study.lr_stage.on_unidentified == "stop":
+        why = ("the LR rule is not identified (" + "; ".join(rule.reasons) + "); the main stage did not run. "
+               "Widen lr_stage.multipliers, or set lr_stage.on_unidentified = \"use\" to run at it anyway")
+        return StagedOutcome(main=None, lr=lr_out, rule=rule, rule_file=path, stopped=why)
+    main = load_study(study.path, smoke=study.smoke, lr_rule=path)
+    echo(f"main stage: {len(main.points)} trials at lr = {rule.c:.4g} * N^-{rule.exponent:.3f}")
+    return StagedOutcome(main=run(main), lr=lr_out, rule=rule, rule_file=path)
+
+
+def fit_stage_rule(lr_out: SweepOutcome, *, bootstrap: int = 1000):
+    """The LR rule of a finished LR stage (its parent run's finished trials)."""
+    from analysis.lr_rule import rule_of_experiment
+
+    return rule_of_experiment(lr_out.experiment, tracking_uri=lr_out.tracking_uri,
+                              parent_run_id=lr_out.parent_run_id, bootstrap=bootstrap)
