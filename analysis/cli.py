@@ -44,9 +44,9 @@ def _check_laws(laws: list[str]) -> None:
 
 def report_cmd(
     experiment: Annotated[str, typer.Argument(help="Study (MLflow experiment) name.")],
-    law: Annotated[list[str] | None, typer.Option("--law", help="Law to fit (repeatable); "
-                                                  "default: compute, chinchilla and the three "
-                                                  "virtual-width forms.")] = None,
+    law: Annotated[list[str] | None, typer.Option("--law", help="Law to fit (repeatable); default: the "
+                                                  "study's own [analysis] laws (its logged spec), else "
+                                                  "compute, chinchilla and the three virtual-width forms.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file (default: "
                                                 "<workspace>/reports/<experiment>.html).")] = None,
     tracking_uri: Annotated[str | None, _TRACKING] = None,
@@ -63,8 +63,8 @@ def report_cmd(
                                           "identified, reasons, params, ci, exponents, holdout); "
                                           "the other lines go to stderr.")] = False,
     lr_rule: Annotated[Path | None, typer.Option("--lr-rule", help="The study's LR rule (its LR stage's "
-                                                 "<workspace>/reports/<name>_lr_rule.json): adds the LR curves.")
-                       ] = None,
+                                                 "<workspace>/reports/<name>_lr_rule.json, the default when it "
+                                                 "exists): adds the LR curves.")] = None,
 ) -> None:
     """Fit the study's scaling laws and write one self-contained HTML report.
 
@@ -73,13 +73,25 @@ def report_cmd(
     from analysis.errors import AnalysisError
     from analysis.report import DEFAULT_REPORT_LAWS, write_report
 
-    laws = list(law) if law else list(DEFAULT_REPORT_LAWS)
-    out = output or (workspace / "reports" / f"{experiment}.html")
+    out = output or (workspace / "reports" / f"{experiment}-report.html")
+    err = as_json  # with --json, stdout holds the JSON object only
     try:
+        if law:
+            laws = list(law)
+        else:
+            from analysis.loading import study_laws
+
+            own = study_laws(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent)
+            laws = list(own or DEFAULT_REPORT_LAWS)
+            typer.echo(f"laws: {', '.join(laws)} (" + ("the study's [analysis] laws" if own else
+                       "the defaults: no spec is logged") + "; --law chooses others)", err=err)
         _check_laws(laws)
         if bootstrap < 0:
             raise AnalysisError("--bootstrap", bootstrap, "must be >= 0")
         rule = None
+        default_rule = workspace / "reports" / f"{experiment}_lr_rule.json"
+        if lr_rule is None and default_rule.is_file():
+            lr_rule = default_rule
         if lr_rule is not None:
             from analysis.lr_rule import load_rule
 
@@ -89,7 +101,6 @@ def report_cmd(
                            log_artifact=log_artifact, png_dir=png, lr_rule=rule)
     except AnalysisError as e:
         raise _fail(e) from None
-    err = as_json  # with --json, stdout holds the JSON object only
     typer.echo(f"wrote {res.path} ({len(res.fits)} laws fitted, {len(res.figures)} figures); {res.runs_line()}",
                err=err)
     for name, why in res.skipped.items():

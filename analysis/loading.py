@@ -38,7 +38,8 @@ from moue_core.tracking_contract import (CONFIG_PARAM, CURVE_METRICS, FINAL_VAL_
 if TYPE_CHECKING:
     import polars as pl
 
-__all__ = ["SCHEMA_VERSION", "LoadedRuns", "ParentRun", "default_tracking_uri", "load_runs", "with_cooldown_points"]
+__all__ = ["SCHEMA_VERSION", "LoadedRuns", "ParentRun", "default_tracking_uri", "load_runs", "with_cooldown_points",
+           "study_laws"]
 
 _PARENT_TAGS = PARENT_TAGS
 _INT = re.compile(r"^[+-]?\d+$")
@@ -187,6 +188,30 @@ def _parents(client, exp, parent_run_id: str | None) -> list:
     for p in parents:
         _schema_of(p)
     return parents
+
+
+def study_laws(experiment: str, *, tracking_uri: str, parent_run_id: str | None = None) -> tuple[str, ...] | None:
+    """The ``[analysis] laws`` of the study that logged ``experiment`` (its latest parent run's
+    ``spec.toml``; ``["compute"]`` when the spec names none), or ``None`` when no spec is logged."""
+    import tempfile
+    import tomllib
+    from pathlib import Path
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parents = _parents(client, _experiment(client, experiment, tracking_uri), parent_run_id)
+    for p in sorted(parents, key=lambda r: r.info.start_time or 0, reverse=True):
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                text = Path(client.download_artifacts(p.info.run_id, "spec.toml", tmp)).read_text()
+            laws = tomllib.loads(text).get("analysis", {}).get("laws", ["compute"])
+        except (OSError, tomllib.TOMLDecodeError, mlflow.exceptions.MlflowException):
+            continue
+        if isinstance(laws, list) and laws and all(isinstance(x, str) for x in laws):
+            return tuple(laws)
+    return None
 
 
 def _keep(trials, include: tuple[str, ...]) -> tuple[list, Counter[str]]:

@@ -6,7 +6,7 @@ A ladder with ``[lr_stage]`` tunes the learning rate per size before it spends i
 1. the LR stage (``load_study(..., stage="lr")``: every size of the stage's families at each
    multiplier of its rule's LR, short trials; experiment ``<name>_lr``),
 2. ``analysis.lr_rule`` on its finished runs: the optimum per size and ``lr = c N^-exponent``,
-   written to ``<workspace>/reports/<name>_lr_rule.json``,
+   written to ``<workspace>/reports/<name>_lr_rule.json`` (``moue report`` adds it to the report),
 3. the main stage at that rule (``space.lr_rule`` = the file), unless the rule is not identified
    and ``on_unidentified = "stop"``: then the study stops with the reasons, the stage kept.
 
@@ -37,8 +37,9 @@ class StagedOutcome:
     stopped: str = ""  # why the main stage did not run
 
 
-def rule_path(workspace: Workspace, lr_study: Study) -> Path:
-    return workspace.reports / f"{sweep_name(lr_study)}_rule.json"
+def rule_path(workspace: Workspace, study: Study) -> Path:
+    """``<workspace>/reports/<study>_lr_rule.json`` (``moue report <study>`` finds it there)."""
+    return workspace.reports / f"{sweep_name(study)}_lr_rule.json"
 
 
 def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bool], SweepOutcome],
@@ -65,7 +66,7 @@ def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bo
     except AnalysisError as e:
         return StagedOutcome(main=None, lr=lr_out, stopped=f"the LR stage gives no rule ({e}); the main stage did "
                              "not run. Widen lr_stage.multipliers (each size needs a minimum in ln lr)")
-    path = rule_path(workspace, lr_study)
+    path = rule_path(workspace, study)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rule.as_dict(), allow_nan=True) + "\n")
     for line in rule.lines():

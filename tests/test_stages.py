@@ -79,7 +79,7 @@ def test_moue_run_ladder_tunes_lr_first_stops_on_an_unidentified_rule_then_resum
     assert "LR stage: 6 trials" in first.stdout and "LR rule: NOT identified" in first.stdout
     err = first.stderr.strip().splitlines()[-1]
     assert err.startswith("error: the LR rule is not identified") and "lr_stage.on_unidentified" in err
-    rule_file = ws / "reports" / "ladder_lr-smoke_rule.json"
+    rule_file = ws / "reports" / "ladder-smoke_lr_rule.json"
     rule = json.loads(rule_file.read_text())
     assert not rule["identified"] and len(rule["sizes"]) == 2
     client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
@@ -102,3 +102,17 @@ def test_moue_run_ladder_tunes_lr_first_stops_on_an_unidentified_rule_then_resum
         assert float(r.data.params["train.lr"]) == pytest.approx(rule["c"] * n ** -rule["exponent"], rel=1e-3)
     html = (ws / "reports" / "ladder-smoke.html").read_text()
     assert "Learning rate per size (the LR stage)" in html and "LR stage: lr = " in html
+    # `moue report` finds the study's own laws (its logged spec) and its LR rule, and keeps run's report
+    import subprocess
+    import sys
+
+    from tests.test_run import ENV
+
+    rep = subprocess.run([sys.executable, "-c", "from studies.cli import main; main()", "report", "ladder-smoke",
+                          "--workspace", str(ws), "--bootstrap", "20", "--no-log-artifact"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert "laws: chinchilla, compute, vw_multiplicative (the study's [analysis] laws" in rep.stdout
+    written = ws / "reports" / "ladder-smoke-report.html"
+    assert f"wrote {written}" in rep.stdout and "Learning rate per size" in written.read_text()
+    assert (ws / "reports" / "ladder-smoke.html").read_text() == html, "moue run's report is not overwritten"
