@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_grid_plans_follow_the_precedence_and_are_resolved_once() -> None:
-    study = load_study(ROOT / "studies" / "quickstart.toml")
+    study = load_study(ROOT / "studies" / "vw_grid.toml")
     assert len(study.plans) == len(study.points) == 18
     for point, plan in zip(study.points, study.plans, strict=True):
         cfg = plan.config
@@ -35,7 +35,7 @@ def test_grid_plans_follow_the_precedence_and_are_resolved_once() -> None:
 
 
 def test_params_carry_the_typed_config_once_more_as_json() -> None:
-    plan = load_study(ROOT / "studies" / "quickstart.toml").plans[0]
+    plan = load_study(ROOT / "studies" / "vw_grid.toml").plans[0]
     params = plan.params
     typed = json.loads(params[CONFIG_PARAM])
     assert typed == {k: v for k, v in params.items() if k != CONFIG_PARAM}
@@ -61,7 +61,7 @@ def test_conversion_plans_carry_their_source_and_resolve_in_the_worker(tmp_path)
 
 
 def test_a_plan_with_a_bad_setting_is_a_config_error() -> None:
-    study = load_study(ROOT / "studies" / "quickstart.toml")
+    study = load_study(ROOT / "studies" / "vw_grid.toml")
     with pytest.raises(ConfigError) as err:
         study.plan({"point": {**study.points[0], "train.seq_len": 128, "train.batch_tokens": 4096}})
     assert err.value.field == "train.seq_len"

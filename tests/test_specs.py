@@ -98,7 +98,7 @@ def test_dry_run_counts_and_compute_are_the_counting_module_s() -> None:
     from moue_core import ModelConfig, count
     from studies.runner import dry_run, resolve_trial
 
-    study = load_study(ROOT / "studies" / "quickstart.toml")
+    study = load_study(ROOT / "studies" / "vw_grid.toml")
     rows, totals = dry_run(study)
     assert len(rows) == 18 and totals["trials"] == 18
     for row in rows[:3]:
@@ -143,8 +143,8 @@ def test_boolean_space_options_reach_the_space(tmp_path) -> None:
 
 
 def test_smoke_overrides_apply_in_order() -> None:
-    full = load_study(ROOT / "studies" / "quickstart.toml")
-    smoke = load_study(ROOT / "studies" / "quickstart.toml", smoke=True)
+    full = load_study(ROOT / "studies" / "vw_grid.toml")
+    smoke = load_study(ROOT / "studies" / "vw_grid.toml", smoke=True)
     assert full.budget_tokens == 1_228_800 and smoke.budget_tokens == 2048
     assert full.fixed["model.d_model"] == 64 and smoke.fixed["model.d_model"] == 32
     assert len(full.points) == 18 and len(smoke.points) == 3

@@ -97,7 +97,7 @@ def test_no_private_name_imported_across_modules() -> None:
 
 def test_trial_configs_search_spaces_and_specs_import_without_torch() -> None:
     code = ("import sys; import moue_core.trial_config, moue_core.fields, search_spaces, studies.spec, studies.plan; "
-            "from studies.spec import load_study; s = load_study('studies/quickstart.toml'); "
+            "from studies.spec import load_study; s = load_study('studies/vw_grid.toml'); "
             "assert s.plans and s.plans[0].config.train.tokens == s.budget_tokens; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
