@@ -50,6 +50,7 @@ class Comparison:
     p_value: float  # two-sided paired t-test (NaN with fewer than 2 pairs)
     n_better: int  # pairs where the variant's loss is lower
     by_group: Mapping[str, float]  # mean relative difference (percent) per value of the first pair column
+    rel_ci: tuple[float, float] = (math.nan, math.nan)  # 95% t-interval of the mean relative difference (percent)
 
     def line(self) -> str:
         p = "n/a" if math.isnan(self.p_value) else f"{self.p_value:.3g}"
@@ -98,6 +99,8 @@ def compare_variants(frame, *, variant: Sequence[str], reference: str, pair: Seq
             t, p = stats.ttest_rel(a, b)
         else:
             t, p = math.nan, math.nan
+        rel = 100 * d / b
+        half = (stats.t.ppf(0.975, len(rel) - 1) * rel.std(ddof=1) / math.sqrt(len(rel))) if len(rel) > 1 else math.nan
         groups: dict[str, list[float]] = {}
         for (key, x, y) in pairs:
             groups.setdefault(str(key[0]) if key else "all", []).append(100 * (x - y) / y)
@@ -105,5 +108,6 @@ def compare_variants(frame, *, variant: Sequence[str], reference: str, pair: Seq
             variant=name, reference=reference, n_pairs=len(d), mean=float(a.mean()), mean_reference=float(b.mean()),
             mean_diff=float(d.mean()), mean_rel_diff=float(100 * (d / b).mean()),
             sd_diff=float(d.std(ddof=1)) if len(d) > 1 else math.nan, t=float(t), p_value=float(p),
-            n_better=int((d < 0).sum()), by_group={k: float(np.mean(v)) for k, v in groups.items()}))
+            n_better=int((d < 0).sum()), by_group={k: float(np.mean(v)) for k, v in groups.items()},
+            rel_ci=(float(rel.mean() - half), float(rel.mean() + half))))
     return out

@@ -43,6 +43,16 @@ class ReportResult:
     excluded: dict[str, int] = field(default_factory=dict)  # runs left out, by reason (diverged, failed, ...)
     headline: str | None = None  # the law the report leads with (``headline``), None when none is identified
     approaches: tuple = ()  # analysis.approaches.ApproachRow, one per approach
+    families: tuple = ()  # analysis.paired.Comparison: each family against the layerwise MoE, paired by size
+
+    def families_line(self) -> str | None:
+        """One line: each family against the layerwise MoE at matched size (None without pairs)."""
+        if not self.families:
+            return None
+        parts = [f"{c.variant} {c.mean_rel_diff:+.2f}% [{c.rel_ci[0]:+.2f}, {c.rel_ci[1]:+.2f}]" for c in self.families]
+        n = max(c.n_pairs for c in self.families)
+        return (f"families against the layerwise MoE at matched active parameters and compute (paired by size and "
+                f"seed, {n} pairs; final loss, 95% t-intervals): " + "; ".join(parts))
 
     def runs_line(self) -> str:
         """The runs the report used and those it left out, as its HTML says."""
@@ -77,8 +87,36 @@ def summary_json(res: ReportResult) -> dict:
     approaches = [{"approach": r.approach, "a": r.a, "a_ci": None if r.a_ci is None else list(r.a_ci), "b": r.b,
                    "b_ci": None if r.b_ci is None else list(r.b_ci), "identified": r.identified,
                    "reasons": list(r.reasons)} for r in res.approaches]
-    return _finite({"headline": res.headline, "laws": laws, "approaches": approaches, "skipped": dict(res.skipped),
-                    "runs": res.n_runs, "report": str(res.path)})
+    families = [{"family": c.variant, "reference": c.reference, "n_pairs": c.n_pairs,
+                 "mean_rel_diff_pct": c.mean_rel_diff, "ci_pct": list(c.rel_ci), "p_value": c.p_value,
+                 "n_better": c.n_better} for c in res.families]
+    return _finite({"headline": res.headline, "laws": laws, "approaches": approaches, "families": families,
+                    "skipped": dict(res.skipped), "runs": res.n_runs, "report": str(res.path)})
+
+
+FAMILY_PAIR = ("model.d_model", "model.n_layers", "train.seed")  # what a family comparison holds fixed
+REFERENCE_FAMILY = "layerwise MoE"
+
+
+def family_comparisons(frame) -> tuple:
+    """Each architecture family against the layerwise MoE on runs of the same size (``FAMILY_PAIR``),
+    paired (``analysis.paired``); empty when the runs have no such pairs (e.g. several virtual widths
+    of one family per size)."""
+    import polars as pl
+
+    from analysis.figures import family_labels
+    from analysis.paired import compare_variants
+
+    labels = family_labels(frame)
+    if labels is None or REFERENCE_FAMILY not in labels or DEFAULT_LOSS not in frame.columns:
+        return ()
+    pair = [c for c in FAMILY_PAIR if c in frame.columns]
+    framed = frame.with_columns(pl.Series("family", labels))
+    try:
+        out = compare_variants(framed, variant=["family"], reference=REFERENCE_FAMILY, pair=pair, loss=DEFAULT_LOSS)
+    except AnalysisError:
+        return ()
+    return tuple(c for c in out if c.n_pairs >= 2)
 
 
 def _finite(x):
@@ -217,8 +255,9 @@ def write_report(
 
         figs["isoflop"] = R.draw_scatter(F.isoflop_data(iso))
     sections = _sections(fitted, tests, notes, prov, have_v="loss_vs_virtual_width" in figs)
+    families = family_comparisons(runs.frame)
     sections.insert(0, ("Summary", _summary_html(fitted, tests, lead, n_runs=runs.frame.height,
-                                                 n_points=frame.height)))
+                                                 n_points=frame.height, families=families)))
     sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)
                         + ("{{figure:isoflop}}" if iso is not None else "")))
     if lr_rule is not None:
@@ -236,7 +275,7 @@ def write_report(
     return ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
                         figures=tuple(figs), notes=notes + tuple(extra_notes),
                         logged_to=logged, n_runs=runs.frame.height, excluded=dict(runs.excluded), headline=lead,
-                        approaches=tuple(approaches))
+                        approaches=tuple(approaches), families=families)
 
 
 def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[list, object]:
@@ -301,7 +340,7 @@ def _approaches_html(rows) -> str:
 
 
 def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | None, *, n_runs: int,
-                  n_points: int) -> str:
+                  n_points: int, families: tuple = ()) -> str:
     """The plain-language paragraph at the top, and every law's verdict."""
     fits = fitted.fits
     runs_text = f"{n_runs} runs" + (f" ({n_points} points with their cooldown branches)" if n_points > n_runs else "")
@@ -320,6 +359,10 @@ def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | Non
     for t in v_tests:
         text += (f" Virtual width ({html.escape(t.law)} vs {html.escape(t.nested)}): likelihood-ratio "
                  f"{t.lr_stat:.2f} (df {t.df}), p = {t.p_value:.3g}.")
+    for c in families:
+        text += (f" {html.escape(c.variant)} against the layerwise MoE at the same size: {c.mean_rel_diff:+.2f}% "
+                 f"final loss (95% interval [{c.rel_ci[0]:+.2f}, {c.rel_ci[1]:+.2f}], {c.n_pairs} pairs, "
+                 f"lower in {c.n_better}).")
     rows = "".join(
         f"<li{'' if r.verdict.identified else ' class=note'}><b>{html.escape(n)}</b>: "
         f"{html.escape(r.verdict.line())}</li>" for n, r in fits.items())

@@ -290,6 +290,8 @@ def run_cmd(
         typer.echo(f"{test.law} vs {test.nested}: LR {test.lr_stat:.2f} (df {test.df}), p = {test.p_value:.3g}; "
                    f"AIC {test.aic:.1f} vs {test.aic_nested:.1f}")
     typer.echo(_virtual_width_line(res))
+    if res.families_line():
+        typer.echo(res.families_line())
     for name, why in res.skipped.items():
         typer.echo(f"{name}: not fitted: {why}")
     for note in res.notes:

@@ -60,3 +60,38 @@ def test_family_labels_name_the_architectures():
                           "model.window_layout": ["ring", "ring", "clamped", "ring"]})
     assert family_labels(frame) == ["layerwise MoE", "UniPool-style", "MoUE-style", "rotational + exposure"]
     assert family_labels(pl.DataFrame({"x": [1]})) is None
+
+
+def test_relative_interval_is_the_t_interval_of_the_pair_differences():
+    import math
+
+    ref = [2.00, 2.10, 1.90, 2.05]
+    var = [1.95, 2.08, 1.86, 2.06]
+    frame = pl.DataFrame({"family": ["a"] * 4 + ["b"] * 4, "seed": [0, 1, 2, 3] * 2, "final/val_loss": ref + var})
+    (c,) = compare_variants(frame, variant=["family"], reference="a", pair=["seed"])
+    rel = [100 * (v - r) / r for v, r in zip(var, ref)]
+    m = sum(rel) / 4
+    sd = math.sqrt(sum((x - m) ** 2 for x in rel) / 3)
+    half = stats.t.ppf(0.975, 3) * sd / 2
+    assert c.mean_rel_diff == pytest.approx(m) and c.rel_ci == pytest.approx((m - half, m + half))
+
+
+def test_family_comparisons_pair_families_by_size():
+    from analysis.report import family_comparisons
+
+    sizes = [32, 48, 64, 96]
+    rows = []
+    for fam, (P, w, s, router, balance, layout), bump in (
+            ("lw", (8, 4, 4, "softmax", "switch", "ring"), 0.0),
+            ("up", (8, 8, 0, "norm", "pool", "ring"), 0.05),
+            ("mo", (8, 7, 4, "trajectory", "exposure", "clamped"), -0.02)):
+        for i, d in enumerate(sizes):
+            rows.append({"model.d_model": d, "model.n_layers": 2, "train.seed": 0, "model.pool_size": P,
+                         "model.window": w, "model.stride": s, "model.router": router, "model.balance": balance,
+                         "model.window_layout": layout, "final/val_loss": 2.0 - 0.1 * i + bump + 0.001 * i})
+    out = {c.variant: c for c in family_comparisons(pl.DataFrame(rows))}
+    assert set(out) == {"UniPool-style", "MoUE-style"}
+    assert out["UniPool-style"].n_pairs == 4 and out["UniPool-style"].mean_rel_diff > 0
+    assert out["MoUE-style"].n_better == 4 and out["MoUE-style"].rel_ci[1] < 0
+    # several runs of a family per size (a virtual-width grid): no pairs, no comparison
+    assert family_comparisons(pl.DataFrame(rows + rows)) == ()
