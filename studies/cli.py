@@ -605,8 +605,20 @@ from analysis.cli import register as _register_analysis  # noqa: E402 - cheap: a
 _register_analysis(app, bench_app)
 
 
+def quiet_libraries() -> None:
+    """No MLflow or alembic INFO lines (database creation, migrations) on a researcher's console:
+    warnings and errors still show."""
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its loggers
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
+    quiet_libraries()
     try:
         app()
     except ConfigError as exc:
