@@ -22,9 +22,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: "[model]" stays text, boolean options show as flags
 )
 bench_app = typer.Typer(help="Performance benchmarks (ratios measured side by side in one run).",
-                        no_args_is_help=True)
+                        no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 
 

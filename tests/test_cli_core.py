@@ -113,3 +113,23 @@ def test_upcycle_command(tmp_path) -> None:
     torch.testing.assert_close(model(idx).logits, dense(idx).logits, atol=1e-5, rtol=1e-5)  # layerwise, no noise
     bad = runner.invoke(app, ["upcycle", str(ckpt), "-o", str(tmp_path / "b.pt"), "--set", "pool_size"])
     assert bad.exit_code == 2 and "--set" in bad.output
+
+
+def test_every_help_renders_with_its_text_and_flags_as_flags() -> None:
+    import typer.main
+
+    from studies.cli import app
+
+    group = typer.main.get_command(app)
+    paths = []
+    for name, cmd in group.commands.items():
+        sub = getattr(cmd, "commands", None)
+        paths += [[name, s] for s in sub] if sub else [[name]]
+    assert ["bench", "moe"] in paths and ["train"] in paths and ["lr-rule"] in paths
+    for path in paths:
+        out = runner.invoke(app, [*path, "--help"])
+        assert out.exit_code == 0, (path, out.output)
+        assert "<bool>" not in out.output, (path, "a boolean option shows as a flag")
+        assert "Example" in out.output and " moue " in out.output, (path, "every command's help has an example")
+    train = runner.invoke(app, ["train", "--help"]).output
+    assert "([model], [train], [data])" in train  # not eaten as markup
