@@ -185,9 +185,15 @@ def _apply_sets(frame, sets: list[str], law) -> tuple[object, dict[str, str]]:
     return frame, variables
 
 
+def _law_help() -> str:
+    from analysis.laws import LAWS  # a pure-Python registry (no scipy at import)
+
+    return "Law to fit, one of: " + "; ".join(f"{name}: {law.formula}" for name, law in LAWS.items()) + "."
+
+
 def fit_cmd(
     file: Annotated[Path, typer.Argument(help="Table to fit: .csv, .csv.gz or .parquet.")],
-    law: Annotated[str, typer.Option("--law", help="Law name (see `moue fit --help`).")],
+    law: Annotated[str, typer.Option("--law", help=_law_help())],
     loss: Annotated[str, typer.Option("--loss", help="Loss column.")],
     set_: Annotated[list[str], typer.Option("--set", help="VAR=COLUMN or VAR=SQL expression, "
                                             "one per law variable (repeatable).")],
@@ -198,7 +204,7 @@ def fit_cmd(
     delta: Annotated[float | None, typer.Option("--delta", help="Huber delta in the law's residual units "
                                                 "(default: the law's own; docs/FITTING.md).")] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples (0: none).")] = 1000,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
     cluster: Annotated[str | None, typer.Option("--cluster", help="Column whose rows resample "
                                                 "together (e.g. a run id).")] = None,
     weight: Annotated[str | None, typer.Option("--weight", help="Per-row weight column.")] = None,
@@ -207,7 +213,8 @@ def fit_cmd(
                                                     "largest-compute group).")] = None,
     holdout_column: Annotated[str | None, typer.Option("--holdout-column", help="Column of "
                                                        "the hold-out axis.")] = None,
-    no_holdout: Annotated[bool, typer.Option("--no-holdout")] = False,
+    no_holdout: Annotated[bool, typer.Option("--no-holdout", help="Fit on every row; no hold-out error (the "
+                                             "verdict then says the law is not identified).")] = False,
     samples: Annotated[bool, typer.Option("--samples", help="Include bootstrap samples in "
                                           "--json.")] = False,
 ) -> None:

@@ -133,3 +133,12 @@ def test_every_help_renders_with_its_text_and_flags_as_flags() -> None:
         assert "Example" in out.output and " moue " in out.output, (path, "every command's help has an example")
     train = runner.invoke(app, ["train", "--help"]).output
     assert "([model], [train], [data])" in train  # not eaten as markup
+    import click
+
+    for path in paths:  # every option says what it does
+        cmd = group
+        for p in path:
+            cmd = cmd.commands[p]
+        bare = [o.opts[0] for o in cmd.params if isinstance(o, click.Option) and not (o.help or "").strip()]
+        assert not bare, (path, bare)
+    assert "vw_multiplicative" in runner.invoke(app, ["fit", "--help"]).output  # moue fit --help lists the laws
