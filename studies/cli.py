@@ -425,7 +425,7 @@ def _print_dry_run(study) -> None:
                f"scheduler {study.scheduler.kind}")
     for row in rows:
         settings = " ".join(f"{k}={v}" for k, v in row["point"].items())
-        typer.echo(f"  #{row['trial']:<3} active {row['active']:>10,}  total {row['total']:>10,}  "
+        typer.echo(f"  #{row['trial']:<3} {row['family']:<10} active {row['active']:>10,}  total {row['total']:>10,}  "
                    f"V {row['virtual_width']:>4}  compute {row['compute']:.3g}  {settings}")
     for point, why in study.pruned:
         settings = " ".join(f"{k}={v}" for k, v in point.items())

@@ -289,7 +289,7 @@ def _corpus_fingerprint(study: Study, workspace: Workspace) -> str:
 
 def dry_run(study: Study) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each trial's settings with its counts and compute, and the totals; launches nothing."""
-    from studies.spec import preview_points
+    from studies.spec import family_of, preview_points
 
     if study.search.algorithm == "grid":
         points, plans = study.points, study.plans
@@ -299,7 +299,8 @@ def dry_run(study: Study) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows = []
     for i, (point, plan) in enumerate(zip(points, plans, strict=True)):
         c = plan.counts
-        rows.append({"trial": i, "point": point, "tokens": plan.tokens, "active": c.n_params_active,
+        rows.append({"trial": i, "point": point, "family": family_of(study.fixed, point), "tokens": plan.tokens,
+                     "active": c.n_params_active,
                      "total": c.n_params_total, "virtual_width": c.virtual_width, "reuse": c.reuse,
                      "compute": plan.compute})
     totals = {"trials": len(rows), "compute": sum(r["compute"] for r in rows), "pruned": len(study.pruned),

@@ -603,15 +603,21 @@ def _validate_trial(study: Study, point: dict[str, Any]):
 
 def _family(fixed: dict[str, Any], point: dict[str, Any]) -> str:
     """The architecture family a point's topology is: private windows per layer, one shared pool, or a rotation."""
+    return {"layerwise": "layerwise", "unipool": "one shared pool (UniPool-style)",
+            "rotational": "rotational pool (MoUE-style)"}[family_of(fixed, point)]
+
+
+def family_of(fixed: dict[str, Any], point: dict[str, Any]) -> str:
+    """``layerwise``, ``unipool`` (one shared pool) or ``rotational``: the topology of a point."""
     from search_spaces.constraints import model_value
 
     flat = {**fixed, **point}
     L, P, w, s = (model_value(flat, k) for k in ("n_layers", "pool_size", "window", "stride"))
     if w == P and not s:
-        return "one shared pool (UniPool-style)"
+        return "unipool"
     if s == w and w * L == P:
         return "layerwise"
-    return "rotational pool (MoUE-style)"
+    return "rotational"
 
 
 def shipped_studies() -> list[Path]:

@@ -92,6 +92,8 @@ def test_shipped_specs_load_and_dry_run(path: Path) -> None:
         if study.lr_stage is not None:  # the LR stage's trials are listed first
             n += len(load_study(path, smoke=smoke, stage="lr").points)
         assert out.output.count("  #") == n
+        rows = [line.split() for line in out.output.splitlines() if line.startswith("  #")]
+        assert all(r[1] in ("layerwise", "unipool", "rotational") for r in rows)  # each trial's family
 
 
 def test_dry_run_counts_and_compute_are_the_counting_module_s() -> None:
