@@ -288,7 +288,8 @@ def run_cmd(
     typer.echo(res.runs_line())
     _print_laws(res.fits)
     for test in res.tests.values():
-        typer.echo(f"{test.law} vs {test.nested}: LR {test.lr_stat:.2f} (df {test.df}), p = {test.p_value:.3g}; "
+        typer.echo(f"{test.law} vs {test.nested} (likelihood-ratio test: does the V term fit better than chance "
+                   f"would?): statistic {test.lr_stat:.2f} (df {test.df}), p = {test.p_value:.3g}; "
                    f"AIC {test.aic:.1f} vs {test.aic_nested:.1f}")
     typer.echo(_virtual_width_line(res))
     if res.families_line():
