@@ -414,7 +414,10 @@ def _print_outcome(outcome) -> None:
     typer.echo(f"sweep {outcome.name}: {outcome.trials} trials ({states}) in {outcome.wall_s:.0f} s; "
                f"best val loss {best}")
     typer.echo(f"MLflow: experiment {outcome.experiment!r}, parent run {outcome.parent_run_id}, {outcome.tracking_uri}")
-    typer.echo(f"Tune state: {outcome.storage} (moue sweep ... --resume continues it)")
+    unfinished = {k: n for k, n in outcome.statuses.items() if k not in ("finished", "early_stopped", "diverged")}
+    hint = f" ({', '.join(f'{n} {k}' for k, n in unfinished.items())}: moue sweep ... --resume retries them)" \
+        if unfinished else ""
+    typer.echo(f"Tune state: {outcome.storage}{hint}")
 
 
 def _print_dry_run(study) -> None:

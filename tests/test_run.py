@@ -24,6 +24,7 @@ def test_moue_run_smoke_end_to_end_and_rerun_resumes(tmp_path) -> None:
     assert first.returncode == 0, first.stdout + first.stderr
     out = first.stdout
     assert "INFO mlflow" not in out + first.stderr, "no MLflow log lines on the console"
+    assert "--resume" not in out, "no resume hint when every trial has ended"
     assert "sweep smoke: 6 trials" in out
     assert "runs: " in out and " used" in out, "the summary says which runs the fits used and left out"
     report = ws / "reports" / "smoke.html"
