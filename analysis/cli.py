@@ -458,6 +458,9 @@ def check_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed when writing a baseline.")] = 0,
     force_unidentified: Annotated[bool, typer.Option("--force-unidentified", help="Gate exponents the "
                                                      "runs do not identify (refused by default).")] = False,
+    force_experiment: Annotated[bool, typer.Option("--force-experiment", help="Gate against a baseline "
+                                                   "written for another experiment (refused by default).")
+                                ] = False,
 ) -> None:
     """Gate fitted exponents against a baseline: exit 0 pass, 1 regression, 2 unusable input
     (including an exponent the runs do not identify: see --force-unidentified).
@@ -475,6 +478,9 @@ def check_cmd(
         if not 0 < level < 1:
             raise AnalysisError("--level", level, "must be in (0, 1)")
         base = None if write_baseline else read_baseline(baseline)
+        if base is not None and base.experiment and base.experiment != experiment and not force_experiment:
+            raise AnalysisError("--baseline", str(baseline), f"is the baseline of experiment {base.experiment!r}, "
+                                f"not {experiment!r}; pass --force-experiment to gate against it anyway")
         runs = load_runs(experiment, tracking_uri=_uri(tracking_uri, workspace),
                          parent_run_id=parent)
         flt = "moue.status = finished" + (f", parent {parent}" if parent else "")

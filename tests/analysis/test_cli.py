@@ -123,24 +123,27 @@ def test_check_gate_end_to_end(cli, logged_study, tmp_path):
     steeper = {**TRUE, "alpha": 0.40, "A": 200.0}
     log_study(uri, "vw_shifted", default_trials(), artifact_root=str(ws / "artifacts"),
               loss_fn=lambda N, D, V: true_loss(N, D, V, steeper), rng_seed=7)
-    r = cli("check", "vw_shifted", "--baseline", baseline, "--tracking-uri", uri)
+    r = cli("check", "vw_shifted", "--baseline", baseline, "--tracking-uri", uri)  # another experiment's baseline
+    assert r.exit_code == 2 and f"is the baseline of experiment {exp!r}, not 'vw_shifted'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cli("check", "vw_shifted", "--baseline", baseline, "--tracking-uri", uri, "--force-experiment")
     assert r.exit_code == 1, r.output
     text = " ".join(r.stdout.split())
     assert "wald" in text and "FAIL" in text and "regression in vw_multiplicative" in text
 
     # degenerate inputs: too few points, one-valued axis -> exit 2 with the reason
     log_study(uri, "tiny", default_trials()[:4], artifact_root=str(ws / "artifacts"))
-    r = cli("check", "tiny", "--baseline", baseline, "--tracking-uri", uri)
+    r = cli("check", "tiny", "--baseline", baseline, "--tracking-uri", uri, "--force-experiment")
     assert r.exit_code == 2 and "points (4) are too few" in r.stderr
     one_d = [t for t in default_trials() if t.tokens == 120_000_000]
     log_study(uri, "one_d", one_d, artifact_root=str(ws / "artifacts"))
-    r = cli("check", "one_d", "--baseline", baseline, "--tracking-uri", uri)
+    r = cli("check", "one_d", "--baseline", baseline, "--tracking-uri", uri, "--force-experiment")
     assert r.exit_code == 2 and "variables.D ('final/tokens') has a single value" in r.stderr
     nan = default_trials()
     log_study(uri, "nan_loss", nan, artifact_root=str(ws / "artifacts"),
               loss_fn=lambda N, D, V: float("nan") if N == nan[0].n_active and D == 2e7
               and V == 8 else true_loss(N, D, V))
-    r = cli("check", "nan_loss", "--baseline", baseline, "--tracking-uri", uri)
+    r = cli("check", "nan_loss", "--baseline", baseline, "--tracking-uri", uri, "--force-experiment")
     assert r.exit_code == 2 and "loss ('final/val_loss') has 1 missing" in r.stderr
     r = cli("check", exp, "--baseline", tmp_path / "missing.json", "--tracking-uri", uri)
     assert r.exit_code == 2 and "does not exist" in r.stderr
