@@ -262,21 +262,26 @@ def run_cmd(
     workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace directory."),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny version of the study (seconds)."),
     bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples for the intervals."),
+    address: str = typer.Option(None, help="Ray cluster to join: 'auto' or ray://head:10001 (default: local)."),
+    storage: str = typer.Option(None, help="Tune storage shared by all nodes (path or s3://...)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: the workspace's SQLite store)."),
 ) -> None:
     """Everything on the embedded default: the sweep (local Ray, SQLite MLflow in the workspace),
-    the fits, the HTML report and a summary. Re-running after an interruption resumes.
+    the fits, the HTML report and a summary. Re-running after an interruption resumes. The
+    cluster options are moue sweep's.
 
     Example: moue run studies/quickstart.toml
     """
     from analysis.report import write_report
-    from studies.runner import Workspace, run_sweep, sweep_name
+    from studies.runner import Workspace, sweep_name
     from studies.spec import load_study
     from studies.stages import run_stages
 
     study = load_study(spec, smoke=smoke)
     ws = Workspace.at(workspace)
     staged = run_stages(study, workspace=ws, echo=typer.echo, bootstrap=bootstrap,
-                        sweep=lambda s, resume: _shown(run_sweep(s, workspace=ws, resume=resume)))
+                        sweep=lambda s, resume: _shown(_sweep(s, workspace=workspace, resume=resume, address=address,
+                                                              storage=storage, tracking_uri=tracking_uri)))
     if staged.main is None:
         fail(staged.stopped, code=1)
     outcome = staged.main
