@@ -65,6 +65,9 @@ def report_cmd(
     lr_rule: Annotated[Path | None, typer.Option("--lr-rule", help="The study's LR rule (its LR stage's "
                                                  "<workspace>/reports/<name>_lr_rule.json, the default when it "
                                                  "exists): adds the LR curves.")] = None,
+    points: Annotated[str, typer.Option("--points", help="What each run contributes: 'final' (its final "
+                                        "loss and cooldown branches) or 'marks' (also every intermediate "
+                                        "mark: training curves, not decayed losses).")] = "final",
 ) -> None:
     """Fit the study's scaling laws and write one self-contained HTML report.
 
@@ -98,7 +101,7 @@ def report_cmd(
             rule = load_rule(lr_rule)
         res = write_report(experiment, tracking_uri=_uri(tracking_uri, workspace), output=out,
                            laws=laws, parent_run_id=parent, n_bootstrap=bootstrap, seed=seed,
-                           log_artifact=log_artifact, png_dir=png, lr_rule=rule)
+                           log_artifact=log_artifact, png_dir=png, lr_rule=rule, points=points)
     except AnalysisError as e:
         raise _fail(e) from None
     typer.echo(f"wrote {res.path} ({len(res.fits)} laws fitted, {len(res.figures)} figures); {res.runs_line()}",

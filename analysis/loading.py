@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import polars as pl
 
 __all__ = ["SCHEMA_VERSION", "LoadedRuns", "ParentRun", "default_tracking_uri", "load_runs", "with_cooldown_points",
-           "study_laws"]
+           "study_laws", "with_mark_points"]
 
 _PARENT_TAGS = PARENT_TAGS
 _INT = re.compile(r"^[+-]?\d+$")
@@ -349,6 +349,34 @@ def with_cooldown_points(frame: pl.DataFrame) -> pl.DataFrame:
                                    pl.col(f"{key}/flops").cast(pl.Float64).alias("final/flops"))
         parts.append(branch.select(base.columns).with_columns(pl.lit(f"cooldown@{t}").alias("point")))
     return pl.concat(parts, how="vertical_relaxed")
+
+
+def with_mark_points(frame: pl.DataFrame, curves: pl.DataFrame | None) -> pl.DataFrame:
+    """``frame`` plus one row per intermediate mark of a run's ``val/loss`` curve (``curves`` of
+    ``load_runs(..., curves=True)``): a copy of the run's row whose ``final/val_loss`` is the mark's,
+    ``final/tokens`` its tokens and ``final/flops`` ``derived.flops_per_token`` times them; ``point``
+    is ``mark@<t>``. Marks at or beyond the run's final tokens are left out (the final row has
+    them); ``run_id`` stays the run's, so a bootstrap by run resamples a run with its marks. These
+    are not decayed losses (the LR has not annealed at a mark): a law fitted on them describes
+    training curves, not the loss a run of that length would reach."""
+    import polars as pl
+
+    need = ("run_id", "final/tokens", "derived.flops_per_token")
+    if curves is None or curves.height == 0 or not all(c in frame.columns for c in need):
+        return frame
+    base = frame if "point" in frame.columns else frame.with_columns(pl.lit("final").alias("point"))
+    finals = base.filter(pl.col("point") == "final")
+    marks = (curves.filter(pl.col("key") == "val/loss").select("run_id", "step", "value")
+             .join(finals.select("run_id", "final/tokens"), on="run_id")
+             .filter((pl.col("step") > 0) & (pl.col("step") < pl.col("final/tokens")) & pl.col("value").is_not_nan())
+             .drop("final/tokens"))
+    if marks.height == 0:
+        return base
+    rows = finals.join(marks, on="run_id").with_columns(
+        pl.col("value").alias(FINAL_VAL_LOSS), pl.col("step").cast(pl.Float64).alias("final/tokens"),
+        (pl.col("derived.flops_per_token").cast(pl.Float64) * pl.col("step")).alias("final/flops"),
+        pl.format("mark@{}", pl.col("step")).alias("point"))
+    return pl.concat([base, rows.select(base.columns)], how="vertical_relaxed")
 
 
 def _load_curves(client, run_ids: list[str], keys: tuple[str, ...]) -> pl.DataFrame:

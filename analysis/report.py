@@ -222,19 +222,26 @@ def write_report(
     log_artifact: bool = True,
     png_dir: str | Path | None = None,
     lr_rule=None,
+    points: str = "final",
 ) -> ReportResult:
     """Write the report of ``experiment`` to ``output`` and return what it contains. The notes
     of the fits (and which rows a law was fitted on) are listed in the report and returned in
     ``ReportResult.notes``, each once. ``lr_rule`` (an ``analysis.lr_rule.LrRule``: the study's LR
-    stage) adds its LR curves and rule."""
+    stage) adds its LR curves and rule. ``points``: ``"final"`` fits each run's final loss and its
+    cooldown branches (decayed losses); ``"marks"`` adds every intermediate mark of the training
+    curves (``analysis.loading.with_mark_points``; resampled by run)."""
     from analysis import render as R
-    from analysis.loading import load_runs, with_cooldown_points
+    from analysis.loading import load_runs, with_cooldown_points, with_mark_points
 
     for name in laws:
         get_law(name)
     runs = load_runs(experiment, tracking_uri=tracking_uri, parent_run_id=parent_run_id, curves=True)
     # cooldown branches (train.cooldown_at) are (N, D) points of their own, resampled with their run
+    if points not in ("final", "marks"):
+        raise AnalysisError("--points", points, "must be 'final' (final losses and cooldown branches) or 'marks'")
     frame = with_cooldown_points(runs.frame)
+    if points == "marks":
+        frame = with_mark_points(frame, runs.curves)
     if frame.height == 0:
         why = ", ".join(f"{v} {k}" for k, v in sorted(runs.excluded.items()))
         raise AnalysisError("experiment", experiment, "has no finished trials to report on"

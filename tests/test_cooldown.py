@@ -93,6 +93,27 @@ def test_the_loader_makes_each_branch_a_point():
     assert branch["final/flops"].to_list() == [3e11]
 
 
+def test_the_loader_makes_each_intermediate_mark_a_point_resampled_with_its_run():
+    from analysis.fitting import prepare
+    from analysis.loading import with_mark_points
+
+    frame = pl.DataFrame({"run_id": ["a", "b"], "final/val_loss": [2.0, 1.9], "final/tokens": [4e6, 4e6],
+                          "final/flops": [1e12, 2e12], "derived.flops_per_token": [2.5e5, 5e5],
+                          "derived.n_params_active": [1e4, 2e4]})
+    curves = pl.DataFrame({"run_id": ["a", "a", "a", "b", "b"], "key": ["val/loss", "val/loss", "train/loss",
+                                                                          "val/loss", "val/loss"],
+                           "step": [1_000_000, 4_000_000, 1_000_000, 2_000_000, 0],
+                           "value": [3.0, 2.0, 3.1, 2.4, 5.5]})
+    out = with_mark_points(frame, curves)
+    marks = out.filter(pl.col("point").str.starts_with("mark@")).sort("run_id")
+    # a's mark at its final tokens is its final row; b's mark at 0 tokens is no point
+    assert marks["run_id"].to_list() == ["a", "b"] and marks["final/val_loss"].to_list() == [3.0, 2.4]
+    assert marks["final/tokens"].to_list() == [1e6, 2e6] and marks["final/flops"].to_list() == [2.5e11, 1e12]
+    assert out.height == 4 and out.filter(pl.col("point") == "final").height == 2
+    problem = prepare(out, law="compute_power")  # one cluster per run: a run resamples with its marks
+    assert len(set(problem.points.cluster_index.tolist())) == 2
+
+
 def test_bench_cooldown_compares_branches_with_separate_runs(tmp_path):
     from moue_core.bench import bench_cooldown
 
