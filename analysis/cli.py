@@ -611,6 +611,44 @@ def bench_fit_cmd(
         raise _fail(e) from None
 
 
+def export_cmd(
+    experiment: Annotated[str, typer.Argument(help="Study (MLflow experiment) name.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="File to write: .parquet or .csv.")],
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+    workspace: Annotated[Path, _WORKSPACE] = Path(DEFAULT_WORKSPACE),
+    parent: Annotated[str | None, _PARENT] = None,
+    include: Annotated[list[str] | None, typer.Option("--include", help="Also export trials of this status "
+                                                      "(repeatable): early_stopped, diverged, failed.")] = None,
+) -> None:
+    """One row per finished trial: typed params (model.*, train.*, data.*), counts (derived.*) and
+    final metrics (final/*), as analysis loads them.
+
+    Example: moue export quickstart -o quickstart.parquet
+    """
+    from analysis.errors import AnalysisError
+    from analysis.loading import load_runs
+
+    try:
+        if output.suffix not in (".parquet", ".csv"):
+            raise AnalysisError("--output", str(output), "must end in .parquet or .csv")
+        kw = {"include_statuses": ("finished", *include)} if include else {}
+        runs = load_runs(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent, **kw)
+    except AnalysisError as e:
+        raise _fail(e) from None
+    frame = runs.frame
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".parquet":
+        frame.write_parquet(output)
+    else:  # CSV holds scalars only: list columns (e.g. train.cooldown_at) as JSON text
+        import polars as pl
+
+        lists = [c for c, t in frame.schema.items() if isinstance(t, pl.List)]
+        frame.with_columns([pl.col(c).map_elements(lambda v: json.dumps(list(v)), return_dtype=pl.String)
+                            for c in lists]).write_csv(output)
+    left = ", ".join(f"{n} {k}" for k, n in sorted(runs.excluded.items()))
+    typer.echo(f"wrote {output}: {frame.height} trials, {frame.width} columns" + (f"; left out: {left}" if left else ""))
+
+
 def register(app: typer.Typer, bench: typer.Typer | None = None) -> None:
     """Add ``report``, ``fit``, ``check`` to the ``moue`` app, and the fit benchmark as ``fit`` of
     its ``bench`` group (or as ``bench-fit`` when no group is given)."""
@@ -618,6 +656,7 @@ def register(app: typer.Typer, bench: typer.Typer | None = None) -> None:
     app.command("fit")(fit_cmd)
     app.command("check")(check_cmd)
     app.command("isoflop")(isoflop_cmd)
+    app.command("export")(export_cmd)
     app.command("lr-rule")(lr_rule_cmd)
     app.command("compare")(compare_cmd)
     if bench is not None:

@@ -187,3 +187,23 @@ def test_fit_on_an_empty_or_blank_table_is_one_line_and_exit_2(cli, tmp_path, te
     path.write_text(text)
     r = cli("fit", path, "--law", "compute", "--loss", "loss", "--set", "C=x")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "FILE" in r.output, r.output
+
+
+def test_export_writes_one_typed_row_per_finished_trial(cli, logged_study, tmp_path):
+    import polars as pl
+
+    from analysis.loading import load_runs
+
+    uri, exp, _, _ = logged_study
+    want = load_runs(exp, tracking_uri=uri).frame
+    r = cli("export", exp, "--tracking-uri", uri, "-o", tmp_path / "runs.parquet")
+    assert r.exit_code == 0, r.output
+    got = pl.read_parquet(tmp_path / "runs.parquet")
+    assert got.height == want.height == 48 and got.schema == want.schema and "left out:" in r.stdout
+    assert "2 diverged" in r.stdout
+    r = cli("export", exp, "--tracking-uri", uri, "-o", tmp_path / "runs.csv", "--include", "diverged")
+    assert r.exit_code == 0, r.output
+    csv = pl.read_csv(tmp_path / "runs.csv")
+    assert set(csv["run_id"]) == set(want["run_id"]) and "2 diverged" not in r.stdout  # (they have no final loss)
+    r = cli("export", exp, "--tracking-uri", uri, "-o", tmp_path / "runs.xlsx")
+    assert r.exit_code == 2 and "must end in .parquet or .csv" in r.stderr
