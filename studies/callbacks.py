@@ -116,7 +116,8 @@ class MlflowCallback(tune.Callback):
         if trial.trial_id in self._attached:
             return
         plan = self.study.plan(trial.config)
-        self._submit("trial_run", trial.trial_id, params=dict(plan.params), tags=dict(plan.tags))
+        self._submit("trial_run", trial.trial_id, params=dict(plan.params), tags=dict(plan.tags),
+                     run_name=plan.run_name)
         self._attached.add(trial.trial_id)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:

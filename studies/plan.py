@@ -24,7 +24,7 @@ from moue_core.counting import Counts, count
 from moue_core.tracking_contract import CONFIG_PARAM, SEED
 from moue_core.trial_config import TrialConfig
 
-__all__ = ["TrialPlan", "plan_trial", "resolve_trial", "trial_point", "trial_params"]
+__all__ = ["TrialPlan", "plan_trial", "resolve_trial", "trial_point", "trial_params", "model_family"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +46,13 @@ class TrialPlan:
     def tags(self) -> dict[str, str]:
         """The trial run's tags at creation."""
         return {SEED: str(self.config.train.seed)}
+
+    @property
+    def run_name(self) -> str:
+        """A readable MLflow run name: family, size, topology, router, seed (the trial id is a tag)."""
+        m = self.config.model
+        return (f"moue {model_family(self.config)} d{m.d_model} L{m.n_layers} P{m.pool_size} w{m.window} "
+                f"s{m.stride} k{m.top_k} {m.router} seed{self.config.train.seed}")
 
     @property
     def tokens(self) -> int:
@@ -80,11 +87,24 @@ def resolve_trial(study, config: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def model_family(cfg: TrialConfig) -> str:
+    """``dense``, ``layerwise`` (private windows), ``unipool`` (one shared pool) or ``rotational``."""
+    m = cfg.model
+    if m.ffn == "dense":
+        return "dense"
+    if m.window == m.pool_size and not m.stride:
+        return "unipool"
+    if m.stride == m.window and m.window * m.n_moe_layers == m.pool_size:
+        return "layerwise"
+    return "rotational"
+
+
 def trial_params(cfg: TrialConfig, counts: Counts) -> dict[str, Any]:
     """The params of a trial run: the full resolved config (defaults included), the counting
     convention and the derived counts, and all of them once more as typed JSON (``CONFIG_PARAM``)."""
     params = cfg.to_flat()
     params.update(counts.as_params())
+    params["family"] = model_family(cfg)
     params[CONFIG_PARAM] = json.dumps(params, sort_keys=True)
     return params
 

@@ -181,7 +181,8 @@ class Tracker:
 
     # ---- trials
 
-    def trial_run(self, trial_id: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    def trial_run(self, trial_id: str, *, params: Mapping[str, Any], tags: Mapping[str, str],
+                  run_name: str | None = None) -> str:
         """The child run of ``trial_id``: cached, found under the parent, or created.
 
         ``tags`` must hold ``moue.seed``. Params are logged as strings (values longer than MLflow's
@@ -199,7 +200,7 @@ class Tracker:
         values = {k: str(v)[:_MAX_PARAM_VALUE] for k, v in params.items()}
         run = self._existing.pop(trial_id, None)
         if run is None:
-            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags=all_tags)
+            run = self.client.create_run(self.experiment_id, run_name=run_name or trial_id, tags=all_tags)
             logged: Mapping[str, str] = {}
         else:  # re-attach after a driver restart
             logged = run.data.params

@@ -43,6 +43,12 @@ def test_params_carry_the_typed_config_once_more_as_json() -> None:
     assert isinstance(typed["train.lr"], float) and typed["data.vocab_size"] is None
     assert typed["derived.n_params_active"] == plan.counts.n_params_active
     assert plan.tags == {"moue.seed": str(plan.config.train.seed)}
+    m = plan.config.model
+    assert typed["family"] == "layerwise" and plan.run_name == (
+        f"moue layerwise d{m.d_model} L{m.n_layers} P{m.pool_size} w{m.window} s{m.stride} k{m.top_k} "
+        f"{m.router} seed{plan.config.train.seed}")
+    study = load_study(ROOT / "studies" / "vw_grid.toml")
+    assert {p.params["family"] for p in study.plans} == {"layerwise", "unipool", "rotational"}
     assert TrialConfig.from_dict({k: v for k, v in typed.items()
                                   if k.split(".")[0] in ("model", "train", "data")}) == plan.config
 

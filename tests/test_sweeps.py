@@ -63,6 +63,7 @@ def check_schema(client, parents, children, *, n_trials: int) -> None:
         assert t["moue.schema"] == "1" and t["moue.seed"] in ("0", "1")
         assert t["moue.status"] in ("finished", "early_stopped", "diverged", "failed")
         assert child.info.status != "RUNNING"
+        assert child.info.run_name.startswith(f"moue {p['family']} d") and f"seed{t['moue.seed']}" in child.info.run_name
         for key in ("model.pool_size", "model.window", "model.stride", "model.top_k", "model.router",
                     "model.balance", "train.tokens", "train.lr", "data.corpus", "count.convention",
                     "derived.n_params_active", "derived.virtual_width", "derived.flops_per_token"):
