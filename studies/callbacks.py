@@ -58,7 +58,8 @@ class MlflowCallback(tune.Callback):
         if self._tracker is None:
             from studies.tracking import Tracker, environment_info
 
-            tracker = Tracker(tracking_uri=self.tracking_uri, experiment=self.study.experiment)
+            tracker = Tracker(tracking_uri=self.tracking_uri, experiment=self.study.experiment,
+                              description=self.study.description)
             tracker.start_parent(sweep_id=self.sweep_id, study=self.study.name, spec_text=self.study.source,
                                  spec_sha256=self.study.sha256, tags=self.parent_tags, environment=environment_info())
             self._tracker = tracker

@@ -70,11 +70,14 @@ def _with_fixed(field: str, given: Mapping[str, Any], fixed: Mapping[str, str]) 
     return out
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
 class Tracker:
     """Writes one sweep to MLflow: ``start_parent``, then ``trial_run`` / ``log_metrics`` /
     ``finish_trial`` per trial, then ``finish_parent``. Errors from MLflow propagate."""
 
-    def __init__(self, *, tracking_uri: str, experiment: str, flush_every: int = 50) -> None:
+    def __init__(self, *, tracking_uri: str, experiment: str, flush_every: int = 50, description: str = "") -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every = {flush_every!r} must be >= 1")
         if tracking_uri.startswith("sqlite:") and not tracking_uri.startswith("sqlite:////"):
@@ -85,6 +88,11 @@ class Tracker:
         self.flush_every = flush_every
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment_id = self._experiment_id()
+        # MLflow 3's UI opens an experiment of this kind on its runs (model training), not the GenAI
+        # overview; the study's description is the experiment's
+        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        if description:
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
         self._parent_id: str | None = None
         self._children: dict[str, str] = {}  # trial_id -> run_id, for this parent
         self._existing: dict[str, Any] = {}  # trial_id -> Run found in the store, not yet attached

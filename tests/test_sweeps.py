@@ -240,6 +240,9 @@ def test_smoke_sweep_on_local_ray_and_sqlite(local_ray, tmp_path) -> None:
     assert outcome.trials == 6
     client, parents, children = runs_of(ws.tracking_uri, "smoke")
     check_schema(client, parents, children, n_trials=6)
+    exp = client.get_experiment_by_name("smoke")  # opens on MLflow 3's runs view, with the study's description
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.tags["mlflow.note.content"] == study.description
     statuses = [c.data.tags["moue.status"] for c in children]
     assert "early_stopped" in statuses, "ASHA stops some trials"
     assert "finished" in statuses
