@@ -117,8 +117,12 @@ def report_cmd(
 
         typer.echo(json.dumps(summary_json(res), allow_nan=False, default=_json_float))
         return
-    for name, r in res.fits.items():
-        typer.echo(f"{name}: {r.verdict.line()}")
+    from analysis.report import law_lines
+
+    for line in law_lines(res.fits):
+        typer.echo(line)
+    if res.families_line():
+        typer.echo(res.families_line())
 
 
 def _json_float(x):

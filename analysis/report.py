@@ -70,6 +70,33 @@ def headline(fits: dict[str, FitResult], preferred: Sequence[str] = ()) -> str |
     return min(good)[1] if good else None
 
 
+def law_lines(fits: dict[str, FitResult]) -> list[str]:
+    """The printed summary of the fits (``moue run``, ``moue report``): identified laws first, as
+    results, each with its estimates, 95% intervals and hold-out; the others apart, with their
+    reasons, never as a result."""
+    out = []
+
+    def show(name, r, prefix=""):
+        params = ", ".join(f"{k} = {v:.4g} [{r.ci[k][0]:.3g}, {r.ci[k][1]:.3g}]" if k in r.ci else
+                           f"{k} = {v:.4g}" for k, v in r.params.items())
+        out.append(f"{prefix}{name}: {params}  (95% bootstrap intervals)")
+        if r.holdout is not None:
+            h = r.holdout
+            out.append(f"{prefix}  hold-out ({h.n_test} largest-compute points, fit on {h.n_train}): RMSE "
+                       f"{h.rmse:.4f}, max |err| {h.max_abs_error:.4f}, MAPE {h.mape:.2f}%")
+
+    good = {n: r for n, r in fits.items() if r.verdict.identified}
+    for name, r in good.items():
+        show(name, r)
+    if not good:
+        out.append("no law is identified by these runs: none is a result (reasons below)")
+    for name, r in fits.items():
+        if name not in good:
+            out.append(f"not identified, not a result: {name}: " + "; ".join(r.verdict.reasons))
+            show(name, r, prefix="    ")
+    return out
+
+
 def summary_json(res: ReportResult) -> dict:
     """``moue report --json``: the headline and, per law, its verdict, estimates, 95% intervals,
     exponents and hold-out (``params`` are fitted on all rows; the hold-out's own fit is on the

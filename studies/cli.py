@@ -338,24 +338,10 @@ def _nested_params(fit) -> tuple[str, ...]:
 
 def _print_laws(fits) -> None:
     """Identified laws first, as results; the others apart, with their reasons, never as a result."""
-    def show(name, fit, prefix=""):
-        params = ", ".join(f"{k} = {v:.4g} [{fit.ci[k][0]:.3g}, {fit.ci[k][1]:.3g}]" if k in fit.ci else
-                           f"{k} = {v:.4g}" for k, v in fit.params.items())
-        typer.echo(f"{prefix}{name}: {params}  (95% bootstrap intervals)")
-        if fit.holdout is not None:
-            h = fit.holdout
-            typer.echo(f"{prefix}  hold-out ({h.n_test} largest-compute runs, fit on {h.n_train}): RMSE "
-                       f"{h.rmse:.4f}, max |err| {h.max_abs_error:.4f}, MAPE {h.mape:.2f}%")
+    from analysis.report import law_lines
 
-    good = {n: f for n, f in fits.items() if f.verdict.identified}
-    for name, fit in good.items():
-        show(name, fit)
-    if not good:
-        typer.echo("no law is identified by these runs: none is a result (reasons below)")
-    for name, fit in fits.items():
-        if name not in good:
-            typer.echo(f"not identified, not a result: {name}: " + "; ".join(fit.verdict.reasons))
-            show(name, fit, prefix="    ")
+    for line in law_lines(fits):
+        typer.echo(line)
 
 
 @app.command("sweep")

@@ -83,3 +83,11 @@ def test_report_json_and_html_show_verdicts(cli, logged_study, tmp_path):
         assert f"{name} (not identified)" in page and 'class="unidentified"' in page
     if d["headline"] is None:
         assert "No law is identified" in page
+    # without --json, the fitted values print as moue run prints them: results first, the others apart
+    r = cli("report", exp, "--tracking-uri", uri, "-o", out, "--bootstrap", "100", "--law", "compute",
+            "--law", "vw_interaction", "--no-log-artifact")
+    assert r.exit_code == 0, r.output
+    for name in d["laws"]:
+        assert f"{name}: " in r.stdout and "(95% bootstrap intervals)" in r.stdout
+    for name in unidentified:
+        assert f"not identified, not a result: {name}: " in r.stdout
