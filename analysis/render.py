@@ -92,14 +92,25 @@ def draw_holdout(data: HoldoutData):
     return fig
 
 
-def draw_bootstrap(data: BootstrapData):
+def draw_bootstrap(data: BootstrapData, *, columns: int = 3):
+    """One small panel per exponent: its bootstrap histogram and the estimate as a line."""
     go = _go()
-    fig = go.Figure()
-    for s, est in zip(data.samples, data.estimates):
-        fig.add_trace(go.Histogram(x=s.y, name=f"{s.name} = {est:.4g}", opacity=0.6,
-                                   nbinsx=40))
-    fig.update_layout(title=data.title, barmode="overlay", xaxis_title="value",
-                      yaxis_title="resamples", **_LAYOUT)
+    from plotly.subplots import make_subplots
+
+    n = max(1, len(data.samples))
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{s.name} = {est:.4g}" for s, est in
+                                                               zip(data.samples, data.estimates)])
+    for i, (s, est) in enumerate(zip(data.samples, data.estimates)):
+        r, c = divmod(i, cols)
+        colour = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Histogram(x=s.y, name=s.name, nbinsx=40, marker_color=colour, showlegend=False),
+                      row=r + 1, col=c + 1)
+        fig.add_vline(x=est, line_dash="dash", line_color="#222A2A", row=r + 1, col=c + 1)
+        fig.update_xaxes(title_text="value", row=r + 1, col=c + 1)
+        fig.update_yaxes(title_text="resamples" if c == 0 else None, row=r + 1, col=c + 1)
+    fig.update_layout(title=data.title, **{**_LAYOUT, "height": max(_LAYOUT["height"], 260 * rows + 80)})
     return fig
 
 

@@ -74,6 +74,10 @@ def test_other_figure_data(study):
     b = F.bootstrap_data(fits)
     assert [s.name for s in b.samples] == ["compute: alpha", "vw_multiplicative: alpha",
                                            "vw_multiplicative: gamma", "vw_multiplicative: beta"]
+    from analysis.render import draw_bootstrap
+
+    fig = draw_bootstrap(b)  # one panel per exponent, each with its estimate marked
+    assert len(fig.data) == 4 and len({t.xaxis for t in fig.data}) == 4 and len(fig.layout.shapes) == 4
     p = F.parallel_data(frame, loss="final/val_loss")
     names = [n for n, _ in p.dimensions]
     assert "model.window" in names and names[-1] == "final/val_loss"
