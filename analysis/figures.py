@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -99,6 +99,7 @@ class ParallelData:
     dimensions: tuple[tuple[str, tuple[float, ...]], ...]
     color: tuple[float, ...]
     color_label: str
+    categories: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # label -> names of codes 0, 1, ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -353,10 +354,30 @@ def bootstrap_data(fits: Mapping[str, FitResult]) -> BootstrapData:
                          samples=tuple(samples), estimates=tuple(estimates))
 
 
+_AXIS = {"derived.n_params_active": "active params", "derived.virtual_width": "virtual width",
+          "derived.reuse": "reuse", "final/val_loss": "val loss", "model.n_layers": "depth", "model.d_model": "width",
+          "model.pool_size": "pool", "model.window": "window", "model.stride": "stride", "model.top_k": "top-k",
+          "model.expert_hidden": "expert width", "train.lr": "lr", "train.tokens": "tokens", "train.seed": "seed"}
+
+
+def _short(column: str) -> str:
+    """A parallel-coordinates axis label: short words, not the MLflow key."""
+    return _AXIS.get(column, column.split(".", 1)[-1].split("/")[-1].replace("_", " "))
+
+
 def parallel_data(frame, *, loss: str, max_dims: int = 10) -> ParallelData:
-    """Parallel coordinates over the numeric config columns that vary (``model.*``, ``train.*``,
-    then active parameters, virtual width and reuse), coloured by loss."""
-    dims = []
+    """Parallel coordinates over the family and router (categorical axes) and the numeric config
+    columns that vary (``model.*``, ``train.*``, then active parameters, virtual width and reuse),
+    coloured by loss; axes labelled in short words."""
+    dims, categories = [], {}
+    labels = family_labels(frame)
+    cats = ([("family", labels)] if labels else []) + [
+        (_short(c), frame.get_column(c).cast(str).to_list()) for c in ("model.router",) if c in frame.columns]
+    for name, values in cats:
+        names = tuple(sorted(set(values)))
+        if len(names) > 1:
+            dims.append((name, tuple(float(names.index(v)) for v in values)))
+            categories[name] = names
     preferred = ("derived.n_params_active", "derived.virtual_width", "derived.reuse")
     candidates = ([c for c in frame.columns if c.startswith(("model.", "train."))]
                   + [c for c in preferred if c in frame.columns])
@@ -365,10 +386,11 @@ def parallel_data(frame, *, loss: str, max_dims: int = 10) -> ParallelData:
             continue
         v = frame.get_column(c)
         if v.null_count() == 0 and v.n_unique() > 1:
-            dims.append((c, tuple(map(float, v.to_numpy()))))
+            dims.append((_short(c), tuple(map(float, v.to_numpy()))))
     dims = dims[:max_dims]
     lossv = tuple(map(float, _col(frame, loss)))
-    return ParallelData(dimensions=tuple(dims) + ((loss, lossv),), color=lossv, color_label=loss)
+    return ParallelData(dimensions=tuple(dims) + ((_short(loss), lossv),), color=lossv, color_label=_short(loss),
+                        categories=categories)
 
 
 def param_rows(fits: Mapping[str, FitResult]) -> list[ParamRow]:

@@ -119,7 +119,10 @@ def draw_parallel(data: ParallelData):
     fig = go.Figure(go.Parcoords(
         line={"color": data.color, "colorscale": "Viridis", "showscale": True,
               "colorbar": {"title": {"text": data.color_label}}},
-        dimensions=[{"label": name, "values": values} for name, values in data.dimensions]))
+        dimensions=[{"label": name, "values": values,
+                     **({"tickvals": list(range(len(data.categories[name]))), "ticktext": list(data.categories[name])}
+                        if name in data.categories else {})} for name, values in data.dimensions],
+        labelangle=-20, labelside="bottom"))
     fig.update_layout(title="The sweep (parallel coordinates, colour = loss)", **_LAYOUT)
     return fig
 

@@ -80,8 +80,11 @@ def test_other_figure_data(study):
     assert len(fig.data) == 4 and len({t.xaxis for t in fig.data}) == 4 and len(fig.layout.shapes) == 4
     p = F.parallel_data(frame, loss="final/val_loss")
     names = [n for n, _ in p.dimensions]
-    assert "model.window" in names and names[-1] == "final/val_loss"
-    assert "model.pool_size" not in names  # constant columns are left out
+    assert "window" in names and names[-1] == "val loss"  # short words, not MLflow keys
+    assert "pool" not in names  # constant columns are left out
+    for name, codes in p.categories.items():  # categorical axes (family, router) carry their names
+        values = dict(p.dimensions)[name]
+        assert set(values) <= set(range(len(codes))) and len(codes) > 1
     rows = F.param_rows(fits)
     assert any(r.parameter == "gamma" and r.lo < r.estimate < r.hi for r in rows)
 
