@@ -40,6 +40,7 @@ Format (every table but ``[search]`` and ``[budget]`` optional; see ``studies/*.
     tokens_per_param = 5.0               # the stage's (short) trials
     families = ["layerwise"]             # the stage's families (default: the study's first)
     on_unidentified = "stop"             # stop | use: a rule that is not identified stops the study
+    extend = 2                           # rounds of 2 more LRs past the edge for sizes whose optimum is there
     [fixed.model] / [fixed.train] / [fixed.data]   # settings every trial shares
     [smoke.model] / [smoke.train] / [smoke.data] / [smoke.budget] / [smoke.space] / [smoke.scheduler] /
     [smoke.lr_stage]
@@ -101,6 +102,7 @@ class LrStageSpec:
     tokens_per_param: float = 5.0
     families: tuple[str, ...] = ()  # () : the study's first family
     on_unidentified: str = "stop"
+    extend: int = 2  # rounds of bracket extension for sizes whose optimum is at an edge of the scan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,15 +227,17 @@ def _flatten_fixed(doc: dict, key: str) -> dict[str, Any]:
     return flat
 
 
-def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr_rule: str | Path | None = None
-               ) -> Study:
+def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr_rule: str | Path | None = None,
+               lr_extension: tuple[str, list[float], list[int]] | None = None) -> Study:
     """Load, validate and resolve a study (grid points included); raise ``ConfigError`` on any problem.
 
     A study with ``[lr_stage]`` has two stages: ``stage="lr"`` is its LR scan (experiment and name
     with the suffix ``_lr``; ``space.lr_scan`` and ``lr_scan_tokens_per_param`` from the table, the
     stage's families, no cooldown branches); ``stage="main"`` with ``lr_rule`` (a rule file of the
     scan) is the study at the fitted rule. The main stage without ``lr_rule`` is the study at the
-    spec's own ``space.lr_rule`` (what ``--dry-run`` shows before the scan has run)."""
+    spec's own ``space.lr_rule`` (what ``--dry-run`` shows before the scan has run).
+    ``lr_extension = (suffix, multipliers, active counts)`` is a bracket extension of the LR stage:
+    the sweep ``<name>_lr<suffix>`` (same experiment) of those sizes at those multipliers."""
     if stage not in STAGES:
         raise ConfigError("stage", stage, f"must be one of {', '.join(STAGES)}")
     p = Path(path)
@@ -304,6 +308,10 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     if stage == "lr":
         options = space.options({**options, **_lr_stage_options(lr_stage, options)})
         name, experiment = name + LR_STAGE_SUFFIX, _with_suffix(experiment, LR_STAGE_SUFFIX)
+        if lr_extension is not None:
+            suffix, mults, only = lr_extension
+            options = space.options({**options, "lr_scan": list(mults), "lr_scan_only": list(only)})
+            name += suffix
     elif lr_rule is not None:
         options = space.options({**options, "lr_rule": str(Path(lr_rule).resolve())})
     fixed["train.tokens"] = budget  # the spaces see the budget (e.g. widening as a fraction of it)
@@ -333,7 +341,7 @@ def _lr_stage_spec(doc: dict, s: dict) -> LrStageSpec | None:
     if "lr_stage" not in doc:
         return None
     t = _table(doc, "lr_stage", {"multipliers": list, "tokens_per_param": (int, float), "families": list,
-                                 "on_unidentified": str}, required=("multipliers",))
+                                 "on_unidentified": str, "extend": int}, required=("multipliers",))
     if s.get("space") != "ladder":
         raise ConfigError("lr_stage", "[lr_stage]", f"needs search.space = \"ladder\" (the study's space is "
                           f"{s.get('space')!r}): the stage scans the LR of each ladder size")
@@ -351,8 +359,11 @@ def _lr_stage_spec(doc: dict, s: dict) -> LrStageSpec | None:
     on = t.get("on_unidentified", "stop")
     if on not in ("stop", "use"):
         raise ConfigError("lr_stage.on_unidentified", on, "must be 'stop' or 'use'")
+    extend = t.get("extend", 2)
+    if not 0 <= extend <= 8:
+        raise ConfigError("lr_stage.extend", extend, "must be in [0, 8] (rounds of bracket extension)")
     return LrStageSpec(multipliers=tuple(float(v) for v in sorted(m)), tokens_per_param=float(tpp),
-                       families=tuple(fams), on_unidentified=on)
+                       families=tuple(fams), on_unidentified=on, extend=extend)
 
 
 def _lr_stage_options(lr_stage: LrStageSpec, options: dict[str, Any]) -> dict[str, Any]:

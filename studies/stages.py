@@ -5,7 +5,10 @@ A ladder with ``[lr_stage]`` tunes the learning rate per size before it spends i
 
 1. the LR stage (``load_study(..., stage="lr")``: every size of the stage's families at each
    multiplier of its rule's LR, short trials; experiment ``<name>_lr``),
-2. ``analysis.lr_rule`` on its finished runs: the optimum per size and ``lr = c N^-exponent``,
+2. ``analysis.lr_rule`` on its finished runs: the optimum per size and ``lr = c N^-exponent``;
+   a size whose best LR is the largest (smallest) scanned gets 2 more LRs past it (x2, x4 the
+   edge multiplier), up to ``lr_stage.extend`` rounds, each round a sweep ``<name>_lr_up<k>`` /
+   ``_down<k>`` in the same experiment, then the rule is refitted on them all;
    written to ``<workspace>/reports/<name>_lr_rule.json`` (``moue report`` adds it to the report),
 3. the main stage at that rule (``space.lr_rule`` = the file), unless the rule is not identified
    and ``on_unidentified = "stop"``: then the study stops with the reasons, the stage kept.
@@ -63,6 +66,20 @@ def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bo
 
     try:
         rule = fit_stage_rule(lr_out, bootstrap=bootstrap)
+        up, down = max(study.lr_stage.multipliers), min(study.lr_stage.multipliers)
+        for k in range(1, study.lr_stage.extend + 1):  # bracket extension: 2 more LRs past each edge
+            edges = _edges(rule)
+            if not edges:
+                break
+            for direction, ns in edges.items():
+                ms = [up * 2, up * 4] if direction == "up" else [down / 2, down / 4]
+                ext = load_study(study.path, smoke=study.smoke, stage="lr",
+                                 lr_extension=(f"_{direction}{k}", ms, ns))
+                echo(f"LR stage, extension {k}: {len(ns)} size(s) with their optimum at the "
+                     f"{'top' if direction == 'up' else 'bottom'} of the scan, at {', '.join(f'{m:g}' for m in ms)} x")
+                run(ext)
+            up, down = (up * 4 if "up" in edges else up), (down / 4 if "down" in edges else down)
+            rule = fit_stage_rule(lr_out, bootstrap=bootstrap)
     except AnalysisError as e:
         return StagedOutcome(main=None, lr=lr_out, stopped=f"the LR stage gives no rule ({e}); the main stage did "
                              "not run. Widen lr_stage.multipliers (each size needs a minimum in ln lr)")
@@ -82,8 +99,22 @@ def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bo
 
 
 def fit_stage_rule(lr_out: SweepOutcome, *, bootstrap: int = 1000):
-    """The LR rule of a finished LR stage (its parent run's finished trials)."""
+    """The LR rule of a finished LR stage: the finished trials of its experiment (the scan and its
+    extensions, each a sweep with its own parent run)."""
     from analysis.lr_rule import rule_of_experiment
 
-    return rule_of_experiment(lr_out.experiment, tracking_uri=lr_out.tracking_uri,
-                              parent_run_id=lr_out.parent_run_id, bootstrap=bootstrap)
+    return rule_of_experiment(lr_out.experiment, tracking_uri=lr_out.tracking_uri, bootstrap=bootstrap)
+
+
+def _edges(rule) -> dict[str, list[int]]:
+    """Active counts of the sizes whose best scanned LR is the largest (``up``) or the smallest
+    (``down``) of their scan: where the scan must go on."""
+    out: dict[str, list[int]] = {}
+    for sz in rule.sizes:
+        if "edge" not in sz["flags"] or not sz["lrs"]:
+            continue
+        if sz["lr_opt"] >= max(sz["lrs"]):
+            out.setdefault("up", []).append(int(sz["n"]))
+        elif sz["lr_opt"] <= min(sz["lrs"]):
+            out.setdefault("down", []).append(int(sz["n"]))
+    return out

@@ -29,7 +29,7 @@ def test_lr_stage_spec_gives_the_scan_and_the_main_stage_at_the_rule(tmp_path) -
     lr = load_study(spec, stage="lr")
     assert lr.name == "ladder_lr" and lr.experiment == "ladder_lr" and lr.lr_stage is None
     # the scan: the stage's family, every size at each multiple of its rule LR, short, no branches
-    assert {p["model.router"] for p in lr.points} == {"softmax"} and len(lr.points) == 4 * 5
+    assert {p["model.router"] for p in lr.points} == {"softmax"} and len(lr.points) == len(main.space_options["sizes"]) * 5
     by_size: dict[int, list[float]] = {}
     for p in lr.points:
         by_size.setdefault(p["model.d_model"], []).append(p["train.lr"])
@@ -51,6 +51,27 @@ def test_lr_stage_spec_gives_the_scan_and_the_main_stage_at_the_rule(tmp_path) -
         assert p["train.lr"] == pytest.approx(0.5 * n ** -0.3, rel=1e-3)
     smoke = load_study(spec, smoke=True, stage="lr")  # [smoke.lr_stage] overrides the table
     assert smoke.experiment == "ladder_lr-smoke" and len(smoke.points) == 2 * 3
+
+
+def test_bracket_extension_scans_past_the_edge_of_the_sizes_that_need_it(tmp_path) -> None:
+    from studies.stages import _edges
+
+    spec = _spec(tmp_path)
+    base = {p["model.d_model"]: p["train.lr"] for p in load_study(spec).points if p["model.router"] == "softmax"}
+    from search_spaces.matching import active_params
+
+    main = load_study(spec)
+    n32 = next(active_params({**main.fixed, **p}) for p in main.points if p["model.d_model"] == 32)
+    ext = load_study(spec, stage="lr", lr_extension=("_up1", [8.0, 16.0], [n32]))
+    assert ext.name == "ladder_lr_up1" and ext.experiment == "ladder_lr"
+    assert [(p["model.d_model"], p["train.lr"]) for p in ext.points] == [(32, pytest.approx(8 * base[32])),
+                                                                           (32, pytest.approx(16 * base[32]))]
+
+    class Rule:  # the sizes of an analysis.lr_rule.LrRule
+        sizes = ({"n": 1e4, "lrs": [1, 2, 4], "lr_opt": 4, "flags": ["edge"]},
+                 {"n": 2e4, "lrs": [1, 2, 4], "lr_opt": 1, "flags": ["edge"]},
+                 {"n": 3e4, "lrs": [1, 2, 4], "lr_opt": 2.2, "flags": []})
+    assert _edges(Rule) == {"up": [10000], "down": [20000]}
 
 
 @pytest.mark.parametrize("edit, field", [
@@ -84,15 +105,21 @@ def test_moue_run_ladder_tunes_lr_first_stops_on_an_unidentified_rule_then_resum
     assert not rule["identified"] and len(rule["sizes"]) == 2
     client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     assert client.get_experiment_by_name("ladder-smoke") is None, "the main stage did not start"
+    lr_exp = client.get_experiment_by_name("ladder_lr-smoke")
+
+    def lr_trials():
+        return [r for r in client.search_runs([lr_exp.experiment_id]) if r.data.tags.get("moue.kind") == "trial"]
+
+    n_lr = len(lr_trials())  # the scan's 6, and 2 per size and round of bracket extension
+    extensions = first.stdout.count("LR stage, extension ")
+    assert n_lr >= 6 + 2 * extensions and extensions <= 2 * 2
 
     # the researcher accepts the rule: the LR stage resumes (no trial reruns), the main stage runs at it
     spec.write_text(LADDER)
     again = _run(str(spec), "--smoke", "--workspace", str(ws), "--bootstrap", "50")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming the sweep" in again.stdout and "main stage: 2 trials at lr = " in again.stdout
-    lr_exp = client.get_experiment_by_name("ladder_lr-smoke")
-    lr_runs = [r for r in client.search_runs([lr_exp.experiment_id]) if r.data.tags.get("moue.kind") == "trial"]
-    assert len(lr_runs) == 6
+    assert len(lr_trials()) == n_lr, "no LR trial runs again"
     rule = json.loads(rule_file.read_text())
     main_exp = client.get_experiment_by_name("ladder-smoke")
     mains = [r for r in client.search_runs([main_exp.experiment_id]) if r.data.tags.get("moue.kind") == "trial"]

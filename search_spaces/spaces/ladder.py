@@ -23,7 +23,8 @@ in the way the scaling-law literature says they should and in no other way:
   trial's ``train.cooldown_at``, so every size gets extra D points at the same relative lengths.
 - the LR stage: ``lr_scan`` (multipliers, e.g. ``[0.25, 0.5, 1, 2, 4]``) runs every size at each
   multiple of its rule's LR, at ``lr_scan_tokens_per_param`` tokens per parameter (short); ``moue
-  lr-rule`` then fits the optimum per size and the power law through them.
+  lr-rule`` then fits the optimum per size and the power law through them; ``lr_scan_only`` (active
+  counts) keeps only those sizes (the stage's bracket extension, ``studies.stages``).
 
 ``--dry-run`` prints every derived value of every point and the compute of each trial and of the
 whole study.
@@ -131,6 +132,8 @@ def _candidates(fixed: Mapping[str, Any], opts: dict[str, Any]) -> list[Candidat
         point = {**trunk, **point}
         n_active = active_params({**fixed, **point})
         refs.setdefault(sizes[0], n_active)  # N_ref of the power rule: the smallest size's first family
+        if opts["lr_scan_only"] and n_active not in {int(n) for n in opts["lr_scan_only"]}:
+            continue  # an LR stage's extension: only the sizes whose optimum was at an edge
         for m in multipliers:
             out.append(({**point, **_train_settings(fixed, opts, n_active, refs[sizes[0]], m, bool(opts["lr_scan"]))},
                         None))
@@ -174,6 +177,7 @@ SPACE = Space(
         "lr_ref_params": 0.0,
         "lr_scan": [],  # the LR stage: multipliers of each size's LR
         "lr_scan_tokens_per_param": 5.0,
+        "lr_scan_only": [],  # the LR stage's bracket extension: only sizes of these active counts
         "cooldowns": [],  # wsd cooldown branches at these fractions of each trial's tokens
         **{k: vw.SPACE.defaults[k] for k in _VW_OPTIONS},
     },
@@ -185,9 +189,9 @@ SPACE = Space(
              "warmup": ("per_param", "study"), **{k: v for k, v in vw.SPACE.choices.items() if k in _VW_OPTIONS}},
     bounds={"sizes": (1, 1e12), "experts_per_layer": (1, 1024), "head_dim": (2, 1024), "expert_ratio": (0, 64),
             "router_state_ratio": (0.0, 16.0), "tokens_per_param": (0.0, 1e6), "lr_exponent": (-4.0, 4.0),
-            "lr_ref_params": (0.0, 1e15), "lr_scan": (1e-4, 1e4), "lr_scan_tokens_per_param": (1e-3, 1e6),
+            "lr_ref_params": (0.0, 1e15), "lr_scan": (1e-4, 1e4), "lr_scan_only": (1, 1e15), "lr_scan_tokens_per_param": (1e-3, 1e6),
             "cooldowns": (0.01, 0.8),
             **{k: v for k, v in vw.SPACE.bounds.items() if k in _VW_OPTIONS}},
-    item_types={"sizes": float, "lr_scan": float, "cooldowns": float},
+    item_types={"sizes": float, "lr_scan": float, "cooldowns": float, "lr_scan_only": float},
     check=_check,
 )
