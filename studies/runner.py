@@ -137,6 +137,8 @@ def _check_resumable(study: Study, recorded) -> None:
         before, after = {}, {"?": "?"}
     for key in _NOT_TRIAL_KEYS:
         before.pop(key, None), after.pop(key, None)
+    if not study.smoke:  # the [smoke.*] overrides change no trial of the full study
+        before, after = ({k: v for k, v in d.items() if not k.startswith("smoke.")} for d in (before, after))
     if before == after:
         return  # comments or layout only (or a setting no trial depends on): the same study
     changed = [f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}"

@@ -50,7 +50,7 @@ def test_lr_stage_spec_gives_the_scan_and_the_main_stage_at_the_rule(tmp_path) -
         n = active_params({**at_rule.fixed, **p})
         assert p["train.lr"] == pytest.approx(0.5 * n ** -0.3, rel=1e-3)
     smoke = load_study(spec, smoke=True, stage="lr")  # [smoke.lr_stage] overrides the table
-    assert smoke.experiment == "ladder_lr-smoke" and len(smoke.points) == 2 * 3
+    assert smoke.experiment == "ladder_lr-smoke" and len(smoke.points) == 2 * 4
 
 
 def test_bracket_extension_scans_past_the_edge_of_the_sizes_that_need_it(tmp_path) -> None:
@@ -97,7 +97,7 @@ def test_moue_run_ladder_tunes_lr_first_stops_on_an_unidentified_rule_then_resum
     ws = tmp_path / "ws"
     first = _run(str(spec), "--smoke", "--workspace", str(ws), "--bootstrap", "50")
     assert first.returncode == 1, first.stdout + first.stderr
-    assert "LR stage: 6 trials" in first.stdout and "LR rule: NOT identified" in first.stdout
+    assert "LR stage: 8 trials" in first.stdout and "LR rule: NOT identified" in first.stdout
     err = first.stderr.strip().splitlines()[-1]
     assert err.startswith("error: the LR rule is not identified") and "lr_stage.on_unidentified" in err
     rule_file = ws / "reports" / "ladder-smoke_lr_rule.json"
@@ -110,9 +110,9 @@ def test_moue_run_ladder_tunes_lr_first_stops_on_an_unidentified_rule_then_resum
     def lr_trials():
         return [r for r in client.search_runs([lr_exp.experiment_id]) if r.data.tags.get("moue.kind") == "trial"]
 
-    n_lr = len(lr_trials())  # the scan's 6, and 2 per size and round of bracket extension
+    n_lr = len(lr_trials())  # the scan's 8, and 2 per size and round of bracket extension
     extensions = first.stdout.count("LR stage, extension ")
-    assert n_lr >= 6 + 2 * extensions and extensions <= 2 * 2
+    assert n_lr >= 8 + 2 * extensions and extensions <= 2 * 2
 
     # the researcher accepts the rule: the LR stage resumes (no trial reruns), the main stage runs at it
     spec.write_text(LADDER)
@@ -143,3 +143,19 @@ def test_moue_run_ladder_tunes_lr_first_stops_on_an_unidentified_rule_then_resum
     written = ws / "reports" / "ladder-smoke-report.html"
     assert f"wrote {written}" in rep.stdout and "Learning rate per size" in written.read_text()
     assert (ws / "reports" / "ladder-smoke.html").read_text() == html, "moue run's report is not overwritten"
+
+
+def test_resume_ignores_settings_no_trial_depends_on(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from studies.runner import _check_resumable
+
+    spec = _spec(tmp_path)
+    study = load_study(spec)
+    edited = LADDER.replace("multipliers = [0.1, 1.0, 10.0, 100.0]", "multipliers = [0.5, 1.0, 2.0]")
+    edited = edited.replace('on_unidentified = "stop"', 'on_unidentified = "use"', 1)
+    assert edited != LADDER
+    _check_resumable(study, SimpleNamespace(spec_sha256="x", spec_text=edited))  # [smoke.*], on_unidentified
+    with pytest.raises(ConfigError, match="tokens_per_param"):
+        _check_resumable(study, SimpleNamespace(spec_sha256="x", spec_text=LADDER.replace(
+            "tokens_per_param = 20.0", "tokens_per_param = 10.0")))
