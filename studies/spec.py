@@ -260,6 +260,10 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     t = _table(doc, "tracking", {"experiment": str, "tracking_uri": str})
     a = _table(doc, "analysis", {"laws": list})
     space_options = dict(_table(doc, "space", {k: object for k in doc.get("space", {})}))
+    rule = space_options.get("lr_rule")
+    if isinstance(rule, str) and rule not in ("fixed", "power") and not Path(rule).is_absolute() \
+            and (p.parent / rule).is_file():  # a rule file next to the spec, wherever moue runs
+        space_options["lr_rule"] = str((p.parent / rule).resolve())
     if smoke and isinstance(doc.get("smoke", {}).get("lr_stage"), dict) and "lr_stage" in doc:
         doc = {**doc, "lr_stage": {**doc["lr_stage"], **doc["smoke"]["lr_stage"]}}
     lr_stage = _lr_stage_spec(doc, s)

@@ -18,7 +18,8 @@ in the way the scaling-law literature says they should and in no other way:
 - learning rate (``lr_rule``): ``"fixed"`` (the study's ``train.lr`` at every size; biased,
   Porian et al. 2024), ``"power"`` (``lr = train.lr * (N / N_ref)^-lr_exponent``, ``N_ref`` the
   smallest size's count unless ``lr_ref_params``), or the path of a rule fitted by ``moue
-  lr-rule`` from an LR stage (``lr = c * N^-exponent``, the JSON it writes).
+  lr-rule`` from an LR stage (``lr = c * N^-exponent``, the JSON it writes; a relative path is
+  looked up next to the spec first).
 - cooldown branches (``cooldowns``, fractions of each trial's tokens, for a ``wsd`` study): the
   trial's ``train.cooldown_at``, so every size gets extra D points at the same relative lengths.
 - the LR stage: ``lr_scan`` (multipliers, e.g. ``[0.25, 0.5, 1, 2, 4]``) runs every size at each
