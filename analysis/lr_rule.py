@@ -2,8 +2,9 @@
 
 Runs are grouped by size (their active parameter count ``N``). Per size, a least-squares parabola
 of the final loss in ``ln lr`` gives the optimum ``lr_opt(N)`` (flagged ``edge`` when it falls
-outside the scanned LRs, and then the best scanned LR is its optimum, not the parabola's vertex, an
-extrapolation; ``no-minimum`` when the parabola opens downward: that size is not used);
+outside the scanned LRs or the lowest loss is at the largest or smallest scanned LR (the data do
+not bracket the minimum), and then the best scanned LR is its optimum, not the parabola's vertex;
+``no-minimum`` when the parabola opens downward: that size is not used);
 then ``ln lr_opt = ln c - exponent * ln N`` by least squares. A bootstrap that resamples the runs
 within each size gives the exponent's 95% interval. The rule is identified with at least 3 usable
 sizes, no optimum at an edge, and an exponent interval narrower than 1 (in ``ln lr`` per ``ln N``).
@@ -90,9 +91,12 @@ def _optimum(lr: np.ndarray, loss: np.ndarray) -> tuple[float, float, tuple[str,
     if not p2 > 0:
         return math.nan, math.nan, ("no-minimum",)
     u = -p1 / (2 * p2)
-    if x.min() <= m + u <= x.max():
+    best = int(np.argmin(loss))
+    bracketed = x.min() < x[best] < x.max()  # the lowest loss has a scanned LR on each side
+    if bracketed and x.min() <= m + u <= x.max():
         return float(math.exp(m + u)), float(p0 + p1 * u + p2 * u * u), ()
-    best = int(np.argmin(loss))  # the vertex is an extrapolation: the best scanned LR instead
+    # the minimum is not bracketed by the data, or the vertex is an extrapolation: the best
+    # scanned LR, flagged (the stage's bracket extension scans on past it)
     return float(lr[best]), float(loss[best]), ("edge",)
 
 

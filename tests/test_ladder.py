@@ -91,6 +91,14 @@ def test_lr_rule_recovers_a_power_law_and_flags_edges():
     for s in edged.sizes:  # an edge size's optimum is its best scanned LR, never the extrapolated vertex
         if "edge" in s["flags"]:
             assert s["lr_opt"] == max(s["lrs"]) and s["loss_opt"] == min(s["losses"])
+    # a vertex inside the scan but the lowest loss at its largest LR (an asymmetric curve, as the
+    # ladder's d = 48 scan): not bracketed, so an edge
+    lrs = np.array([0.000613, 0.00123, 0.00245, 0.00491, 0.00981])
+    losses = np.array([3.862, 3.190, 2.771, 2.683, 2.628])
+    one = fit_lr_rule(np.r_[np.full(5, 4.67e4), np.full(5, 9e4)], np.r_[lrs, lrs / 2],
+                      np.r_[losses, [3.5, 3.0, 2.6, 2.5, 2.55]], bootstrap=10)
+    assert one.sizes[0]["flags"] == ["edge"] and one.sizes[0]["lr_opt"] == pytest.approx(0.00981)
+    assert one.sizes[1]["flags"] == [] and lrs[2] / 2 < one.sizes[1]["lr_opt"] < lrs[4] / 2
 
 
 def test_cooldown_branches_at_fractions_of_each_size(tmp_path):
