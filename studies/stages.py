@@ -7,8 +7,8 @@ A ladder with ``[lr_stage]`` tunes the learning rate per size before it spends i
    multiplier of its rule's LR, short trials; experiment ``<name>_lr``),
 2. ``analysis.lr_rule`` on its finished runs: the optimum per size and ``lr = c N^-exponent``;
    a size whose best LR is the largest (smallest) scanned gets 2 more LRs past it (x2, x4 the
-   edge multiplier), up to ``lr_stage.extend`` rounds, each round a sweep ``<name>_lr_up<k>`` /
-   ``_down<k>`` in the same experiment, then the rule is refitted on them all;
+   edge multiplier), up to ``lr_stage.extend`` rounds, each round a sweep ``<name>_lr_up<k>_<hash>``
+   / ``_down<k>_<hash>`` (the hash of its LRs and sizes) in the same experiment, then the rule is refitted on them all;
    written to ``<workspace>/reports/<name>_lr_rule.json`` (``moue report`` adds it to the report),
 3. the main stage at that rule (``space.lr_rule`` = the file), unless the rule is not identified
    and ``on_unidentified = "stop"``: then the study stops with the reasons, the stage kept.
@@ -20,6 +20,7 @@ rule is refitted from the same runs, deterministically).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,8 +74,9 @@ def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bo
                 break
             for direction, ns in edges.items():
                 ms = [up * 2, up * 4] if direction == "up" else [down / 2, down / 4]
+                tag = hashlib.sha256(json.dumps([ms, sorted(ns)]).encode()).hexdigest()[:6]  # its content
                 ext = load_study(study.path, smoke=study.smoke, stage="lr",
-                                 lr_extension=(f"_{direction}{k}", ms, ns))
+                                 lr_extension=(f"_{direction}{k}_{tag}", ms, ns))
                 echo(f"LR stage, extension {k}: {len(ns)} size(s) with their optimum at the "
                      f"{'top' if direction == 'up' else 'bottom'} of the scan, at {', '.join(f'{m:g}' for m in ms)} x")
                 run(ext)
