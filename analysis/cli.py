@@ -74,31 +74,16 @@ def report_cmd(
     Example: moue report virtual_width --law chinchilla --law vw_multiplicative -o vw.html
     """
     from analysis.errors import AnalysisError
-    from analysis.report import DEFAULT_REPORT_LAWS, write_report
+    from analysis.report import write_report
 
     out = output or (workspace / "reports" / f"{experiment}-report.html")
     err = as_json  # with --json, stdout holds the JSON object only
     try:
-        if law:
-            laws = list(law)
-        else:
-            from analysis.loading import study_laws
-
-            own = study_laws(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent)
-            laws = list(own or DEFAULT_REPORT_LAWS)
-            typer.echo(f"laws: {', '.join(laws)} (" + ("the study's [analysis] laws" if own else
-                       "the defaults: no spec is logged") + "; --law chooses others)", err=err)
+        laws = list(law) if law else _study_laws(experiment, _uri(tracking_uri, workspace), parent, err)
         _check_laws(laws)
         if bootstrap < 0:
             raise AnalysisError("--bootstrap", bootstrap, "must be >= 0")
-        rule = None
-        default_rule = workspace / "reports" / f"{experiment}_lr_rule.json"
-        if lr_rule is None and default_rule.is_file():
-            lr_rule = default_rule
-        if lr_rule is not None:
-            from analysis.lr_rule import load_rule
-
-            rule = load_rule(lr_rule)
+        rule = _report_rule(lr_rule, workspace / "reports" / f"{experiment}_lr_rule.json")
         res = write_report(experiment, tracking_uri=_uri(tracking_uri, workspace), output=out,
                            laws=laws, parent_run_id=parent, n_bootstrap=bootstrap, seed=seed,
                            log_artifact=log_artifact, png_dir=png, lr_rule=rule, points=points)
@@ -123,6 +108,26 @@ def report_cmd(
         typer.echo(line)
     if res.families_line():
         typer.echo(res.families_line())
+
+
+def _study_laws(experiment: str, uri: str, parent: str | None, err: bool) -> list[str]:
+    """The study's own ``[analysis] laws`` (its logged spec), else the report's defaults; says which."""
+    from analysis.loading import study_laws
+    from analysis.report import DEFAULT_REPORT_LAWS
+
+    own = study_laws(experiment, tracking_uri=uri, parent_run_id=parent)
+    laws = list(own or DEFAULT_REPORT_LAWS)
+    typer.echo(f"laws: {', '.join(laws)} (" + ("the study's [analysis] laws" if own else
+               "the defaults: no spec is logged") + "; --law chooses others)", err=err)
+    return laws
+
+
+def _report_rule(path: Path | None, default: Path):
+    """The LR rule a report shows: ``--lr-rule``, else the workspace's rule file of the study, else none."""
+    from analysis.lr_rule import load_rule
+
+    path = path if path is not None else (default if default.is_file() else None)
+    return None if path is None else load_rule(path)
 
 
 def _json_float(x):

@@ -260,10 +260,7 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     t = _table(doc, "tracking", {"experiment": str, "tracking_uri": str})
     a = _table(doc, "analysis", {"laws": list})
     space_options = dict(_table(doc, "space", {k: object for k in doc.get("space", {})}))
-    rule = space_options.get("lr_rule")
-    if isinstance(rule, str) and rule not in ("fixed", "power") and not Path(rule).is_absolute() \
-            and (p.parent / rule).is_file():  # a rule file next to the spec, wherever moue runs
-        space_options["lr_rule"] = str((p.parent / rule).resolve())
+    _rule_next_to_spec(space_options, p)
     if smoke and isinstance(doc.get("smoke", {}).get("lr_stage"), dict) and "lr_stage" in doc:
         doc = {**doc, "lr_stage": {**doc["lr_stage"], **doc["smoke"]["lr_stage"]}}
     lr_stage = _lr_stage_spec(doc, s)
@@ -309,15 +306,8 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     options = space.options(space_options)  # defaults < [space]
     if smoke:  # < the space's own smoke options < the spec's [smoke.space]
         options = space.options({**options, **space.smoke, **smoke_space})
-    if stage == "lr":
-        options = space.options({**options, **_lr_stage_options(lr_stage, options)})
-        name, experiment = name + LR_STAGE_SUFFIX, _with_suffix(experiment, LR_STAGE_SUFFIX)
-        if lr_extension is not None:
-            suffix, mults, only = lr_extension
-            options = space.options({**options, "lr_scan": list(mults), "lr_scan_only": list(only)})
-            name += suffix
-    elif lr_rule is not None:
-        options = space.options({**options, "lr_rule": str(Path(lr_rule).resolve())})
+    options, name, experiment = _staged(space, options, name, experiment, stage=stage, lr_stage=lr_stage,
+                                        lr_rule=lr_rule, lr_extension=lr_extension)
     fixed["train.tokens"] = budget  # the spaces see the budget (e.g. widening as a fraction of it)
     study = Study(
         name=name, description=description, search=search, scheduler=scheduler, budget_tokens=budget,
@@ -332,6 +322,29 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     if not smoke and "smoke" in doc:  # the [smoke.*] overrides are checked now, not at the first --smoke
         _check_smoke(p, _flatten_fixed(doc, "smoke"))
     return study
+
+
+def _rule_next_to_spec(space_options: dict[str, Any], p: Path) -> None:
+    """A relative ``space.lr_rule`` file next to the spec is used wherever moue runs (in place)."""
+    rule = space_options.get("lr_rule")
+    if isinstance(rule, str) and rule not in ("fixed", "power") and not Path(rule).is_absolute() \
+            and (p.parent / rule).is_file():
+        space_options["lr_rule"] = str((p.parent / rule).resolve())
+
+
+def _staged(space, options: dict[str, Any], name: str, experiment: str, *, stage: str, lr_stage, lr_rule,
+            lr_extension) -> tuple[dict[str, Any], str, str]:
+    """The space options, name and experiment of one stage (``load_study``'s docstring)."""
+    if stage == "lr":
+        options = space.options({**options, **_lr_stage_options(lr_stage, options)})
+        name, experiment = name + LR_STAGE_SUFFIX, _with_suffix(experiment, LR_STAGE_SUFFIX)
+        if lr_extension is not None:
+            suffix, mults, only = lr_extension
+            options = space.options({**options, "lr_scan": list(mults), "lr_scan_only": list(only)})
+            name += suffix
+    elif lr_rule is not None:
+        options = space.options({**options, "lr_rule": str(Path(lr_rule).resolve())})
+    return options, name, experiment
 
 
 def _with_suffix(experiment: str, suffix: str) -> str:
