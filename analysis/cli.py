@@ -557,7 +557,7 @@ def _refit_for_check(frame, base, laws: list[str], flt: str) -> tuple[dict, list
     and level, on the same kind of rows); the fits and their notes."""
     from analysis.errors import AnalysisError
     from analysis.fitting import fit
-    from analysis.report import MAX_BUDGET_FILTER, law_frame
+    from analysis.report import law_rows
 
     fits, notes = {}, []
     for name in laws:
@@ -565,17 +565,16 @@ def _refit_for_check(frame, base, laws: list[str], flt: str) -> tuple[dict, list
             raise AnalysisError("--law", name, "is not in the baseline (it has "
                                 + ", ".join(base.fits) + ")")
         b = base.fits[name]
-        # the rows the baseline was fitted on: the largest budget only if its filter says so (a
-        # law without D on a multi-budget study), else every run
-        at_max = MAX_BUDGET_FILTER in b.provenance.filter
-        rows, note = law_frame(frame, name)
-        if note and not at_max:
-            notes.append(f"fit {name}: the baseline was fitted on every run, so the check is "
-                         "too, although the runs now have several token budgets")
-            rows = frame
+        # the rows the baseline was fitted on: the largest budget or the final points only if its
+        # filter says so (law_rows), else every row
+        rows, note, suffix = law_rows(frame, name)
+        if note and suffix not in b.provenance.filter:
+            notes.append(f"fit {name}: the baseline was fitted on every row, so the check is too "
+                         f"(this moue fits it on fewer: {note.split(': ', 1)[1]})")
+            rows, suffix = frame, ""
         fits[name] = fit(rows, law=name, loss=b.loss, variables=b.variables, delta=b.delta,
                          n_bootstrap=b.n_bootstrap, seed=b.seed, level=b.level, holdout=None,
-                         filter_desc=flt + (MAX_BUDGET_FILTER if at_max else ""))
+                         filter_desc=flt + suffix)
         notes.extend(fits[name].notes)
     return fits, notes
 

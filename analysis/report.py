@@ -22,7 +22,7 @@ from analysis.nested import NestedTest, likelihood_ratio_test
 from analysis.result import FitResult
 
 __all__ = ["DEFAULT_REPORT_LAWS", "MAX_BUDGET_FILTER", "LawFits", "ReportResult", "fit_laws",
-           "law_frame", "write_report", "headline", "summary_json", "approach_rows"]
+           "law_frame", "law_rows", "write_report", "headline", "summary_json", "approach_rows"]
 
 DEFAULT_REPORT_LAWS = ("compute", "chinchilla", "vw_additive", "vw_multiplicative",
                        "vw_interaction")
@@ -157,29 +157,55 @@ def _finite(x):
     return x
 
 
-MAX_BUDGET_FILTER = ", largest token budget"  # appended to a fit's filter when law_frame kept only those
+MAX_BUDGET_FILTER = ", largest token budget"  # appended to a fit's filter when law_rows kept only those
+FINAL_POINTS_FILTER = ", final points"  # appended when law_rows left out cooldown branches and marks
 
 
 def law_frame(frame, law_name: str):
-    """The rows a law is fitted on, and a note when that is not all of them: a law without a D term
-    (``compute`` has C instead; ``vw_interaction`` is Clark-style, at fixed tokens) fitted to a study
-    of several token budgets would read the budget's effect as noise, so it gets the runs at the
-    largest budget only (within 1%: ``final/tokens`` rounds to whole batches)."""
+    """The rows a law is fitted on, and a note when that is not all of them (:func:`law_rows`)."""
+    rows, note, _ = law_rows(frame, law_name)
+    return rows, note
+
+
+def law_rows(frame, law_name: str):
+    """The rows a law is fitted on, a note when that is not all of them, and the suffix that says
+    so in the fit's filter (``""`` for all rows).
+
+    - A law of compute alone (``compute``, ``compute_power``: C but no D) describes runs on one
+      allocation line, such as a ladder's fixed tokens per parameter. Cooldown branches and
+      intermediate marks (``point`` other than ``final``) are the same runs at fewer tokens: at a
+      given C they sit beside larger models' final points with another N/D split, so a law in C
+      alone would read the allocation's effect as noise (and its E drifts to 0). Such a law gets
+      the final points only; the laws in (N, D) use every point.
+    - A law without D and without C (``vw_interaction`` is Clark-style, at fixed tokens) fitted to
+      a study of several token budgets would read the budget's effect as noise, so it gets the runs
+      at the largest budget only (within 1%: ``final/tokens`` rounds to whole batches)."""
+    import polars as pl
+
     law = get_law(law_name)
+    if "D" in law.variables:
+        return frame, None, ""
+    if "C" in law.variables:
+        if "point" not in frame.columns:
+            return frame, None, ""
+        kept = frame.filter(pl.col("point") == "final")
+        if kept.height == frame.height:
+            return frame, None, ""
+        return kept, (f"fit {law_name}: a law of compute alone describes one allocation line, so it is "
+                      f"fitted on the {kept.height} final points, not on the {frame.height - kept.height} "
+                      "cooldown branches or marks (the same runs at fewer tokens)"), FINAL_POINTS_FILTER
     # the budget each run was given (train.tokens, exact); final/tokens rounds down to whole
     # batches, so without the param budgets count as equal within 1%
     d_col, tol = ("train.tokens", 0.0) if "train.tokens" in frame.columns else (DEFAULT_COLUMNS["D"], 0.01)
-    if "D" in law.variables or "C" in law.variables or d_col not in frame.columns:
-        return frame, None
-    import polars as pl
-
+    if d_col not in frame.columns:
+        return frame, None, ""
     d = frame.get_column(d_col).cast(pl.Float64)
     top = d.max()
     if top is None or d.min() >= (1 - tol) * top:
-        return frame, None
+        return frame, None, ""
     kept = frame.filter(pl.col(d_col).cast(pl.Float64) >= (1 - tol) * top)
     return kept, (f"fit {law_name}: the law has no D term, so it is fitted on the {kept.height} runs at the "
-                  f"largest token budget ({d_col} = {top:.4g}) of the {frame.height}")
+                  f"largest token budget ({d_col} = {top:.4g}) of the {frame.height}"), MAX_BUDGET_FILTER
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,10 +226,10 @@ def fit_laws(frame, *, laws: Sequence[str], loss: str = DEFAULT_LOSS, n_bootstra
     for name in laws:
         law = get_law(name)
         variables = {v: DEFAULT_COLUMNS[v] for v in law.variables}
-        rows, note = law_frame(frame, name)
+        rows, note, suffix = law_rows(frame, name)
         if note:
             notes.append(note)
-        flt = filter_desc + (MAX_BUDGET_FILTER if note else "")
+        flt = filter_desc + suffix
         try:
             fits[name] = fit(rows, law=name, loss=loss, variables=variables, delta=delta,
                              n_bootstrap=n_bootstrap, seed=seed, filter_desc=flt,

@@ -14,6 +14,8 @@ import pytest
 from analysis import figures as F
 from analysis import fit, load_runs
 
+DATA = Path(__file__).resolve().parents[1] / "data"
+
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
                                         else None)
 FIGURES = ("loss_vs_compute", "loss_vs_virtual_width", "residuals", "holdout", "bootstrap",
@@ -180,3 +182,31 @@ def test_iso_active_sizes_share_one_curve():
     assert [len(g) for g in groups] == [3, 3, 3]
     assert [g.min() for g in groups] == [82528, 162369, 246593]
     assert [len(g) for g in F._size_groups(np.array([100.0, 104.0, 110.0]))] == [2, 1]
+
+
+def test_laws_of_compute_alone_are_fitted_on_final_points_of_a_ladder():
+    """The ladder's runs with their cooldown branches (tests/data): a law in C alone gets the 15
+    final points (one allocation line, 20 tokens per parameter) and says so, a law in (N, D) every
+    point; on the final points ``compute`` (with E) is identified and extrapolates to the largest
+    size within 2%, where fitted on all 45 points its E falls to the bound 0."""
+    import polars as pl
+
+    from analysis.loading import with_cooldown_points
+    from analysis.report import FINAL_POINTS_FILTER, fit_laws, law_rows
+
+    runs = pl.read_csv(DATA / "ladder_runs_20261201.csv", infer_schema_length=None)
+    frame = with_cooldown_points(runs)
+    assert frame.height == 45
+    rows, note, suffix = law_rows(frame, "compute")
+    assert rows.height == 15 and set(rows["point"].to_list()) == {"final"} and suffix == FINAL_POINTS_FILTER
+    assert "fitted on the 15 final points, not on the 30 cooldown branches" in note
+    assert law_rows(frame, "chinchilla")[0].height == 45
+    assert law_rows(runs, "compute")[1] is None  # no branches, nothing left out
+    fitted = fit_laws(frame, laws=["compute", "chinchilla"], n_bootstrap=200)
+    assert fitted.notes[0] == note
+    r = fitted.fits["compute"]
+    assert r.provenance.n_points == 15 and r.provenance.filter.endswith(FINAL_POINTS_FILTER)
+    assert r.verdict.identified and r.holdout.mape < 2.0 and r.params["E"] > 0.5
+    assert fitted.fits["chinchilla"].provenance.n_points == 45
+    every = fit(frame, law="compute", variables={"C": "final/flops"}, n_bootstrap=0)
+    assert every.params["E"] < 1e-3 and every.holdout.mape > 2.5
