@@ -450,12 +450,17 @@ def studies_cmd() -> None:
 @app.command("ui")
 def ui_cmd(
     workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace whose store to browse."),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback unless you say otherwise)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind: 127.0.0.1 (this machine only, the default), "
+                             "or e.g. 0.0.0.0 for every interface. MLflow's UI has no authentication: "
+                             "anyone who reaches it can read and edit the runs."),
     port: int = typer.Option(5000, help="Port."),
+    wait_s: float = typer.Option(120.0, "--wait-s", help="How long to wait for the server to answer."),
 ) -> None:
     """Start the MLflow UI on the workspace's tracking store (bound to 127.0.0.1 by default).
 
-    Example: moue ui --port 5001
+    The URL is printed once the server answers. Ctrl-C or SIGTERM stops the server and its workers.
+
+    Example: moue ui --workspace moue_runs --port 5001
     """
     import subprocess
 
@@ -467,12 +472,48 @@ def ui_cmd(
     from studies import reaper
 
     reaper.start()  # the server and its workers end with this command, however it ends
-    typer.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        code = subprocess.call(cmd)
+        probe = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        if not _wait_for_health(f"http://{probe}:{port}/health", proc, wait_s):
+            err = (proc.stderr.read() if proc.poll() is not None else "") or ""
+            last = next((ln for ln in reversed(err.strip().splitlines()) if ln.strip()), "")
+            proc.terminate()
+            typer.echo(f"error: the MLflow UI did not answer on {host}:{port} within {wait_s:g} s"
+                       + (f" (exit {proc.returncode}: {last})" if proc.returncode is not None and last else ""),
+                       err=True)
+            raise typer.Exit(1)
+        where = " (every interface; no authentication)" if probe != host else ""
+        typer.echo(f"MLflow UI on http://{host}:{port}{where} (Ctrl-C stops it)")
+        _drain(proc.stderr)
+        code = proc.wait()
     except KeyboardInterrupt:
+        proc.terminate()
         code = 0
     raise typer.Exit(code)
+
+
+def _wait_for_health(url: str, proc, wait_s: float) -> bool:
+    """Whether ``url`` answers 200 before ``wait_s`` passes or ``proc`` exits."""
+    import time
+    import urllib.request
+
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.25)
+    return False
+
+
+def _drain(stream) -> None:
+    """Read ``stream`` to its end in a thread (the server's log is not shown; a full pipe would block it)."""
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
 
 
 @bench_app.command("sweep")

@@ -168,7 +168,6 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
     import socket
     import subprocess
     import sys
-    import time
     import urllib.request
 
     import mlflow
@@ -183,16 +182,10 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
                              str(ws), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("the MLflow UI did not come up")
+        line = proc.stdout.readline()  # the URL, printed only once the server answers
+        assert line.strip() == f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            assert r.status == 200
         out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         if out.strip():  # iproute2 present: the listening socket is on loopback only
             assert all("127.0.0.1" in line for line in out.strip().splitlines()), out
@@ -200,6 +193,15 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     missing = runner.invoke(app, ["ui", "--workspace", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "has no mlflow.db" in missing.output
+    with socket.socket() as busy:  # the port is taken: an error, no URL
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-c", "from studies.cli import main; main()", "ui", "--workspace",
+                            str(ws), "--port", str(taken), "--wait-s", "60"], capture_output=True, text=True,
+                           timeout=180)
+    assert r.returncode == 1 and "http://" not in r.stdout, r.stdout
+    assert f"the MLflow UI did not answer on 127.0.0.1:{taken}" in r.stderr
 
 
 def test_progress_line_estimates_time_left_from_tokens() -> None:
