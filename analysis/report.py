@@ -340,13 +340,14 @@ def write_report(
 
 def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[list, object]:
     """Approaches 1-3 (``analysis.approaches``) on a study's runs: the envelope of the ``val/loss``
-    curves against ``derived.flops_per_token * tokens``, IsoFLOP profiles of the final losses
-    (``final/flops`` budgets), and the laws' ``a_opt``; an approach the runs cannot support is a
-    row with its reason. Also returns the IsoFLOP result (``None`` when it could not be computed)."""
+    curves against ``derived.flops_per_token * tokens``, IsoFLOP profiles of the final losses and
+    cooldown branches (``final/flops`` budgets; ``space.isoflop_budgets`` designs them), and the
+    laws' ``a_opt``; an approach the runs cannot support is a row with its reason. Also returns the IsoFLOP result (``None`` when it could not be computed)."""
     import numpy as np
 
     from analysis.approaches import ApproachRow, envelope, three_approaches
     from analysis.isoflop import isoflop
+    from analysis.loading import with_cooldown_points
 
     frame, env, iso, missing = runs.frame, None, None, []
     n_col, f_col = DEFAULT_COLUMNS["N"], "derived.flops_per_token"
@@ -362,9 +363,10 @@ def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[l
         env = envelope(curves, bootstrap=200, seed=seed)
     except AnalysisError as e:
         missing.append(ApproachRow("1: envelope of training curves", None, None, None, None, False, (str(e),)))
-    try:
-        iso = isoflop(frame[DEFAULT_LOSS].to_numpy(), np.asarray(frame[n_col], float),
-                      np.asarray(frame[DEFAULT_COLUMNS["C"]], float), bootstrap=200, seed=seed)
+    try:  # on final points and cooldown branches (decayed losses; an IsoFLOP design's budgets)
+        points = with_cooldown_points(frame)
+        iso = isoflop(points[DEFAULT_LOSS].to_numpy(), np.asarray(points[n_col], float),
+                      np.asarray(points[DEFAULT_COLUMNS["C"]], float), bootstrap=200, seed=seed)
     except (AnalysisError, KeyError) as e:
         missing.append(ApproachRow("2: IsoFLOP profiles", None, None, None, None, False, (str(e),)))
     return three_approaches(env=env, iso=iso, fits=fits) + missing, iso

@@ -107,3 +107,40 @@ def test_cooldown_branches_at_fractions_of_each_size(tmp_path):
         t = p["train.tokens"]
         assert p["train.cooldown_at"] == [round(0.25 * t / 4096) * 4096, round(0.5 * t / 4096) * 4096]
         assert ss.check_point({**fixed, **p}) is None
+
+
+def test_an_isoflop_design_puts_a_branch_of_every_eligible_size_on_each_budget():
+    """``isoflop_budgets``: each size trains to its largest eligible budget and forks branches that
+    end (fork + round(cooldown_frac * steps) batches, as the trainer runs them) within a batch of
+    each smaller one; sizes outside ``isoflop_tpp`` at a budget skip it, and a size with no budget
+    is pruned with the reason."""
+    from moue_core import TrialConfig
+    from moue_core.counting import count
+    from search_spaces.constraints import model_config
+
+    fixed = {**FIXED, "model.n_layers": 2, "train.schedule": "wsd", "train.cooldown_frac": 0.2}
+    budgets, tpp = [3e11, 1e12, 3e12], [2.0, 250.0]
+    opts = {"sizes": [32, 48, 64, 96, 128, 256], "families": ["layerwise"], "tokens_per_param": 0.0,
+            "isoflop_budgets": budgets, "isoflop_tpp": tpp}
+    cands = LADDER.candidates(fixed, LADDER.options(opts))
+    pruned = [why for p, why in cands if why]
+    assert len(pruned) == 1 and "no IsoFLOP budget within [2.0, 250.0]" in pruned[0]  # d 256: under 2 tpp
+    points = [p for p, why in cands if not why]
+    on_budget: dict[float, list[int]] = {c: [] for c in budgets}
+    for p in points:
+        flat = {**fixed, **p}
+        c = count(model_config(flat, require_reachable=False), seq_len=64)
+        n, f = c.n_params_active, c.flops_per_token
+        ends = [p["train.tokens"]] + [t + round(0.2 * t / 4096) * 4096 for t in p.get("train.cooldown_at", [])]
+        eligible = [b for b in budgets if tpp[0] <= b / f / n <= tpp[1]]
+        assert eligible and p["train.tokens"] == pytest.approx(max(eligible) / f, abs=4096)
+        for b in eligible:  # every eligible budget is reached by the run or one of its branches
+            assert min(abs(e * f - b) for e in ends) <= 4096 * f, (p["model.d_model"], b)
+            on_budget[b].append(p["model.d_model"])
+        assert len(ends) == len(eligible)  # and no other branch
+        cfg = {"model": {k[6:]: v for k, v in flat.items() if k.startswith("model.")},
+               "train": {k[6:]: v for k, v in flat.items() if k.startswith("train.")}}
+        TrialConfig.from_dict(cfg)  # the forks are in the stable phase
+    assert all(len(sizes) >= 3 for sizes in on_budget.values()), on_budget
+    with pytest.raises(ConfigError, match="space.isoflop_tpp"):
+        LADDER.grid(fixed, {**opts, "isoflop_tpp": [5.0, 2.0]})
