@@ -107,3 +107,35 @@ def test_isoflop_figure_data_draws_each_budget_and_its_minimum():
     for b, curve in zip(r.budgets, d.curves):
         i = int(np.argmin(curve.y))  # the drawn parabola bottoms out near the budget's minimum
         assert curve.x[i] == pytest.approx(b.n_opt, rel=0.2) and min(curve.y) == pytest.approx(b.loss_opt, abs=1e-3)
+
+
+def test_a_studys_approach_2_uses_its_cooldown_branches():
+    """An IsoFLOP design from WSD branches (the ladder's ``isoflop_budgets``): each size has one run
+    ending at its largest budget and a cooldown branch at each smaller one. The report's Approach 2
+    groups the branches with the finals by budget and recovers the law's exponent; on the final
+    points alone no budget has 3 sizes."""
+    from types import SimpleNamespace
+
+    from analysis.report import approach_rows
+
+    E, A, B, alpha, beta = 1.69, 406.4, 410.7, 0.34, 0.28
+    budgets, rows = np.logspace(18, 21, 4), []
+    for i, n in enumerate(np.logspace(7.5, 10.5, 25)):
+        ds = [c / (6 * n) for c in budgets if 2 <= c / (6 * n) / n <= 300]
+        if not ds:
+            continue
+        row = {"run_id": f"r{i}", "derived.n_params_active": n, "derived.flops_per_token": 6 * n,
+               "final/tokens": ds[-1], "final/flops": 6 * n * ds[-1],
+               "final/val_loss": E + A / n**alpha + B / ds[-1]**beta}
+        for d in ds[:-1]:
+            row |= {f"final/cooldown/{int(d)}/val_loss": E + A / n**alpha + B / d**beta,
+                    f"final/cooldown/{int(d)}/tokens": d, f"final/cooldown/{int(d)}/flops": 6 * n * d}
+        rows.append(row)
+    frame = pl.DataFrame(rows)
+    rows_out, iso = approach_rows(SimpleNamespace(frame=frame, curves=None), {})
+    row = next(r for r in rows_out if r.approach.startswith("2"))
+    assert iso is not None and sum(b.used for b in iso.budgets) == 4
+    assert row.a == pytest.approx(beta / (alpha + beta), abs=0.03), row
+    finals = frame.select([c for c in frame.columns if not c.startswith("final/cooldown/")])
+    rows_out, iso = approach_rows(SimpleNamespace(frame=finals, curves=None), {})
+    assert iso is None and not next(r for r in rows_out if r.approach.startswith("2")).identified
