@@ -428,6 +428,22 @@ def _print_dry_run(study) -> None:
     early = " (at most: ASHA stops some trials early)" if study.scheduler.kind == "asha" else ""
     typer.echo(f"total: {totals['trials']} trials, {totals['tokens']:,} tokens, {totals['compute']:.3g} FLOPs{early}, "
                f"{totals['pruned']} grid points pruned")
+    typer.echo(_estimate_line(study, [r["plan"] for r in rows]) + early)
+
+
+def _estimate_line(study, plans) -> str:
+    """The sweep's estimated wall time on this machine (``studies.estimate``), or why there is none."""
+    import os
+
+    import torch
+
+    from studies.estimate import estimate_sweep
+
+    devices = {p.config.train.device for p in plans}
+    if "cuda" in devices or ("auto" in devices and torch.cuda.is_available()):
+        return "estimated wall time: none (the trials run on a GPU; the estimate times CPU steps)"
+    concurrency = study.search.max_concurrent or max(1, int((os.cpu_count() or 1) // study.resources.cpus))
+    return estimate_sweep(plans, concurrency=concurrency, marks=study.marks).line()
 
 
 @app.command("studies")

@@ -304,7 +304,7 @@ def dry_run(study: Study) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         rows.append({"trial": i, "point": point, "family": family_of(study.fixed, point), "tokens": plan.tokens,
                      "active": c.n_params_active,
                      "total": c.n_params_total, "virtual_width": c.virtual_width, "reuse": c.reuse,
-                     "compute": plan.compute})
+                     "compute": plan.compute, "plan": plan})
     totals = {"trials": len(rows), "compute": sum(r["compute"] for r in rows), "pruned": len(study.pruned),
               "tokens": sum(r["tokens"] for r in rows)}
     return rows, totals

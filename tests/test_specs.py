@@ -94,6 +94,7 @@ def test_shipped_specs_load_and_dry_run(path: Path) -> None:
         assert out.output.count("  #") == n
         rows = [line.split() for line in out.output.splitlines() if line.startswith("  #")]
         assert all(r[1] in ("layerwise", "unipool", "rotational") for r in rows)  # each trial's family
+        assert "estimated wall time: ~" in out.output  # studies/estimate.py, timed here
 
 
 def test_dry_run_counts_and_compute_are_the_counting_module_s() -> None:
