@@ -9,10 +9,15 @@ Conventions (``CONVENTION`` is logged as ``count.convention``; analysis never mi
 - ``n_params_embedding``: input embedding + unembedding, ``2 * V * D`` (untied).
 - ``n_params_total``: every other stored parameter (attention, norms, routers, the whole pool,
   shared experts, dense FFNs); ``n_params_total + n_params_embedding == sum(p.numel())``.
-- ``n_params_active``: non-embedding parameters one token uses: attention, norms, the router rows of
-  its layer's window (``w * D`` per layer; the trajectory router adds its per-layer projection, the
-  shared GRU once per layer it runs in, and the ``w`` expert keys), ``k`` routed experts and ``n_s``
-  shared experts per layer (or the dense FFN).
+- ``n_params_active``: non-embedding parameters one token uses, **counted once per application**:
+  attention, norms, the router rows of its layer's window (``w * D`` per layer; the trajectory
+  router adds its per-layer projection, the shared GRU once per layer it runs in, and the ``w``
+  expert keys), ``k`` routed experts and ``n_s`` shared experts per layer (or the dense FFN). It is
+  the N of ``C = 6 N D`` (Kaplan et al. 2020), a measure of the work per token, not of distinct
+  weights: a weight shared across depth (a pool expert two layers pick, a shared router row, the
+  GRU) counts at every layer that applies it. So a model that reuses weights across depth, which
+  is what universal experts do, can have ``n_params_active > n_params_total`` (the dry run says so);
+  iso-active matching compares work per token, the quantity scaling laws are written in.
 - ``flops_per_token`` (training, forward + backward): ``6 * n_params_active`` (Kaplan et al. 2020,
   2 FLOPs per multiply-add forward, twice that backward) ``+ 6 * L * S * D`` for attention scores
   and values over a context of ``S`` tokens (Kaplan's ``2 n_layer n_ctx d_attn`` forward, times 3,

@@ -428,6 +428,9 @@ def _print_dry_run(study) -> None:
     early = " (at most: ASHA stops some trials early)" if study.scheduler.kind == "asha" else ""
     typer.echo(f"total: {totals['trials']} trials, {totals['tokens']:,} tokens, {totals['compute']:.3g} FLOPs{early}, "
                f"{totals['pruned']} grid points pruned")
+    if any(r["active"] > r["total"] for r in rows):
+        typer.echo("note: active counts a weight once per layer that applies it (the N of C = 6ND), so a model "
+                   "that reuses weights across depth can have active > total (moue_core/counting.py)")
     typer.echo(_estimate_line(study, [r["plan"] for r in rows]) + early)
 
 

@@ -238,3 +238,18 @@ def test_progress_line_estimates_time_left_from_tokens() -> None:
     cb.t0 -= 10.0
     cb.on_trial_result(0, [], trial["c"], {"tokens": 3000, "val/loss": 1.4})  # 1,000 tokens in 10 s
     assert cb._line().endswith("~30s left"), cb._line()  # 8,000 planned - 5,000 trained at 100 tokens/s
+
+
+def test_dry_run_says_why_active_can_exceed_total(tmp_path) -> None:
+    """A MoUE-style model of 4 layers reuses its pool experts across depth:
+    active (per application, the N of C = 6ND) exceeds total, and the dry run says why."""
+    spec = tmp_path / "deep.toml"
+    spec.write_text((ROOT / "studies" / "smoke.toml").read_text().replace("n_layers = 2", "n_layers = 4"))
+    out = runner.invoke(app, ["sweep", str(spec), "--dry-run"])
+    assert out.exit_code == 0, out.output
+    rows = [line.split() for line in out.output.splitlines() if line.startswith("  #")]
+    over = [r for r in rows if int(r[3].replace(",", "")) > int(r[5].replace(",", ""))]
+    assert over and all(r[1] == "rotational" for r in over)
+    assert "note: active counts a weight once per layer that applies it" in out.output
+    ladder = runner.invoke(app, ["sweep", str(ROOT / "studies" / "quickstart.toml"), "--dry-run"])
+    assert ladder.exit_code == 0 and "note: active counts" not in ladder.output  # active < total there
