@@ -289,8 +289,14 @@ def run_cmd(
     # the fits' notes come back as res.notes (nothing is warned), printed once below
     res = write_report(study.experiment, tracking_uri=outcome.tracking_uri, output=out, laws=study.laws,
                        parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0, lr_rule=staged.rule)
+    from studies.tracking import log_study_summary
+
+    best = log_study_summary(outcome.tracking_uri, outcome.parent_run_id, statuses=outcome.statuses, fits=res.fits,
+                             headline=res.headline, skipped=res.skipped)
     typer.echo("")
     typer.echo(res.runs_line())
+    if best is not None:
+        typer.echo(f"best trial: {best['run_name']} (final val loss {best['val_loss']:.4f})")
     _print_laws(res.fits)
     for test in res.tests.values():
         typer.echo(f"{test.law} vs {test.nested} (likelihood-ratio test: does the V term fit better than chance "

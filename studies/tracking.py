@@ -39,10 +39,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from moue_core.tracking_contract import (DONE, KIND, KIND_STUDY, KIND_TRIAL, PARENT_RUN, SCHEMA, SCHEMA_VERSION, SEED,
-                                         STATUS, STATUSES, STOP_REASON, SWEEP_ID, TRIAL_ID, VAL_LOSS, search_runs)
+                                         FINAL_VAL_LOSS, STATUS, STATUSES, STOP_REASON, SWEEP_ID, TRIAL_ID, VAL_LOSS,
+                                         search_runs)
 
 __all__ = ["SCHEMA_VERSION", "STATUSES", "DONE", "RecordedSweep", "Tracker", "check_tracking_uri", "environment_info",
-           "git_info", "probe_tracking_uri", "recorded_sweep"]
+           "git_info", "log_study_summary", "probe_tracking_uri", "recorded_sweep"]
 
 ORPHAN_REASON = "sweep ended while the trial was running"
 _MAX_METRICS_PER_BATCH = 1000  # MLflow LogBatch limits (REST API docs: "Request Limits")
@@ -471,3 +472,45 @@ def git_info(path: str | os.PathLike[str] = ".") -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {"moue.git_sha": "unknown", "moue.git_dirty": "unknown"}
     return {"moue.git_sha": sha, "moue.git_dirty": "true" if dirty else "false"}
+
+
+def log_study_summary(tracking_uri: str, parent_run_id: str, *, statuses: Mapping[str, int], fits: Mapping,
+                      headline: str | None, skipped: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The study's summary on its parent run, where a user browsing MLflow looks first: trial
+    counts by status and the best trial (metrics ``study/*``, tags ``moue.best_trial*``), and each
+    law's verdict (tag ``moue.fit.<law>``: ``identified``, ``not identified: reasons``, or ``not
+    fitted: why`` for a law in ``skipped``). An identified law's estimates, 95% intervals and
+    hold-out MAPE are metrics ``fit/<law>/*``; an unidentified law's are not (they are no result).
+    Returns the best trial (run name, id,
+    loss, family), ``None`` when no trial finished."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"study/trials_{s}", float(statuses.get(s, 0)), now, 0) for s in STATUSES]
+    tags = [RunTag("moue.headline_law", headline or "none identified")]
+    best = client.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{STATUS}` = 'finished'",
+                              order_by=[f"metrics.`{FINAL_VAL_LOSS}` ASC"], max_results=1)
+    out = None
+    if best and FINAL_VAL_LOSS in best[0].data.metrics:
+        b = best[0]
+        out = {"run_name": b.info.run_name, "run_id": b.info.run_id, "val_loss": b.data.metrics[FINAL_VAL_LOSS],
+               "family": b.data.params.get("family", "")}
+        metrics.append(Metric("study/best_val_loss", out["val_loss"], now, 0))
+        tags += [RunTag("moue.best_trial", out["run_name"] or ""), RunTag("moue.best_trial_run_id", out["run_id"])]
+    for name, r in fits.items():
+        v = r.verdict
+        tags.append(RunTag(f"moue.fit.{name}", "identified" if v.identified
+                           else ("not identified: " + "; ".join(v.reasons))[:5000]))
+        if not v.identified:
+            continue
+        for k, value in r.params.items():
+            metrics.append(Metric(f"fit/{name}/{k}", float(value), now, 0))
+            if k in r.ci:
+                metrics += [Metric(f"fit/{name}/{k}_ci_lo", float(r.ci[k][0]), now, 0),
+                            Metric(f"fit/{name}/{k}_ci_hi", float(r.ci[k][1]), now, 0)]
+        if r.holdout is not None and math.isfinite(r.holdout.mape):
+            metrics.append(Metric(f"fit/{name}/holdout_mape", float(r.holdout.mape), now, 0))
+    tags += [RunTag(f"moue.fit.{name}", f"not fitted: {why}"[:5000]) for name, why in (skipped or {}).items()]
+    client.log_batch(parent_run_id, metrics=metrics, tags=tags, synchronous=True)
+    return out

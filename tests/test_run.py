@@ -41,6 +41,20 @@ def test_moue_run_smoke_end_to_end_and_rerun_resumes(tmp_path) -> None:
     assert sum(r.data.tags.get("moue.kind") == "study" for r in runs) == 1
     n_children = sum(r.data.tags.get("moue.kind") == "trial" for r in runs)
     assert n_children == 6
+    # the study's summary on its parent run: counts by status, the best trial, each law's verdict
+    parent = next(r for r in runs if r.data.tags.get("moue.kind") == "study")
+    trials = [r for r in runs if r.data.tags.get("moue.kind") == "trial"]
+    m, tags = parent.data.metrics, parent.data.tags
+    assert sum(m[f"study/trials_{s}"] for s in ("finished", "early_stopped", "diverged", "failed")) == 6
+    assert m["study/trials_finished"] == sum(r.data.tags["moue.status"] == "finished" for r in trials)
+    best = min((r for r in trials if r.data.tags["moue.status"] == "finished"),
+               key=lambda r: r.data.metrics["final/val_loss"])
+    assert tags["moue.best_trial_run_id"] == best.info.run_id
+    assert m["study/best_val_loss"] == best.data.metrics["final/val_loss"]
+    assert f"best trial: {best.info.run_name} (final val loss" in out
+    verdict = tags["moue.fit.compute"]
+    assert verdict == "identified" or verdict.startswith(("not identified: ", "not fitted: "))
+    assert ("fit/compute/alpha" in m) == (verdict == "identified")  # no estimate of an unidentified law
 
     again = _run("studies/smoke.toml", "--workspace", str(ws), "--bootstrap", "200")
     assert again.returncode == 0, again.stdout + again.stderr
