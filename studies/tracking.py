@@ -481,8 +481,7 @@ def log_study_summary(tracking_uri: str, parent_run_id: str, *, statuses: Mappin
     law's verdict (tag ``moue.fit.<law>``: ``identified``, ``not identified: reasons``, or ``not
     fitted: why`` for a law in ``skipped``). An identified law's estimates, 95% intervals and
     hold-out MAPE are metrics ``fit/<law>/*``; an unidentified law's are not (they are no result).
-    Returns the best trial (run name, id,
-    loss, family), ``None`` when no trial finished."""
+    Returns the best trial (run name, id, loss, family), ``None`` when no trial finished."""
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_run_id)
     now = int(time.time() * 1000)
