@@ -114,6 +114,18 @@ def draw_bootstrap(data: BootstrapData, *, columns: int = 3):
     return fig
 
 
+def draw_importance(importance):
+    """Horizontal bars: each search axis's importance (``analysis.importance``), largest on top."""
+    go = _go()
+    names = list(importance.scores)[::-1]
+    fig = go.Figure(go.Bar(x=[importance.scores[n] for n in names], y=names, orientation="h",
+                           marker_color=PALETTE[0]))
+    fig.update_layout(title=f"Parameter importance ({importance.n_trials} trials, PED-ANOVA)",
+                      xaxis_title="importance (share, sums to 1)", yaxis_title="search axis",
+                      **{**_LAYOUT, "height": max(260, 60 * len(names) + 140)})
+    return fig
+
+
 def draw_parallel(data: ParallelData):
     go = _go()
     fig = go.Figure(go.Parcoords(

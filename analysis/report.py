@@ -44,6 +44,7 @@ class ReportResult:
     headline: str | None = None  # the law the report leads with (``headline``), None when none is identified
     approaches: tuple = ()  # analysis.approaches.ApproachRow, one per approach
     families: tuple = ()  # analysis.paired.Comparison: each family against the layerwise MoE, paired by size
+    importance: object = None  # analysis.importance.Importance of the search axes (None: too few trials)
 
     def families_line(self) -> str | None:
         """One line: each family against the layerwise MoE at matched size (None without pairs)."""
@@ -117,8 +118,12 @@ def summary_json(res: ReportResult) -> dict:
     families = [{"family": c.variant, "reference": c.reference, "n_pairs": c.n_pairs,
                  "mean_rel_diff_pct": c.mean_rel_diff, "ci_pct": list(c.rel_ci), "p_value": c.p_value,
                  "n_better": c.n_better} for c in res.families]
+    imp = res.importance
+    importance = None if imp is None else {"method": imp.method, "n_trials": imp.n_trials,
+                                           "target_quantile": imp.target_quantile, "scores": dict(imp.scores)}
     return _finite({"headline": res.headline, "laws": laws, "approaches": approaches, "families": families,
-                    "skipped": dict(res.skipped), "runs": res.n_runs, "report": str(res.path)})
+                    "importance": importance, "skipped": dict(res.skipped), "runs": res.n_runs,
+                    "report": str(res.path)})
 
 
 FAMILY_PAIR = ("model.d_model", "model.n_layers", "train.seed")  # what a family comparison holds fixed
@@ -315,6 +320,8 @@ def write_report(
 
         figs["isoflop"] = R.draw_scatter(F.isoflop_data(iso))
     sections = _sections(fitted, tests, notes, prov, have_v="loss_vs_virtual_width" in figs)
+    importance, imp_html = _importance_section(runs.frame, loss, figs)
+    sections.append(("Which settings matter (parameter importance)", imp_html))
     families = family_comparisons(runs.frame)
     sections.insert(0, ("Summary", _summary_html(fitted, tests, lead, n_runs=runs.frame.height,
                                                  n_points=frame.height, families=families)))
@@ -335,7 +342,7 @@ def write_report(
     return ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
                         figures=tuple(figs), notes=notes + tuple(extra_notes),
                         logged_to=logged, n_runs=runs.frame.height, excluded=dict(runs.excluded), headline=lead,
-                        approaches=tuple(approaches), families=families)
+                        approaches=tuple(approaches), families=families, importance=importance)
 
 
 def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[list, object]:
@@ -370,6 +377,24 @@ def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[l
     except (AnalysisError, KeyError) as e:
         missing.append(ApproachRow("2: IsoFLOP profiles", None, None, None, None, False, (str(e),)))
     return three_approaches(env=env, iso=iso, fits=fits) + missing, iso
+
+
+def _importance_section(frame, loss: str, figs: dict) -> tuple[object, str]:
+    """PED-ANOVA importances of the study's search axes on the finished trials' final losses
+    (``analysis.importance``; ``None`` with too few trials or no axis) and the section's HTML;
+    adds the figure to ``figs``."""
+    from analysis import render as R
+    from analysis.importance import MIN_TRIALS, parameter_importance
+
+    imp = parameter_importance(frame, loss=loss) if loss in frame.columns else None
+    if imp is None:
+        return None, (f"<p class=note>Not computed: fewer than {MIN_TRIALS} finished trials or no setting "
+                      "that varies on its own.</p>")
+    figs["importance"] = R.draw_importance(imp)
+    return imp, (f"<p>How much each search axis explains which trials did best ({html.escape(imp.method)}, top "
+            f"{imp.target_quantile:.0%} of {imp.n_trials} finished trials against all, on {html.escape(loss)}). "
+            "Settings derived from an axis (a ladder's heads, tokens and learning rate) count with it. "
+            "Importance has no direction and is rough with few trials.</p>{{figure:importance}}")
 
 
 def _lr_rule_html(rule) -> str:

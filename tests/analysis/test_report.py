@@ -19,7 +19,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
                                         else None)
 FIGURES = ("loss_vs_compute", "loss_vs_virtual_width", "residuals", "holdout", "bootstrap",
-           "parallel")
+           "parallel", "importance")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,8 @@ def test_page_is_self_contained(report_html):
     assert not re.search(r"@import|url\(\s*['\"]?https?:", text)
     for name in FIGURES:
         assert f'data-figure="{name}"' in text
-    for heading in ("Fitted laws", "Does virtual width help?", "Provenance"):
+    for heading in ("Fitted laws", "Does virtual width help?", "Provenance",
+                    "Which settings matter (parameter importance)"):
         assert heading in text
     assert "vw_multiplicative" in text and "sha256:stdlib-3.11" in text
 
