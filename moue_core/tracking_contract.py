@@ -46,8 +46,9 @@ PARENT_TAGS = ("moue.study", "moue.spec_sha256", "moue.git_sha", "moue.git_dirty
 # params
 CONFIG_PARAM = "config.json"  # the trial's resolved config, typed, as one JSON object
 
-# a trial's end states; a trial in one of DONE is never trained again (a failed one is retried)
-STATUSES = ("finished", "early_stopped", "diverged", "failed")
+# a trial's end states; a trial in one of DONE is never trained again (a failed one is retried, an
+# interrupted one, stopped with its sweep by Ctrl-C, resumes from its last checkpoint)
+STATUSES = ("finished", "early_stopped", "diverged", "failed", "interrupted")
 DONE = ("finished", "early_stopped", "diverged")
 
 # metrics

@@ -8,10 +8,12 @@ runs. ``ProgressCallback`` replaces Ray's tables with one live line of state.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ray import tune
@@ -23,6 +25,13 @@ from studies.plan import trial_params
 
 __all__ = ["MlflowCallback", "ProgressCallback", "trial_params"]
 
+
+def point_key(point: Mapping) -> str:
+    """A point's key in ``ProgressCallback``'s ``token_cost`` (its settings as sorted JSON)."""
+    return json.dumps(dict(point), sort_keys=True, default=str)
+
+
+INTERRUPTED_REASON = "the sweep was interrupted before this trial ended; the next moue run resumes it"
 
 class MlflowCallback(tune.Callback):
     """Driver-side MLflow logging; the tracker is rebuilt lazily after unpickling (``Tuner.restore``).
@@ -159,7 +168,17 @@ class MlflowCallback(tune.Callback):
         self._submit("finish_trial", trial.trial_id, status="failed", stop_reason=reason)
 
     def on_experiment_end(self, trials, **info) -> None:
-        self._queue.append(("finish_parent", ("FINISHED",), {}))
+        """The sweep ended. Trials Tune did not finish (still running or pending: the sweep was
+        interrupted, e.g. by Ctrl-C) are ``interrupted`` (MLflow status KILLED) and so is the
+        parent (KILLED, not FINISHED): the next ``moue run`` resumes them."""
+        open_trials = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+        for trial in open_trials:
+            if trial.status == "PENDING" and not trial.last_result:
+                continue  # never started: it has no run
+            self._attach(trial)
+            self._submit("finish_trial", trial.trial_id, status="interrupted",
+                         stop_reason=INTERRUPTED_REASON)
+        self._queue.append(("finish_parent", ("KILLED" if open_trials else "FINISHED",), {}))
         self._drain(wait=True)
 
 
@@ -167,30 +186,43 @@ class ProgressCallback(tune.Callback):
     """One live line: finished / running / early-stopped / diverged / failed, best val loss, times."""
 
     def __init__(self, *, total: int, concurrency: int, stream=None, total_tokens: int = 0,
-                 default_budget: int = 0) -> None:
+                 default_budget: int = 0, token_cost: Mapping[str, float] | None = None) -> None:
         self.total, self.concurrency = total, max(1, concurrency)
         self.stream = stream
         self.t0 = time.time()
         self.last_print = 0.0
         self.trial_best: dict[str, float] = {}
         self.states: dict[str, str] = {}
-        # the time left is estimated from tokens trained (trials differ in budget and size), with
-        # the unused budget of a stopped trial taken out of the plan
-        self.planned = total_tokens
+        # the time left is estimated from the work done: tokens trained, each weighted by its
+        # trial's cost per token (``token_cost``, by ``point_key``: studies.estimate's c0 + f / R,
+        # so a token of a large model counts for more; 1 without it), with the unused budget of a
+        # stopped trial taken out of the plan
+        self.token_cost = dict(token_cost or {})
+        self.planned = total_tokens if not self.token_cost else sum(self.token_cost.values())
         self.default_budget = default_budget
         self.seen: dict[str, int] = {}
-        self.trained0 = 0  # tokens already trained when this driver started (a resumed sweep)
+        self.costs: dict[str, float] = {}  # trial id -> cost per token (relative)
+        self.trained0 = 0.0  # tokens already trained when this driver started (a resumed sweep)
 
     def setup(self, **info) -> None:
         """Called when the sweep starts, also after ``--resume`` restored this callback: the rate
         is measured from now, over the tokens trained from now."""
         self.t0 = time.time()
-        self.trained0 = sum(self.seen.values())
+        self.trained0 = self._work_done()
+
+    def _cost(self, trial_id: str) -> float:
+        return self.costs.get(trial_id, 1.0)
+
+    def _work_done(self) -> float:
+        return sum(t * self._cost(i) for i, t in self.seen.items())
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["stream"] = None  # streams do not pickle; a restored sweep prints to stderr
         return state
+
+    def __setstate__(self, state: dict) -> None:  # a sweep saved before token costs: tokens alone
+        self.__dict__.update({"token_cost": {}, "costs": {}, **state})
 
     def _line(self) -> str:
         counts = {s: sum(1 for v in self.states.values() if v == s)
@@ -198,7 +230,7 @@ class ProgressCallback(tune.Callback):
         done = counts["finished"] + counts["early_stopped"] + counts["diverged"] + counts["failed"]
         elapsed = time.time() - self.t0
         eta = "?"
-        trained = sum(self.seen.values())
+        trained = self._work_done()
         if self.planned and trained > self.trained0:
             eta = f"{elapsed / (trained - self.trained0) * max(0, self.planned - trained):.0f}s"
         elif done:
@@ -215,10 +247,6 @@ class ProgressCallback(tune.Callback):
             print(self._line(), file=stream, flush=True)
             self.last_print = now
 
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.states[trial.trial_id] = "running"
-        self._emit()
-
     def _budget(self, trial) -> int:
         point = (getattr(trial, "config", None) or {}).get("point") or {}
         return int(point.get("train.tokens", self.default_budget))
@@ -226,9 +254,26 @@ class ProgressCallback(tune.Callback):
     def _unplan(self, trial) -> None:
         """A trial that ends before its budget will not train the rest of it."""
         if self.planned:
-            self.planned -= max(0, self._budget(trial) - self.seen.get(trial.trial_id, 0))
+            left = max(0, self._budget(trial) - self.seen.get(trial.trial_id, 0))
+            self.planned -= left * self._cost(trial.trial_id)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._note_cost(trial)
+        self.states[trial.trial_id] = "running"
+        self._emit()
+
+    def _note_cost(self, trial) -> None:
+        """The trial's cost per token, from its point (``token_cost`` holds budget x cost per point)."""
+        if trial.trial_id in self.costs or not self.token_cost:
+            return
+        point = (getattr(trial, "config", None) or {}).get("point") or {}
+        work = self.token_cost.get(point_key(point))
+        budget = self._budget(trial)
+        if work is not None and budget:
+            self.costs[trial.trial_id] = work / budget
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._note_cost(trial)
         tokens = result.get(TIME_ATTR)
         if isinstance(tokens, (int, float)):
             self.seen[trial.trial_id] = int(tokens)

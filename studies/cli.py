@@ -30,16 +30,27 @@ app.add_typer(bench_app, name="bench")
 
 
 def user_errors(fn):
-    """Bad input (a ``ConfigError`` raised while validating) exits 2 with its one line."""
+    """Bad input (a ``ConfigError`` raised while validating) exits 2 with its one line; an
+    interrupted sweep (Ctrl-C: ``SweepInterrupted``, or a second Ctrl-C) exits 130 with one line,
+    as a shell reports SIGINT, after nothing was fitted."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from studies.runner import SweepInterrupted
+
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:  # AnalysisError is one too
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except SweepInterrupted as exc:
+            typer.echo(f"interrupted: {exc}", err=True)
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:  # a second Ctrl-C: Tune saved its state at the last mark
+            typer.echo("interrupted: stopped at once (a second Ctrl-C); run the same command again to resume",
+                       err=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 

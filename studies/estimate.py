@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["STARTUP_S", "Estimate", "estimate_sweep", "step_cost"]
+__all__ = ["STARTUP_S", "Estimate", "cost_line", "estimate_sweep", "step_cost", "trial_tokens"]
 
 STARTUP_S = 3.0  # per trial: worker, corpus load, MLflow run (moue bench sweep's overhead, 2 CPUs)
 
@@ -81,7 +81,7 @@ def step_cost(cfg, *, steps: int = 3) -> float:
     return sorted(times)[len(times) // 2] / tc.batch_tokens
 
 
-def _trial_tokens(plan, marks: int) -> float:
+def trial_tokens(plan, marks: int) -> float:
     """Training-token equivalents of a trial: its tokens, its branches' cooldown steps, and its
     evaluations at a third of a training token each."""
     tc, val = plan.config.train, plan.config.data.val_tokens
@@ -90,11 +90,9 @@ def _trial_tokens(plan, marks: int) -> float:
     return tc.tokens + branch + evals
 
 
-def estimate_sweep(plans: Sequence, *, concurrency: int, marks: int, cost=step_cost) -> Estimate:
-    """The wall time of ``plans`` (``TrialPlan``s, in the order the sweep launches them) on
-    ``concurrency`` slots; ``cost(cfg)`` is seconds per training token (``step_cost``)."""
-    if not plans:
-        return Estimate(0.0, (), concurrency, 0.0, math.inf, "no trials")
+def cost_line(plans: Sequence, *, cost=step_cost) -> tuple[float, float, str]:
+    """``(c0, R, basis)`` of the per-token cost ``c0 + f / R`` through the smallest and largest
+    model of ``plans`` (by ``flops_per_token``), timed by ``cost(cfg)``; one size: ``c0 = 0``."""
     f = [p.counts.flops_per_token for p in plans]
     lo, hi = min(range(len(f)), key=f.__getitem__), max(range(len(f)), key=f.__getitem__)
     c_lo = cost(plans[lo].config)
@@ -102,11 +100,19 @@ def estimate_sweep(plans: Sequence, *, concurrency: int, marks: int, cost=step_c
         c_hi = cost(plans[hi].config)
         rate = (f[hi] - f[lo]) / max(c_hi - c_lo, 1e-12)
         c0 = max(0.0, c_lo - f[lo] / rate)
-        basis = f"timed steps of the smallest and largest model here: {c0 * 1e6:.3g} us/token + {rate / 1e9:.3g} GFLOP/s"
-    else:  # one size: all of the cost scales with it
-        c0, rate = 0.0, f[lo] / c_lo
-        basis = f"timed steps of the model here: {rate / 1e9:.3g} GFLOP/s"
-    per = tuple(STARTUP_S + _trial_tokens(p, marks) * (c0 + p.counts.flops_per_token / rate) for p in plans)
+        return c0, rate, (f"timed steps of the smallest and largest model here: {c0 * 1e6:.3g} us/token + "
+                          f"{rate / 1e9:.3g} GFLOP/s")
+    rate = f[lo] / c_lo  # one size: all of the cost scales with it
+    return 0.0, rate, f"timed steps of the model here: {rate / 1e9:.3g} GFLOP/s"
+
+
+def estimate_sweep(plans: Sequence, *, concurrency: int, marks: int, cost=step_cost) -> Estimate:
+    """The wall time of ``plans`` (``TrialPlan``s, in the order the sweep launches them) on
+    ``concurrency`` slots; ``cost(cfg)`` is seconds per training token (``step_cost``)."""
+    if not plans:
+        return Estimate(0.0, (), concurrency, 0.0, math.inf, "no trials")
+    c0, rate, basis = cost_line(plans, cost=cost)
+    per = tuple(STARTUP_S + trial_tokens(p, marks) * (c0 + p.counts.flops_per_token / rate) for p in plans)
     slots = [0.0] * max(1, min(concurrency, len(per)))
     for s in per:  # each trial to the first free slot
         heapq.heapreplace(slots, slots[0] + s)

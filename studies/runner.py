@@ -32,7 +32,7 @@ from studies.plan import resolve_trial, trial_params
 from studies.workspace import Workspace, sweep_name
 
 # the names other modules (and Tune's pickled state of earlier sweeps) find here
-__all__ = ["Workspace", "SweepOutcome", "run_sweep", "dry_run", "trial_fn", "MlflowCallback", "ProgressCallback",
+__all__ = ["Workspace", "SweepOutcome", "SweepInterrupted", "run_sweep", "dry_run", "trial_fn", "MlflowCallback", "ProgressCallback",
            "METRIC", "TIME_ATTR", "prune_checkpoints", "resolve_trial", "sweep_name", "trial_params",
            "train_conversion_base"]
 
@@ -181,22 +181,51 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
     results = tuner.fit()
     prune_checkpoints(results)
     wall = time.time() - t0
+    open_ids = _unfinished_trials(results)
     statuses: dict[str, int] = {}
     best = math.inf
     train_s = 0.0
     for trial_result in results:
         last = trial_result.metrics or {}
         train_s += float(last.get("time/train_s", 0.0))
-        status = last.get("status") or ("failed" if trial_result.error else "early_stopped")
+        status = last.get("status") or ("failed" if trial_result.error else
+                                        "interrupted" if _trial_id(trial_result) in open_ids else "early_stopped")
         statuses[status] = statuses.get(status, 0) + 1
         v = last.get(METRIC)
         if isinstance(v, (int, float)) and math.isfinite(v):
             best = min(best, v)
-    return SweepOutcome(name=name, experiment=study.experiment, tracking_uri=uri,
-                        parent_run_id=parent_run_id(uri, study.experiment, name), storage=exp_dir,
-                        trials=len(results), statuses=statuses,
-                        best_val_loss=None if not math.isfinite(best) else best, wall_s=wall, train_s=train_s,
-                        concurrency=min(concurrency, total))
+    outcome = SweepOutcome(name=name, experiment=study.experiment, tracking_uri=uri,
+                           parent_run_id=parent_run_id(uri, study.experiment, name), storage=exp_dir,
+                           trials=len(results), statuses=statuses,
+                           best_val_loss=None if not math.isfinite(best) else best, wall_s=wall, train_s=train_s,
+                           concurrency=min(concurrency, total))
+    if open_ids or len(results) < total:
+        raise SweepInterrupted(outcome)
+    return outcome
+
+
+class SweepInterrupted(Exception):
+    """The sweep stopped before every trial ended (Ctrl-C): nothing may be fitted on it. Its
+    trials are ``interrupted`` and its parent run KILLED; the next run resumes it."""
+
+    def __init__(self, outcome: SweepOutcome) -> None:
+        self.outcome = outcome
+        n = outcome.statuses.get("interrupted", 0)
+        super().__init__(f"the sweep {outcome.name} was interrupted: {n} trial(s) stopped before they ended, "
+                         f"{outcome.trials} of its trials started; nothing was fitted. Run the same command "
+                         "again to resume it")
+
+
+def _unfinished_trials(results) -> set[str]:
+    """Ids of the trials Tune had not finished when ``fit`` returned (running or pending: the sweep
+    was interrupted). Read from the result grid's experiment analysis; empty where it has none."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None) or []
+    return {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
+
+
+def _trial_id(result) -> str | None:
+    return (result.metrics or {}).get("trial_id")
 
 
 def _prior_state(study: Study, *, resume: bool, uri: str, exp_dir: str) -> dict[str, dict[str, Any]]:
@@ -233,7 +262,33 @@ def _callbacks(study: Study, workspace: Workspace, *, uri: str, exp_dir: str, to
                else total * study.budget_tokens)
     return [MlflowCallback(study=study, tracking_uri=uri, sweep_id=sweep_name(study), parent_tags=parent_tags),
             ProgressCallback(total=total, concurrency=concurrency, stream=progress_stream, total_tokens=planned,
-                             default_budget=study.budget_tokens)]
+                             default_budget=study.budget_tokens, token_cost=_token_costs(study))]
+
+
+ETA_TIMING_FLOPS = 1e12  # a grid of more compute gets a cost-weighted ETA (two models timed, ~5 s)
+
+
+def _token_costs(study: Study) -> dict[str, float] | None:
+    """Each grid point's planned work for the progress line's ETA: its tokens at its cost per
+    token, ``c0 + f / R`` timed here (``studies.estimate``; evaluations and branches included), so
+    a large model's tokens count for more than a small one's. ``None`` (tokens alone) for a search,
+    a GPU study, or a grid under ``ETA_TIMING_FLOPS`` (seconds: not worth the timing)."""
+    from studies.callbacks import point_key
+    from studies.estimate import cost_line, trial_tokens
+
+    if study.search.algorithm != "grid" or not study.plans:
+        return None
+    plans = study.plans
+    if sum(p.compute for p in plans) < ETA_TIMING_FLOPS or any(p.config.train.device == "cuda" for p in plans):
+        return None
+    if any(p.config.train.device == "auto" for p in plans):
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    c0, rate, _ = cost_line(plans)
+    return {point_key(point): trial_tokens(plan, study.marks) * (c0 + plan.counts.flops_per_token / rate)
+            for point, plan in zip(study.points, plans, strict=True)}
 
 
 def _new_tuner(study: Study, trainable, *, storage_root: str, callbacks: list, concurrency: int,

@@ -265,7 +265,8 @@ class Tracker:
                      final: Mapping[str, float] | None = None) -> None:
         """Tag ``moue.status`` / ``moue.stop_reason``, log ``final`` (keys ``final/*``; only for
         ``finished`` and ``early_stopped``: a diverged or failed trial has none) and terminate the
-        run: FINISHED, or FAILED for ``failed`` (a divergence is an expected, recorded outcome)."""
+        run: FINISHED, FAILED for ``failed`` (a divergence is an expected, recorded outcome), or
+        KILLED for ``interrupted`` (the sweep was stopped; the next run reopens and resumes it)."""
         if status not in STATUSES:
             raise ValueError(f"status {status!r} of trial {trial_id!r} is not one of "
                              f"{', '.join(STATUSES)}")
@@ -289,7 +290,7 @@ class Tracker:
             tags = [RunTag(STATUS, status), RunTag(STOP_REASON, stop_reason)]
             self.client.log_batch(run_id, metrics=metrics[lo:lo + _MAX_METRICS_PER_BATCH],
                                   tags=tags if lo == 0 else [], synchronous=True)
-        self.client.set_terminated(run_id, status="FAILED" if status == "failed" else "FINISHED")
+        self.client.set_terminated(run_id, status={"failed": "FAILED", "interrupted": "KILLED"}.get(status, "FINISHED"))
 
     def flush(self) -> None:
         """Write every buffered metric: one ``log_batch`` per run (per 1000 metrics)."""

@@ -240,6 +240,31 @@ def test_progress_line_estimates_time_left_from_tokens() -> None:
     assert cb._line().endswith("~30s left"), cb._line()  # 8,000 planned - 5,000 trained at 100 tokens/s
 
 
+def test_progress_line_weights_tokens_by_their_trial_s_cost() -> None:
+    """With each point's planned work (tokens x seconds per token, ``token_cost``), a token of a
+    large model counts for more than a small one's: after the small trials the time left is the
+    large trial's cost, not its share of tokens."""
+    import io
+    from types import SimpleNamespace
+
+    from studies.callbacks import point_key
+    from studies.runner import ProgressCallback
+
+    points = {"small": {"train.tokens": 1000, "model.d_model": 32}, "large": {"train.tokens": 1000, "model.d_model": 128}}
+    cost = {"small": 0.01, "large": 0.09}  # seconds per token
+    work = {point_key(p): p["train.tokens"] * cost[k] for k, p in points.items()}
+    trial = {k: SimpleNamespace(trial_id=k, config={"point": p}, last_result={}) for k, p in points.items()}
+    cb = ProgressCallback(total=2, concurrency=1, stream=io.StringIO(), total_tokens=2000, default_budget=1000,
+                          token_cost=work)
+    assert cb.planned == 100.0
+    cb.t0 -= 10.0  # the small trial took 10 s: its 1,000 tokens at 0.01 s
+    cb.on_trial_start(0, [], trial["small"])
+    cb.on_trial_result(0, [], trial["small"], {"tokens": 1000, "val/loss": 2.0})
+    trial["small"].last_result = {"status": "finished"}
+    cb.on_trial_complete(0, [], trial["small"])
+    assert cb._line().endswith("~90s left"), cb._line()  # tokens alone would say 10 s
+
+
 def test_dry_run_says_why_active_can_exceed_total(tmp_path) -> None:
     """A MoUE-style model of 4 layers reuses its pool experts across depth:
     active (per application, the N of C = 6ND) exceeds total, and the dry run says why."""
