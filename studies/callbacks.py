@@ -26,6 +26,13 @@ from studies.plan import trial_params
 __all__ = ["MlflowCallback", "ProgressCallback", "trial_params"]
 
 
+def _done_before(trial) -> bool:
+    """A trial a restored sweep had finished before this driver: its last result ended it (a
+    ``status`` is reported only at the end) or it carries the replay of a recorded end."""
+    last = trial.last_result or {}
+    return trial.status in ("TERMINATED", "ERROR") and ("status" in last or bool(last.get("done")))
+
+
 def point_key(point: Mapping) -> str:
     """A point's key in ``ProgressCallback``'s ``token_cost`` (its settings as sorted JSON)."""
     return json.dumps(dict(point), sort_keys=True, default=str)
@@ -50,6 +57,7 @@ class MlflowCallback(tune.Callback):
         self.parent_tags = parent_tags
         self._tracker = None
         self._attached: set[str] = set()
+        self._ended: set[str] = set()  # trials that completed or failed (kept across a restore)
         self._queue: list[tuple[str, tuple, dict]] = []
         self._down_since: float | None = None
         self._next_try = 0.0
@@ -61,6 +69,9 @@ class MlflowCallback(tune.Callback):
         state["_attached"] = set()  # a restored driver re-attaches each trial to its run
         # a restored driver re-attaches first: the queued trial_run calls stay (idempotent)
         return state
+
+    def __setstate__(self, state: dict) -> None:  # a sweep saved before _ended: none seen
+        self.__dict__.update({"_ended": set(), **state})
 
     @property
     def tracker(self):
@@ -146,6 +157,7 @@ class MlflowCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._attach(trial)
+        self._ended.add(trial.trial_id)
         last = trial.last_result or {}
         status = last.get("status")
         if status == "finished":
@@ -161,6 +173,7 @@ class MlflowCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._attach(trial)
+        self._ended.add(trial.trial_id)
         reason = "trial failed"
         if getattr(trial, "error_file", None) and os.path.exists(trial.error_file):
             lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
@@ -168,12 +181,13 @@ class MlflowCallback(tune.Callback):
         self._submit("finish_trial", trial.trial_id, status="failed", stop_reason=reason)
 
     def on_experiment_end(self, trials, **info) -> None:
-        """The sweep ended. Trials Tune did not finish (still running or pending: the sweep was
-        interrupted, e.g. by Ctrl-C) are ``interrupted`` (MLflow status KILLED) and so is the
-        parent (KILLED, not FINISHED): the next ``moue run`` resumes them."""
-        open_trials = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+        """The sweep ended. Trials that did not complete (still running or pending: the sweep was
+        interrupted, e.g. by Ctrl-C; Tune marks the ones it stops TERMINATED, so completion is
+        what this callback saw) are ``interrupted`` (MLflow status KILLED) and so is the parent
+        (KILLED, not FINISHED): the next ``moue run`` resumes them."""
+        open_trials = [t for t in trials if t.trial_id not in self._ended and not _done_before(t)]
         for trial in open_trials:
-            if trial.status == "PENDING" and not trial.last_result:
+            if trial.status == "PENDING":
                 continue  # never started: it has no run
             self._attach(trial)
             self._submit("finish_trial", trial.trial_id, status="interrupted",

@@ -680,13 +680,16 @@ _register_analysis(app, bench_app)
 
 def quiet_libraries() -> None:
     """No MLflow or alembic INFO lines (database creation, migrations) on a researcher's console:
-    warnings and errors still show."""
+    warnings and errors still show. Ray Tune's run loop (``ray.tune.tune``) is silenced: its
+    "interrupted ... Resume experiment with: Tuner.restore(...)" advice and "Trials did not
+    complete" list are said by moue in its own words (the same command resumes)."""
     import logging
     import os
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its loggers
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
 
 
 def main() -> None:

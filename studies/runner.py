@@ -181,26 +181,32 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
     results = tuner.fit()
     prune_checkpoints(results)
     wall = time.time() - t0
-    open_ids = _unfinished_trials(results)
     statuses: dict[str, int] = {}
     best = math.inf
     train_s = 0.0
     for trial_result in results:
         last = trial_result.metrics or {}
         train_s += float(last.get("time/train_s", 0.0))
-        status = last.get("status") or ("failed" if trial_result.error else
-                                        "interrupted" if _trial_id(trial_result) in open_ids else "early_stopped")
+        status = last.get("status") or ("failed" if trial_result.error else "early_stopped")
         statuses[status] = statuses.get(status, 0) + 1
         v = last.get(METRIC)
         if isinstance(v, (int, float)) and math.isfinite(v):
             best = min(best, v)
+    # the MLflow record says whether the sweep was interrupted: the driver's callback marked the
+    # trials it did not see end (and the parent) when the experiment ended (studies.callbacks)
+    from studies.tracking import sweep_state
+
+    state = sweep_state(uri, study.experiment, name)
+    interrupted = state is not None and state[0] == "KILLED"
+    if interrupted:
+        statuses = dict(state[1])
     outcome = SweepOutcome(name=name, experiment=study.experiment, tracking_uri=uri,
                            parent_run_id=parent_run_id(uri, study.experiment, name), storage=exp_dir,
                            trials=len(results), statuses=statuses,
                            best_val_loss=None if not math.isfinite(best) else best, wall_s=wall, train_s=train_s,
                            concurrency=min(concurrency, total))
-    if open_ids or len(results) < total:
-        raise SweepInterrupted(outcome)
+    if interrupted:
+        raise SweepInterrupted(outcome, not_started=max(0, total - sum(statuses.values())))
     return outcome
 
 
@@ -208,24 +214,12 @@ class SweepInterrupted(Exception):
     """The sweep stopped before every trial ended (Ctrl-C): nothing may be fitted on it. Its
     trials are ``interrupted`` and its parent run KILLED; the next run resumes it."""
 
-    def __init__(self, outcome: SweepOutcome) -> None:
+    def __init__(self, outcome: SweepOutcome, *, not_started: int = 0) -> None:
         self.outcome = outcome
         n = outcome.statuses.get("interrupted", 0)
         super().__init__(f"the sweep {outcome.name} was interrupted: {n} trial(s) stopped before they ended, "
-                         f"{outcome.trials} of its trials started; nothing was fitted. Run the same command "
-                         "again to resume it")
-
-
-def _unfinished_trials(results) -> set[str]:
-    """Ids of the trials Tune had not finished when ``fit`` returned (running or pending: the sweep
-    was interrupted). Read from the result grid's experiment analysis; empty where it has none."""
-    analysis = getattr(results, "_experiment_analysis", None)
-    trials = getattr(analysis, "trials", None) or []
-    return {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
-
-
-def _trial_id(result) -> str | None:
-    return (result.metrics or {}).get("trial_id")
+                         f"{not_started} not started; nothing was fitted. Run the same command again to "
+                         "resume it")
 
 
 def _prior_state(study: Study, *, resume: bool, uri: str, exp_dir: str) -> dict[str, dict[str, Any]]:

@@ -43,7 +43,7 @@ from moue_core.tracking_contract import (DONE, KIND, KIND_STUDY, KIND_TRIAL, PAR
                                          search_runs)
 
 __all__ = ["SCHEMA_VERSION", "STATUSES", "DONE", "RecordedSweep", "Tracker", "check_tracking_uri", "environment_info",
-           "git_info", "log_study_summary", "probe_tracking_uri", "recorded_sweep"]
+           "git_info", "log_study_summary", "probe_tracking_uri", "recorded_sweep", "sweep_state"]
 
 ORPHAN_REASON = "sweep ended while the trial was running"
 _MAX_METRICS_PER_BATCH = 1000  # MLflow LogBatch limits (REST API docs: "Request Limits")
@@ -384,6 +384,22 @@ def parent_run_id(tracking_uri: str, experiment: str, sweep_id: str) -> str | No
     exp = client.get_experiment_by_name(experiment)
     parent = _parent_run(client, exp.experiment_id, sweep_id) if exp is not None else None
     return parent.info.run_id if parent is not None else None
+
+
+def sweep_state(tracking_uri: str, experiment: str, sweep_id: str) -> tuple[str, dict[str, int]] | None:
+    """The parent run's MLflow status and its trials counted by ``moue.status`` (``running`` for a
+    trial without one), or None when the store has no such sweep."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    parent = None if exp is None else _parent_run(client, exp.experiment_id, sweep_id)
+    if parent is None:
+        return None
+    counts: dict[str, int] = {}
+    for run in search_runs(client, exp.experiment_id,
+                           f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`moue.kind` = 'trial'"):
+        s = run.data.tags.get(STATUS, "running")
+        counts[s] = counts.get(s, 0) + 1
+    return parent.info.status, counts
 
 
 def recorded_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> RecordedSweep | None:
