@@ -162,7 +162,22 @@ def _read_table(path: Path):
                             f"{str(e).splitlines()[0] if str(e) else 'empty'})") from None
     if frame.height == 0:
         raise AnalysisError("FILE", str(path), f"has no rows (columns: {', '.join(frame.columns) or 'none'})")
-    return frame
+    return _numeric_strings(frame)
+
+
+def _numeric_strings(frame):
+    """Text columns whose every value is a number (``nan``, ``inf`` included: polars's CSV reader
+    reads a column with a ``nan`` in it as text) as Float64; other columns as they are."""
+    import polars as pl
+
+    casts = []
+    for name, dtype in frame.schema.items():
+        if dtype == pl.String:
+            col = frame.get_column(name)
+            as_float = col.str.strip_chars().cast(pl.Float64, strict=False)
+            if as_float.null_count() == col.null_count():
+                casts.append(as_float.alias(name))
+    return frame.with_columns(casts) if casts else frame
 
 
 def _apply_sets(frame, sets: list[str], law) -> tuple[object, dict[str, str]]:
@@ -414,7 +429,9 @@ def _print_isoflop(r) -> None:
 
 
 def _filtered(frame, where: str | None):
-    """``frame`` with ``--where`` applied (a polars SQL predicate)."""
+    """``frame`` with ``--where`` applied (a polars SQL predicate). NaN counts as missing, as in
+    SQL: polars orders NaN above every number, so ``"loss" > 0`` would keep a NaN loss; the
+    predicate is evaluated with NaN read as null, and a row it does not hold for is dropped."""
     if not where:
         return frame
     import polars as pl
@@ -422,7 +439,11 @@ def _filtered(frame, where: str | None):
     from analysis.errors import AnalysisError
 
     try:
-        return frame.filter(pl.sql_expr(where))
+        import polars.selectors as cs
+
+        keep = frame.with_columns(cs.float().fill_nan(None)).select(
+            pl.sql_expr(where).fill_null(False).alias("keep"))["keep"]
+        return frame.filter(keep)
     except Exception as e:  # polars raises several error types for a bad predicate
         raise AnalysisError("--where", where, f"is not a valid SQL predicate ({type(e).__name__})") from None
 

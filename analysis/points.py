@@ -73,8 +73,13 @@ def _positive(values, field_name: str, col: str) -> np.ndarray:
     if bad.any():
         raise AnalysisError(field_name, col, f"has {int(bad.sum())} missing, non-finite or "
                             f"non-positive values (first at row {int(np.flatnonzero(bad)[0])}); "
-                            "filter them out first")
+                            f"filter them out first, e.g. --where '{_quoted(col)} > 0' (NaN counts as missing)")
     return arr
+
+
+def _quoted(col: str) -> str:
+    """``col`` as a SQL operand: a column name in double quotes, an expression in parentheses."""
+    return f"({col})" if '"' in col else f'"{col}"'
 
 
 def _too_few(law: Law, n: int) -> AnalysisError:

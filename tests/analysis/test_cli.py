@@ -189,6 +189,24 @@ def test_fit_on_an_empty_or_blank_table_is_one_line_and_exit_2(cli, tmp_path, te
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "FILE" in r.output, r.output
 
 
+def test_a_nan_loss_is_refused_with_a_where_that_works_on_nan(cli, tmp_path):
+    """A NaN loss: exit 2 naming the column and a --where that filters it; that --where works
+    although polars orders NaN above every number ("loss" > 0 would keep it without the fix)."""
+    import numpy as np
+
+    c = np.logspace(15, 19, 12)
+    loss = list(1.7 + 400 * c**-0.1)
+    loss[3] = float("nan")
+    path = tmp_path / "t.csv"
+    path.write_text("loss,C\n" + "".join(f"{v},{x}\n" for v, x in zip(loss, c)))
+    r = cli("fit", path, "--law", "compute_power", "--loss", "loss", "--set", "C=C")
+    assert r.exit_code == 2 and "--where '\"loss\" > 0'" in r.output, r.output
+    r = cli("fit", path, "--law", "compute_power", "--loss", "loss", "--set", "C=C", "--where", '"loss" > 0',
+            "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["provenance"]["n_points"] == 11
+
+
 def test_export_writes_one_typed_row_per_finished_trial(cli, logged_study, tmp_path):
     import polars as pl
 
