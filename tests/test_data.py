@@ -203,7 +203,7 @@ def test_seq_len_and_val_tokens_bounds(stdlib):
         validation_set(stdlib, seq_len=n_val, n_tokens=n_val)
     assert e.value.field == "train.seq_len" and f"{n_val:,}" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        validation_set(stdlib, seq_len=256, n_tokens=n_val)
+        validation_set(stdlib, seq_len=256, n_tokens=n_val + 256)  # more windows than the split holds
     assert e.value.field == "data.val_tokens"
     with pytest.raises(ConfigError) as e:
         validation_set(stdlib, seq_len=256, n_tokens=100)

@@ -23,6 +23,10 @@ def moue(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def gate_workspace(tmp_path_factory) -> Path:
+    from test_golden import skip_on_another_corpus
+
+    recorded = next(iter(json.loads(BASELINE.read_text())["fits"].values()))["provenance"]["corpus_fingerprint"]
+    skip_on_another_corpus(recorded, tmp_path_factory.mktemp("gate-corpus"), "the gate baseline")
     ws = tmp_path_factory.mktemp("gate") / "ws"
     proc = moue("sweep", "studies/gate.toml", "--workspace", str(ws))
     assert proc.returncode == 0, proc.stdout + proc.stderr

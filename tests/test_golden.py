@@ -10,7 +10,9 @@ them, regenerate deliberately and say so in ``studies/LOG.md``:
 
 (one thread, ``train.device = "cpu"``; about 10 s per family; the files record the torch version).
 A curve recorded with another torch version or CPU may differ in the last digits: the test then
-says which file and step moved.
+says which file and step moved. The default corpus is this Python's standard library, so another
+Python release gives another corpus: the files record its fingerprint, and on a machine whose
+corpus differs the test is skipped, saying both fingerprints (regenerate there to compare).
 """
 
 from __future__ import annotations
@@ -67,9 +69,21 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("golden-cache")
 
 
+def skip_on_another_corpus(recorded: str, cache_dir, what: str) -> None:
+    """Skip (with both fingerprints) where the default corpus, this Python's standard library, is
+    not the one ``what`` was recorded on."""
+    from moue_core.data import DataConfig, load_corpus
+
+    here = load_corpus(DataConfig(), cache_dir=cache_dir).fingerprint
+    if here != recorded:
+        pytest.skip(f"{what} was recorded on the default corpus {recorded[:12]} (Python 3.11.7's standard "
+                    f"library); this Python's is {here[:12]} ({sys.version.split()[0]}): regenerate here to compare")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loss_curve_matches_the_golden_curve(family: str, cache_dir) -> None:
     golden = json.loads((DATA / f"golden_{family}.json").read_text())
+    skip_on_another_corpus(golden["corpus_fingerprint"], cache_dir, f"golden_{family}.json")
     got = curve(family, cache_dir)
     for key in ("train_loss", "val_loss"):
         want = golden[key]
@@ -82,8 +96,12 @@ def test_loss_curve_matches_the_golden_curve(family: str, cache_dir) -> None:
 def regenerate(cache_dir: str) -> None:
     for family in FAMILIES:
         got = curve(family, cache_dir)
+        from moue_core.data import DataConfig, load_corpus
+
+        fingerprint = load_corpus(DataConfig(), cache_dir=cache_dir).fingerprint
         record = {"family": family, "config": config(family).to_flat(), "torch": torch.__version__,
-                  "threads": 1, "regenerate": "PYTHONPATH=. python tests/test_golden.py --regenerate", **got}
+                  "threads": 1, "corpus_fingerprint": fingerprint, "python": sys.version.split()[0],
+                  "regenerate": "PYTHONPATH=. python tests/test_golden.py --regenerate", **got}
         path = DATA / f"golden_{family}.json"
         path.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {path}: val loss {got['val_loss'][0]:.4f} -> {got['val_loss'][-1]:.4f}")
