@@ -26,13 +26,6 @@ from studies.plan import trial_params
 __all__ = ["MlflowCallback", "ProgressCallback", "trial_params"]
 
 
-def _done_before(trial) -> bool:
-    """A trial a restored sweep had finished before this driver: its last result ended it (a
-    ``status`` is reported only at the end) or it carries the replay of a recorded end."""
-    last = trial.last_result or {}
-    return trial.status in ("TERMINATED", "ERROR") and ("status" in last or bool(last.get("done")))
-
-
 def point_key(point: Mapping) -> str:
     """A point's key in ``ProgressCallback``'s ``token_cost`` (its settings as sorted JSON)."""
     return json.dumps(dict(point), sort_keys=True, default=str)
@@ -181,18 +174,16 @@ class MlflowCallback(tune.Callback):
         self._submit("finish_trial", trial.trial_id, status="failed", stop_reason=reason)
 
     def on_experiment_end(self, trials, **info) -> None:
-        """The sweep ended. Trials that did not complete (still running or pending: the sweep was
-        interrupted, e.g. by Ctrl-C; Tune marks the ones it stops TERMINATED, so completion is
-        what this callback saw) are ``interrupted`` (MLflow status KILLED) and so is the parent
-        (KILLED, not FINISHED): the next ``moue run`` resumes them."""
-        open_trials = [t for t in trials if t.trial_id not in self._ended and not _done_before(t)]
-        for trial in open_trials:
-            if trial.status == "PENDING":
-                continue  # never started: it has no run
-            self._attach(trial)
-            self._submit("finish_trial", trial.trial_id, status="interrupted",
-                         stop_reason=INTERRUPTED_REASON)
-        self._queue.append(("finish_parent", ("KILLED" if open_trials else "FINISHED",), {}))
+        """The sweep ended. Trials this driver ran that did not complete (the sweep was interrupted,
+        e.g. by Ctrl-C: Tune marks the trials it stops TERMINATED, so completion is what this
+        callback saw) are ``interrupted`` (MLflow status KILLED); with those or with trials never
+        started the parent is KILLED, not FINISHED, and the next ``moue run`` resumes them. Trials
+        a restored sweep had finished before this driver are not touched."""
+        stopped = [t for t in trials if t.trial_id in self._attached and t.trial_id not in self._ended]
+        pending = any(t.status == "PENDING" for t in trials)
+        for trial in stopped:
+            self._submit("finish_trial", trial.trial_id, status="interrupted", stop_reason=INTERRUPTED_REASON)
+        self._queue.append(("finish_parent", ("KILLED" if stopped or pending else "FINISHED",), {}))
         self._drain(wait=True)
 
 
