@@ -349,7 +349,8 @@ def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[l
     """Approaches 1-3 (``analysis.approaches``) on a study's runs: the envelope of the ``val/loss``
     curves against ``derived.flops_per_token * tokens``, IsoFLOP profiles of the final losses and
     cooldown branches (``final/flops`` budgets; ``space.isoflop_budgets`` designs them), and the
-    laws' ``a_opt``; an approach the runs cannot support is a row with its reason. Also returns the IsoFLOP result (``None`` when it could not be computed)."""
+    laws' ``a_opt``; an approach the runs cannot support is a row with its reason. Also returns
+    the IsoFLOP result (``None`` when it could not be computed)."""
     import numpy as np
 
     from analysis.approaches import ApproachRow, envelope, three_approaches
@@ -391,10 +392,11 @@ def _importance_section(frame, loss: str, figs: dict) -> tuple[object, str]:
         return None, (f"<p class=note>Not computed: fewer than {MIN_TRIALS} finished trials or no setting "
                       "that varies on its own.</p>")
     figs["importance"] = R.draw_importance(imp)
-    return imp, (f"<p>How much each search axis explains which trials did best ({html.escape(imp.method)}, top "
-            f"{imp.target_quantile:.0%} of {imp.n_trials} finished trials against all, on {html.escape(loss)}). "
-            "Settings derived from an axis (a ladder's heads, tokens and learning rate) count with it. "
-            "Importance has no direction and is rough with few trials.</p>{{figure:importance}}")
+    return imp, (f"<p>How much each search axis explains which trials did best ({html.escape(imp.method)}, "
+                 f"top {imp.target_quantile:.0%} of {imp.n_trials} finished trials against all, on "
+                 f"{html.escape(loss)}). Settings derived from an axis (a ladder's heads, tokens and learning "
+                 "rate) count with it. Importance has no direction and is rough with few trials.</p>"
+                 "{{figure:importance}}")
 
 
 def _lr_rule_html(rule) -> str:

@@ -37,7 +37,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from studies.runner import SweepInterrupted
+        from studies.workspace import SweepInterrupted
 
         try:
             return fn(*args, **kwargs)
@@ -455,15 +455,12 @@ def _estimate_line(study, plans) -> str:
     """The sweep's estimated wall time on this machine (``studies.estimate``), or why there is none."""
     import os
 
-    import torch
+    from studies.estimate import estimate_sweep, on_gpu
+    from studies.runner import concurrency_of
 
-    from studies.estimate import estimate_sweep
-
-    devices = {p.config.train.device for p in plans}
-    if "cuda" in devices or ("auto" in devices and torch.cuda.is_available()):
+    if on_gpu(plans):
         return "estimated wall time: none (the trials run on a GPU; the estimate times CPU steps)"
-    concurrency = study.search.max_concurrent or max(1, int((os.cpu_count() or 1) // study.resources.cpus))
-    return estimate_sweep(plans, concurrency=concurrency, marks=study.marks).line()
+    return estimate_sweep(plans, concurrency=concurrency_of(study, os.cpu_count() or 1), marks=study.marks).line()
 
 
 @app.command("studies")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["STARTUP_S", "Estimate", "cost_line", "estimate_sweep", "step_cost", "trial_tokens"]
+__all__ = ["STARTUP_S", "Estimate", "cost_line", "estimate_sweep", "on_gpu", "step_cost", "trial_tokens"]
 
 STARTUP_S = 3.0  # per trial: worker, corpus load, MLflow run (moue bench sweep's overhead, 2 CPUs)
 
@@ -88,6 +88,19 @@ def trial_tokens(plan, marks: int) -> float:
     branch = sum(max(1, round(tc.cooldown_frac * (t // tc.batch_tokens))) * tc.batch_tokens for t in tc.cooldown_at)
     evals = (marks + 1 + len(tc.cooldown_at)) * val / 3
     return tc.tokens + branch + evals
+
+
+def on_gpu(plans: Sequence) -> bool:
+    """Whether the trials of ``plans`` train on a GPU here (``cuda``, or ``auto`` with one present):
+    then timed CPU steps say nothing about them."""
+    devices = {p.config.train.device for p in plans}
+    if "cuda" in devices:
+        return True
+    if "auto" in devices:
+        import torch
+
+        return torch.cuda.is_available()
+    return False
 
 
 def cost_line(plans: Sequence, *, cost=step_cost) -> tuple[float, float, str]:

@@ -29,7 +29,7 @@ from studies.callbacks import MlflowCallback, ProgressCallback
 from studies.checkpoints import prune_checkpoints
 from studies.trainable import METRIC, TIME_ATTR, train_conversion_base, trial_fn
 from studies.plan import resolve_trial, trial_params
-from studies.workspace import Workspace, sweep_name
+from studies.workspace import SweepInterrupted, Workspace, sweep_name
 
 # the names other modules (and Tune's pickled state of earlier sweeps) find here
 __all__ = ["Workspace", "SweepOutcome", "SweepInterrupted", "run_sweep", "dry_run", "trial_fn", "MlflowCallback", "ProgressCallback",
@@ -168,8 +168,7 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
         {"cpu": study.resources.cpus, "gpu": study.resources.gpu},
     )
     total = len(study.points) if study.search.algorithm == "grid" else study.search.num_samples
-    cluster_cpus = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
-    concurrency = study.search.max_concurrent or max(1, int(cluster_cpus // study.resources.cpus))
+    concurrency = concurrency_of(study, ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     callbacks = _callbacks(study, workspace, uri=uri, exp_dir=exp_dir, total=total, concurrency=concurrency,
                            progress_stream=progress_stream)
     t0 = time.time()
@@ -210,18 +209,6 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
     return outcome
 
 
-class SweepInterrupted(Exception):
-    """The sweep stopped before every trial ended (Ctrl-C): nothing may be fitted on it. Its
-    trials are ``interrupted`` and its parent run KILLED; the next run resumes it."""
-
-    def __init__(self, outcome: SweepOutcome, *, not_started: int = 0) -> None:
-        self.outcome = outcome
-        n = outcome.statuses.get("interrupted", 0)
-        super().__init__(f"the sweep {outcome.name} was interrupted: {n} trial(s) stopped before they ended, "
-                         f"{not_started} not started; nothing was fitted. Run the same command again to "
-                         "resume it")
-
-
 def _prior_state(study: Study, *, resume: bool, uri: str, exp_dir: str) -> dict[str, dict[str, Any]]:
     """Check that the sweep's Tune state matches ``--resume``; on resume, the trials the MLflow
     record holds as done (by trial id), after checking the state can be trusted and the spec is
@@ -259,6 +246,11 @@ def _callbacks(study: Study, workspace: Workspace, *, uri: str, exp_dir: str, to
                              default_budget=study.budget_tokens, token_cost=_token_costs(study))]
 
 
+def concurrency_of(study: Study, cpus: float) -> int:
+    """Trials at once on ``cpus`` CPUs: the spec's ``max_concurrent``, else as many as fit."""
+    return study.search.max_concurrent or max(1, int(cpus // study.resources.cpus))
+
+
 ETA_TIMING_FLOPS = 1e12  # a grid of more compute gets a cost-weighted ETA (two models timed, ~5 s)
 
 
@@ -268,18 +260,11 @@ def _token_costs(study: Study) -> dict[str, float] | None:
     a large model's tokens count for more than a small one's. ``None`` (tokens alone) for a search,
     a GPU study, or a grid under ``ETA_TIMING_FLOPS`` (seconds: not worth the timing)."""
     from studies.callbacks import point_key
-    from studies.estimate import cost_line, trial_tokens
+    from studies.estimate import cost_line, on_gpu, trial_tokens
 
-    if study.search.algorithm != "grid" or not study.plans:
+    plans = study.plans if study.search.algorithm == "grid" else []
+    if not plans or sum(p.compute for p in plans) < ETA_TIMING_FLOPS or on_gpu(plans):
         return None
-    plans = study.plans
-    if sum(p.compute for p in plans) < ETA_TIMING_FLOPS or any(p.config.train.device == "cuda" for p in plans):
-        return None
-    if any(p.config.train.device == "auto" for p in plans):
-        import torch
-
-        if torch.cuda.is_available():
-            return None
     c0, rate, _ = cost_line(plans)
     return {point_key(point): trial_tokens(plan, study.marks) * (c0 + plan.counts.flops_per_token / rate)
             for point, plan in zip(study.points, plans, strict=True)}

@@ -242,15 +242,7 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
         raise ConfigError("stage", stage, f"must be one of {', '.join(STAGES)}")
     p = Path(path)
     text, doc = _read_spec(p, path)
-    name = doc.get("name")
-    if not isinstance(name, str) or not name.strip() or not all(c.isalnum() or c in "-_" for c in name):
-        raise ConfigError("name", name, "must be a non-empty name of letters, digits, '-' and '_'")
-    if len(name) > MAX_NAME:
-        raise ConfigError("name", f"{name[:20]}... ({len(name)} characters)",
-                          f"must be at most {MAX_NAME} characters (it names folders, runs and the experiment)")
-    description = doc.get("description", "")
-    if not isinstance(description, str):
-        raise ConfigError("description", description, "must be a string")
+    name, description = _name_and_description(doc)
 
     s = _table(doc, "search", {"space": str, "algorithm": str, "num_samples": int, "seeds": list, "seed": int,
                                "max_concurrent": int}, required=("space",))
@@ -274,31 +266,13 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
         _flatten_fixed(doc, "smoke")  # validated even when unused
 
     search = _search_spec(s)
-    budgets = _budgets(b["tokens"])
+    budgets, marks = _budget_spec(b, fixed, search)
     budget = budgets[-1]
-    marks = b.get("marks", 4)
-    for key in ("train.tokens", "train.eval_every_tokens"):
-        if key in fixed:
-            raise ConfigError(f"fixed.{key}", fixed[key], "is set by [budget] (tokens, marks); remove it")
-    if len(budgets) > 1 and search.algorithm != "grid":
-        raise ConfigError("budget.tokens", list(budgets),
-                          f"must be one number with algorithm {search.algorithm!r} (a list of budgets is a grid axis)")
-    if marks < 1:
-        raise ConfigError("budget.marks", marks, "must be >= 1")
     scheduler = _scheduler_spec(c, budgets)
-    resources = ResourcesSpec(cpus=float(r.get("cpus", 1.0)), gpu=float(r.get("gpu", 0.0)))
-    if resources.cpus <= 0:
-        raise ConfigError("resources.cpus", resources.cpus, "must be > 0")
-    if not 0 <= resources.gpu <= 8:
-        raise ConfigError("resources.gpu", resources.gpu, "must be in [0, 8] (a fraction shares one GPU)")
+    resources = _resources_spec(r)
     _check_placement(t.get("tracking_uri", ""), fixed, resources)
     experiment = (t.get("experiment") or name) + ("-smoke" if smoke else "")  # smoke runs never mix in
-    from analysis.laws import LAWS  # pure Python registry (no scipy at import)
-
-    laws = a.get("laws", ["compute"])
-    for law in laws:
-        if law not in LAWS:
-            raise ConfigError("analysis.laws", law, f"must be one of {', '.join(LAWS)}")
+    laws = _laws(a)
 
     from search_spaces import get_space
 
@@ -322,6 +296,53 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     if not smoke and "smoke" in doc:  # the [smoke.*] overrides are checked now, not at the first --smoke
         _check_smoke(p, _flatten_fixed(doc, "smoke"))
     return study
+
+
+def _name_and_description(doc: dict[str, Any]) -> tuple[str, str]:
+    name = doc.get("name")
+    if not isinstance(name, str) or not name.strip() or not all(c.isalnum() or c in "-_" for c in name):
+        raise ConfigError("name", name, "must be a non-empty name of letters, digits, '-' and '_'")
+    if len(name) > MAX_NAME:
+        raise ConfigError("name", f"{name[:20]}... ({len(name)} characters)",
+                          f"must be at most {MAX_NAME} characters (it names folders, runs and the experiment)")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError("description", description, "must be a string")
+    return name, description
+
+
+def _budget_spec(b: dict[str, Any], fixed: dict[str, Any], search: SearchSpec) -> tuple[tuple[int, ...], int]:
+    """The ``[budget]`` table: the token budgets (ascending) and the marks per trial."""
+    budgets = _budgets(b["tokens"])
+    marks = b.get("marks", 4)
+    for key in ("train.tokens", "train.eval_every_tokens"):
+        if key in fixed:
+            raise ConfigError(f"fixed.{key}", fixed[key], "is set by [budget] (tokens, marks); remove it")
+    if len(budgets) > 1 and search.algorithm != "grid":
+        raise ConfigError("budget.tokens", list(budgets),
+                          f"must be one number with algorithm {search.algorithm!r} (a list of budgets is a grid axis)")
+    if marks < 1:
+        raise ConfigError("budget.marks", marks, "must be >= 1")
+    return budgets, marks
+
+
+def _resources_spec(r: dict[str, Any]) -> ResourcesSpec:
+    resources = ResourcesSpec(cpus=float(r.get("cpus", 1.0)), gpu=float(r.get("gpu", 0.0)))
+    if resources.cpus <= 0:
+        raise ConfigError("resources.cpus", resources.cpus, "must be > 0")
+    if not 0 <= resources.gpu <= 8:
+        raise ConfigError("resources.gpu", resources.gpu, "must be in [0, 8] (a fraction shares one GPU)")
+    return resources
+
+
+def _laws(a: dict[str, Any]) -> list[str]:
+    from analysis.laws import LAWS  # pure Python registry (no scipy at import)
+
+    laws = a.get("laws", ["compute"])
+    for law in laws:
+        if law not in LAWS:
+            raise ConfigError("analysis.laws", law, f"must be one of {', '.join(LAWS)}")
+    return laws
 
 
 def _rule_next_to_spec(space_options: dict[str, Any], p: Path) -> None:

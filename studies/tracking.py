@@ -386,17 +386,27 @@ def parent_run_id(tracking_uri: str, experiment: str, sweep_id: str) -> str | No
     return parent.info.run_id if parent is not None else None
 
 
-def sweep_state(tracking_uri: str, experiment: str, sweep_id: str) -> tuple[str, dict[str, int]] | None:
-    """The parent run's MLflow status and its trials counted by ``moue.status`` (``running`` for a
-    trial without one), or None when the store has no such sweep."""
+def _sweep_runs(tracking_uri: str, experiment: str, sweep_id: str):
+    """``(client, parent run, trial runs)`` of sweep ``sweep_id``, or None when the store has none."""
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     parent = None if exp is None else _parent_run(client, exp.experiment_id, sweep_id)
     if parent is None:
         return None
+    trials = search_runs(client, exp.experiment_id,
+                         f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`moue.kind` = 'trial'")
+    return client, parent, trials
+
+
+def sweep_state(tracking_uri: str, experiment: str, sweep_id: str) -> tuple[str, dict[str, int]] | None:
+    """The parent run's MLflow status and its trials counted by ``moue.status`` (``running`` for a
+    trial without one), or None when the store has no such sweep."""
+    found = _sweep_runs(tracking_uri, experiment, sweep_id)
+    if found is None:
+        return None
+    _, parent, trials = found
     counts: dict[str, int] = {}
-    for run in search_runs(client, exp.experiment_id,
-                           f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`moue.kind` = 'trial'"):
+    for run in trials:
         s = run.data.tags.get(STATUS, "running")
         counts[s] = counts.get(s, 0) + 1
     return parent.info.status, counts
@@ -407,14 +417,10 @@ def recorded_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> Recorde
     periodically saved state, is the source of truth for which trials are done."""
     import tempfile
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    found = _sweep_runs(tracking_uri, experiment, sweep_id)
+    if found is None:
         return None
-
-    parent = _parent_run(client, exp.experiment_id, sweep_id)
-    if parent is None:
-        return None
+    client, parent, trials = found
     spec_text = ""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar on the console
     with tempfile.TemporaryDirectory() as d:
@@ -423,8 +429,7 @@ def recorded_sweep(tracking_uri: str, experiment: str, sweep_id: str) -> Recorde
         except Exception:  # an older record without the artifact: compare hashes only
             pass
     done = {}
-    for run in search_runs(client, exp.experiment_id,
-                           f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`moue.kind` = 'trial'"):
+    for run in trials:
         tags = run.data.tags
         if tags.get(STATUS) in DONE:
             done.setdefault(tags.get(TRIAL_ID, ""), {

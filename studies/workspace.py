@@ -11,7 +11,7 @@ from pathlib import Path
 
 from studies.spec import Study
 
-__all__ = ["Workspace", "sweep_name"]
+__all__ = ["SweepInterrupted", "Workspace", "sweep_name"]
 
 
 @dataclass(frozen=True)
@@ -45,3 +45,17 @@ class Workspace:
 
 def sweep_name(study: Study) -> str:
     return f"{study.name}-smoke" if study.smoke else study.name
+
+
+class SweepInterrupted(Exception):
+    """The sweep stopped before every trial ended (Ctrl-C): nothing may be fitted on it. Its
+    trials are ``interrupted`` and its parent run KILLED; the next run resumes it. ``outcome`` is
+    the ``studies.runner.SweepOutcome`` (here, not there: every command's error handler catches it
+    without importing Ray)."""
+
+    def __init__(self, outcome, *, not_started: int = 0) -> None:
+        self.outcome = outcome
+        n = outcome.statuses.get("interrupted", 0)
+        super().__init__(f"the sweep {outcome.name} was interrupted: {n} trial(s) stopped before they ended, "
+                         f"{not_started} not started; nothing was fitted. Run the same command again to "
+                         "resume it")
