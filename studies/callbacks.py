@@ -3,7 +3,7 @@
 ``MlflowCallback`` is the only writer to MLflow (``studies.tracking``): one parent run per sweep,
 one child per trial, batched logging, final status tags, a write queue that survives a tracking
 server outage; picklable, so ``Tuner.restore`` brings it back and it re-attaches to the same
-runs. ``ProgressCallback`` replaces Ray's tables with one live line of state.
+runs. ``ProgressCallback`` replaces Ray's tables with its own display, redrawn in place on a terminal.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ray import tune
 
-from moue_core.tracking_contract import VAL_LOSS, is_tracked
+from moue_core.tracking_contract import TRAIN_LOSS, VAL_LOSS, is_tracked
+from studies.estimate import human_duration
 from studies.spec import Study
 from studies.trainable import TIME_ATTR
 from studies.plan import trial_params
@@ -187,33 +188,52 @@ class MlflowCallback(tune.Callback):
         self._drain(wait=True)
 
 
+PRIOR_WEIGHT = 0.3  # the estimate counts as this fraction of its own wall time of measured progress
+
+
 class ProgressCallback(tune.Callback):
-    """One live line: finished / running / early-stopped / diverged / failed, best val loss, times."""
+    """The sweep's progress: trials by state, the best val loss, time elapsed and left, and, on a
+    terminal, a table of the running trials (family, active parameters, tokens, current loss)
+    redrawn in place (rich). Elsewhere (a log file, a pipe) one line every 5 s.
+
+    The time left follows the work done: tokens trained, each weighted by its trial's cost per
+    token (``token_cost``, by ``point_key``: studies.estimate's ``c0 + f / R``, so a token of a
+    large model counts for more; 1 without it), with the unused budget of a stopped trial taken
+    out of the plan. With the dry run's estimate of the sweep's wall time (``estimate_s``) the rate
+    starts at the estimate's and moves to the measured one as the sweep runs (the estimate weighs
+    as ``PRIOR_WEIGHT`` of its own time of measurement), so the first minutes, which are mostly
+    start-up, do not set it. A resumed sweep counts the trials and tokens Tune restored."""
 
     def __init__(self, *, total: int, concurrency: int, stream=None, total_tokens: int = 0,
-                 default_budget: int = 0, token_cost: Mapping[str, float] | None = None) -> None:
+                 default_budget: int = 0, token_cost: Mapping[str, float] | None = None,
+                 study: Study | None = None, estimate_s: float | None = None, live: bool | None = None) -> None:
         self.total, self.concurrency = total, max(1, concurrency)
         self.stream = stream
         self.t0 = time.time()
         self.last_print = 0.0
         self.trial_best: dict[str, float] = {}
         self.states: dict[str, str] = {}
-        # the time left is estimated from the work done: tokens trained, each weighted by its
-        # trial's cost per token (``token_cost``, by ``point_key``: studies.estimate's c0 + f / R,
-        # so a token of a large model counts for more; 1 without it), with the unused budget of a
-        # stopped trial taken out of the plan
         self.token_cost = dict(token_cost or {})
         self.planned = total_tokens if not self.token_cost else sum(self.token_cost.values())
+        self.planned0 = self.planned
         self.default_budget = default_budget
         self.seen: dict[str, int] = {}
         self.costs: dict[str, float] = {}  # trial id -> cost per token (relative)
-        self.trained0 = 0.0  # tokens already trained when this driver started (a resumed sweep)
+        self.trained0 = 0.0  # work already done when this driver started (a resumed sweep)
+        self.study = study  # names the running trials' rows (their plans)
+        self.estimate_s = estimate_s
+        self.live = live  # None: a live table when the stream is a terminal
+        self.rows: dict[str, dict] = {}  # running trial id -> its row
+        self._display = None
+        self._absorbed = False
 
     def setup(self, **info) -> None:
         """Called when the sweep starts, also after ``--resume`` restored this callback: the rate
-        is measured from now, over the tokens trained from now."""
+        is measured from now, over the work done from now."""
         self.t0 = time.time()
         self.trained0 = self._work_done()
+        self._absorbed = False
+        self._start_display()
 
     def _cost(self, trial_id: str) -> float:
         return self.costs.get(trial_id, 1.0)
@@ -224,33 +244,106 @@ class ProgressCallback(tune.Callback):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["stream"] = None  # streams do not pickle; a restored sweep prints to stderr
+        state["_display"] = None
         return state
 
-    def __setstate__(self, state: dict) -> None:  # a sweep saved before token costs: tokens alone
-        self.__dict__.update({"token_cost": {}, "costs": {}, **state})
+    def __setstate__(self, state: dict) -> None:  # a sweep saved by an earlier version: its defaults
+        self.__dict__.update({"token_cost": {}, "costs": {}, "study": None, "estimate_s": None, "live": None,
+                              "rows": {}, "_display": None, "_absorbed": False,
+                              "planned0": state.get("planned", 0), **state})
 
-    def _line(self) -> str:
+    # ---- what is shown
+
+    def eta_s(self) -> float | None:
+        """Seconds left, ``None`` before anything says."""
+        elapsed = time.time() - self.t0
+        trained = self._work_done()
+        left = max(0.0, self.planned - trained)
+        if self.planned and self.estimate_s:
+            prior_s = PRIOR_WEIGHT * self.estimate_s
+            rate = (trained - self.trained0 + self.planned0 / self.estimate_s * prior_s) / (elapsed + prior_s)
+            return left / rate if rate > 0 else None
+        if self.planned and trained > self.trained0:
+            return elapsed / (trained - self.trained0) * left
+        done = self._counts()["done"]
+        return elapsed / done * max(0, self.total - done) if done else None
+
+    def _counts(self) -> dict[str, int]:
         counts = {s: sum(1 for v in self.states.values() if v == s)
                   for s in ("running", "finished", "early_stopped", "diverged", "failed")}
-        done = counts["finished"] + counts["early_stopped"] + counts["diverged"] + counts["failed"]
-        elapsed = time.time() - self.t0
-        eta = "?"
-        trained = self._work_done()
-        if self.planned and trained > self.trained0:
-            eta = f"{elapsed / (trained - self.trained0) * max(0, self.planned - trained):.0f}s"
-        elif done:
-            eta = f"{elapsed / done * max(0, self.total - done):.0f}s"
+        counts["done"] = counts["finished"] + counts["early_stopped"] + counts["diverged"] + counts["failed"]
+        return counts
+
+    def _line(self) -> str:
+        counts = self._counts()
+        eta = self.eta_s()
         best = "-" if not math.isfinite(self.best) else f"{self.best:.4f}"
-        return (f"[moue] {done}/{self.total} done: {counts['finished']} finished, {counts['early_stopped']} "
+        work = f" | {min(100.0, 100 * self._work_done() / self.planned):.0f}% of the work" if self.planned else ""
+        return (f"[moue] {counts['done']}/{self.total} done: {counts['finished']} finished, {counts['early_stopped']} "
                 f"early-stopped, {counts['diverged']} diverged, {counts['failed']} failed; "
-                f"{counts['running']} running | best val {best} | {elapsed:.0f}s elapsed, ~{eta} left")
+                f"{counts['running']} running | best val {best}{work} | {human_duration(time.time() - self.t0)} elapsed, "
+                f"~{'?' if eta is None else human_duration(eta)} left")
+
+    def renderable(self):
+        """The live display: the line, then one row per running trial."""
+        from rich import box
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        line = Text(self._line())
+        if not self.rows:
+            return line
+        cells = []
+        for row in self.rows.values():
+            tokens = f"{row['tokens']:,} / {row['budget']:,}" if row["budget"] else f"{row['tokens']:,}"
+            loss = "-" if row["loss"] is None else f"{row['loss']:.4f} {row['loss_kind']}"
+            active = "-" if row["active"] is None else f"{row['active']:,}"
+            cells.append((row["name"], row["family"], active, tokens, loss))
+        heads = ("trial", "family", "active", "tokens", "loss")
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+        width = self._display.console.width if self._display is not None else 80
+        # the trial's name gives way (ellipsis) so the numbers fit the terminal
+        name_w = max(12, width - sum(widths[1:]) - 3 * (len(heads) - 1))  # padding and rule
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+        table.add_column(heads[0], overflow="ellipsis", no_wrap=True, max_width=name_w)
+        for name in heads[1:]:
+            table.add_column(name, justify="left" if name == "family" else "right", no_wrap=True)
+        for c in cells:
+            table.add_row(*c)
+        return Group(line, table)
+
+    def _start_display(self) -> None:
+        stream = self.stream or sys.stderr
+        live = self.live
+        if live is None:
+            live = bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TERM") != "dumb"
+        if not live or self._display is not None:
+            return
+        from rich.console import Console
+        from rich.live import Live
+
+        self._display = Live(self.renderable(), console=Console(file=stream), auto_refresh=False,
+                             redirect_stdout=False, redirect_stderr=False, transient=False)
+        self._display.start()
+
+    def _stop_display(self) -> None:
+        if self._display is not None:
+            self._display.update(self.renderable(), refresh=True)
+            self._display.stop()
+            self._display = None
 
     def _emit(self, force: bool = False) -> None:
         now = time.time()
-        if force or now - self.last_print >= 5:
-            stream = self.stream or sys.stderr
-            print(self._line(), file=stream, flush=True)
+        if self._display is not None:
+            if force or now - self.last_print >= 0.5:
+                self._display.update(self.renderable(), refresh=True)
+                self.last_print = now
+        elif force or now - self.last_print >= 5:
+            print(self._line(), file=self.stream or sys.stderr, flush=True)
             self.last_print = now
+
+    # ---- bookkeeping
 
     def _budget(self, trial) -> int:
         point = (getattr(trial, "config", None) or {}).get("point") or {}
@@ -262,9 +355,64 @@ class ProgressCallback(tune.Callback):
             left = max(0, self._budget(trial) - self.seen.get(trial.trial_id, 0))
             self.planned -= left * self._cost(trial.trial_id)
 
+    def _row(self, trial) -> dict:
+        """The running trial's row: its plan's name, family and active count where the study is known."""
+        row = self.rows.get(trial.trial_id)
+        if row is None:
+            name, family, active, budget = trial.trial_id, "", None, self._budget(trial)
+            if self.study is not None:
+                from studies.plan import model_family
+
+                try:
+                    plan = self.study.plan(trial.config)
+                    family = model_family(plan.config)
+                    name = plan.run_name.removeprefix(f"moue {family} ")  # the family has its column
+                    active, budget = plan.counts.n_params_active, plan.tokens
+                except Exception:  # noqa: BLE001 - a row without its plan is still a row
+                    pass
+            row = self.rows[trial.trial_id] = {"name": name, "family": family, "active": active, "budget": budget,
+                                               "tokens": self.seen.get(trial.trial_id, 0), "loss": None,
+                                               "loss_kind": ""}
+        return row
+
+    def _end(self, trial, state: str) -> None:
+        self.states[trial.trial_id] = state
+        self.rows.pop(trial.trial_id, None)
+        if state == "diverged":
+            self.trial_best.pop(trial.trial_id, None)
+        self._unplan(trial)
+
+    def _absorb(self, trials) -> None:
+        """Trials this driver did not see end (a resumed sweep's): their states, tokens and losses."""
+        for trial in trials:
+            if trial.trial_id in self.states:
+                continue
+            last = trial.last_result or {}
+            self._note_cost(trial)
+            if isinstance(last.get(TIME_ATTR), (int, float)):
+                self.seen[trial.trial_id] = int(last[TIME_ATTR])
+            v = last.get(VAL_LOSS)
+            if isinstance(v, (int, float)) and math.isfinite(v) and last.get("status") != "diverged":
+                self.trial_best[trial.trial_id] = v
+            if trial.status == "TERMINATED":
+                status = last.get("status")
+                self._end(trial, status if status in ("finished", "diverged") else "early_stopped")
+            elif trial.status == "ERROR":
+                self._end(trial, "failed")
+        self.trained0 = self._work_done()
+
+    # ---- Tune's hooks
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if not self._absorbed:
+            self._absorbed = True
+            self._absorb(trials)
+            self._emit(force=True)
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._note_cost(trial)
         self.states[trial.trial_id] = "running"
+        self._row(trial)
         self._emit()
 
     def _note_cost(self, trial) -> None:
@@ -280,11 +428,15 @@ class ProgressCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._note_cost(trial)
         tokens = result.get(TIME_ATTR)
+        row = self._row(trial)
         if isinstance(tokens, (int, float)):
-            self.seen[trial.trial_id] = int(tokens)
-        v = result.get("val/loss")
+            self.seen[trial.trial_id] = row["tokens"] = int(tokens)
+        v = result.get(VAL_LOSS)
         if isinstance(v, (int, float)) and math.isfinite(v):
             self.trial_best[trial.trial_id] = min(self.trial_best.get(trial.trial_id, math.inf), v)
+            row["loss"], row["loss_kind"] = v, "val"
+        elif isinstance(result.get(TRAIN_LOSS), (int, float)):
+            row["loss"], row["loss_kind"] = result[TRAIN_LOSS], "train"
         if result.get("status") == "diverged":  # its earlier losses are no result
             self.trial_best.pop(trial.trial_id, None)
         self._emit()
@@ -296,13 +448,12 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         status = (trial.last_result or {}).get("status")
-        self.states[trial.trial_id] = status if status in ("finished", "diverged") else "early_stopped"
-        if status == "diverged":
-            self.trial_best.pop(trial.trial_id, None)
-        self._unplan(trial)
+        self._end(trial, status if status in ("finished", "diverged") else "early_stopped")
         self._emit(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.states[trial.trial_id] = "failed"
-        self._unplan(trial)
+        self._end(trial, "failed")
         self._emit(force=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._stop_display()

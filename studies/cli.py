@@ -266,6 +266,11 @@ def bench_train_cmd(
 QUICKSTART = Path(__file__).parent / "quickstart.toml"
 
 
+_NAME_HELP = ("Run the study as another sweep of this name, in an MLflow experiment of this name "
+              "(its fits apart from the first sweep's); the same --name again resumes it.")
+_NEW_HELP = "Run the study as a new sweep, named <study>-2 (then -3, ...): the first name this workspace has not used."
+
+
 @app.command("run")
 @user_errors
 def run_cmd(
@@ -276,10 +281,12 @@ def run_cmd(
     address: str = typer.Option(None, help="Ray cluster to join: 'auto' or ray://head:10001 (default: local)."),
     storage: str = typer.Option(None, help="Tune storage shared by all nodes (path or s3://...)."),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI (default: the workspace's SQLite store)."),
+    name: str = typer.Option(None, "--name", help=_NAME_HELP),
+    new: bool = typer.Option(False, "--new", help=_NEW_HELP),
 ) -> None:
     """Everything on the embedded default: the sweep (local Ray, SQLite MLflow in the workspace),
-    the fits, the HTML report and a summary. Re-running after an interruption resumes. The
-    cluster options are moue sweep's.
+    the fits, the HTML report and a summary. Re-running after an interruption resumes; --name or
+    --new runs the study once more as a sweep of its own. The cluster options are moue sweep's.
 
     Example: moue run studies/quickstart.toml
     """
@@ -288,7 +295,7 @@ def run_cmd(
     from studies.spec import load_study
     from studies.stages import run_stages
 
-    study = load_study(spec, smoke=smoke)
+    study = load_study(spec, smoke=smoke, as_name=_sweep_as(spec, name, new, workspace, smoke))
     ws = Workspace.at(workspace)
     staged = run_stages(study, workspace=ws, echo=typer.echo, bootstrap=bootstrap,
                         sweep=lambda s, resume: _shown(_sweep(s, workspace=workspace, resume=resume, address=address,
@@ -372,6 +379,8 @@ def sweep_cmd(
     workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace directory."),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny model, few tokens: check the study end to end."),
     dry_run_: bool = typer.Option(False, "--dry-run", help="Print every trial and its compute; launch nothing."),
+    name: str = typer.Option(None, "--name", help=_NAME_HELP),
+    new: bool = typer.Option(False, "--new", help=_NEW_HELP),
 ) -> None:
     """Run a study's sweep on Ray Tune, logging every trial to MLflow.
 
@@ -379,10 +388,11 @@ def sweep_cmd(
     """
     from studies.spec import load_study
 
-    study = load_study(spec, smoke=smoke)
+    as_name = _sweep_as(spec, name, new, workspace, smoke)
+    study = load_study(spec, smoke=smoke, as_name=as_name)
     if dry_run_:
         if study.lr_stage is not None:
-            _print_dry_run(load_study(spec, smoke=smoke, stage="lr"))
+            _print_dry_run(load_study(spec, smoke=smoke, stage="lr", as_name=as_name))
             typer.echo("then the main stage, at the rule the LR stage fits (shown here at the spec's space.lr_rule):")
         _print_dry_run(study)
         return
@@ -398,6 +408,26 @@ def sweep_cmd(
                                                                storage=storage, tracking_uri=tracking_uri)))
     if staged.main is None:
         fail(staged.stopped, code=1)
+
+
+def _sweep_as(spec: Path, name: str | None, new: bool, workspace: Path, smoke: bool) -> str | None:
+    """The sweep's name for ``--name`` / ``--new`` (``None``: the spec's)."""
+    if name is not None and new:
+        fail(f"--new ({new}) and --name ({name!r}) exclude each other: --new picks a name, --name gives one")
+    if not new:
+        return name
+    from studies.spec import load_study
+    from studies.workspace import Workspace
+
+    base = load_study(spec, smoke=smoke).name
+    ray = Workspace.at(workspace).ray
+    used = {p.name for p in ray.iterdir()} if ray.is_dir() else set()
+    for k in range(2, 10_000):
+        candidate = f"{base}-{k}"  # its sweeps: <candidate>[_lr...][-smoke]
+        if not any(u in (candidate, f"{candidate}-smoke") or u.startswith(f"{candidate}_lr") for u in used):
+            typer.echo(f"a new sweep of {base}: {candidate}")
+            return candidate
+    fail(f"--new: no free name {base}-2 ... in {ray}")
 
 
 def _sweep(study, *, workspace: Path, resume: bool, address, storage, tracking_uri):

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["STARTUP_S", "Estimate", "cost_line", "estimate_sweep", "on_gpu", "step_cost", "trial_tokens"]
+__all__ = ["STARTUP_S", "Estimate", "cost_line", "estimate_sweep", "human_duration", "on_gpu", "step_cost", "trial_tokens"]
 
 STARTUP_S = 3.0  # per trial: worker, corpus load, MLflow run (moue bench sweep's overhead, 2 CPUs)
 
@@ -40,11 +40,11 @@ class Estimate:
 
     def line(self) -> str:
         total = sum(self.trial_s)
-        return (f"estimated wall time: ~{_human(self.wall_s)} ({_human(total)} of trials on {self.concurrency} "
+        return (f"estimated wall time: ~{human_duration(self.wall_s)} ({human_duration(total)} of trials on {self.concurrency} "
                 f"slot{'s' if self.concurrency != 1 else ''}; {self.basis})")
 
 
-def _human(s: float) -> str:
+def human_duration(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
@@ -119,12 +119,14 @@ def cost_line(plans: Sequence, *, cost=step_cost) -> tuple[float, float, str]:
     return 0.0, rate, f"timed steps of the model here: {rate / 1e9:.3g} GFLOP/s"
 
 
-def estimate_sweep(plans: Sequence, *, concurrency: int, marks: int, cost=step_cost) -> Estimate:
+def estimate_sweep(plans: Sequence, *, concurrency: int, marks: int, cost=step_cost,
+                   line: tuple[float, float, str] | None = None) -> Estimate:
     """The wall time of ``plans`` (``TrialPlan``s, in the order the sweep launches them) on
-    ``concurrency`` slots; ``cost(cfg)`` is seconds per training token (``step_cost``)."""
+    ``concurrency`` slots; ``cost(cfg)`` is seconds per training token (``step_cost``), or
+    ``line`` is ``cost_line``'s result, timed already."""
     if not plans:
         return Estimate(0.0, (), concurrency, 0.0, math.inf, "no trials")
-    c0, rate, basis = cost_line(plans, cost=cost)
+    c0, rate, basis = line or cost_line(plans, cost=cost)
     per = tuple(STARTUP_S + trial_tokens(p, marks) * (c0 + p.counts.flops_per_token / rate) for p in plans)
     slots = [0.0] * max(1, min(concurrency, len(per)))
     for s in per:  # each trial to the first free slot

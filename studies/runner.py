@@ -241,9 +241,11 @@ def _callbacks(study: Study, workspace: Workspace, *, uri: str, exp_dir: str, to
     }
     planned = (sum(plan.tokens for plan in study.plans) if study.search.algorithm == "grid"
                else total * study.budget_tokens)
+    token_cost, estimate_s = _eta_basis(study, concurrency)
     return [MlflowCallback(study=study, tracking_uri=uri, sweep_id=sweep_name(study), parent_tags=parent_tags),
             ProgressCallback(total=total, concurrency=concurrency, stream=progress_stream, total_tokens=planned,
-                             default_budget=study.budget_tokens, token_cost=_token_costs(study))]
+                             default_budget=study.budget_tokens, token_cost=token_cost, study=study,
+                             estimate_s=estimate_s)]
 
 
 def concurrency_of(study: Study, cpus: float) -> int:
@@ -254,20 +256,23 @@ def concurrency_of(study: Study, cpus: float) -> int:
 ETA_TIMING_FLOPS = 1e12  # a grid of more compute gets a cost-weighted ETA (two models timed, ~5 s)
 
 
-def _token_costs(study: Study) -> dict[str, float] | None:
-    """Each grid point's planned work for the progress line's ETA: its tokens at its cost per
-    token, ``c0 + f / R`` timed here (``studies.estimate``; evaluations and branches included), so
-    a large model's tokens count for more than a small one's. ``None`` (tokens alone) for a search,
-    a GPU study, or a grid under ``ETA_TIMING_FLOPS`` (seconds: not worth the timing)."""
+def _eta_basis(study: Study, concurrency: int) -> tuple[dict[str, float] | None, float | None]:
+    """What the progress display's time left starts from: each grid point's planned work (its
+    tokens at its cost per token, ``c0 + f / R`` timed here by ``studies.estimate``; evaluations
+    and branches included), so a large model's tokens count for more than a small one's, and the
+    dry run's estimate of the sweep's wall time. ``(None, None)`` (tokens alone, the measured rate)
+    for a search, a GPU study, or a grid under ``ETA_TIMING_FLOPS`` (seconds: not worth the timing)."""
     from studies.callbacks import point_key
-    from studies.estimate import cost_line, on_gpu, trial_tokens
+    from studies.estimate import cost_line, estimate_sweep, on_gpu, trial_tokens
 
     plans = study.plans if study.search.algorithm == "grid" else []
     if not plans or sum(p.compute for p in plans) < ETA_TIMING_FLOPS or on_gpu(plans):
-        return None
-    c0, rate, _ = cost_line(plans)
-    return {point_key(point): trial_tokens(plan, study.marks) * (c0 + plan.counts.flops_per_token / rate)
+        return None, None
+    line = cost_line(plans)
+    c0, rate, _ = line
+    work = {point_key(point): trial_tokens(plan, study.marks) * (c0 + plan.counts.flops_per_token / rate)
             for point, plan in zip(study.points, plans, strict=True)}
+    return work, estimate_sweep(plans, concurrency=concurrency, marks=study.marks, line=line).wall_s
 
 
 def _new_tuner(study: Study, trainable, *, storage_root: str, callbacks: list, concurrency: int,

@@ -130,6 +130,7 @@ class Study:
     lr_stage: LrStageSpec | None = None  # [lr_stage] (main stage; None in the LR stage itself)
     stage: str = "main"
     lr_rule_file: str = ""  # main stage of a study with [lr_stage]: the fitted rule it runs at
+    given_name: str = ""  # ``--name``: this sweep's name (and experiment) instead of the spec's
 
     def plan(self, config: dict[str, Any]):
         """The ``TrialPlan`` of the trial Tune configured with ``config`` (``{"point": {...}}`` for
@@ -228,7 +229,7 @@ def _flatten_fixed(doc: dict, key: str) -> dict[str, Any]:
 
 
 def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr_rule: str | Path | None = None,
-               lr_extension: tuple[str, list[float], list[int]] | None = None) -> Study:
+               lr_extension: tuple[str, list[float], list[int]] | None = None, as_name: str | None = None) -> Study:
     """Load, validate and resolve a study (grid points included); raise ``ConfigError`` on any problem.
 
     A study with ``[lr_stage]`` has two stages: ``stage="lr"`` is its LR scan (experiment and name
@@ -237,12 +238,16 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     scan) is the study at the fitted rule. The main stage without ``lr_rule`` is the study at the
     spec's own ``space.lr_rule`` (what ``--dry-run`` shows before the scan has run).
     ``lr_extension = (suffix, multipliers, active counts)`` is a bracket extension of the LR stage:
-    the sweep ``<name>_lr<suffix>`` (same experiment) of those sizes at those multipliers."""
+    the sweep ``<name>_lr<suffix>`` (same experiment) of those sizes at those multipliers.
+    ``as_name`` (``--name``) runs the study as another sweep: that name, and an experiment of that
+    name (its fits apart from the first sweep's), whatever the spec's ``name`` and ``experiment``."""
     if stage not in STAGES:
         raise ConfigError("stage", stage, f"must be one of {', '.join(STAGES)}")
     p = Path(path)
     text, doc = _read_spec(p, path)
     name, description = _name_and_description(doc)
+    if as_name:
+        name, _ = _name_and_description({"name": as_name}, field="--name")
 
     s = _table(doc, "search", {"space": str, "algorithm": str, "num_samples": int, "seeds": list, "seed": int,
                                "max_concurrent": int}, required=("space",))
@@ -271,7 +276,8 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     scheduler = _scheduler_spec(c, budgets)
     resources = _resources_spec(r)
     _check_placement(t.get("tracking_uri", ""), fixed, resources)
-    experiment = (t.get("experiment") or name) + ("-smoke" if smoke else "")  # smoke runs never mix in
+    experiment = ((as_name or t.get("experiment") or name)  # another sweep (--name): its own experiment
+                  + ("-smoke" if smoke else ""))  # smoke runs never mix in
     laws = _laws(a)
 
     from search_spaces import get_space
@@ -290,6 +296,7 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
         sha256=hashlib.sha256(text.encode()).hexdigest(), path=str(p.resolve()), smoke=smoke, budgets=budgets,
         lr_stage=lr_stage if stage == "main" else None, stage=stage,
         lr_rule_file=str(Path(lr_rule).resolve()) if lr_rule is not None and stage == "main" else "",
+        given_name=as_name or "",
     )
     _probe_fixed(fixed)
     study = _resolve_points(study, space)
@@ -298,12 +305,12 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     return study
 
 
-def _name_and_description(doc: dict[str, Any]) -> tuple[str, str]:
+def _name_and_description(doc: dict[str, Any], field: str = "name") -> tuple[str, str]:
     name = doc.get("name")
     if not isinstance(name, str) or not name.strip() or not all(c.isalnum() or c in "-_" for c in name):
-        raise ConfigError("name", name, "must be a non-empty name of letters, digits, '-' and '_'")
+        raise ConfigError(field, name, "must be a non-empty name of letters, digits, '-' and '_'")
     if len(name) > MAX_NAME:
-        raise ConfigError("name", f"{name[:20]}... ({len(name)} characters)",
+        raise ConfigError(field, f"{name[:20]}... ({len(name)} characters)",
                           f"must be at most {MAX_NAME} characters (it names folders, runs and the experiment)")
     description = doc.get("description", "")
     if not isinstance(description, str):

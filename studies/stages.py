@@ -59,7 +59,7 @@ def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bo
 
     if study.lr_stage is None:
         return StagedOutcome(main=run(study))
-    lr_study = load_study(study.path, smoke=study.smoke, stage="lr")
+    lr_study = load_study(study.path, smoke=study.smoke, stage="lr", as_name=study.given_name or None)
     echo(f"LR stage: {len(lr_study.points)} trials ({', '.join(f'{m:g}' for m in study.lr_stage.multipliers)} x "
          f"each size's LR, {study.lr_stage.tokens_per_param:g} tokens per parameter)")
     lr_out = run(lr_study)
@@ -75,7 +75,7 @@ def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bo
             for direction, ns in edges.items():
                 ms = [up * 2, up * 4] if direction == "up" else [down / 2, down / 4]
                 tag = hashlib.sha256(json.dumps([ms, sorted(ns)]).encode()).hexdigest()[:6]  # its content
-                ext = load_study(study.path, smoke=study.smoke, stage="lr",
+                ext = load_study(study.path, smoke=study.smoke, stage="lr", as_name=study.given_name or None,
                                  lr_extension=(f"_{direction}{k}_{tag}", ms, ns))
                 echo(f"LR stage, extension {k}: {len(ns)} size(s) with their optimum at the "
                      f"{'top' if direction == 'up' else 'bottom'} of the scan, at {', '.join(f'{m:g}' for m in ms)} x")
@@ -95,7 +95,7 @@ def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bo
         why = ("the LR rule is not identified (" + "; ".join(rule.reasons) + "); the main stage did not run. "
                "Widen lr_stage.multipliers, or set lr_stage.on_unidentified = \"use\" to run at it anyway")
         return StagedOutcome(main=None, lr=lr_out, rule=rule, rule_file=path, stopped=why)
-    main = load_study(study.path, smoke=study.smoke, lr_rule=path)
+    main = load_study(study.path, smoke=study.smoke, lr_rule=path, as_name=study.given_name or None)
     echo(f"main stage: {len(main.points)} trials at lr = {rule.c:.4g} * N^-{rule.exponent:.3f}")
     return StagedOutcome(main=run(main), lr=lr_out, rule=rule, rule_file=path)
 

@@ -5,6 +5,9 @@ parent run is not FINISHED, and the same command resumes and finishes the study.
 from __future__ import annotations
 
 import os
+import pty
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -30,23 +33,47 @@ def _spec(tmp_path: Path) -> Path:
 def _run(spec: Path, ws: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "from studies.cli import main; main()", "run", str(spec),
                              "--workspace", str(ws), "--bootstrap", "50"], cwd=ROOT, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
+                            start_new_session=True, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw})
+
+
+def _read(fd: int, until, timeout: float) -> str:
+    """What a terminal shows: read the pty until ``until(text)`` or the process closes it."""
+    text, end = b"", time.time() + timeout
+    while time.time() < end:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            text += chunk
+            if until(text.decode(errors="replace")):
+                break
+    return text.decode(errors="replace")
 
 
 @pytest.mark.timeout(900)
 def test_ctrl_c_stops_the_sweep_cleanly_and_the_next_run_resumes(tmp_path) -> None:
     spec, ws = _spec(tmp_path), tmp_path / "ws"
-    proc = _run(spec, ws)
-    seen, end = [], time.time() + 300
-    for line in proc.stderr:  # the progress lines: wait until a trial has reported a mark
-        seen.append(line)
-        if "best val" in line and "best val -" not in line:
-            break
-        assert time.time() < end, "no trial reported in time:\n" + "".join(seen)
+    # the first run on a terminal, as a user runs it: the progress is a table redrawn in place
+    master, slave = pty.openpty()
+    proc = _run(spec, ws, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    trained = re.compile(r"\| [1-9]\d*% of the work")  # a trial reported a mark past its start
+    seen = _read(master, lambda t: trained.search(t) is not None, 300)
+    assert trained.search(seen), "no trial reported in time:\n" + seen
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
-    out, err = proc.communicate(timeout=300)
-    err = "".join(seen) + err
-    assert proc.returncode == 130, out + err
+    err = seen + _read(master, lambda t: False, 300)
+    proc.wait(timeout=60)
+    os.close(master)
+    out = err
+    assert proc.returncode == 130, err
+    assert "trial" in err and "family" in err and "layerwise" in err and " / " in err  # the running trials' table
+    assert "\x1b[1A" in err  # redrawn in place
+    assert "INFO" not in err, "no Ray or MLflow log lines on the console"
+    err = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err).replace("\r", "")  # the text a user reads
     assert "interrupted: the sweep smoke was interrupted" in err and "nothing was fitted" in err
     assert "report:" not in out and not (ws / "reports" / "smoke.html").exists()  # no partial fit
     assert "Tuner.restore" not in err and "Trials did not complete" not in err  # moue says it, once
@@ -63,12 +90,17 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_the_next_run_resumes(tmp_path) -> No
         want = {"finished": "FINISHED", "interrupted": "KILLED"}[r.data.tags["moue.status"]]
         assert r.info.status == want, (r.info.run_name, r.info.status)
     n_interrupted = sum(r.data.tags["moue.status"] == "interrupted" for r in trials)
+    n_finished = len(trials) - n_interrupted
     assert f"{n_interrupted} trial(s) stopped before they ended, {6 - len(trials)} not started" in err
 
     again = _run(spec, ws)
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, out + err
     assert "resuming the sweep" in out and "sweep smoke: 6 trials (6 finished)" in out
+    # the progress starts from what the interrupted run did, not from 0 (off a terminal: lines)
+    first = next(line for line in err.splitlines() if line.startswith("[moue]"))
+    assert first.startswith(f"[moue] {n_finished}/6 done"), first
+    assert re.search(r"\| [1-9]\d*% of the work", first), first
     runs = client.search_runs([exp.experiment_id])
     trials = [r for r in runs if r.data.tags.get("moue.kind") == "trial"]
     assert len(trials) == 6 and all(r.data.tags["moue.status"] == "finished" for r in trials)

@@ -63,6 +63,18 @@ def test_moue_run_smoke_end_to_end_and_rerun_resumes(tmp_path) -> None:
     assert sum(r.data.tags.get("moue.kind") == "study" for r in runs) == 1, "the parent is reused"
     assert sum(r.data.tags.get("moue.kind") == "trial" for r in runs) == 6, "no trial runs again"
 
+    # a second sweep of the same study in the same workspace: its own name, experiment and report
+    before = report.stat().st_mtime_ns
+    second = _run("studies/smoke.toml", "--workspace", str(ws), "--bootstrap", "200", "--new")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "a new sweep of smoke: smoke-2" in second.stdout and "resuming" not in second.stdout
+    assert "sweep smoke-2: 6 trials" in second.stdout
+    assert (ws / "reports" / "smoke-2.html").is_file()
+    assert report.stat().st_mtime_ns == before  # the first sweep's report is left as it was
+    exp2 = client.get_experiment_by_name("smoke-2")
+    assert sum(r.data.tags.get("moue.kind") == "trial" for r in client.search_runs([exp2.experiment_id])) == 6
+    assert len(client.search_runs([exp.experiment_id])) == 7, "the first sweep's experiment is untouched"
+
 
 def test_moue_run_bad_spec_exits_2(tmp_path) -> None:
     bad = tmp_path / "bad.toml"

@@ -1,0 +1,96 @@
+"""The sweep's progress display (issue 15): a table of the running trials redrawn in place on a
+terminal, a time left that starts from the dry run's estimate, and counts that survive a resume."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+from studies.callbacks import ProgressCallback
+from studies.spec import load_study
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _trial(trial_id: str, point: dict, status: str = "RUNNING", last: dict | None = None):
+    return SimpleNamespace(trial_id=trial_id, config={"point": point}, last_result=last or {}, status=status)
+
+
+def test_on_a_terminal_the_running_trials_are_a_table_redrawn_in_place() -> None:
+    study = load_study(ROOT / "studies" / "smoke.toml")
+    points = study.points[:2]
+    stream = _Terminal()
+    cb = ProgressCallback(total=len(study.points), concurrency=2, stream=stream, total_tokens=2 * study.budget_tokens,
+                          default_budget=study.budget_tokens, study=study)
+    cb.setup()
+    a, b = _trial("a", points[0]), _trial("b", points[1])
+    cb.on_trial_start(0, [], a)
+    cb.on_trial_start(0, [], b)
+    half = study.budget_tokens // 2
+    cb.on_trial_result(0, [], a, {"tokens": half, "val/loss": 5.4321, "train/loss": 5.5})
+    cb._emit(force=True)
+    out = stream.getvalue()
+    plan = study.plan(a.config)
+    assert "trial" in out and "family" in out and plan.run_name.split(" ", 2)[2] in out  # the row names the trial
+    assert f"{plan.counts.n_params_active:,}" in out  # its active parameters
+    assert f"{half:,} / {study.budget_tokens:,}" in out and "5.4321 val" in out
+    assert "\x1b[1A" in out and "\x1b[2K" in out  # redrawn in place: cursor up, erase line
+    a.last_result = {"status": "finished"}
+    cb.on_trial_complete(0, [], a)
+    cb.on_experiment_end([])
+    last = stream.getvalue().rsplit("[moue]", 1)[1]
+    assert last.startswith(" 1/") and plan.run_name.split(" ", 2)[2] not in last  # an ended trial leaves the table
+    assert cb._display is None
+
+
+def test_off_a_terminal_it_prints_plain_lines() -> None:
+    stream = io.StringIO()
+    cb = ProgressCallback(total=1, concurrency=1, stream=stream, total_tokens=100, default_budget=100)
+    cb.setup()
+    cb.on_trial_start(0, [], _trial("a", {"train.tokens": 100}))
+    assert cb._display is None and "\x1b" not in stream.getvalue()
+    assert stream.getvalue().startswith("[moue] 0/1 done")
+
+
+def test_time_left_starts_from_the_estimate_and_moves_to_the_measured_rate() -> None:
+    cb = ProgressCallback(total=1, concurrency=1, stream=io.StringIO(), total_tokens=1000, default_budget=1000,
+                          estimate_s=100.0)
+    cb.setup()
+    assert abs(cb.eta_s() - 100.0) < 1  # before any result: the estimate
+    cb.t0 -= 10.0  # 10 s of start-up and no token trained: the estimate's 30 s against 10 measured
+    assert abs(cb.eta_s() - 1000 / (10 * 30 / 40)) < 1, cb.eta_s()  # 133 s
+    t = _trial("a", {"train.tokens": 1000})
+    cb.on_trial_start(0, [], t)
+    cb.t0 -= 290.0  # 300 s for 500 tokens: the sweep runs at a third of the estimate's rate
+    cb.on_trial_result(0, [], t, {"tokens": 500})
+    # rate (500 + 10 x 30) / (300 + 30) = 2.42 tokens/s: 500 tokens left in ~206 s (the estimate
+    # alone would say 50 s, the measured rate alone 300 s)
+    assert abs(cb.eta_s() - 500 / (800 / 330)) < 1, cb.eta_s()
+
+
+def test_a_resumed_sweep_counts_what_tune_restored() -> None:
+    """After ``--resume`` the callback is Tune's pickled copy from the sweep's start: it learns the
+    finished trials and the tokens of the unfinished ones from the trials Tune restored."""
+    import pickle
+
+    cb = ProgressCallback(total=3, concurrency=1, stream=io.StringIO(), total_tokens=3000, default_budget=1000)
+    restored = pickle.loads(pickle.dumps(cb))
+    restored.stream = io.StringIO()
+    restored.setup()
+    trials = [_trial("a", {"train.tokens": 1000}, "TERMINATED", {"tokens": 1000, "status": "finished", "val/loss": 2.5}),
+              _trial("b", {"train.tokens": 1000}, "TERMINATED", {"tokens": 250, "status": "running", "val/loss": 3.0}),
+              _trial("c", {"train.tokens": 1000}, "PENDING", {"tokens": 500, "val/loss": 2.75})]
+    restored.on_step_begin(0, trials)
+    line = restored.stream.getvalue().splitlines()[-1]
+    assert line.startswith("[moue] 2/3 done: 1 finished, 1 early-stopped"), line
+    assert "best val 2.5000" in line
+    # planned 3,000 less b's unused 750: 2,250; trained 1,750 of it (a, b, and c's checkpoint)
+    assert restored.planned == 2250 and re.search(r"\| 78% of the work \|", line), line
+    assert restored.trained0 == 1750  # the rate counts only what this driver trains
