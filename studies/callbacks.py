@@ -188,6 +188,13 @@ class MlflowCallback(tune.Callback):
         self._drain(wait=True)
 
 
+def _eta_text(s: float) -> str:
+    """The time left: to the second under 10 minutes, then as ``studies.estimate`` says it."""
+    if 120 <= s < 600:
+        return f"{int(s // 60)} min {int(s % 60)} s"
+    return human_duration(s)
+
+
 PRIOR_WEIGHT = 0.3  # the estimate counts as this fraction of its own wall time of measured progress
 
 
@@ -224,6 +231,8 @@ class ProgressCallback(tune.Callback):
         self.estimate_s = estimate_s
         self.live = live  # None: a live table when the stream is a terminal
         self.rows: dict[str, dict] = {}  # running trial id -> its row
+        self.keys: dict[str, str] = {}  # trial id -> its point's key (every trial Tune has shown)
+        self.budgets: dict[str, int] = {}  # trial id -> its token budget
         self._display = None
         self._absorbed = False
 
@@ -249,7 +258,7 @@ class ProgressCallback(tune.Callback):
 
     def __setstate__(self, state: dict) -> None:  # a sweep saved by an earlier version: its defaults
         self.__dict__.update({"token_cost": {}, "costs": {}, "study": None, "estimate_s": None, "live": None,
-                              "rows": {}, "_display": None, "_absorbed": False,
+                              "rows": {}, "_display": None, "_absorbed": False, "keys": {}, "budgets": {},
                               "planned0": state.get("planned", 0), **state})
 
     # ---- what is shown
@@ -262,11 +271,27 @@ class ProgressCallback(tune.Callback):
         if self.planned and self.estimate_s:
             prior_s = PRIOR_WEIGHT * self.estimate_s
             rate = (trained - self.trained0 + self.planned0 / self.estimate_s * prior_s) / (elapsed + prior_s)
-            return left / rate if rate > 0 else None
-        if self.planned and trained > self.trained0:
-            return elapsed / (trained - self.trained0) * left
-        done = self._counts()["done"]
-        return elapsed / done * max(0, self.total - done) if done else None
+        elif self.planned and trained > self.trained0:
+            rate = (trained - self.trained0) / max(elapsed, 1e-9)
+        else:
+            done = self._counts()["done"]
+            return elapsed / done * max(0, self.total - done) if done else None
+        if rate <= 0:
+            return None
+        # the rate is of all slots at work; the longest trial left runs on one, so the sweep's
+        # tail (its last trial alone) takes at least that trial's work at one slot's rate
+        return max(left / rate, self._longest_left() * self.concurrency / rate)
+
+    def _longest_left(self) -> float:
+        """The most work one trial has left: a trial Tune knows, or a grid point not yet started."""
+        known = [max(0, self._budget_of(i) - self.seen.get(i, 0)) * self._cost(i)
+                 for i in self.keys if self.states.get(i) in (None, "running")]
+        started = set(self.keys.values())
+        unstarted = [w for k, w in self.token_cost.items() if k not in started]
+        return max(known + unstarted, default=0.0)
+
+    def _budget_of(self, trial_id: str) -> int:
+        return self.budgets.get(trial_id, self.default_budget)
 
     def _counts(self) -> dict[str, int]:
         counts = {s: sum(1 for v in self.states.values() if v == s)
@@ -282,7 +307,7 @@ class ProgressCallback(tune.Callback):
         return (f"[moue] {counts['done']}/{self.total} done: {counts['finished']} finished, {counts['early_stopped']} "
                 f"early-stopped, {counts['diverged']} diverged, {counts['failed']} failed; "
                 f"{counts['running']} running | best val {best}{work} | {human_duration(time.time() - self.t0)} elapsed, "
-                f"~{'?' if eta is None else human_duration(eta)} left")
+                f"~{'?' if eta is None else _eta_text(eta)} left")
 
     def renderable(self):
         """The live display: the line, then one row per running trial."""
@@ -416,10 +441,13 @@ class ProgressCallback(tune.Callback):
         self._emit()
 
     def _note_cost(self, trial) -> None:
-        """The trial's cost per token, from its point (``token_cost`` holds budget x cost per point)."""
+        """The trial's point, budget and cost per token (``token_cost`` holds budget x cost per point)."""
+        point = (getattr(trial, "config", None) or {}).get("point") or {}
+        if trial.trial_id not in self.keys:
+            self.keys[trial.trial_id] = point_key(point)
+            self.budgets[trial.trial_id] = self._budget(trial)
         if trial.trial_id in self.costs or not self.token_cost:
             return
-        point = (getattr(trial, "config", None) or {}).get("point") or {}
         work = self.token_cost.get(point_key(point))
         budget = self._budget(trial)
         if work is not None and budget:

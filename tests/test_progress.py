@@ -94,3 +94,21 @@ def test_a_resumed_sweep_counts_what_tune_restored() -> None:
     # planned 3,000 less b's unused 750: 2,250; trained 1,750 of it (a, b, and c's checkpoint)
     assert restored.planned == 2250 and re.search(r"\| 78% of the work \|", line), line
     assert restored.trained0 == 1750  # the rate counts only what this driver trains
+
+
+def test_the_last_trial_alone_runs_on_one_slot() -> None:
+    """Two slots, the rate measured with both at work: when one long trial is what is left, the
+    time left is its work at one slot's rate, not the remaining work at both slots' rate."""
+    budgets = {"short": 1000, "long": 4000}
+    cb = ProgressCallback(total=2, concurrency=2, stream=io.StringIO(), total_tokens=5000, default_budget=4000)
+    cb.setup()
+    short, long_ = (_trial(k, {"train.tokens": v}) for k, v in budgets.items())
+    cb.on_trial_start(0, [], short)
+    cb.on_trial_start(0, [], long_)
+    cb.t0 -= 10.0
+    cb.on_trial_result(0, [], short, {"tokens": 1000})
+    cb.on_trial_result(0, [], long_, {"tokens": 1000})
+    short.last_result = {"status": "finished"}
+    cb.on_trial_complete(0, [], short)
+    # 2,000 tokens in 10 s on 2 slots: 200 tokens/s, 100 a slot; the long trial's 3,000 left: 30 s
+    assert round(cb.eta_s()) == 30, cb.eta_s()  # not 3,000 / 200 = 15 s
