@@ -10,9 +10,9 @@ stages :func:`prepare`, :func:`fit_point`, :func:`fit_bootstrap`, :func:`fit_hol
 imported inside the functions that need them.
 """
 
-from analysis.derived import DerivedContext
-from analysis.errors import AnalysisError
-from analysis.fitting import (
+from moue.analysis.derived import DerivedContext
+from moue.analysis.errors import AnalysisError
+from moue.analysis.fitting import (
     DEFAULT_COLUMNS,
     BootstrapSamples,
     FitOptions,
@@ -27,13 +27,13 @@ from analysis.fitting import (
     fit_point,
     prepare,
 )
-from analysis.gate import Baseline, GateResult, GateRow, compare, read_baseline, write_baseline
-from analysis.laws import LAWS, Law, get_law
-from analysis.loading import LoadedRuns, ParentRun, default_tracking_uri, load_runs
-from analysis.nested import NestedTest, likelihood_ratio_test
-from analysis.points import Points
-from analysis.report import write_report
-from analysis.result import Diagnostics, FitResult, HoldoutResult, Provenance
+from moue.analysis.gate import Baseline, GateResult, GateRow, compare, read_baseline, write_baseline
+from moue.analysis.laws import LAWS, Law, get_law
+from moue.analysis.loading import LoadedRuns, ParentRun, default_tracking_uri, load_runs
+from moue.analysis.nested import NestedTest, likelihood_ratio_test
+from moue.analysis.points import Points
+from moue.analysis.report import write_report
+from moue.analysis.result import Diagnostics, FitResult, HoldoutResult, Provenance
 
 __all__ = [
     "DEFAULT_COLUMNS",

@@ -8,7 +8,7 @@
   Caveat, noted in every result: a mark before a run's end is not a decayed loss (its learning
   rate has not annealed), which biases the envelope towards the runs that end there; cooldown
   branches (``train.cooldown_at``) or runs at several horizons remove the bias.
-- **Approach 2, IsoFLOP profiles**: ``analysis.isoflop``.
+- **Approach 2, IsoFLOP profiles**: ``moue.analysis.isoflop``.
 - **Approach 3, the parametric fit**: the ``a_opt`` / ``b_opt`` derived from a fitted law with
   ``N`` and ``D`` terms (``chinchilla`` and its virtual-width forms).
 
@@ -92,7 +92,7 @@ def envelope(runs: Mapping[str, tuple[float, float, np.ndarray, np.ndarray]], *,
             order = np.argsort(tokens[keep])
             curves.append((float(n), float(fpt), fpt * tokens[keep][order], loss[keep][order]))
     if len(curves) < 2:
-        from analysis.errors import AnalysisError
+        from moue.analysis.errors import AnalysisError
 
         raise AnalysisError("curves", f"{len(curves)} runs with 2 or more marks", "must be at least 2 runs")
     c_lo = min(c[2][0] for c in curves)

@@ -22,7 +22,7 @@ from typing import TextIO
 
 import numpy as np
 
-from analysis.errors import AnalysisError
+from moue.analysis.errors import AnalysisError
 
 __all__ = ["run_fit_bench"]
 
@@ -82,10 +82,10 @@ def run_fit_bench(json: bool = False, *, reference_starts: int = 900,
 
 
 def _measure(reference_starts: int) -> dict:
-    """Time moue's point fit and bootstrap (the stages of ``analysis.fit``) and the reference
+    """Time moue's point fit and bootstrap (the stages of ``moue.analysis.fit``) and the reference
     loop on the same problem; the figures ``run_fit_bench`` reports."""
-    from analysis.fitting import fit_bootstrap, fit_point, prepare
-    from analysis.laws import get_law
+    from moue.analysis.fitting import fit_bootstrap, fit_point, prepare
+    from moue.analysis.laws import get_law
 
     law = get_law("chinchilla")
     data, loss = _epoch_points()

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from moue_core.tracking_contract import DEFAULT_WORKSPACE
+from moue.tracking_contract import DEFAULT_WORKSPACE
 
 __all__ = ["register"]
 
@@ -30,13 +30,13 @@ def _fail(e: Exception) -> typer.Exit:
 
 
 def _uri(tracking_uri: str | None, workspace: Path) -> str:
-    from analysis.loading import default_tracking_uri
+    from moue.analysis.loading import default_tracking_uri
 
     return tracking_uri or default_tracking_uri(workspace)
 
 
 def _check_laws(laws: list[str]) -> None:
-    from analysis.laws import get_law
+    from moue.analysis.laws import get_law
 
     for name in laws:
         get_law(name)
@@ -73,8 +73,8 @@ def report_cmd(
 
     Example: moue report virtual_width --law chinchilla --law vw_multiplicative -o vw.html
     """
-    from analysis.errors import AnalysisError
-    from analysis.report import write_report
+    from moue.analysis.errors import AnalysisError
+    from moue.analysis.report import write_report
 
     out = output or (workspace / "reports" / f"{experiment}-report.html")
     err = as_json  # with --json, stdout holds the JSON object only
@@ -98,11 +98,11 @@ def report_cmd(
     if res.logged_to:
         typer.echo(f"logged as an artifact of {', '.join(res.logged_to)}", err=err)
     if as_json:
-        from analysis.report import summary_json
+        from moue.analysis.report import summary_json
 
         typer.echo(json.dumps(summary_json(res), allow_nan=False, default=_json_float))
         return
-    from analysis.report import law_lines
+    from moue.analysis.report import law_lines
 
     for line in law_lines(res.fits):
         typer.echo(line)
@@ -112,8 +112,8 @@ def report_cmd(
 
 def _study_laws(experiment: str, uri: str, parent: str | None, err: bool) -> list[str]:
     """The study's own ``[analysis] laws`` (its logged spec), else the report's defaults; says which."""
-    from analysis.loading import study_laws
-    from analysis.report import DEFAULT_REPORT_LAWS
+    from moue.analysis.loading import study_laws
+    from moue.analysis.report import DEFAULT_REPORT_LAWS
 
     own = study_laws(experiment, tracking_uri=uri, parent_run_id=parent)
     laws = list(own or DEFAULT_REPORT_LAWS)
@@ -124,7 +124,7 @@ def _study_laws(experiment: str, uri: str, parent: str | None, err: bool) -> lis
 
 def _report_rule(path: Path | None, default: Path):
     """The LR rule a report shows: ``--lr-rule``, else the workspace's rule file of the study, else none."""
-    from analysis.lr_rule import load_rule
+    from moue.analysis.lr_rule import load_rule
 
     path = path if path is not None else (default if default.is_file() else None)
     return None if path is None else load_rule(path)
@@ -135,7 +135,7 @@ def _json_float(x):
 
 
 def _parse_float(name: str, raw: str | None) -> float | None:
-    from analysis.errors import AnalysisError
+    from moue.analysis.errors import AnalysisError
 
     if raw is None:
         return None
@@ -148,7 +148,7 @@ def _parse_float(name: str, raw: str | None) -> float | None:
 def _read_table(path: Path):
     import polars as pl
 
-    from analysis.errors import AnalysisError
+    from moue.analysis.errors import AnalysisError
 
     if not path.exists():
         raise AnalysisError("FILE", str(path), "does not exist")
@@ -184,7 +184,7 @@ def _apply_sets(frame, sets: list[str], law) -> tuple[object, dict[str, str]]:
     """``VAR=COLUMN`` or ``VAR=SQL expression`` (polars SQL over the columns)."""
     import polars as pl
 
-    from analysis.errors import AnalysisError
+    from moue.analysis.errors import AnalysisError
 
     variables: dict[str, str] = {}
     for item in sets:
@@ -213,7 +213,7 @@ def _apply_sets(frame, sets: list[str], law) -> tuple[object, dict[str, str]]:
 
 
 def _law_help() -> str:
-    from analysis.laws import LAWS  # a pure-Python registry (no scipy at import)
+    from moue.analysis.laws import LAWS  # a pure-Python registry (no scipy at import)
 
     return "Law to fit, one of: " + "; ".join(f"{name}: {law.formula}" for name, law in LAWS.items()) + "."
 
@@ -250,9 +250,9 @@ def fit_cmd(
     Example (Epoch's Chinchilla data): moue fit data.csv --law chinchilla --loss loss
     --set N="Model Size" --set D='"Training FLOP" / (6 * "Model Size")' --holdout-min 1e21
     """
-    from analysis.errors import AnalysisError
-    from analysis.fitting import Holdout, fit
-    from analysis.laws import get_law
+    from moue.analysis.errors import AnalysisError
+    from moue.analysis.fitting import Holdout, fit
+    from moue.analysis.laws import get_law
 
     try:
         spec = get_law(law)
@@ -298,8 +298,8 @@ def isoflop_cmd(
     """
     from types import SimpleNamespace
 
-    from analysis.errors import AnalysisError
-    from analysis.isoflop import isoflop
+    from moue.analysis.errors import AnalysisError
+    from moue.analysis.isoflop import isoflop
 
     try:
         frame = _filtered(_read_table(file), where)
@@ -333,8 +333,8 @@ def lr_rule_cmd(
 
     Example: moue lr-rule ladder_lr -o studies/results/ladder_lr_rule.json
     """
-    from analysis.errors import AnalysisError
-    from analysis.lr_rule import rule_of_experiment
+    from moue.analysis.errors import AnalysisError
+    from moue.analysis.lr_rule import rule_of_experiment
 
     try:
         rule = rule_of_experiment(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent,
@@ -345,8 +345,8 @@ def lr_rule_cmd(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text + "\n")
     if html is not None:
-        from analysis import figures as F
-        from analysis import render as R
+        from moue.analysis import figures as F
+        from moue.analysis import render as R
 
         fig = R.draw_scatter(F.lr_rule_data(rule))
         html.parent.mkdir(parents=True, exist_ok=True)
@@ -385,9 +385,9 @@ def compare_cmd(
     """
     from dataclasses import asdict
 
-    from analysis.paired import compare_variants, with_topology
-    from analysis.errors import AnalysisError
-    from analysis.loading import load_runs
+    from moue.analysis.paired import compare_variants, with_topology
+    from moue.analysis.errors import AnalysisError
+    from moue.analysis.loading import load_runs
 
     try:
         names = {}
@@ -436,7 +436,7 @@ def _filtered(frame, where: str | None):
         return frame
     import polars as pl
 
-    from analysis.errors import AnalysisError
+    from moue.analysis.errors import AnalysisError
 
     try:
         import polars.selectors as cs
@@ -500,10 +500,10 @@ def check_cmd(
 
     Example: moue check virtual_width --baseline baselines/virtual_width.json
     """
-    from analysis.errors import AnalysisError
-    from analysis.gate import compare, read_baseline
-    from analysis.gate import write_baseline as write
-    from analysis.loading import load_runs
+    from moue.analysis.errors import AnalysisError
+    from moue.analysis.gate import compare, read_baseline
+    from moue.analysis.gate import write_baseline as write
+    from moue.analysis.loading import load_runs
 
     try:
         if law:
@@ -522,7 +522,7 @@ def check_cmd(
         else:
             laws = list(law) if law else list(base.fits)
             fits, notes = _refit_for_check(runs.frame, base, laws, flt)
-            for name in laws:  # an exponent the data do not identify is not gated (analysis.verdict)
+            for name in laws:  # an exponent the data do not identify is not gated (moue.analysis.verdict)
                 why = fits[name].verdict.exponent_reasons
                 if why and not force_unidentified:
                     raise AnalysisError(f"law {name}", experiment, "is not identified by these runs, so its "
@@ -557,8 +557,8 @@ def _baseline_fits(frame, experiment: str, law: list[str] | None, bootstrap: int
                    flt: str):
     """The fits a new baseline holds: the laws asked for (each must fit), else chinchilla and
     the virtual-width laws that can be fitted."""
-    from analysis.errors import AnalysisError
-    from analysis.report import fit_laws
+    from moue.analysis.errors import AnalysisError
+    from moue.analysis.report import fit_laws
 
     if bootstrap < 2:
         raise AnalysisError("--bootstrap", bootstrap, "must be >= 2 for a baseline")
@@ -576,9 +576,9 @@ def _baseline_fits(frame, experiment: str, law: list[str] | None, bootstrap: int
 def _refit_for_check(frame, base, laws: list[str], flt: str) -> tuple[dict, list[str]]:
     """Refit each law as its baseline was fitted (same loss, variables, delta, resamples, seed
     and level, on the same kind of rows); the fits and their notes."""
-    from analysis.errors import AnalysisError
-    from analysis.fitting import fit
-    from analysis.report import law_rows
+    from moue.analysis.errors import AnalysisError
+    from moue.analysis.fitting import fit
+    from moue.analysis.report import law_rows
 
     fits, notes = {}, []
     for name in laws:
@@ -631,8 +631,8 @@ def bench_fit_cmd(
 
     Example: moue bench fit --json
     """
-    from analysis.bench import run_fit_bench
-    from analysis.errors import AnalysisError
+    from moue.analysis.bench import run_fit_bench
+    from moue.analysis.errors import AnalysisError
 
     try:
         run_fit_bench(json=as_json, reference_starts=reference_starts, stream=sys.stdout)
@@ -654,8 +654,8 @@ def export_cmd(
 
     Example: moue export quickstart -o quickstart.parquet
     """
-    from analysis.errors import AnalysisError
-    from analysis.loading import load_runs
+    from moue.analysis.errors import AnalysisError
+    from moue.analysis.loading import load_runs
 
     try:
         if output.suffix not in (".parquet", ".csv"):

@@ -1,6 +1,6 @@
 """Formulas that derived quantities of fitted laws share, vectorised over bootstrap samples.
 
-Each law owns its derived quantities (``Law.derive`` in :mod:`analysis.laws`) and builds them from
+Each law owns its derived quantities (``Law.derive`` in :mod:`moue.analysis.laws`) and builds them from
 these pieces, taking its parameters by name. Conventions: compute-optimal quantities use
 ``C = 6 N D`` (Hoffmann et al. 2022); for a law ``L = E + A/N^alpha + B/D^beta`` the compute-optimal
 allocation is ``N_opt = G (C/6)^a_opt``, ``D_opt = (C/6)^b_opt / G`` with

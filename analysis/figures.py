@@ -1,6 +1,6 @@
 """The data behind every report figure, computed without plotly (testable without a browser).
 
-Each ``*_data`` function returns a frozen dataclass of plain arrays and labels; ``analysis.render``
+Each ``*_data`` function returns a frozen dataclass of plain arrays and labels; ``moue.analysis.render``
 draws them. Bands are central ``level`` percentile intervals of the bootstrap predictions.
 """
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.nested import NestedTest
-from analysis.result import FitResult, percentile_interval
+from moue.analysis.nested import NestedTest
+from moue.analysis.result import FitResult, percentile_interval
 
 __all__ = [
     "Band",
@@ -142,7 +142,7 @@ def architecture_labels(frame, columns: Sequence[str] = ARCH_COLUMNS) -> list[st
             for i in range(frame.height)]
 
 
-# readable family names: (topology, router, balance, window layout) -> name (analysis.paired.with_topology)
+# readable family names: (topology, router, balance, window layout) -> name (moue.analysis.paired.with_topology)
 FAMILY_NAMES = {
     ("layerwise", "softmax", "switch", "ring"): "layerwise MoE",
     ("unipool", "norm", "pool", "ring"): "UniPool-style",
@@ -158,7 +158,7 @@ FAMILY_NAMES = {
 def family_labels(frame) -> list[str] | None:
     """The architecture family of each row (``FAMILY_NAMES``, else ``topology router/balance``), or
     ``None`` when the frame lacks the model columns (then ``architecture_labels`` is used)."""
-    from analysis.paired import with_topology
+    from moue.analysis.paired import with_topology
 
     cols = ("model.router", "model.balance")
     framed = with_topology(frame)
@@ -211,7 +211,7 @@ def loss_vs_compute_data(frame, *, loss: str, compute: str, fits: Mapping[str, F
 
 
 def isoflop_data(iso) -> ScatterData:
-    """IsoFLOP profiles (``analysis.isoflop``): each budget's runs, its parabola in ln N over the
+    """IsoFLOP profiles (``moue.analysis.isoflop``): each budget's runs, its parabola in ln N over the
     sampled range, and its minimum (a point series of the minima)."""
     points, curves = [], []
     for b in iso.budgets:
@@ -234,7 +234,7 @@ def isoflop_data(iso) -> ScatterData:
 
 
 def lr_rule_data(rule) -> ScatterData:
-    """An LR stage (``analysis.lr_rule``): each size's loss against its learning rates with the
+    """An LR stage (``moue.analysis.lr_rule``): each size's loss against its learning rates with the
     optimum marked, in the title the fitted rule."""
     points = [Series(name=f"N = {s['n']:.3g}" + (f" ({', '.join(s['flags'])})" if s["flags"] else ""),
                      x=tuple(s["lrs"]), y=tuple(s["losses"])) for s in rule.sizes]

@@ -11,7 +11,7 @@ one run resample together); a hold-out fit without the largest-compute group.
 :func:`fit_bootstrap` (refits on resampled clusters: :class:`BootstrapSamples`) ->
 :func:`fit_holdout` (fit without the largest-compute group, predict it: a :class:`HoldoutFit`) ->
 :func:`assemble` (derived quantities, intervals, diagnostics, provenance: the
-:class:`~analysis.result.FitResult`). The stages' notes (rough intervals, an optimum on a bound,
+:class:`~moue.analysis.result.FitResult`). The stages' notes (rough intervals, an optimum on a bound,
 unconverged resamples, a skipped hold-out) end up in ``FitResult.diagnostics.warnings`` only.
 
 The optimisation of a start runs as a short continuation on ``delta`` (``stage_factors``: a few
@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.derived import DerivedContext
-from analysis.errors import AnalysisError
-from analysis.laws import Law, get_law
-from analysis.objective import make_objective
-from analysis.optimize import BatchResult, minimize_batched
-from analysis.points import Points, column_values, prepare_points
-from analysis.result import Diagnostics, FitResult, HoldoutResult, Provenance, percentile_interval
+from moue.analysis.derived import DerivedContext
+from moue.analysis.errors import AnalysisError
+from moue.analysis.laws import Law, get_law
+from moue.analysis.objective import make_objective
+from moue.analysis.optimize import BatchResult, minimize_batched
+from moue.analysis.points import Points, column_values, prepare_points
+from moue.analysis.result import Diagnostics, FitResult, HoldoutResult, Provenance, percentile_interval
 
 __all__ = [
     "DEFAULT_COLUMNS",
@@ -57,7 +57,7 @@ __all__ = [
     "resample_weights",
 ]
 
-#: Where the law variables live in a frame loaded by :func:`analysis.load_runs` (docs/TRACKING.md).
+#: Where the law variables live in a frame loaded by :func:`moue.analysis.load_runs` (docs/TRACKING.md).
 DEFAULT_COLUMNS: Mapping[str, str] = types.MappingProxyType({
     "N": "derived.n_params_active",
     "D": "final/tokens",

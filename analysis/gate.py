@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.errors import AnalysisError
-from analysis.result import FitResult, percentile_interval
+from moue.analysis.errors import AnalysisError
+from moue.analysis.result import FitResult, percentile_interval
 
 __all__ = ["Baseline", "GateResult", "GateRow", "compare", "read_baseline", "write_baseline"]
 

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from analysis.errors import AnalysisError
+from moue.analysis.errors import AnalysisError
 
 __all__ = ["Budget", "IsoFlopResult", "isoflop", "group_budgets"]
 

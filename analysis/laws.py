@@ -11,14 +11,14 @@ Conventions (docs/FITTING.md):
   (``natural``) parameters are ``E = exp(e)`` and so on. Exponents are fitted as they are.
 - Sums of power laws are evaluated as a LogSumExp of terms that are linear in the fitted
   parameters (``log(A / N^alpha) = a - alpha log N``), which is exact and overflow-free
-  (:mod:`analysis.models`).
+  (:mod:`moue.analysis.models`).
 - ``N`` = active non-embedding parameters, ``D`` = training tokens, ``C`` = training compute
   (FLOPs), ``V`` = virtual width, ``E`` = number of experts (``clark``, ``joint_moe``).
 
 Each :class:`Law` evaluates many parameter vectors at once: ``theta`` has shape ``(S, P)``
 (S starts or bootstrap resamples), the data ``n`` points; predictions are ``(S, n)``. Derived
 quantities take the natural parameters by name, each an array over resamples
-(:mod:`analysis.derived` has the formulas they share).
+(:mod:`moue.analysis.derived` has the formulas they share).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.derived import (
+from moue.analysis.derived import (
     ComputeOptimal,
     DerivedContext,
     allocation_exponents,
@@ -39,8 +39,8 @@ from analysis.derived import (
     optimum_over_v,
     v_grid,
 )
-from analysis.errors import AnalysisError
-from analysis.models import Data, LSEModel, term_features, weighted_gram
+from moue.analysis.errors import AnalysisError
+from moue.analysis.models import Data, LSEModel, term_features, weighted_gram
 
 __all__ = ["LAWS", "Law", "get_law"]
 

@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from analysis.errors import AnalysisError
-from moue_core.tracking_contract import (CONFIG_PARAM, CURVE_METRICS, FINAL_VAL_LOSS,
+from moue.analysis.errors import AnalysisError
+from moue.tracking_contract import (CONFIG_PARAM, CURVE_METRICS, FINAL_VAL_LOSS,
                                          PARENT_RUN, PARENT_TAGS, SCHEMA, SCHEMA_VERSION, SEED,
                                          STATUS, STATUSES, STOP_REASON, TRIAL_ID,
                                          default_tracking_uri, search_runs)

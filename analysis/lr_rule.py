@@ -10,7 +10,7 @@ within each size gives the exponent's 95% interval. The rule is identified with 
 sizes, no optimum at an edge, and an exponent interval narrower than 1 (in ``ln lr`` per ``ln N``).
 
 ``moue lr-rule`` writes the rule as JSON (``c``, ``exponent``, ``exponent_ci``, ``sizes``), which a
-ladder's ``space.lr_rule`` reads (``search_spaces.spaces.ladder``).
+ladder's ``space.lr_rule`` reads (``moue.search_spaces.spaces.ladder``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from analysis.errors import AnalysisError
+from moue.analysis.errors import AnalysisError
 
 __all__ = ["LrRule", "fit_lr_rule", "rule_of_experiment", "load_rule"]
 
@@ -71,8 +71,8 @@ def rule_of_experiment(experiment: str, *, tracking_uri: str, parent_run_id: str
                        bootstrap: int = 1000, seed: int = 0) -> LrRule:
     """The rule of an LR stage logged to MLflow: its finished runs' active parameters, ``train.lr``
     and final validation loss."""
-    from analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS
-    from analysis.loading import load_runs
+    from moue.analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS
+    from moue.analysis.loading import load_runs
 
     frame = load_runs(experiment, tracking_uri=tracking_uri, parent_run_id=parent_run_id).frame
     for col in (DEFAULT_COLUMNS["N"], "train.lr", DEFAULT_LOSS):

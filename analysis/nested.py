@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.errors import AnalysisError
-from analysis.fitting import DEFAULT_LOSS, FitOptions, fit
-from analysis.laws import get_law
-from analysis.objective import huber
-from analysis.points import prepare_points
-from analysis.result import FitResult
+from moue.analysis.errors import AnalysisError
+from moue.analysis.fitting import DEFAULT_LOSS, FitOptions, fit
+from moue.analysis.laws import get_law
+from moue.analysis.objective import huber
+from moue.analysis.points import prepare_points
+from moue.analysis.result import FitResult
 
 __all__ = ["NestedTest", "huber_loglik", "likelihood_ratio_test"]
 

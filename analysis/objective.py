@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis.laws import Law
+from moue.analysis.laws import Law
 
 __all__ = ["huber", "make_objective"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.errors import AnalysisError
+from moue.analysis.errors import AnalysisError
 
 __all__ = ["Comparison", "compare_variants", "variant_labels", "with_topology"]
 

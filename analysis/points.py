@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.errors import AnalysisError
-from analysis.laws import Law
+from moue.analysis.errors import AnalysisError
+from moue.analysis.laws import Law
 
 __all__ = ["Points", "column_values", "prepare_points"]
 

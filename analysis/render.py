@@ -1,4 +1,4 @@
-"""Draw the figure data of ``analysis.figures`` with plotly and assemble one self-contained page.
+"""Draw the figure data of ``moue.analysis.figures`` with plotly and assemble one self-contained page.
 
 The page embeds plotly.js once (in ``<head>``) and every figure as a ``div`` plus an inline
 script, so it works offline; it references no external resource.
@@ -10,7 +10,7 @@ import html
 import math
 from collections.abc import Mapping, Sequence
 
-from analysis.figures import (
+from moue.analysis.figures import (
     BootstrapData,
     HoldoutData,
     ModelRow,
@@ -115,7 +115,7 @@ def draw_bootstrap(data: BootstrapData, *, columns: int = 3):
 
 
 def draw_importance(importance):
-    """Horizontal bars: each search axis's importance (``analysis.importance``), largest on top."""
+    """Horizontal bars: each search axis's importance (``moue.analysis.importance``), largest on top."""
     go = _go()
     names = list(importance.scores)[::-1]
     fig = go.Figure(go.Bar(x=[importance.scores[n] for n in names], y=names, orientation="h",

@@ -1,6 +1,6 @@
 """``moue report``: load a study, fit its laws, write one self-contained HTML report.
 
-Layered as load -> fit -> figure data (``analysis.figures``) -> drawing (``analysis.render``). Laws
+Layered as load -> fit -> figure data (``moue.analysis.figures``) -> drawing (``moue.analysis.render``). Laws
 that cannot be fitted to the data (an axis missing or single-valued, too few points) are listed in
 the report with the reason instead of failing the whole report. The report is logged as an artifact
 (``reports/<file>``) of the sweep's parent run(s).
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from analysis.errors import AnalysisError
-from analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS, fit
-from analysis.laws import get_law
-from analysis.nested import NestedTest, likelihood_ratio_test
-from analysis.result import FitResult
+from moue.analysis.errors import AnalysisError
+from moue.analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS, fit
+from moue.analysis.laws import get_law
+from moue.analysis.nested import NestedTest, likelihood_ratio_test
+from moue.analysis.result import FitResult
 
 __all__ = ["DEFAULT_REPORT_LAWS", "MAX_BUDGET_FILTER", "LawFits", "ReportResult", "fit_laws",
            "law_frame", "law_rows", "write_report", "headline", "summary_json", "approach_rows"]
@@ -42,9 +42,9 @@ class ReportResult:
     n_runs: int = 0  # trial runs the fits used
     excluded: dict[str, int] = field(default_factory=dict)  # runs left out, by reason (diverged, failed, ...)
     headline: str | None = None  # the law the report leads with (``headline``), None when none is identified
-    approaches: tuple = ()  # analysis.approaches.ApproachRow, one per approach
-    families: tuple = ()  # analysis.paired.Comparison: each family against the layerwise MoE, paired by size
-    importance: object = None  # analysis.importance.Importance of the search axes (None: too few trials)
+    approaches: tuple = ()  # moue.analysis.approaches.ApproachRow, one per approach
+    families: tuple = ()  # moue.analysis.paired.Comparison: each family against the layerwise MoE, paired by size
+    importance: object = None  # moue.analysis.importance.Importance of the search axes (None: too few trials)
 
     def families_line(self) -> str | None:
         """One line: each family against the layerwise MoE at matched size (None without pairs)."""
@@ -132,12 +132,12 @@ REFERENCE_FAMILY = "layerwise MoE"
 
 def family_comparisons(frame) -> tuple:
     """Each architecture family against the layerwise MoE on runs of the same size (``FAMILY_PAIR``),
-    paired (``analysis.paired``); empty when the runs have no such pairs (e.g. several virtual widths
+    paired (``moue.analysis.paired``); empty when the runs have no such pairs (e.g. several virtual widths
     of one family per size)."""
     import polars as pl
 
-    from analysis.figures import family_labels
-    from analysis.paired import compare_variants
+    from moue.analysis.figures import family_labels
+    from moue.analysis.paired import compare_variants
 
     labels = family_labels(frame)
     if labels is None or REFERENCE_FAMILY not in labels or DEFAULT_LOSS not in frame.columns:
@@ -284,12 +284,12 @@ def write_report(
 ) -> ReportResult:
     """Write the report of ``experiment`` to ``output`` and return what it contains. The notes
     of the fits (and which rows a law was fitted on) are listed in the report and returned in
-    ``ReportResult.notes``, each once. ``lr_rule`` (an ``analysis.lr_rule.LrRule``: the study's LR
+    ``ReportResult.notes``, each once. ``lr_rule`` (an ``moue.analysis.lr_rule.LrRule``: the study's LR
     stage) adds its LR curves and rule. ``points``: ``"final"`` fits each run's final loss and its
     cooldown branches (decayed losses); ``"marks"`` adds every intermediate mark of the training
-    curves (``analysis.loading.with_mark_points``; resampled by run)."""
-    from analysis import render as R
-    from analysis.loading import load_runs, with_cooldown_points, with_mark_points
+    curves (``moue.analysis.loading.with_mark_points``; resampled by run)."""
+    from moue.analysis import render as R
+    from moue.analysis.loading import load_runs, with_cooldown_points, with_mark_points
 
     for name in laws:
         get_law(name)
@@ -316,7 +316,7 @@ def write_report(
     lead = headline(fitted.fits, laws)
     approaches, iso = approach_rows(runs, fitted.fits, seed=seed)
     if iso is not None:
-        from analysis import figures as F
+        from moue.analysis import figures as F
 
         figs["isoflop"] = R.draw_scatter(F.isoflop_data(iso))
     sections = _sections(fitted, tests, notes, prov, have_v="loss_vs_virtual_width" in figs)
@@ -328,7 +328,7 @@ def write_report(
     sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)
                         + ("{{figure:isoflop}}" if iso is not None else "")))
     if lr_rule is not None:
-        from analysis import figures as F
+        from moue.analysis import figures as F
 
         figs["lr_stage"] = R.draw_scatter(F.lr_rule_data(lr_rule))
         sections.insert(1, ("Learning rate per size (the LR stage)", _lr_rule_html(lr_rule)))
@@ -346,16 +346,16 @@ def write_report(
 
 
 def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[list, object]:
-    """Approaches 1-3 (``analysis.approaches``) on a study's runs: the envelope of the ``val/loss``
+    """Approaches 1-3 (``moue.analysis.approaches``) on a study's runs: the envelope of the ``val/loss``
     curves against ``derived.flops_per_token * tokens``, IsoFLOP profiles of the final losses and
     cooldown branches (``final/flops`` budgets; ``space.isoflop_budgets`` designs them), and the
     laws' ``a_opt``; an approach the runs cannot support is a row with its reason. Also returns
     the IsoFLOP result (``None`` when it could not be computed)."""
     import numpy as np
 
-    from analysis.approaches import ApproachRow, envelope, three_approaches
-    from analysis.isoflop import isoflop
-    from analysis.loading import with_cooldown_points
+    from moue.analysis.approaches import ApproachRow, envelope, three_approaches
+    from moue.analysis.isoflop import isoflop
+    from moue.analysis.loading import with_cooldown_points
 
     frame, env, iso, missing = runs.frame, None, None, []
     n_col, f_col = DEFAULT_COLUMNS["N"], "derived.flops_per_token"
@@ -382,10 +382,10 @@ def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[l
 
 def _importance_section(frame, loss: str, figs: dict) -> tuple[object, str]:
     """PED-ANOVA importances of the study's search axes on the finished trials' final losses
-    (``analysis.importance``; ``None`` with too few trials or no axis) and the section's HTML;
+    (``moue.analysis.importance``; ``None`` with too few trials or no axis) and the section's HTML;
     adds the figure to ``figs``."""
-    from analysis import render as R
-    from analysis.importance import MIN_TRIALS, parameter_importance
+    from moue.analysis import render as R
+    from moue.analysis.importance import MIN_TRIALS, parameter_importance
 
     imp = parameter_importance(frame, loss=loss) if loss in frame.columns else None
     if imp is None:
@@ -401,7 +401,7 @@ def _importance_section(frame, loss: str, figs: dict) -> tuple[object, str]:
 
 def _lr_rule_html(rule) -> str:
     """The LR stage: its curves, the rule the main trials ran at, each size's optimum, the verdict."""
-    from analysis import render as R
+    from moue.analysis import render as R
 
     lo, hi = rule.exponent_ci
     verdict = ("identified" if rule.identified else
@@ -415,7 +415,7 @@ def _lr_rule_html(rule) -> str:
 
 
 def _approaches_html(rows) -> str:
-    from analysis import render as R
+    from moue.analysis import render as R
 
     def ci(b):
         return "" if b is None else f"[{b[0]:.3g}, {b[1]:.3g}]"
@@ -460,8 +460,8 @@ def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | Non
 
 def _figures(frame, fits: dict[str, FitResult], loss: str) -> dict[str, object]:
     """The report's plotly figures, by name (virtual width only when the frame has N and V)."""
-    from analysis import figures as F
-    from analysis import render as R
+    from moue.analysis import figures as F
+    from moue.analysis import render as R
 
     compute = DEFAULT_COLUMNS["C"] if DEFAULT_COLUMNS["C"] in frame.columns else loss
     labels = F.family_labels(frame) or F.architecture_labels(frame)
@@ -508,8 +508,8 @@ def _provenance_rows(runs, *, experiment: str, tracking_uri: str, flt: str, loss
 def _sections(fitted: LawFits, tests: dict[str, NestedTest], notes: tuple[str, ...],
               prov_rows, *, have_v: bool) -> list[tuple[str, str]]:
     """The page's sections (heading, inner HTML with figure placeholders), in order."""
-    from analysis import figures as F
-    from analysis import render as R
+    from moue.analysis import figures as F
+    from moue.analysis import render as R
 
     fits, skipped = fitted.fits, fitted.skipped
     level = next(iter(fits.values())).level if fits else 0.95

@@ -6,7 +6,7 @@ generically from their type annotations: nested dataclasses become objects, tupl
 lists, and the non-finite floats JSON lacks are written as ``null`` (NaN) and ``"inf"``/``"-inf"``.
 Five things are added for readers of the file and ignored when it is read back: ``schema``, the
 law's ``formula``, the bootstrap ``sd`` of every parameter and the verdict (``identified``,
-``reasons``; ``analysis.verdict``); the bootstrap samples sit under
+``reasons``; ``moue.analysis.verdict``); the bootstrap samples sit under
 ``bootstrap`` (``params``, ``derived``, ``derived_names``).
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from analysis.derived import DerivedContext
-from analysis.errors import AnalysisError
-from analysis.laws import Law, get_law
+from moue.analysis.derived import DerivedContext
+from moue.analysis.errors import AnalysisError
+from moue.analysis.laws import Law, get_law
 
 __all__ = ["RESULT_SCHEMA", "Diagnostics", "FitResult", "HoldoutResult", "Provenance",
            "percentile_interval"]
@@ -132,8 +132,8 @@ class FitResult:
 
     @property
     def verdict(self):
-        """Identified, or not with reasons (``analysis.verdict``)."""
-        from analysis.verdict import verdict
+        """Identified, or not with reasons (``moue.analysis.verdict``)."""
+        from moue.analysis.verdict import verdict
 
         return verdict(self)
 

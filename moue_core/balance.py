@@ -43,7 +43,7 @@ pool-level statistic (``fbar`` of ``pool``, ``r`` of ``exposure``) is taken from
 training micro-batch, detached, and no pool-level loss is applied until one exists (UniPool's
 ``PoolAuxLossAccumulator`` returns no loss for the first micro-batch; Centaurus-Alpha/UniPool,
 ``megatron/core/transformer/moe/moe_utils.py``). ``pooled_statistic`` computes it;
-``moue_core.moe.MoE`` keeps it.
+``moue.moe.MoE`` keeps it.
 
 z-loss (ST-MoE): ``coef * mean over layers of mean_t logsumexp(z_t)^2``; independent of the above.
 """
@@ -119,7 +119,7 @@ def _none(frac_Lw, prob_Lw, ids_Lw, pool_size, *, coef, pooled_P, gamma_L):
     return prob_Lw.new_zeros(())
 
 
-# model.balance -> its loss (the formulas of the module docstring); moue_core.config.BALANCES names them
+# model.balance -> its loss (the formulas of the module docstring); moue.config.BALANCES names them
 LOSSES = {"switch": _switch, "pool": _pool, "exposure": _exposure, "none": _none}
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moue_core.config import ModelConfig
-from moue_core.moe import MoE, SwiGLU
-from moue_core.runtime import configure_process, tune_malloc
+from moue.config import ModelConfig
+from moue.moe import MoE, SwiGLU
+from moue.runtime import configure_process, tune_malloc
 
 __all__ = ["MoEShape", "SHAPES", "bench_moe"]
 
@@ -130,7 +130,7 @@ def bench_moe_cuda(*, repeats: int = 20, warmup: int = 5) -> dict:
         dense = SwiGLU(shape.d_model, shape.top_k * shape.expert_hidden).to(device, torch.bfloat16)
         x = torch.randn(shape.tokens, shape.d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn_like(x)
-        from moue_core.triton_moe import LARGE, choose_blocks
+        from moue.triton_moe import LARGE, choose_blocks
 
         row = {**shape.__dict__, "blocks": "LARGE" if choose_blocks(
             shape.tokens * shape.top_k, shape.d_model, shape.expert_hidden) is LARGE else "SMALL"}
@@ -186,7 +186,7 @@ def bench_train(cfg, *, steps: int = 20, cache_dir) -> dict:
     import dataclasses
     import resource
 
-    from moue_core.train import train
+    from moue.train import train
 
     tc = dataclasses.replace(cfg.train, tokens=steps * cfg.train.batch_tokens,
                              eval_every_tokens=10 * steps * cfg.train.batch_tokens)
@@ -227,7 +227,7 @@ def bench_cooldown(cfg, *, at: tuple[int, ...], frac: float, seeds: tuple[int, .
     import statistics
     import time
 
-    from moue_core.train import NullSink, train
+    from moue.train import NullSink, train
 
     def run(tc):
         t0 = time.perf_counter()

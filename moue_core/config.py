@@ -24,9 +24,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from moue_core.errors import ConfigError
-from moue_core.fields import build, choice, integer, is_int, number
-from moue_core.topology import LAYOUTS, Topology
+from moue.errors import ConfigError
+from moue.fields import build, choice, integer, is_int, number
+from moue.topology import LAYOUTS, Topology
 
 __all__ = ["ModelConfig", "ROUTERS", "ROUTINGS", "BIAS_SCOPES", "BALANCES", "FFNS", "DISPATCHES", "LAYOUTS",
            "Z_LOSS_DEFAULTS"]
@@ -48,7 +48,7 @@ class ModelConfig:
     ``z_loss_coef`` defaults per router to what its reference uses (``Z_LOSS_DEFAULTS``: 1e-3 for
     ``softmax`` and ``trajectory``, none for ``norm``, as UniPool); the field holds the resolved
     value. ``window_layout`` is ``ring`` (windows wrap) or ``clamped`` (they stop at the end of the
-    pool, as UniPool's ``sliding`` mode; ``moue_core.topology``)."""
+    pool, as UniPool's ``sliding`` mode; ``moue.topology``)."""
 
     # trunk
     vocab_size: int = 256  # byte-level vocabulary

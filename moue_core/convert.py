@@ -22,7 +22,7 @@ identical experts sum to 1); on a shared pool a layer's window also holds other 
 the start is close to the dense model but not equal.
 
 ``LayerwiseMoEModel`` is the source format: an ordinary per-layer MoE written independently of
-``moue_core.moe`` (per-layer expert tensors, a naive per-expert loop), used both as the conversion
+``moue.moe`` (per-layer expert tensors, a naive per-expert loop), used both as the conversion
 source and as the reference implementation the tests compare the shared-pool model against.
 """
 
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moue_core.config import ModelConfig
-from moue_core.errors import ConfigError
-from moue_core.model import Attention, MoUEModel, rope_tables
-from moue_core.moe import SwiGLU
+from moue.config import ModelConfig
+from moue.errors import ConfigError
+from moue.model import Attention, MoUEModel, rope_tables
+from moue.moe import SwiGLU
 
 __all__ = ["LayerwiseMoEModel", "WindowSchedule", "convert_layerwise", "layerwise_config", "widen_layerwise",
            "upcycle_dense"]
@@ -212,7 +212,7 @@ def _widen_router(routers_LED: torch.Tensor, topo, router_init: str) -> torch.Te
 
     Slot ``j`` of layer ``l`` scores pool expert ``p = topo.window_ids(l)[j]``, owned by layer
     ``p // E`` as its expert ``p % E``: the layer's own experts keep its rows (they are its first
-    ``E`` slots in both layouts, ``moue_core.topology``); the others start at zero or as a copy of
+    ``E`` slots in both layouts, ``moue.topology``); the others start at zero or as a copy of
     the owner's row.
     """
     L, E, D = routers_LED.shape

@@ -27,7 +27,7 @@ Conventions (``CONVENTION`` is logged as ``count.convention``; analysis never mi
   the router, the ``k`` experts, shared experts and the topology count MoE layers only.
 - Expert-choice and unified routing (``routing``) give a token ``k`` experts on average (``T * k``
   pairs per layer), so they count as top-k; a capacity factor is counted dropless (upper bound).
-- Topology (``moue_core.topology``, both window layouts): ``virtual_width = L * w``,
+- Topology (``moue.topology``, both window layouts): ``virtual_width = L * w``,
   ``physical_width = P``, ``reuse = V / P``, ``log10_paths = L * log10 C(w, k)`` (the same for
   ``ring`` and ``clamped``: both give every layer ``w`` experts); ``exposure_min`` / ``exposure_max``
   and ``unreachable`` (experts in no window) from the windows themselves, which is where the
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from moue_core.config import ModelConfig
+from moue.config import ModelConfig
 
 __all__ = ["CONVENTION", "Counts", "count", "check_counts"]
 
@@ -87,7 +87,7 @@ def _trajectory_params(cfg: ModelConfig, active: bool) -> int:
     return L * R * D + (L * gru if active else gru) + (L * W * R if active else P * R)
 
 
-# model.router -> the parameters its kind adds to the window scoring (moue_core.router.KINDS)
+# model.router -> the parameters its kind adds to the window scoring (moue.router.KINDS)
 _ROUTER_KIND_PARAMS = {
     "softmax": lambda cfg, active: 0,
     "norm": lambda cfg, active: 1,  # sigma

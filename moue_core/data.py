@@ -60,9 +60,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from moue_core.errors import ConfigError
-from moue_core.fields import is_int
-from moue_core.trial_config import CORPUS_ALLOWED, TOKEN_DTYPES, DataConfig
+from moue.errors import ConfigError
+from moue.fields import is_int
+from moue.trial_config import CORPUS_ALLOWED, TOKEN_DTYPES, DataConfig
 
 __all__ = ["DataConfig", "Corpus", "load_corpus", "BatchSampler", "ValidationSet",
            "validation_set", "SEPARATOR"]

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from typing import Any, TypeVar
 
-from moue_core.errors import ConfigError
+from moue.errors import ConfigError
 
 __all__ = ["integer", "number", "choice", "is_int", "build"]
 

@@ -1,7 +1,7 @@
 """Grouped matmul with a grouped backward: the expert matmuls of the CPU / grouped_mm path.
 
 Its own module so that both dispatch backends use it without importing each other
-(``moue_core.moe`` imports the Triton backend lazily; the Triton backward recomputes with this).
+(``moue.moe`` imports the Triton backend lazily; the Triton backward recomputes with this).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Pre-norm blocks: RMSNorm -> causal multi-head attention with RoPE (``scaled_dot_product_attention``)
 -> residual -> RMSNorm -> FFN -> residual. The FFN is a dense SwiGLU (dense baselines, and the dense
 layers of ``dense_first`` / ``moe_every``) or the routed mixture over the model's one shared expert
-pool (``moue_core.moe.MoE``), plus ``n_s`` always-on shared experts private to the layer. Untied input/output embeddings; byte vocabulary by default.
+pool (``moue.moe.MoE``), plus ``n_s`` always-on shared experts private to the layer. Untied input/output embeddings; byte vocabulary by default.
 
 Legend: ``B`` batch, ``S`` sequence, ``T = B*S`` tokens, ``D`` width, ``H`` heads, ``V`` vocab.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moue_core.config import ModelConfig
-from moue_core.moe import MoE, RouterStats, SwiGLU
+from moue.config import ModelConfig
+from moue.moe import MoE, RouterStats, SwiGLU
 
 __all__ = ["MoUEModel", "ModelOutput"]
 

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moue_core.balance import POOLED, balance_loss, pooled_statistic, z_loss
-from moue_core.config import ModelConfig
-from moue_core.grouped import grouped_mm
-from moue_core.router import Route, Router
+from moue.balance import POOLED, balance_loss, pooled_statistic, z_loss
+from moue.config import ModelConfig
+from moue.grouped import grouped_mm
+from moue.router import Route, Router
 
 __all__ = ["ExpertPool", "MoE", "RouterStats", "SwiGLU", "dispatch", "grouped_mm", "select_backend"]
 
@@ -66,7 +66,7 @@ def dispatch(
     (all of them when ``None``: dropless; a dropped pair costs nothing and adds nothing).
 
     ``backend``: ``grouped_mm`` (torch grouped matmuls; CPU and GPU) or ``triton`` (the fused
-    kernels of ``moue_core.triton_moe``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    kernels of ``moue.triton_moe``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
     """
     T, K = ids_TK.shape
     P = pool.w_in_PDF2.shape[0]
@@ -90,7 +90,7 @@ def dispatch(
         low = torch.get_autocast_dtype(x_TD.device.type)
         x_in, gates_S, w_in, w_out = (t.to(low) for t in (x_TD, gates_S, w_in, w_out))
     if backend == "triton":
-        from moue_core.triton_moe import triton_experts
+        from moue.triton_moe import triton_experts
 
         y_SD = triton_experts(x_in, token_S, gates_S, w_in, w_out, offs_P)
     else:
@@ -108,7 +108,7 @@ def select_backend(choice: str, device: torch.device) -> str:
     if choice == "grouped_mm":
         return "grouped_mm"
     if choice == "triton":
-        from moue_core.triton_moe import triton_available
+        from moue.triton_moe import triton_available
 
         if not triton_available(device):
             raise RuntimeError(f"model.dispatch = 'triton' needs a CUDA device or TRITON_INTERPRET=1 "
@@ -146,7 +146,7 @@ class MoE(nn.Module):
         self.window = cfg.window
         if cfg.balance in POOLED and cfg.balance_prev_batch:
             # the pool-level load statistic of the previous training micro-batch (fbar for pool, r for
-            # exposure; moue_core.balance), balancing state written in training mode only
+            # exposure; moue.balance), balancing state written in training mode only
             self.register_buffer("prev_fbar_P", torch.zeros(cfg.pool_size))
             self.register_buffer("has_prev_fbar", torch.zeros((), dtype=torch.bool))
 

@@ -46,7 +46,7 @@ layer balanced on its own; ``"pool"``: ``bias_P``, one per pool expert and read 
 reaches it, moved by the expert's load per reaching layer against the mean over reachable experts
 (a shared pool balanced as a whole, the aux-loss-free analogue of UniPool's pool loss).
 
-Who chooses (``model.routing``, ``moue_core.config``): ``token`` picks each token's top k as above.
+Who chooses (``model.routing``, ``moue.config``): ``token`` picks each token's top k as above.
 ``expert`` and ``unified`` score every (token, slot) pair of the window and choose pairs instead
 (expert choice: each slot its ``C`` best tokens; unified, USMoE: the ``T * k`` best pairs by a mix
 of the token-wise and token-axis softmax); their routes list all ``w`` slots per token with a
@@ -55,7 +55,7 @@ token may get 0 to ``w`` experts).
 
 Capacity (``capacity_factor > 0``, token choice): ``keep_TK`` marks the chosen pairs within their
 expert's capacity ``ceil(c * T * k / w)``; top-1 choices claim room first, then token order
-(GShard); the rest are dropped (``moue_core.moe`` skips them; the loads count them, so the balance
+(GShard); the rest are dropped (``moue.moe`` skips them; the loads count them, so the balance
 losses still see what the router wanted).
 """
 
@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moue_core.config import ModelConfig
+from moue.config import ModelConfig
 
 __all__ = ["Router", "Route", "RouterKind", "KINDS", "norm_constant"]
 

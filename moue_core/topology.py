@@ -23,7 +23,7 @@ Slot order. Slot ``j`` of a window is expert ``(o_l + j) mod P`` on the ring. A 
 whose start moved back (``o_l < u_l``) is rotated so that its first slot is still the layer's own
 start ``min(u_l, P - 1)``: slot ``j`` is ``o_l + (r_l + j) mod w``, ``r_l = min(u_l, P - 1) - o_l``.
 The set is the same; the order matters only for a narrower active window (its first ``w'`` slots),
-which keeps a converted layerwise model's own experts first in both layouts (``moue_core.convert``).
+which keeps a converted layerwise model's own experts first in both layouts (``moue.convert``).
 
 One formula covers the known architectures (see ``layerwise``, ``unipool``, ``grouped``,
 ``adjacent`` below), which is why it is the single topology abstraction of moue.
@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from moue_core.errors import ConfigError
+from moue.errors import ConfigError
 
 __all__ = ["Topology", "LAYOUTS", "layerwise", "unipool", "grouped", "adjacent"]
 

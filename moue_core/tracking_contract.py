@@ -1,7 +1,7 @@
 """The tracking contract: every name a sweep writes to MLflow and the analysis reads back.
 
-One pure-Python module (no MLflow, Ray or torch import) that the writer (``studies.tracking``,
-``studies.runner``) and the reader (``analysis.loading``) both import, so a name is spelled once.
+One pure-Python module (no MLflow, Ray or torch import) that the writer (``moue.studies.tracking``,
+``moue.studies.runner``) and the reader (``moue.analysis.loading``) both import, so a name is spelled once.
 
 Layout of a sweep in MLflow (schema ``SCHEMA_VERSION``):
 
@@ -59,7 +59,7 @@ FINAL_TOKENS = "final/tokens"
 TRACKED = (TRAIN_LOSS, VAL_LOSS, "lr", "grad_norm", "tokens_per_s", "balance/loss", "balance/load_cv",
            "balance/dead_frac", "balance/maxvio", "balance/dropped_frac", "router/entropy", "router/z",
            "trial/restored_from", "trial/corrupt_checkpoints")
-# per-MoE-layer curves: <prefix>layer_<l> (moue_core.train, the load metrics of a mark interval)
+# per-MoE-layer curves: <prefix>layer_<l> (moue.train, the load metrics of a mark interval)
 LAYER_METRICS = ("balance/maxvio/", "balance/load_entropy/")
 # cooldown branches (train.cooldown_at): cooldown/<t>/{val_loss,tokens,flops,branch_tokens} at the mark
 # after the branch ran, and every branch again as final/cooldown/<t>/* with the final metrics

@@ -29,14 +29,14 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from moue_core.config import ModelConfig
-from moue_core.convert import WindowSchedule
-from moue_core.counting import Counts, count
-from moue_core.data import BatchSampler, load_corpus, validation_set
-from moue_core.errors import ConfigError
-from moue_core.model import MoUEModel
-from moue_core.tracking_contract import FINAL_TOKENS, FINAL_VAL_LOSS, VAL_LOSS
-from moue_core.trial_config import TrainConfig, TrialConfig, cooldown_lr, lr_at
+from moue.config import ModelConfig
+from moue.convert import WindowSchedule
+from moue.counting import Counts, count
+from moue.data import BatchSampler, load_corpus, validation_set
+from moue.errors import ConfigError
+from moue.model import MoUEModel
+from moue.tracking_contract import FINAL_TOKENS, FINAL_VAL_LOSS, VAL_LOSS
+from moue.trial_config import TrainConfig, TrialConfig, cooldown_lr, lr_at
 
 __all__ = ["TrainConfig", "TrialConfig", "TrialResult", "Mark", "Sink", "NullSink", "train", "lr_at",
            "CHECKPOINT_VERSION"]
@@ -63,7 +63,7 @@ class TrialResult:
 
     def as_metrics(self) -> dict[str, Any]:
         """The tracking names of the end state: ``final/*`` and ``status`` for a finished trial,
-        ``status`` and ``stop_reason`` for a diverged one (``moue_core.tracking_contract``)."""
+        ``status`` and ``stop_reason`` for a diverged one (``moue.tracking_contract``)."""
         if self.status != "finished":
             return {"status": self.status, "stop_reason": self.stop_reason}
         return {FINAL_VAL_LOSS: self.final_val_loss, FINAL_TOKENS: self.tokens, "final/flops": self.flops,
@@ -150,7 +150,7 @@ def train(
     """Train one trial; report a ``Mark`` to ``sink`` at every mark; return how it ended.
 
     Changes no process-wide state: a process that runs trials opts in once to the allocator
-    tuning and its thread count with ``moue_core.runtime.configure_process(cfg.train.threads)``
+    tuning and its thread count with ``moue.runtime.configure_process(cfg.train.threads)``
     (the sweep's workers, ``moue train`` and the benchmarks do)."""
     run = _Run(cfg, cache_dir=cache_dir, resume=resume)
     sink = sink or NullSink()

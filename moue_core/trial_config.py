@@ -3,7 +3,7 @@
 Pure Python (no torch): search spaces, spec loading and ``--dry-run`` import and validate trial
 configs without it. Every config is frozen and validated in ``__post_init__``; a dict (TOML,
 ``--set``, Tune's config) becomes one at the edge, ``TrialConfig.from_dict``, with the one-line
-``ConfigError`` of ``moue_core.fields`` for unknown keys, wrong types and out-of-range values.
+``ConfigError`` of ``moue.fields`` for unknown keys, wrong types and out-of-range values.
 Rules that involve two sections (context length against the RoPE table, widening against the
 window) live in ``TrialConfig`` itself; nothing restates them elsewhere.
 """
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from moue_core.config import ModelConfig
-from moue_core.counting import CONVENTION
-from moue_core.errors import ConfigError
-from moue_core.fields import build, choice, integer, is_int, number
+from moue.config import ModelConfig
+from moue.counting import CONVENTION
+from moue.errors import ConfigError
+from moue.fields import build, choice, integer, is_int, number
 
 __all__ = ["TrainConfig", "DataConfig", "ConvertConfig", "TrialConfig", "lr_at", "cooldown_lr", "SECTIONS", "SCHEDULES",
            "DEVICES", "ROUTER_INITS", "TOKEN_DTYPES", "CONVERTED_IN_TRIAL", "CORPUS_ALLOWED"]
@@ -28,7 +28,7 @@ SECTIONS = ("model", "train", "data", "convert")
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
 COOLDOWN_SHAPES = ("linear", "1-sqrt")
-ROUTER_INITS = ("zero", "copy")  # moue_core.convert.widen_layerwise
+ROUTER_INITS = ("zero", "copy")  # moue.convert.widen_layerwise
 TOKEN_DTYPES = ("uint16", "uint32")
 CONVERTED_IN_TRIAL = "layerwise base (converted in the trial)"  # train.init_from as logged before the worker converts
 CORPUS_ALLOWED = "must be an existing file or folder, 'stdlib', or 'hf:<name>'"
@@ -63,7 +63,7 @@ class TrainConfig:
     # wsd: cooldown branches (Hägele et al. 2024): at each of these token counts of the stable phase
     # a copy of the run decays to min_lr_ratio * lr over cooldown_frac of the tokens seen, and its
     # final validation loss is reported as the point (N, D = t * (1 + cooldown_frac)); the main
-    # run continues unchanged (moue_core.train)
+    # run continues unchanged (moue.train)
     cooldown_at: tuple[int, ...] = ()
     cooldown_frac: float = 0.2
     cooldown_shape: Literal["linear", "1-sqrt"] = "linear"
@@ -153,7 +153,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Which corpus, how it is split, and the batch-order seed (the sources: ``moue_core.data``).
+    """Which corpus, how it is split, and the batch-order seed (the sources: ``moue.data``).
 
     ``corpus`` paths are made absolute here (trials may run in another working directory).
     ``seed`` only orders training batches; the split and the validation set never depend on it.
@@ -201,7 +201,7 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class ConvertConfig:
     """The trial starts from its study's layerwise base, converted to this model's ring and widened
-    to ``model.window`` (``moue_core.convert.widen_layerwise``); the worker writes that checkpoint
+    to ``model.window`` (``moue.convert.widen_layerwise``); the worker writes that checkpoint
     and sets ``train.init_from`` to it. ``router_init``: the new window rows of each layer's router
     start at zero or copied from the expert's owner layer."""
 

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile report of the Triton MoE kernels (``moue_core.triton_moe``): what can be
+"""Ahead-of-time compile report of the Triton MoE kernels (``moue.triton_moe``): what can be
 checked about the GPU path on a machine without a GPU (registers, spills, shared memory, software
 pipelining, tensor-core instructions), for ``moue bench moe`` and the tests.
 """
@@ -12,7 +12,7 @@ import tempfile
 
 import triton
 
-from moue_core.triton_moe import BLOCK_P, KERNELS, SMALL, Blocks
+from moue.triton_moe import BLOCK_P, KERNELS, SMALL, Blocks
 
 __all__ = ["compile_report"]
 

@@ -1,6 +1,6 @@
 """Triton kernels for the routed experts (the GPU path of docs/MODEL.md section 5).
 
-Tokens arrive sorted by expert (``moue_core.moe.dispatch`` does the one argsort): ``token_S`` is
+Tokens arrive sorted by expert (``moue.moe.dispatch`` does the one argsort): ``token_S`` is
 the token row of each of the ``S = T*k`` routed slots, ``offs_P`` the cumulative end of each
 expert's group, ``gates_S`` the gate of each slot. Two kernels then do the whole expert compute:
 
@@ -30,12 +30,12 @@ per scan step in both): bf16 (or fp32) inputs, fp32 accumulation, output in the 
   d = 1024, f = 512, 64 experts, k = 8): ``BLOCK_M = 128``, ``BLOCK_K = 64``, 8 warps, 3 stages;
   ``BLOCK_N = 64`` in the first kernel (it keeps two accumulators, gate and up) and 128 in the
   second. Bigger row tiles halve the reloads of the expert weights per token row. Compiled for the
-  large shape (``moue_core.triton_aot.compile_report``): 126 / 112 registers, 97 KiB shared, pipelined ``cp.async``
+  large shape (``moue.triton_aot.compile_report``): 126 / 112 registers, 97 KiB shared, pipelined ``cp.async``
   loads on sm_90a; 192 / 196 registers, 64 KiB on sm_80. ``BLOCK_N = 128`` in the first kernel
   was rejected: it spills 3.6 KB of registers per thread on sm_80 and sits at 255 on sm_90a.
 
 Both compile for sm_80 (``mma``) and sm_90a (``wgmma``) without a GPU through Triton's AOT path;
-:func:`moue_core.triton_aot.compile_report` gives registers, spills (local memory) and shared memory per kernel from the
+:func:`moue.triton_aot.compile_report` gives registers, spills (local memory) and shared memory per kernel from the
 cubin (``cuobjdump -res-usage``), and the tests require no spills and a tensor-core instruction in
 the PTX. Whether the LARGE tiles are the fastest on an H100 is for ``moue bench moe --device cuda``
 to say; without a GPU nothing here has been timed.
@@ -197,7 +197,7 @@ class TritonExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_SD):
-        from moue_core.grouped import grouped_mm
+        from moue.grouped import grouped_mm
 
         x_TD, token_S, gates_S, w_in, w_out, offs_P = ctx.saved_tensors
         with torch.enable_grad():

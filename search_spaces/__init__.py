@@ -23,13 +23,13 @@ studies and what it holds fixed).
 
 from __future__ import annotations
 
-from moue_core.errors import ConfigError
-from search_spaces._space import SEARCH_PREFIX, Space
-from search_spaces.constraints import check_point, prune, train_defaults
-from search_spaces.spaces import conversion, depth, ladder, lr, pool_size, rotation, router_balance
-from search_spaces.spaces import virtual_width as _virtual_width
-from search_spaces.spaces.conversion import layerwise_base
-from search_spaces.matching import (
+from moue.errors import ConfigError
+from moue.search_spaces._space import SEARCH_PREFIX, Space
+from moue.search_spaces.constraints import check_point, prune, train_defaults
+from moue.search_spaces.spaces import conversion, depth, ladder, lr, pool_size, rotation, router_balance
+from moue.search_spaces.spaces import virtual_width as _virtual_width
+from moue.search_spaces.spaces.conversion import layerwise_base
+from moue.search_spaces.matching import (
     active_params,
     counts,
     match_expert_hidden,

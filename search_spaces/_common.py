@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from search_spaces.constraints import model_value
+from moue.search_spaces.constraints import model_value
 
 __all__ = ["half_up", "multiple_of_4", "listed", "layerwise_topology", "stride_from_overlap"]
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from moue_core.errors import ConfigError
-from moue_core.fields import is_int
-from search_spaces.constraints import check_point
+from moue.errors import ConfigError
+from moue.fields import is_int
+from moue.search_spaces.constraints import check_point
 
 if TYPE_CHECKING:  # optuna is only a type here: search spaces never import it
     import optuna

@@ -5,7 +5,7 @@ on top of a study's fixed settings. ``check_point(flat)`` takes the merged dict 
 or one line saying why it cannot run: whatever ``TrialConfig`` rejects (its model, training, data
 and conversion sections and the rules between them: ``top_k <= window <= pool_size``, context no
 longer than the RoPE table, a budget of at least one step, widening with a window to widen; see
-``moue_core.config`` and ``moue_core.trial_config``), with one rule of its own: search spaces
+``moue.config`` and ``moue.trial_config``), with one rule of its own: search spaces
 reject an expert no layer can reach (a dead expert skews every parameter-matched comparison).
 
 Nothing here restates a rule or copies a default: the configs are pure Python and validate
@@ -19,10 +19,10 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from moue_core.config import ModelConfig
-from moue_core.errors import ConfigError
-from moue_core.topology import Topology
-from moue_core.trial_config import ROUTER_INITS, SECTIONS, TrainConfig, TrialConfig
+from moue.config import ModelConfig
+from moue.errors import ConfigError
+from moue.topology import Topology
+from moue.trial_config import ROUTER_INITS, SECTIONS, TrainConfig, TrialConfig
 
 __all__ = ["check_point", "prune", "model_config", "model_value", "train_defaults", "train_value",
            "reaching_stride", "SECTIONS", "CONVERT_OPTIONS"]

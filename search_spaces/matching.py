@@ -1,6 +1,6 @@
 """Matched comparisons (docs/MODEL.md section 6): iso-active and iso-total helpers, from honest counts.
 
-Every number comes from ``moue_core.counting.count`` (pure Python), so a helper and the logged
+Every number comes from ``moue.counting.count`` (pure Python), so a helper and the logged
 ``derived.*`` params can never disagree. Counts exclude embeddings (counting's convention).
 
 - ``match_expert_hidden(flat, target_active)``: the expert hidden size ``f`` (a multiple of 4, the
@@ -25,9 +25,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from moue_core.counting import Counts, count
-from moue_core.errors import ConfigError
-from search_spaces.constraints import model_config, model_value
+from moue.counting import Counts, count
+from moue.errors import ConfigError
+from moue.search_spaces.constraints import model_config, model_value
 
 __all__ = ["counts", "active_params", "total_params", "virtual_width", "match_expert_hidden",
            "match_router_state", "match_pool_size", "topology_family"]

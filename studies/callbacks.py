@@ -1,6 +1,6 @@
 """What runs on the driver during a sweep: the MLflow writer and the progress line, as Tune callbacks.
 
-``MlflowCallback`` is the only writer to MLflow (``studies.tracking``): one parent run per sweep,
+``MlflowCallback`` is the only writer to MLflow (``moue.studies.tracking``): one parent run per sweep,
 one child per trial, batched logging, final status tags, a write queue that survives a tracking
 server outage; picklable, so ``Tuner.restore`` brings it back and it re-attaches to the same
 runs. ``ProgressCallback`` replaces Ray's tables with its own display, redrawn in place on a terminal.
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from ray import tune
 
-from moue_core.tracking_contract import TRAIN_LOSS, VAL_LOSS, is_tracked
-from studies.estimate import human_duration
-from studies.spec import Study
-from studies.trainable import TIME_ATTR
-from studies.plan import trial_params
+from moue.tracking_contract import TRAIN_LOSS, VAL_LOSS, is_tracked
+from moue.studies.estimate import human_duration
+from moue.studies.spec import Study
+from moue.studies.trainable import TIME_ATTR
+from moue.studies.plan import trial_params
 
 __all__ = ["MlflowCallback", "ProgressCallback", "trial_params"]
 
@@ -70,7 +70,7 @@ class MlflowCallback(tune.Callback):
     @property
     def tracker(self):
         if self._tracker is None:
-            from studies.tracking import Tracker, environment_info
+            from moue.studies.tracking import Tracker, environment_info
 
             tracker = Tracker(tracking_uri=self.tracking_uri, experiment=self.study.experiment,
                               description=self.study.description)
@@ -189,7 +189,7 @@ class MlflowCallback(tune.Callback):
 
 
 def _eta_text(s: float) -> str:
-    """The time left: to the second under 10 minutes, then as ``studies.estimate`` says it."""
+    """The time left: to the second under 10 minutes, then as ``moue.studies.estimate`` says it."""
     if 120 <= s < 600:
         return f"{int(s // 60)} min {int(s % 60)} s"
     return human_duration(s)
@@ -204,7 +204,7 @@ class ProgressCallback(tune.Callback):
     redrawn in place (rich). Elsewhere (a log file, a pipe) one line every 5 s.
 
     The time left follows the work done: tokens trained, each weighted by its trial's cost per
-    token (``token_cost``, by ``point_key``: studies.estimate's ``c0 + f / R``, so a token of a
+    token (``token_cost``, by ``point_key``: moue.studies.estimate's ``c0 + f / R``, so a token of a
     large model counts for more; 1 without it), with the unused budget of a stopped trial taken
     out of the plan. With the dry run's estimate of the sweep's wall time (``estimate_s``) the rate
     starts at the estimate's and moves to the measured one as the sweep runs (the estimate weighs
@@ -386,7 +386,7 @@ class ProgressCallback(tune.Callback):
         if row is None:
             name, family, active, budget = trial.trial_id, "", None, self._budget(trial)
             if self.study is not None:
-                from studies.plan import model_family
+                from moue.studies.plan import model_family
 
                 try:
                     plan = self.study.plan(trial.config)

@@ -17,11 +17,11 @@ CHECKPOINT_FILE, CHECKSUM_FILE = "state.pt", "state.sha256"
 
 
 def write_checkpoint(directory: Path, state: dict) -> None:
-    """``state.pt`` written atomically (``studies.trial.save_checkpoint``), with its SHA-256 beside
+    """``state.pt`` written atomically (``moue.studies.trial.save_checkpoint``), with its SHA-256 beside
     it (checked on every load)."""
     import hashlib
 
-    from studies.trial import save_checkpoint
+    from moue.studies.trial import save_checkpoint
 
     save_checkpoint(directory / CHECKPOINT_FILE, state)
     (directory / CHECKSUM_FILE).write_text(hashlib.sha256((directory / CHECKPOINT_FILE).read_bytes()).hexdigest())

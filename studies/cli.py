@@ -13,8 +13,8 @@ from pathlib import Path
 
 import typer
 
-from moue_core import tracking_contract
-from moue_core.errors import ConfigError
+from moue import tracking_contract
+from moue.errors import ConfigError
 
 app = typer.Typer(
     name="moue",
@@ -37,7 +37,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from studies.workspace import SweepInterrupted
+        from moue.studies.workspace import SweepInterrupted
 
         try:
             return fn(*args, **kwargs)
@@ -81,7 +81,7 @@ def bench_moe_cmd(
         _print_compile_report()
         raise typer.Exit(0)
     if device == "cuda":
-        from moue_core.bench import bench_moe_cuda
+        from moue.bench import bench_moe_cuda
 
         result = bench_moe_cuda(repeats=repeats)
         if json_out:
@@ -93,7 +93,7 @@ def bench_moe_cmd(
                        f"w={r['window']:>3} k={r['top_k']}  triton {1 / r['ratio_triton']:.3f} ({r['blocks']} tiles)  "
                        f"grouped_mm {1 / r['ratio_grouped_mm']:.3f}")
         return
-    from moue_core.bench import bench_moe
+    from moue.bench import bench_moe
 
     result = bench_moe(repeats=repeats)
     if json_out:
@@ -113,8 +113,8 @@ def _print_compile_report() -> None:
     """What can be checked without a GPU: the bf16 kernels compiled for an H100 (sm_90a)."""
     import warnings
 
-    from moue_core import triton_aot
-    from moue_core import triton_moe as tm
+    from moue import triton_aot
+    from moue import triton_moe as tm
 
     typer.echo("the bf16 Triton kernels compiled ahead of time for sm_90a (H100), no GPU needed:")
     for blocks_name in ("SMALL", "LARGE"):
@@ -149,7 +149,7 @@ def train_cmd(
 
     Example: moue train studies/trials/quickstart.toml --set model.router=norm --set train.tokens=262144
     """
-    from studies.trial import load_checkpoint, load_trial, save_checkpoint
+    from moue.studies.trial import load_checkpoint, load_trial, save_checkpoint
 
     cfg = load_trial(config, set_)
     run_name = name or (config.stem if config else "trial")
@@ -165,7 +165,7 @@ def train_cmd(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from moue_core.train import train
+    from moue.train import train
 
     total = cfg.train.steps * cfg.train.batch_tokens
 
@@ -182,7 +182,7 @@ def train_cmd(
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"),
                   TextColumn("val {task.fields[val]}"), TimeRemainingColumn()) as progress:
         task = progress.add_task(run_name, total=total, val="-")
-        from moue_core.runtime import configure_process
+        from moue.runtime import configure_process
 
         configure_process(cfg.train.threads)
         result = train(cfg, ProgressSink(progress, task), cache_dir=workspace.resolve() / "cache", resume=state)
@@ -216,9 +216,9 @@ def bench_cooldown_cmd(
 
     Example: moue bench cooldown --json
     """
-    from moue_core.bench import bench_cooldown
-    from moue_core.runtime import configure_process
-    from studies.trial import load_trial
+    from moue.bench import bench_cooldown
+    from moue.runtime import configure_process
+    from moue.studies.trial import load_trial
 
     cfg = load_trial(config)
     configure_process(cfg.train.threads)
@@ -247,8 +247,8 @@ def bench_train_cmd(
 
     Example: moue bench train --json
     """
-    from moue_core.bench import bench_train
-    from studies.trial import load_trial
+    from moue.bench import bench_train
+    from moue.studies.trial import load_trial
 
     cfg = load_trial(config)
     result = bench_train(cfg, steps=steps, cache_dir=workspace.resolve() / "cache")
@@ -290,10 +290,10 @@ def run_cmd(
 
     Example: moue run studies/quickstart.toml
     """
-    from analysis.report import write_report
-    from studies.runner import Workspace, sweep_name
-    from studies.spec import load_study
-    from studies.stages import run_stages
+    from moue.analysis.report import write_report
+    from moue.studies.runner import Workspace, sweep_name
+    from moue.studies.spec import load_study
+    from moue.studies.stages import run_stages
 
     study = load_study(spec, smoke=smoke, as_name=_sweep_as(spec, name, new, workspace, smoke))
     ws = Workspace.at(workspace)
@@ -307,7 +307,7 @@ def run_cmd(
     # the fits' notes come back as res.notes (nothing is warned), printed once below
     res = write_report(study.experiment, tracking_uri=outcome.tracking_uri, output=out, laws=study.laws,
                        parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0, lr_rule=staged.rule)
-    from studies.tracking import log_study_summary
+    from moue.studies.tracking import log_study_summary
 
     best = log_study_summary(outcome.tracking_uri, outcome.parent_run_id, statuses=outcome.statuses, fits=res.fits,
                              headline=res.headline, skipped=res.skipped)
@@ -362,7 +362,7 @@ def _nested_params(fit) -> tuple[str, ...]:
 
 def _print_laws(fits) -> None:
     """Identified laws first, as results; the others apart, with their reasons, never as a result."""
-    from analysis.report import law_lines
+    from moue.analysis.report import law_lines
 
     for line in law_lines(fits):
         typer.echo(line)
@@ -386,7 +386,7 @@ def sweep_cmd(
 
     Example: moue sweep studies/smoke.toml --dry-run
     """
-    from studies.spec import load_study
+    from moue.studies.spec import load_study
 
     as_name = _sweep_as(spec, name, new, workspace, smoke)
     study = load_study(spec, smoke=smoke, as_name=as_name)
@@ -400,8 +400,8 @@ def sweep_cmd(
         _print_outcome(_sweep(study, workspace=workspace, resume=resume, address=address, storage=storage,
                               tracking_uri=tracking_uri))
         return
-    from studies.runner import Workspace
-    from studies.stages import run_stages
+    from moue.studies.runner import Workspace
+    from moue.studies.stages import run_stages
 
     staged = run_stages(study, workspace=Workspace.at(workspace), echo=typer.echo,
                         sweep=lambda s, resume_: _shown(_sweep(s, workspace=workspace, resume=resume_, address=address,
@@ -416,8 +416,8 @@ def _sweep_as(spec: Path, name: str | None, new: bool, workspace: Path, smoke: b
         fail(f"--new ({new}) and --name ({name!r}) exclude each other: --new picks a name, --name gives one")
     if not new:
         return name
-    from studies.spec import load_study
-    from studies.workspace import Workspace
+    from moue.studies.spec import load_study
+    from moue.studies.workspace import Workspace
 
     base = load_study(spec, smoke=smoke).name
     ray = Workspace.at(workspace).ray
@@ -431,11 +431,11 @@ def _sweep_as(spec: Path, name: str | None, new: bool, workspace: Path, smoke: b
 
 
 def _sweep(study, *, workspace: Path, resume: bool, address, storage, tracking_uri):
-    from studies import reaper
-    from studies.runner import Workspace, run_sweep
+    from moue.studies import reaper
+    from moue.studies.runner import Workspace, run_sweep
 
     if tracking_uri:
-        from studies.tracking import check_tracking_uri
+        from moue.studies.tracking import check_tracking_uri
 
         check_tracking_uri("--tracking-uri", tracking_uri)
     for family, why in study.lost_families():
@@ -459,7 +459,7 @@ def _print_outcome(outcome) -> None:
 
 
 def _print_dry_run(study) -> None:
-    from studies.runner import dry_run
+    from moue.studies.runner import dry_run
 
     rows, totals = dry_run(study)
     typer.echo(f"study {study.name}{' (smoke)' if study.smoke else ''}: space {study.search.space}, "
@@ -482,11 +482,11 @@ def _print_dry_run(study) -> None:
 
 
 def _estimate_line(study, plans) -> str:
-    """The sweep's estimated wall time on this machine (``studies.estimate``), or why there is none."""
+    """The sweep's estimated wall time on this machine (``moue.studies.estimate``), or why there is none."""
     import os
 
-    from studies.estimate import estimate_sweep, on_gpu
-    from studies.runner import concurrency_of
+    from moue.studies.estimate import estimate_sweep, on_gpu
+    from moue.studies.runner import concurrency_of
 
     if on_gpu(plans):
         return "estimated wall time: none (the trials run on a GPU; the estimate times CPU steps)"
@@ -501,7 +501,7 @@ def studies_cmd() -> None:
     """
     import tomllib
 
-    from studies.spec import shipped_studies
+    from moue.studies.spec import shipped_studies
 
     for path in shipped_studies():
         doc = tomllib.loads(path.read_text())
@@ -532,7 +532,7 @@ def ui_cmd(
         fail(f"--workspace ({str(workspace)!r}) has no mlflow.db yet; run a sweep first")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
            "--host", host, "--port", str(port)]
-    from studies import reaper
+    from moue.studies import reaper
 
     reaper.start()  # the server and its workers end with this command, however it ends
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -595,8 +595,8 @@ def bench_sweep_cmd(
     """
     import tempfile
 
-    from studies.runner import Workspace, run_sweep
-    from studies.spec import load_study
+    from moue.studies.runner import Workspace, run_sweep
+    from moue.studies.spec import load_study
 
     import contextlib
 
@@ -636,7 +636,7 @@ def convert_cmd(
     blob = _load_checkpoint(checkpoint, output)
     import torch
 
-    from moue_core import ModelConfig, convert_layerwise
+    from moue import ModelConfig, convert_layerwise
 
     source = ModelConfig.from_dict(blob["config"])
     cfg, state = convert_layerwise(blob["model"], source, target_window=window, router_init=router_init)
@@ -681,7 +681,7 @@ def upcycle_cmd(
     blob = _load_checkpoint(checkpoint, output)
     import torch
 
-    from moue_core import ModelConfig, upcycle_dense
+    from moue import ModelConfig, upcycle_dense
 
     source = ModelConfig.from_dict(blob["config"])
     changes: dict = {"ffn": "moe", "expert_hidden": source.dense_hidden}
@@ -700,7 +700,7 @@ def upcycle_cmd(
                f"from the dense FFN, noise {noise}")
 
 
-from analysis.cli import register as _register_analysis  # noqa: E402 - cheap: analysis imports lazily
+from moue.analysis.cli import register as _register_analysis  # noqa: E402 - cheap: analysis imports lazily
 
 _register_analysis(app, bench_app)
 

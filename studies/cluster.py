@@ -29,7 +29,7 @@ import stat
 import sys
 from pathlib import Path
 
-from moue_core.errors import ConfigError
+from moue.errors import ConfigError
 
 __all__ = ["TOKEN_FILE", "ensure_token", "local_cluster_env", "ray_init", "check_state_trust"]
 

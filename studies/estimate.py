@@ -54,8 +54,8 @@ def step_cost(cfg, *, steps: int = 3) -> float:
     import torch
     import torch.nn.functional as F
 
-    from moue_core.model import MoUEModel
-    from moue_core.runtime import set_threads
+    from moue.model import MoUEModel
+    from moue.runtime import set_threads
 
     tc = cfg.train
     threads = torch.get_num_threads()

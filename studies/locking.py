@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from moue_core.errors import ConfigError
+from moue.errors import ConfigError
 
 __all__ = ["LOCK_FILE", "hold"]
 

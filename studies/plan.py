@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from moue_core.counting import Counts, count
-from moue_core.tracking_contract import CONFIG_PARAM, SEED
-from moue_core.trial_config import TrialConfig
+from moue.counting import Counts, count
+from moue.tracking_contract import CONFIG_PARAM, SEED
+from moue.trial_config import TrialConfig
 
 __all__ = ["TrialPlan", "plan_trial", "resolve_trial", "trial_point", "trial_params", "model_family"]
 
@@ -33,7 +33,7 @@ class TrialPlan:
 
     point: Mapping[str, Any]  # the searched settings (seeds included): what sets this trial apart
     config: TrialConfig  # validated; the only thing the worker trains from
-    counts: Counts  # parameter counts, virtual width and compute (``moue_core.counting``)
+    counts: Counts  # parameter counts, virtual width and compute (``moue.counting``)
 
     @property
     def params(self) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """The sweep: a study on Ray Tune (Optuna search, ASHA), every trial logged to MLflow.
 
 One adapter per framework and no wrapper hierarchy (STYLE.md). The seams, one module each:
-``studies.workspace`` (where things live, a trial's resolved settings), ``studies.trainable``
-(what runs in a Ray worker), ``studies.callbacks`` (the driver's MLflow writer and progress line),
-``studies.checkpoints`` (write, verify, fall back, prune), ``studies.cluster`` (the Ray cluster),
-``studies.locking`` (one driver per workspace). This module plans and runs the sweep.
+``moue.studies.workspace`` (where things live, a trial's resolved settings), ``moue.studies.trainable``
+(what runs in a Ray worker), ``moue.studies.callbacks`` (the driver's MLflow writer and progress line),
+``moue.studies.checkpoints`` (write, verify, fall back, prune), ``moue.studies.cluster`` (the Ray cluster),
+``moue.studies.locking`` (one driver per workspace). This module plans and runs the sweep.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from typing import Any
 
 from ray import tune
 
-from moue_core.errors import ConfigError
-from studies.cluster import check_state_trust, ray_init
-from studies.locking import hold
-from studies.spec import Study
+from moue.errors import ConfigError
+from moue.studies.cluster import check_state_trust, ray_init
+from moue.studies.locking import hold
+from moue.studies.spec import Study
 
-from studies.callbacks import MlflowCallback, ProgressCallback
-from studies.checkpoints import prune_checkpoints
-from studies.trainable import METRIC, TIME_ATTR, train_conversion_base, trial_fn
-from studies.plan import resolve_trial, trial_params
-from studies.workspace import SweepInterrupted, Workspace, sweep_name
+from moue.studies.callbacks import MlflowCallback, ProgressCallback
+from moue.studies.checkpoints import prune_checkpoints
+from moue.studies.trainable import METRIC, TIME_ATTR, train_conversion_base, trial_fn
+from moue.studies.plan import resolve_trial, trial_params
+from moue.studies.workspace import SweepInterrupted, Workspace, sweep_name
 
 # the names other modules (and Tune's pickled state of earlier sweeps) find here
 __all__ = ["Workspace", "SweepOutcome", "SweepInterrupted", "run_sweep", "dry_run", "trial_fn", "MlflowCallback", "ProgressCallback",
@@ -53,7 +53,7 @@ class SweepOutcome:
 
 
 def _define(trial, *, space_name: str, fixed: dict, options: dict):
-    from search_spaces import get_space
+    from moue.search_spaces import get_space
 
     return get_space(space_name).define(trial, fixed, options)
 
@@ -71,7 +71,7 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or ``resume``) the study's sweep and return its outcome. One driver at a time holds
     the workspace (and a shared ``storage``); a second one exits 2 naming the holder."""
-    from studies.tracking import check_tracking_uri, probe_tracking_uri
+    from moue.studies.tracking import check_tracking_uri, probe_tracking_uri
 
     uri = tracking_uri or study.tracking_uri or workspace.tracking_uri
     field = "--tracking-uri" if tracking_uri else "tracking.tracking_uri"
@@ -129,7 +129,7 @@ def _check_resumable(study: Study, recorded) -> None:
         return
     import tomllib
 
-    from studies.spec import flatten_toml
+    from moue.studies.spec import flatten_toml
 
     try:
         before, after = flatten_toml(tomllib.loads(recorded.spec_text)), flatten_toml(tomllib.loads(study.source))
@@ -152,7 +152,7 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
                       storage_root: str, exp_dir: str, max_failures: int, progress_stream) -> SweepOutcome:
     # Ray warns when frequent checkpoints force experiment snapshots (with num_to_keep set); harmless
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from studies.tracking import parent_run_id
+    from moue.studies.tracking import parent_run_id
 
     name = sweep_name(study)
     done = _prior_state(study, resume=resume, uri=uri, exp_dir=exp_dir)
@@ -173,6 +173,9 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
                            progress_stream=progress_stream)
     t0 = time.time()
     if resume:
+        from moue.studies.legacy import install
+
+        install()  # a sweep saved before moue was one package pickled the old module names
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _new_tuner(study, trainable, storage_root=storage_root, callbacks=callbacks,
@@ -192,8 +195,8 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
         if isinstance(v, (int, float)) and math.isfinite(v):
             best = min(best, v)
     # the MLflow record says whether the sweep was interrupted: the driver's callback marked the
-    # trials it did not see end (and the parent) when the experiment ended (studies.callbacks)
-    from studies.tracking import sweep_state
+    # trials it did not see end (and the parent) when the experiment ended (moue.studies.callbacks)
+    from moue.studies.tracking import sweep_state
 
     state = sweep_state(uri, study.experiment, name)
     interrupted = state is not None and state[0] == "KILLED"
@@ -213,7 +216,7 @@ def _prior_state(study: Study, *, resume: bool, uri: str, exp_dir: str) -> dict[
     """Check that the sweep's Tune state matches ``--resume``; on resume, the trials the MLflow
     record holds as done (by trial id), after checking the state can be trusted and the spec is
     unchanged."""
-    from studies.tracking import recorded_sweep
+    from moue.studies.tracking import recorded_sweep
 
     name = sweep_name(study)
     exists = tune.Tuner.can_restore(exp_dir) if "://" in exp_dir or os.path.isdir(exp_dir) else False
@@ -232,7 +235,7 @@ def _prior_state(study: Study, *, resume: bool, uri: str, exp_dir: str) -> dict[
 def _callbacks(study: Study, workspace: Workspace, *, uri: str, exp_dir: str, total: int, concurrency: int,
                progress_stream) -> list[tune.Callback]:
     """The driver's MLflow writer (with the parent run's provenance tags) and progress line."""
-    from studies.tracking import git_info
+    from moue.studies.tracking import git_info
 
     parent_tags = {
         **git_info(Path(__file__).resolve().parent.parent), "moue.search": study.search.algorithm,
@@ -258,12 +261,12 @@ ETA_TIMING_FLOPS = 1e12  # a grid of more compute gets a cost-weighted ETA (two 
 
 def _eta_basis(study: Study, concurrency: int) -> tuple[dict[str, float] | None, float | None]:
     """What the progress display's time left starts from: each grid point's planned work (its
-    tokens at its cost per token, ``c0 + f / R`` timed here by ``studies.estimate``; evaluations
+    tokens at its cost per token, ``c0 + f / R`` timed here by ``moue.studies.estimate``; evaluations
     and branches included), so a large model's tokens count for more than a small one's, and the
     dry run's estimate of the sweep's wall time. ``(None, None)`` (tokens alone, the measured rate)
     for a search, a GPU study, or a grid under ``ETA_TIMING_FLOPS`` (seconds: not worth the timing)."""
-    from studies.callbacks import point_key
-    from studies.estimate import cost_line, estimate_sweep, on_gpu, trial_tokens
+    from moue.studies.callbacks import point_key
+    from moue.studies.estimate import cost_line, estimate_sweep, on_gpu, trial_tokens
 
     plans = study.plans if study.search.algorithm == "grid" else []
     if not plans or sum(p.compute for p in plans) < ETA_TIMING_FLOPS or on_gpu(plans):
@@ -318,7 +321,7 @@ def _new_tuner(study: Study, trainable, *, storage_root: str, callbacks: list, c
 
 def _corpus_fingerprint(study: Study, workspace: Workspace) -> str:
     """Build (or reuse) the study's corpus cache on the driver once, before trials race for it."""
-    from moue_core.data import DataConfig, load_corpus
+    from moue.data import DataConfig, load_corpus
 
     data = {k.partition(".")[2]: v for k, v in study.fixed.items() if k.startswith("data.")}
     data.pop("seed", None)
@@ -330,7 +333,7 @@ def _corpus_fingerprint(study: Study, workspace: Workspace) -> str:
 
 def dry_run(study: Study) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each trial's settings with its counts and compute, and the totals; launches nothing."""
-    from studies.spec import family_of, preview_points
+    from moue.studies.spec import family_of, preview_points
 
     if study.search.algorithm == "grid":
         points, plans = study.points, study.plans

@@ -35,7 +35,7 @@ Format (every table but ``[search]`` and ``[budget]`` optional; see ``studies/*.
     laws = ["compute", "vw_additive"]    # analysis.LAWS names
 
     [space]                              # options of the search space (search_spaces.<space>.defaults)
-    [lr_stage]                           # ladder only: tune the LR per size first (studies.stages)
+    [lr_stage]                           # ladder only: tune the LR per size first (moue.studies.stages)
     multipliers = [0.25, 0.5, 1, 2, 4]   # each size at these multiples of its rule's LR
     tokens_per_param = 5.0               # the stage's (short) trials
     families = ["layerwise"]             # the stage's families (default: the study's first)
@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moue_core.errors import ConfigError
-from moue_core.fields import is_int
+from moue.errors import ConfigError
+from moue.fields import is_int
 
 __all__ = ["Study", "LrStageSpec", "STAGES", "SearchSpec", "SchedulerSpec", "ResourcesSpec", "load_study", "STUDIES_DIR", "shipped_studies",
            "flatten_toml"]
@@ -95,7 +95,7 @@ class ResourcesSpec:
 @dataclass(frozen=True, kw_only=True)
 class LrStageSpec:
     """``[lr_stage]``: each ladder size at ``multipliers`` of its rule's LR for ``tokens_per_param``
-    tokens per parameter; ``moue run`` fits ``lr = c N^-exponent`` to it (``analysis.lr_rule``) and
+    tokens per parameter; ``moue run`` fits ``lr = c N^-exponent`` to it (``moue.analysis.lr_rule``) and
     runs the main trials at that rule."""
 
     multipliers: tuple[float, ...]
@@ -126,7 +126,7 @@ class Study:
     points: list[dict[str, Any]] = field(default_factory=list)  # grid: resolved points (seed included)
     pruned: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     budgets: tuple[int, ...] = ()  # every token budget, ascending (one entry unless [budget] lists several)
-    plans: tuple = ()  # grid: one studies.plan.TrialPlan per point, in the order of ``points``
+    plans: tuple = ()  # grid: one moue.studies.plan.TrialPlan per point, in the order of ``points``
     lr_stage: LrStageSpec | None = None  # [lr_stage] (main stage; None in the LR stage itself)
     stage: str = "main"
     lr_rule_file: str = ""  # main stage of a study with [lr_stage]: the fitted rule it runs at
@@ -135,7 +135,7 @@ class Study:
     def plan(self, config: dict[str, Any]):
         """The ``TrialPlan`` of the trial Tune configured with ``config`` (``{"point": {...}}`` for
         grids, the sampler's suggestion otherwise): the one place a trial's config is decided."""
-        from studies.plan import plan_trial
+        from moue.studies.plan import plan_trial
 
         return plan_trial(self, config)
 
@@ -168,7 +168,7 @@ class Study:
 
 
 def _train_default(name: str) -> Any:
-    from moue_core.trial_config import TrainConfig
+    from moue.trial_config import TrainConfig
 
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
 
@@ -280,7 +280,7 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
                   + ("-smoke" if smoke else ""))  # smoke runs never mix in
     laws = _laws(a)
 
-    from search_spaces import get_space
+    from moue.search_spaces import get_space
 
     space = get_space(search.space)
     options = space.options(space_options)  # defaults < [space]
@@ -343,7 +343,7 @@ def _resources_spec(r: dict[str, Any]) -> ResourcesSpec:
 
 
 def _laws(a: dict[str, Any]) -> list[str]:
-    from analysis.laws import LAWS  # pure Python registry (no scipy at import)
+    from moue.analysis.laws import LAWS  # pure Python registry (no scipy at import)
 
     laws = a.get("laws", ["compute"])
     for law in laws:
@@ -514,7 +514,7 @@ def _scheduler_spec(c: dict, budgets: tuple[int, ...]) -> SchedulerSpec:
 def _resolve_points(study: Study, space) -> Study:
     """Grid: every point at every budget, pruned by the space and the constraints, times the seeds,
     each resolved into its plan. Samplers: the first points they would suggest are checked."""
-    from search_spaces import prune
+    from moue.search_spaces import prune
 
     if study.search.algorithm != "grid":
         for point in preview_points(study, 3):
@@ -539,7 +539,7 @@ def _resolve_points(study: Study, space) -> Study:
 def _check_placement(tracking_uri: str, fixed: dict[str, Any], resources: ResourcesSpec) -> None:
     """Where the study's records go and its trials run: a usable tracking URI, a GPU share for CUDA."""
     if tracking_uri:
-        from studies.tracking import check_tracking_uri
+        from moue.studies.tracking import check_tracking_uri
 
         check_tracking_uri("tracking.tracking_uri", tracking_uri)
     device = fixed.get("train.device", "auto")
@@ -585,8 +585,8 @@ def _probe_fixed(fixed: dict[str, Any]) -> None:
     searched settings are checked per point afterwards."""
     import warnings
 
-    from moue_core.config import ModelConfig
-    from moue_core.trial_config import DataConfig, TrialConfig
+    from moue.config import ModelConfig
+    from moue.trial_config import DataConfig, TrialConfig
 
     sections = {name: {k.partition(".")[2]: v for k, v in fixed.items() if k.startswith(name + ".")}
                 for name in ("model", "train", "data")}
@@ -621,7 +621,7 @@ def preview_points(study: Study, n: int) -> list[dict[str, Any]]:
     """The first ``n`` points the define-by-run space yields for this study's sampler seed."""
     import optuna
 
-    from search_spaces import get_space
+    from moue.search_spaces import get_space
 
     space = get_space(study.search.space)
     sampler = (optuna.samplers.RandomSampler(seed=study.search.seed) if study.search.algorithm == "random"
@@ -665,7 +665,7 @@ def _family(fixed: dict[str, Any], point: dict[str, Any]) -> str:
 
 def family_of(fixed: dict[str, Any], point: dict[str, Any]) -> str:
     """``layerwise``, ``unipool`` (one shared pool) or ``rotational``: the topology of a point."""
-    from search_spaces.constraints import model_value
+    from moue.search_spaces.constraints import model_value
 
     flat = {**fixed, **point}
     L, P, w, s = (model_value(flat, k) for k in ("n_layers", "pool_size", "window", "stride"))

@@ -5,7 +5,7 @@ A ladder with ``[lr_stage]`` tunes the learning rate per size before it spends i
 
 1. the LR stage (``load_study(..., stage="lr")``: every size of the stage's families at each
    multiplier of its rule's LR, short trials; experiment ``<name>_lr``),
-2. ``analysis.lr_rule`` on its finished runs: the optimum per size and ``lr = c N^-exponent``;
+2. ``moue.analysis.lr_rule`` on its finished runs: the optimum per size and ``lr = c N^-exponent``;
    a size whose best LR is the largest (smallest) scanned gets 2 more LRs past it (x2, x4 the
    edge multiplier), up to ``lr_stage.extend`` rounds, each round a sweep ``<name>_lr_up<k>_<hash>``
    / ``_down<k>_<hash>`` (the hash of its LRs and sizes) in the same experiment, then the rule is refitted on them all;
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from studies.runner import SweepOutcome, Workspace, sweep_name
-from studies.spec import Study, load_study
+from moue.studies.runner import SweepOutcome, Workspace, sweep_name
+from moue.studies.spec import Study, load_study
 
 __all__ = ["StagedOutcome", "run_stages", "rule_path"]
 
@@ -36,7 +36,7 @@ __all__ = ["StagedOutcome", "run_stages", "rule_path"]
 class StagedOutcome:
     main: SweepOutcome | None  # None when the LR stage stopped the study
     lr: SweepOutcome | None = None
-    rule: object | None = None  # analysis.lr_rule.LrRule
+    rule: object | None = None  # moue.analysis.lr_rule.LrRule
     rule_file: Path | None = None
     stopped: str = ""  # why the main stage did not run
 
@@ -63,7 +63,7 @@ def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bo
     echo(f"LR stage: {len(lr_study.points)} trials ({', '.join(f'{m:g}' for m in study.lr_stage.multipliers)} x "
          f"each size's LR, {study.lr_stage.tokens_per_param:g} tokens per parameter)")
     lr_out = run(lr_study)
-    from analysis.errors import AnalysisError
+    from moue.analysis.errors import AnalysisError
 
     try:
         rule = fit_stage_rule(lr_out, bootstrap=bootstrap)
@@ -103,7 +103,7 @@ def run_stages(study: Study, *, workspace: Workspace, sweep: Callable[[Study, bo
 def fit_stage_rule(lr_out: SweepOutcome, *, bootstrap: int = 1000):
     """The LR rule of a finished LR stage: the finished trials of its experiment (the scan and its
     extensions, each a sweep with its own parent run)."""
-    from analysis.lr_rule import rule_of_experiment
+    from moue.analysis.lr_rule import rule_of_experiment
 
     return rule_of_experiment(lr_out.experiment, tracking_uri=lr_out.tracking_uri, bootstrap=bootstrap)
 

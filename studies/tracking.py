@@ -38,7 +38,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from moue_core.tracking_contract import (DONE, KIND, KIND_STUDY, KIND_TRIAL, PARENT_RUN, SCHEMA, SCHEMA_VERSION, SEED,
+from moue.tracking_contract import (DONE, KIND, KIND_STUDY, KIND_TRIAL, PARENT_RUN, SCHEMA, SCHEMA_VERSION, SEED,
                                          FINAL_VAL_LOSS, STATUS, STATUSES, STOP_REASON, SWEEP_ID, TRIAL_ID, VAL_LOSS,
                                          search_runs)
 
@@ -49,7 +49,7 @@ ORPHAN_REASON = "sweep ended while the trial was running"
 _MAX_METRICS_PER_BATCH = 1000  # MLflow LogBatch limits (REST API docs: "Request Limits")
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow >= 2.x
-_DEDUP_KEY = VAL_LOSS  # reported at every mark (moue_core.train), so its last step is the floor
+_DEDUP_KEY = VAL_LOSS  # reported at every mark (moue.train), so its last step is the floor
 _VERSIONED = ("torch", "ray", "mlflow", "optuna", "polars", "numpy", "moue")
 
 
@@ -319,7 +319,7 @@ def check_tracking_uri(field: str, uri: str) -> str:
     database, or a tracking server. Raises ``ConfigError`` naming ``field`` otherwise."""
     from urllib.parse import urlsplit
 
-    from moue_core.errors import ConfigError
+    from moue.errors import ConfigError
 
     allowed = "must be sqlite:////abs/path/mlflow.db, postgresql://..., mysql://... or http(s)://host:port"
     if not isinstance(uri, str) or not uri or any(c.isspace() for c in uri) or "://" not in uri:
@@ -344,7 +344,7 @@ def probe_tracking_uri(field: str, uri: str, *, timeout: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
-    from moue_core.errors import ConfigError
+    from moue.errors import ConfigError
 
     if not uri.lower().startswith(("http://", "https://")):
         return

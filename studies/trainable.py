@@ -1,6 +1,6 @@
 """What runs in a Ray worker: one trial of a study (``trial_fn``) and its sink to Tune.
 
-Tune's flat config -> ``TrialConfig`` -> ``moue_core.train``, with a sink that turns each report
+Tune's flat config -> ``TrialConfig`` -> ``moue.train``, with a sink that turns each report
 into ``tune.report`` (+ a checkpoint) and resumes from the newest readable checkpoint after a
 worker failure or a driver restart; a trial the MLflow record holds as done replays its result.
 """
@@ -14,10 +14,10 @@ from typing import Any
 
 from ray import tune
 
-from moue_core.tracking_contract import FINAL_TOKENS, FINAL_VAL_LOSS, VAL_LOSS, is_tracked
-from studies.checkpoints import load_checkpoint, write_checkpoint
-from studies.spec import Study
-from studies.workspace import Workspace, sweep_name
+from moue.tracking_contract import FINAL_TOKENS, FINAL_VAL_LOSS, VAL_LOSS, is_tracked
+from moue.studies.checkpoints import load_checkpoint, write_checkpoint
+from moue.studies.spec import Study
+from moue.studies.workspace import Workspace, sweep_name
 
 __all__ = ["METRIC", "TIME_ATTR", "trial_fn", "train_conversion_base"]
 
@@ -32,7 +32,7 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_check
     reported once, so Tune, the searcher and the summary see it, and the tracker writes nothing."""
     import ray
 
-    from moue_core.train import train
+    from moue.train import train
 
     recorded = (done or {}).get(tune.get_context().get_trial_id())
     if recorded is not None:
@@ -48,7 +48,7 @@ def trial_fn(config: dict[str, Any], *, study: Study, cache_dir: str, base_check
         extra["trial/restored_from"] = int(state["step"]) * cfg.train.batch_tokens
     if corrupt:  # recorded: checkpoints skipped as unreadable (the work since the one used is redone)
         extra["trial/corrupt_checkpoints"] = corrupt
-    from moue_core.runtime import configure_process
+    from moue.runtime import configure_process
 
     configure_process(cfg.train.threads)  # this worker process trains: allocator and threads
     train(cfg, _TuneSink(extra), cache_dir=cache_dir, resume=state)
@@ -71,9 +71,9 @@ def _converted_checkpoint(cfg, base_checkpoint: str | None, cache_dir: str) -> s
     """The layerwise base widened to this trial's window (written once per window and router init)."""
     import torch
 
-    from moue_core.config import ModelConfig
-    from moue_core.convert import widen_layerwise
-    from studies.trial import save_checkpoint
+    from moue.config import ModelConfig
+    from moue.convert import widen_layerwise
+    from moue.studies.trial import save_checkpoint
 
     if base_checkpoint is None:
         raise RuntimeError("a conversion trial needs the layerwise base checkpoint")
@@ -91,9 +91,9 @@ def train_conversion_base(study: Study, workspace: Workspace) -> str:
     """Train the conversion study's layerwise base once (on the driver) for the study's budget."""
     import dataclasses as dc
 
-    from moue_core.train import NullSink, TrialConfig, train
-    from search_spaces import layerwise_base
-    from studies.trial import save_checkpoint
+    from moue.train import NullSink, TrialConfig, train
+    from moue.search_spaces import layerwise_base
+    from moue.studies.trial import save_checkpoint
 
     point = study.points[0] if study.points else {}
     base_flat = layerwise_base({**study.fixed, **point})
@@ -104,7 +104,7 @@ def train_conversion_base(study: Study, workspace: Workspace) -> str:
     path = workspace.root / "conversion" / f"{sweep_name(study)}-base.pt"
     if path.is_file():
         return str(path)
-    from moue_core.runtime import configure_process
+    from moue.runtime import configure_process
 
     configure_process(cfg.train.threads)
     sink = NullSink()

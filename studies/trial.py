@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from moue_core.errors import ConfigError
-from moue_core.train import TrialConfig
+from moue.errors import ConfigError
+from moue.train import TrialConfig
 
 __all__ = ["parse_override", "load_trial", "save_checkpoint", "load_checkpoint"]
 

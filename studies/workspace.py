@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from studies.spec import Study
+from moue.studies.spec import Study
 
 __all__ = ["SweepInterrupted", "Workspace", "sweep_name"]
 
@@ -50,7 +50,7 @@ def sweep_name(study: Study) -> str:
 class SweepInterrupted(Exception):
     """The sweep stopped before every trial ended (Ctrl-C): nothing may be fitted on it. Its
     trials are ``interrupted`` and its parent run KILLED; the next run resumes it. ``outcome`` is
-    the ``studies.runner.SweepOutcome`` (here, not there: every command's error handler catches it
+    the ``moue.studies.runner.SweepOutcome`` (here, not there: every command's error handler catches it
     without importing Ray)."""
 
     def __init__(self, outcome, *, not_started: int = 0) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from procs import kill_marked, launched, marked_env
 
-from moue_core.errors import ConfigError
-from studies.spec import load_study
+from moue.errors import ConfigError
+from moue.studies.spec import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = (ROOT / "studies" / "smoke.toml").read_text()
@@ -71,7 +71,7 @@ def test_unknown_train_key_does_not_offer_the_budget_keys(tmp_path) -> None:
 
 def test_config_errors_survive_pickling() -> None:
     """A ConfigError raised in a Ray worker reaches the driver as itself."""
-    from analysis.errors import AnalysisError
+    from moue.analysis.errors import AnalysisError
 
     for cls in (ConfigError, AnalysisError):
         back = pickle.loads(pickle.dumps(cls("train.device", "cuda", "needs CUDA")))
@@ -87,7 +87,7 @@ def _sweep(tmp_path: Path, text: str, *extra: str) -> tuple[subprocess.Completed
     env["PYTHONPATH"] = str(ROOT)
     t0 = time.time()
     try:
-        proc = subprocess.run([sys.executable, "-c", "from studies.cli import main; main()", "sweep", str(spec),
+        proc = subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", "sweep", str(spec),
                                "--workspace", str(ws), *extra], env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
         started = launched(mark)

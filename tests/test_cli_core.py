@@ -6,9 +6,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moue_core import LayerwiseMoEModel, ModelConfig, MoUEModel, layerwise_config
-from moue_core.bench import MoEShape, bench_moe
-from studies.cli import app
+from moue import LayerwiseMoEModel, ModelConfig, MoUEModel, layerwise_config
+from moue.bench import MoEShape, bench_moe
+from moue.studies.cli import app
 
 runner = CliRunner()
 
@@ -83,7 +83,7 @@ def test_console_entry_turns_config_errors_into_exit_2(tmp_path) -> None:
                                            expert_hidden=16, pool_size=8, window=4, stride=4), 4)
     torch.save({"config": src_cfg.to_dict(), "model": LayerwiseMoEModel(src_cfg).state_dict()}, ckpt)
     proc = subprocess.run(
-        [sys.executable, "-c", "from studies.cli import main; main()", "convert", str(ckpt),
+        [sys.executable, "-c", "from moue.studies.cli import main; main()", "convert", str(ckpt),
          "-o", str(tmp_path / "out.pt"), "--window", "99"],
         capture_output=True, text=True, timeout=120,
     )
@@ -118,7 +118,7 @@ def test_upcycle_command(tmp_path) -> None:
 def test_every_help_renders_with_its_text_and_flags_as_flags() -> None:
     import typer.main
 
-    from studies.cli import app
+    from moue.studies.cli import app
 
     group = typer.main.get_command(app)
     paths = []

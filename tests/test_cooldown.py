@@ -9,11 +9,11 @@ import math
 import polars as pl
 import pytest
 
-from analysis.loading import with_cooldown_points
-from moue_core import ConfigError, TrialConfig
-from moue_core.tracking_contract import is_tracked
-from moue_core.train import NullSink, train
-from moue_core.trial_config import TrainConfig, cooldown_lr
+from moue.analysis.loading import with_cooldown_points
+from moue import ConfigError, TrialConfig
+from moue.tracking_contract import is_tracked
+from moue.train import NullSink, train
+from moue.trial_config import TrainConfig, cooldown_lr
 
 MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32, "pool_size": 4, "window": 2,
          "stride": 2, "top_k": 1, "expert_hidden": 16}
@@ -94,8 +94,8 @@ def test_the_loader_makes_each_branch_a_point():
 
 
 def test_the_loader_makes_each_intermediate_mark_a_point_resampled_with_its_run():
-    from analysis.fitting import prepare
-    from analysis.loading import with_mark_points
+    from moue.analysis.fitting import prepare
+    from moue.analysis.loading import with_mark_points
 
     frame = pl.DataFrame({"run_id": ["a", "b"], "final/val_loss": [2.0, 1.9], "final/tokens": [4e6, 4e6],
                           "final/flops": [1e12, 2e12], "derived.flops_per_token": [2.5e5, 5e5],
@@ -115,7 +115,7 @@ def test_the_loader_makes_each_intermediate_mark_a_point_resampled_with_its_run(
 
 
 def test_bench_cooldown_compares_branches_with_separate_runs(tmp_path):
-    from moue_core.bench import bench_cooldown
+    from moue.bench import bench_cooldown
 
     cfg = _cfg(tokens=20480, warmup_frac=0.0)
     r = bench_cooldown(cfg, at=(8192,), frac=0.25, seeds=(0, 1), cache_dir=tmp_path)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from moue_core import data
-from moue_core.data import (SEPARATOR, BatchSampler, DataConfig, load_corpus,
+from moue import data
+from moue.data import (SEPARATOR, BatchSampler, DataConfig, load_corpus,
                             validation_set)
-from moue_core.errors import ConfigError
+from moue.errors import ConfigError
 
 
 def _stream_sha(train: bytes | np.ndarray, val: bytes | np.ndarray) -> str:

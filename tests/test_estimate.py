@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from studies.estimate import STARTUP_S, estimate_sweep, step_cost
+from moue.studies.estimate import STARTUP_S, estimate_sweep, step_cost
 
 
 def _plan(f, tokens, cooldown_at=(), val=3000, batch=1000):
@@ -40,7 +40,7 @@ def test_the_cost_line_through_two_models_and_the_schedule():
 
 
 def test_a_real_step_is_timed():
-    from moue_core import TrialConfig
+    from moue import TrialConfig
 
     cfg = TrialConfig.from_dict({"model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32,
                                            "pool_size": 4, "window": 2, "stride": 2, "top_k": 1,

@@ -17,7 +17,7 @@ BASELINE = ROOT / "studies" / "baselines" / "gate.json"
 
 
 def moue(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from studies.cli import main; main()", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", *args], cwd=ROOT,
                           env=ENV, capture_output=True, text=True, timeout=timeout)
 
 

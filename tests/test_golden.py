@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moue_core.train import NullSink, TrialConfig, train
+from moue.train import NullSink, TrialConfig, train
 
 DATA = Path(__file__).resolve().parent / "data"
 STEPS = 50
@@ -72,7 +72,7 @@ def cache_dir(tmp_path_factory):
 def skip_on_another_corpus(recorded: str, cache_dir, what: str) -> None:
     """Skip (with both fingerprints) where the default corpus, this Python's standard library, is
     not the one ``what`` was recorded on."""
-    from moue_core.data import DataConfig, load_corpus
+    from moue.data import DataConfig, load_corpus
 
     here = load_corpus(DataConfig(), cache_dir=cache_dir).fingerprint
     if here != recorded:
@@ -96,7 +96,7 @@ def test_loss_curve_matches_the_golden_curve(family: str, cache_dir) -> None:
 def regenerate(cache_dir: str) -> None:
     for family in FAMILIES:
         got = curve(family, cache_dir)
-        from moue_core.data import DataConfig, load_corpus
+        from moue.data import DataConfig, load_corpus
 
         fingerprint = load_corpus(DataConfig(), cache_dir=cache_dir).fingerprint
         record = {"family": family, "config": config(family).to_flat(), "torch": torch.__version__,

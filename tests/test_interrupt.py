@@ -31,7 +31,7 @@ def _spec(tmp_path: Path) -> Path:
 
 
 def _run(spec: Path, ws: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from studies.cli import main; main()", "run", str(spec),
+    return subprocess.Popen([sys.executable, "-c", "from moue.studies.cli import main; main()", "run", str(spec),
                              "--workspace", str(ws), "--bootstrap", "50"], cwd=ROOT, env=ENV, text=True,
                             start_new_session=True, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw})
 

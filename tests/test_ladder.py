@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-import search_spaces as ss
-from analysis.lr_rule import fit_lr_rule
-from moue_core import ConfigError
+import moue.search_spaces as ss
+from moue.analysis.lr_rule import fit_lr_rule
+from moue import ConfigError
 
 FIXED = {"model.d_model": 64, "model.n_layers": 4, "model.n_heads": 4, "model.max_seq_len": 64, "model.top_k": 2,
          "model.expert_hidden": 64, "model.router_state_dim": 16, "train.seq_len": 64, "train.batch_tokens": 4096,
@@ -79,7 +79,7 @@ def test_lr_rule_recovers_a_power_law_and_flags_edges():
     rule = fit_lr_rule(n, lr, loss, bootstrap=100)
     assert rule.exponent == pytest.approx(e, abs=1e-6) and rule.c == pytest.approx(c, rel=1e-5)
     assert rule.identified and rule.lr(1e5) == pytest.approx(c * 1e5 ** -e)
-    from analysis.figures import lr_rule_data
+    from moue.analysis.figures import lr_rule_data
 
     fig = lr_rule_data(rule)
     assert len(fig.points) == 6 and fig.points[-1].x == pytest.approx([c * n ** -e for n in (1e4, 3e4, 1e5, 3e5, 1e6)])
@@ -114,9 +114,9 @@ def test_an_isoflop_design_puts_a_branch_of_every_eligible_size_on_each_budget()
     end (fork + round(cooldown_frac * steps) batches, as the trainer runs them) within a batch of
     each smaller one; sizes outside ``isoflop_tpp`` at a budget skip it, and a size with no budget
     is pruned with the reason."""
-    from moue_core import TrialConfig
-    from moue_core.counting import count
-    from search_spaces.constraints import model_config
+    from moue import TrialConfig
+    from moue.counting import count
+    from moue.search_spaces.constraints import model_config
 
     fixed = {**FIXED, "model.n_layers": 2, "train.schedule": "wsd", "train.cooldown_frac": 0.2}
     budgets, tpp = [3e11, 1e12, 3e12], [2.0, 250.0]

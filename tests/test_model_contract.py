@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from moue_core import ModelConfig, MoUEModel
-from moue_core.topology import adjacent, grouped, layerwise, unipool
+from moue import ModelConfig, MoUEModel
+from moue.topology import adjacent, grouped, layerwise, unipool
 
 L = 4
 TOPOLOGIES = {
@@ -183,7 +183,7 @@ def test_trajectory_state_is_carried_across_depth() -> None:
 def test_pool_loss_uses_the_previous_micro_batch_statistic() -> None:
     """UniPool's default: the second batch's loss pairs its probabilities with the first batch's
     load fractions (not its own)."""
-    from moue_core.balance import balance_loss
+    from moue.balance import balance_loss
 
     torch.manual_seed(3)
     cfg = make_cfg("rotational", "softmax", "pool")

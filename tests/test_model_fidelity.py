@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from moue_core import ConfigError, LayerwiseMoEModel, ModelConfig, MoUEModel, convert_layerwise, layerwise_config
-from moue_core.balance import balance_loss, pooled_statistic, z_loss
-from moue_core.convert import widen_layerwise
-from moue_core.counting import check_counts, count
-from moue_core.router import Router, norm_constant
-from moue_core.topology import Topology, adjacent, grouped, layerwise, unipool
-from moue_core.trial_config import TrialConfig
+from moue import ConfigError, LayerwiseMoEModel, ModelConfig, MoUEModel, convert_layerwise, layerwise_config
+from moue.balance import balance_loss, pooled_statistic, z_loss
+from moue.convert import widen_layerwise
+from moue.counting import check_counts, count
+from moue.router import Router, norm_constant
+from moue.topology import Topology, adjacent, grouped, layerwise, unipool
+from moue.trial_config import TrialConfig
 
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, expert_hidden=16,
                    top_k=2, pool_size=10, window=5, stride=3)
@@ -654,8 +654,8 @@ def test_widening_a_layerwise_moue_checkpoint_of_every_family_keeps_the_logits(n
 def test_moue_convert_and_init_from_work_for_every_target_family(name: str, tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from moue_core.train import NullSink, train
-    from studies.cli import app
+    from moue.train import NullSink, train
+    from moue.studies.cli import app
 
     src_cfg, src = _source(TARGETS[name])
     ckpt = tmp_path / "layerwise.pt"
@@ -684,7 +684,7 @@ def test_moue_convert_and_init_from_work_for_every_target_family(name: str, tmp_
 def _val_loss(model, trial: TrialConfig, cache_dir) -> float:
     import torch.nn.functional as F
 
-    from moue_core.data import load_corpus, validation_set
+    from moue.data import load_corpus, validation_set
 
     val = validation_set(load_corpus(trial.data, cache_dir=cache_dir), seq_len=trial.train.seq_len,
                          n_tokens=trial.data.val_tokens)
@@ -701,7 +701,7 @@ def _val_loss(model, trial: TrialConfig, cache_dir) -> float:
 
 
 def test_dead_fraction_ignores_experts_a_widening_window_has_not_reached(tmp_path) -> None:
-    from moue_core.train import NullSink, train
+    from moue.train import NullSink, train
 
     cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, expert_hidden=16, top_k=2,
                       pool_size=16, window=8, stride=8)
@@ -726,7 +726,7 @@ def test_dead_fraction_ignores_experts_a_widening_window_has_not_reached(tmp_pat
 def test_train_backpropagates_the_auxiliary_loss(tmp_path) -> None:
     """Two trials that differ only in the balance coefficient (no z-loss) end with different routers:
     ``train()`` adds the auxiliary loss to what it differentiates."""
-    from moue_core.train import NullSink, train
+    from moue.train import NullSink, train
 
     routers = []
     for coef in (0.0, 10.0):

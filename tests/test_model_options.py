@@ -12,13 +12,13 @@ import math
 import pytest
 import torch
 
-import search_spaces as ss
-from moue_core import ConfigError, ModelConfig, MoUEModel, upcycle_dense
-from moue_core.counting import check_counts, count
-from moue_core.moe import ExpertPool, dispatch
-from moue_core.router import Router, capacity, within_capacity
-from moue_core.train import _load_metrics
-from moue_core.tracking_contract import is_tracked
+import moue.search_spaces as ss
+from moue import ConfigError, ModelConfig, MoUEModel, upcycle_dense
+from moue.counting import check_counts, count
+from moue.moe import ExpertPool, dispatch
+from moue.router import Router, capacity, within_capacity
+from moue.train import _load_metrics
+from moue.tracking_contract import is_tracked
 
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, expert_hidden=16,
                    dense_hidden=16, top_k=2, pool_size=10, window=5, stride=3)
@@ -284,8 +284,8 @@ def test_load_metrics_maxvio_and_entropy() -> None:
 
 
 def test_train_reports_the_load_metrics_at_every_mark(tmp_path) -> None:
-    from moue_core import TrialConfig
-    from moue_core.train import NullSink, train
+    from moue import TrialConfig
+    from moue.train import NullSink, train
 
     cfg = TrialConfig.from_dict({
         "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 16, "pool_size": 4, "window": 2,

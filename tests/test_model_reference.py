@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moue_core import (
+from moue import (
     ConfigError, LayerwiseMoEModel, ModelConfig, MoUEModel, WindowSchedule, check_counts,
     convert_layerwise, count, layerwise_config,
 )
-from moue_core.balance import balance_loss
-from moue_core.moe import ExpertPool, dispatch
-from moue_core.router import norm_constant
-from moue_core.topology import Topology, adjacent, grouped, layerwise, unipool
+from moue.balance import balance_loss
+from moue.moe import ExpertPool, dispatch
+from moue.router import norm_constant
+from moue.topology import Topology, adjacent, grouped, layerwise, unipool
 
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, max_seq_len=16,
                    expert_hidden=16, top_k=2, pool_size=12, window=4, stride=4)
@@ -348,7 +348,7 @@ def test_count_is_the_same_for_every_router_without_building() -> None:
 
 @pytest.mark.parametrize("router_init", ["zero", "copy"])
 def test_widen_layerwise_moue_checkpoint(router_init: str) -> None:
-    from moue_core.convert import widen_layerwise
+    from moue.convert import widen_layerwise
 
     torch.manual_seed(4)
     base = layerwise_config(BASE.replace(expert_bias=True), 4)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from moue_core.counting import count
-from moue_core.errors import ConfigError
-from moue_core.tracking_contract import CONFIG_PARAM
-from moue_core.trial_config import CONVERTED_IN_TRIAL, TrialConfig
-from studies.spec import load_study
+from moue.counting import count
+from moue.errors import ConfigError
+from moue.tracking_contract import CONFIG_PARAM
+from moue.trial_config import CONVERTED_IN_TRIAL, TrialConfig
+from moue.studies.spec import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 

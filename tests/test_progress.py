@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-from studies.callbacks import ProgressCallback
-from studies.spec import load_study
+from moue.studies.callbacks import ProgressCallback
+from moue.studies.spec import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,16 +16,16 @@ import mlflow
 import pytest
 from procs import kill_marked, launched, marked_env, marked_pids
 
-from moue_core.errors import ConfigError
-from studies.locking import LOCK_FILE, hold
-from studies.tracking import Tracker, recorded_sweep
+from moue.errors import ConfigError
+from moue.studies.locking import LOCK_FILE, hold
+from moue.studies.tracking import Tracker, recorded_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "studies" / "smoke.toml"
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from studies.cli import main; main()", *args]
+    return [sys.executable, "-c", "from moue.studies.cli import main; main()", *args]
 
 
 def _tracker(uri: str) -> Tracker:
@@ -334,7 +334,7 @@ def test_report_on_an_all_diverged_experiment_says_how_many_diverged(tmp_path) -
 
 
 def test_report_result_names_its_excluded_runs() -> None:
-    from analysis.report import ReportResult
+    from moue.analysis.report import ReportResult
 
     res = ReportResult(path=Path("r.html"), fits={}, tests={}, skipped={}, figures=(), notes=(), logged_to=(),
                        n_runs=3, excluded={"early_stopped": 3, "diverged": 1})
@@ -342,7 +342,7 @@ def test_report_result_names_its_excluded_runs() -> None:
 
 
 def test_progress_best_ignores_diverged_trials() -> None:
-    from studies.runner import ProgressCallback
+    from moue.studies.runner import ProgressCallback
 
     class Trial:  # the two attributes the callback reads
         def __init__(self, trial_id: str) -> None:

@@ -14,7 +14,7 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # l
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from studies.cli import main; main()", "run", *args],
+    return subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", "run", *args],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 

@@ -10,8 +10,8 @@ import sys
 import optuna
 import pytest
 
-import search_spaces as ss
-from moue_core.errors import ConfigError
+import moue.search_spaces as ss
+from moue.errors import ConfigError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -114,7 +114,7 @@ def test_prune_and_check_point():
 def test_train_defaults_are_read_from_trainconfig():
     import dataclasses
 
-    from moue_core.train import TrainConfig  # imports torch: only here, never in search_spaces
+    from moue.train import TrainConfig  # imports torch: only here, never in search_spaces
 
     assert ss.train_defaults() == {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
@@ -228,7 +228,7 @@ def test_virtual_width_over_model_widths():
             if point["model.router"] == "softmax":  # the matched MoE itself: f scaled exactly
                 assert point["model.expert_hidden"] == f0 * d // base_d
             if point["model.router"] == "trajectory":
-                from search_spaces.constraints import model_value
+                from moue.search_spaces.constraints import model_value
 
                 assert point["model.router_state_dim"] == model_value(TYPICAL, "router_state_dim") * d // base_d
     for d, counts in actives.items():  # each within 2% of its width's matched MoE

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from procs import kill_marked, launched, marked_env, marked_pids
 
-from moue_core.errors import ConfigError
-from studies.cluster import SINGLE_HOST_ENV, TOKEN_FILE, check_state_trust, ensure_token
+from moue.errors import ConfigError
+from moue.studies.cluster import SINGLE_HOST_ENV, TOKEN_FILE, check_state_trust, ensure_token
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "studies" / "smoke.toml"
@@ -78,7 +78,7 @@ def test_local_sweep_own_cluster_loopback_only_and_token_required(tmp_path) -> N
         other = subprocess.run(["ray", "start", "--head", "--num-cpus=1", "--include-dashboard=false",
                                 "--disable-usage-stats"], env=other_env, capture_output=True, text=True, timeout=120)
         assert other.returncode == 0, other.stderr
-        sweep = subprocess.Popen([sys.executable, "-c", "from studies.cli import main; main()", "sweep",
+        sweep = subprocess.Popen([sys.executable, "-c", "from moue.studies.cli import main; main()", "sweep",
                                   str(_spec(tmp_path)), "--workspace", str(ws)], env=env, cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -172,7 +172,7 @@ def test_resume_of_world_writable_state_exits_2_before_launch(tmp_path) -> None:
     (exp / "tuner.pkl").chmod(0o666)
     mark, env = marked_env()
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-c", "from studies.cli import main; main()", "sweep", str(SMOKE),
+    proc = subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", "sweep", str(SMOKE),
                            "--workspace", str(ws), "--resume"], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr

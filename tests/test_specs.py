@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from moue_core.errors import ConfigError
-from studies.cli import app
-from studies.spec import load_study, shipped_studies
+from moue.errors import ConfigError
+from moue.studies.cli import app
+from moue.studies.spec import load_study, shipped_studies
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = (ROOT / "studies" / "smoke.toml").read_text()
@@ -98,8 +98,8 @@ def test_shipped_specs_load_and_dry_run(path: Path) -> None:
 
 
 def test_dry_run_counts_and_compute_are_the_counting_module_s() -> None:
-    from moue_core import ModelConfig, count
-    from studies.runner import dry_run, resolve_trial
+    from moue import ModelConfig, count
+    from moue.studies.runner import dry_run, resolve_trial
 
     study = load_study(ROOT / "studies" / "vw_grid.toml")
     rows, totals = dry_run(study)
@@ -114,7 +114,7 @@ def test_dry_run_counts_and_compute_are_the_counting_module_s() -> None:
 
 
 def test_several_budgets_make_a_grid_axis() -> None:
-    from studies.runner import dry_run, resolve_trial
+    from moue.studies.runner import dry_run, resolve_trial
 
     study = load_study(ROOT / "studies" / "vw_scaling.toml")
     assert study.budgets == (614_400, 1_228_800, 2_457_600) and study.budget_tokens == 2_457_600
@@ -179,7 +179,7 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", "from studies.cli import main; main()", "ui", "--workspace",
+    proc = subprocess.Popen([sys.executable, "-c", "from moue.studies.cli import main; main()", "ui", "--workspace",
                              str(ws), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -198,7 +198,7 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        r = subprocess.run([sys.executable, "-c", "from studies.cli import main; main()", "ui", "--workspace",
+        r = subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", "ui", "--workspace",
                             str(ws), "--port", str(taken), "--wait-s", "60"], capture_output=True, text=True,
                            timeout=180)
     assert r.returncode == 1 and "http://" not in r.stdout, r.stdout
@@ -211,7 +211,7 @@ def test_progress_line_estimates_time_left_from_tokens() -> None:
     import io
     from types import SimpleNamespace
 
-    from studies.runner import ProgressCallback
+    from moue.studies.runner import ProgressCallback
 
     budgets = {"a": 1000, "b": 1000, "c": 8000}
     trial = {k: SimpleNamespace(trial_id=k, config={"point": {"train.tokens": v}}, last_result={})
@@ -247,8 +247,8 @@ def test_progress_line_weights_tokens_by_their_trial_s_cost() -> None:
     import io
     from types import SimpleNamespace
 
-    from studies.callbacks import point_key
-    from studies.runner import ProgressCallback
+    from moue.studies.callbacks import point_key
+    from moue.studies.runner import ProgressCallback
 
     points = {"small": {"train.tokens": 1000, "model.d_model": 32}, "large": {"train.tokens": 1000, "model.d_model": 128}}
     cost = {"small": 0.01, "large": 0.09}  # seconds per token

@@ -8,8 +8,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from moue_core.errors import ConfigError
-from studies.spec import load_study
+from moue.errors import ConfigError
+from moue.studies.spec import load_study
 from tests.test_run import _run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ def test_lr_stage_spec_gives_the_scan_and_the_main_stage_at_the_rule(tmp_path) -
                                 "identified": True, "reasons": []}))
     at_rule = load_study(spec, lr_rule=rule)
     assert at_rule.lr_rule_file == str(rule.resolve())
-    from search_spaces.matching import active_params
+    from moue.search_spaces.matching import active_params
 
     for p in at_rule.points:
         n = active_params({**at_rule.fixed, **p})
@@ -54,11 +54,11 @@ def test_lr_stage_spec_gives_the_scan_and_the_main_stage_at_the_rule(tmp_path) -
 
 
 def test_bracket_extension_scans_past_the_edge_of_the_sizes_that_need_it(tmp_path) -> None:
-    from studies.stages import _edges
+    from moue.studies.stages import _edges
 
     spec = _spec(tmp_path)
     base = {p["model.d_model"]: p["train.lr"] for p in load_study(spec).points if p["model.router"] == "softmax"}
-    from search_spaces.matching import active_params
+    from moue.search_spaces.matching import active_params
 
     main = load_study(spec)
     n32 = next(active_params({**main.fixed, **p}) for p in main.points if p["model.d_model"] == 32)
@@ -67,7 +67,7 @@ def test_bracket_extension_scans_past_the_edge_of_the_sizes_that_need_it(tmp_pat
     assert [(p["model.d_model"], p["train.lr"]) for p in ext.points] == [(32, pytest.approx(8 * base[32])),
                                                                            (32, pytest.approx(16 * base[32]))]
 
-    class Rule:  # the sizes of an analysis.lr_rule.LrRule
+    class Rule:  # the sizes of an moue.analysis.lr_rule.LrRule
         sizes = ({"n": 1e4, "lrs": [1, 2, 4], "lr_opt": 4, "flags": ["edge"]},
                  {"n": 2e4, "lrs": [1, 2, 4], "lr_opt": 1, "flags": ["edge"]},
                  {"n": 3e4, "lrs": [1, 2, 4], "lr_opt": 2.2, "flags": []})
@@ -135,7 +135,7 @@ def test_moue_run_ladder_tunes_lr_first_stops_on_an_unidentified_rule_then_resum
 
     from tests.test_run import ENV
 
-    rep = subprocess.run([sys.executable, "-c", "from studies.cli import main; main()", "report", "ladder-smoke",
+    rep = subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", "report", "ladder-smoke",
                           "--workspace", str(ws), "--bootstrap", "20", "--no-log-artifact"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stdout + rep.stderr
@@ -149,7 +149,7 @@ def test_moue_run_ladder_tunes_lr_first_stops_on_an_unidentified_rule_then_resum
 def test_resume_ignores_settings_no_trial_depends_on(tmp_path) -> None:
     from types import SimpleNamespace
 
-    from studies.runner import _check_resumable
+    from moue.studies.runner import _check_resumable
 
     spec = _spec(tmp_path)
     study = load_study(spec)

@@ -9,17 +9,37 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("moue_core", "studies", "search_spaces", "analysis")
+# each folder of the repository and the name it is installed under (pyproject.toml's package-dir)
+PACKAGES = {"moue_core": "moue", "studies": "moue.studies", "search_spaces": "moue.search_spaces",
+            "analysis": "moue.analysis"}
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for pkg in PACKAGES:
-        for path in (ROOT / pkg).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            out[name] = path
+    for folder, installed in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            out[".".join((installed, *parts))] = path
     return out
+
+
+def test_the_project_installs_as_one_moue_package() -> None:
+    """From outside the repository: ``moue`` and its subpackages import, the generic names do not
+    (a user's own ``analysis`` or ``studies`` module is not shadowed), and no module imports them."""
+    code = ("import importlib.util as u, moue, moue.analysis, moue.studies.cli, moue.search_spaces; "
+            "print([n for n in ('analysis', 'studies', 'search_spaces', 'moue_core') if u.find_spec(n)]); "
+            "print(moue.load_runs.__module__, moue.fit.__module__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["[]", "moue.analysis.loading moue.analysis.fitting"], proc.stdout
+    bare = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            bare += [f"{name}: {m}" for m in mods if m.split(".")[0] in PACKAGES]
+    assert not bare, bare
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
@@ -89,15 +109,15 @@ def test_no_private_name_imported_across_modules() -> None:
     bad = []
     for name, path in _modules().items():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "moue":
                 bad += [f"{name}: from {node.module} import {a.name}" for a in node.names
                         if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, bad
 
 
 def test_trial_configs_search_spaces_and_specs_import_without_torch() -> None:
-    code = ("import sys; import moue_core.trial_config, moue_core.fields, search_spaces, studies.spec, studies.plan; "
-            "from studies.spec import load_study; s = load_study('studies/vw_grid.toml'); "
+    code = ("import sys; import moue.trial_config, moue.fields, moue.search_spaces, moue.studies.spec, moue.studies.plan; "
+            "from moue.studies.spec import load_study; s = load_study('studies/vw_grid.toml'); "
             "assert s.plans and s.plans[0].config.train.tokens == s.budget_tokens; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

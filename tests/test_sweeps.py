@@ -18,9 +18,9 @@ import mlflow
 import pytest
 from procs import kill_marked, marked_env
 
-from studies.cluster import ensure_token
-from studies.runner import Workspace, run_sweep
-from studies.spec import load_study, shipped_studies
+from moue.studies.cluster import ensure_token
+from moue.studies.runner import Workspace, run_sweep
+from moue.studies.spec import load_study, shipped_studies
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "studies" / "smoke.toml"
@@ -83,7 +83,7 @@ def check_schema(client, parents, children, *, n_trials: int) -> None:
 
 
 def _moue(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from studies.cli import main; main()", *args],
+    return subprocess.Popen([sys.executable, "-c", "from moue.studies.cli import main; main()", *args],
                             env=env or ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
@@ -258,7 +258,7 @@ def test_smoke_sweep_on_local_ray_and_sqlite(local_ray, tmp_path) -> None:
     art = client.list_artifacts(parents[0].info.run_id)
     assert {"spec.toml", "environment.json"} <= {a.path for a in art}
     # a second launch without --resume refuses (exit 2 path), nothing new written
-    from moue_core.errors import ConfigError
+    from moue.errors import ConfigError
 
     with pytest.raises(ConfigError, match="pass --resume"):
         run_sweep(study, workspace=ws)
@@ -370,7 +370,7 @@ def test_prune_keeps_the_registered_checkpoint_not_the_newest_folder(tmp_path) -
 
     from pyarrow.fs import LocalFileSystem
 
-    from studies.runner import prune_checkpoints
+    from moue.studies.runner import prune_checkpoints
 
     trial = tmp_path / "trial_a"
     for n in (0, 1, 2):

@@ -1,4 +1,4 @@
-"""studies.tracking against real MLflow stores: SQLite files and an `mlflow server` on loopback.
+"""moue.studies.tracking against real MLflow stores: SQLite files and an `mlflow server` on loopback.
 
 Nothing is mocked. The only instrumentation is a counting wrapper around the client's
 ``log_batch`` (the store behind it stays real), and per-key logging calls replaced by ones that
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from studies.tracking import ORPHAN_REASON, Tracker, environment_info, git_info
+from moue.studies.tracking import ORPHAN_REASON, Tracker, environment_info, git_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = 'name = "toy"\n[search]\nalgorithm = "grid"\n'
@@ -192,7 +192,7 @@ def test_sweep_on_sqlite(sqlite_uri, tmp_path):
 
 
 def test_sweep_loads_with_the_analysis_loader(sqlite_uri, tmp_path):
-    from analysis.loading import load_runs
+    from moue.analysis.loading import load_runs
 
     _, _, parent, _ = _run_sweep(sqlite_uri, tmp_path)
     loaded = load_runs("toy", tracking_uri=sqlite_uri, parent_run_id=parent,
@@ -251,7 +251,7 @@ _CRASHING_DRIVER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, sys.argv[2])
     from test_tracking import STEPS, _report, _start, _trial
-    from studies.tracking import Tracker
+    from moue.studies.tracking import Tracker
     tracker = Tracker(tracking_uri=sys.argv[1], experiment="toy", flush_every=1)
     _start(tracker)
     for i in range(2):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moue_core import LayerwiseMoEModel, ModelConfig, layerwise_config
-from moue_core.errors import ConfigError
-from moue_core.train import NullSink, TrainConfig, TrialConfig, lr_at, train
-from studies.cli import app
-from studies.trial import load_checkpoint, load_trial, parse_override, save_checkpoint
+from moue import LayerwiseMoEModel, ModelConfig, layerwise_config
+from moue.errors import ConfigError
+from moue.train import NullSink, TrainConfig, TrialConfig, lr_at, train
+from moue.studies.cli import app
+from moue.studies.trial import load_checkpoint, load_trial, parse_override, save_checkpoint
 
 TINY_MODEL = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=2, max_seq_len=64, expert_hidden=64)
 TINY_TRAIN = dict(tokens=98_304, batch_tokens=2048, seq_len=64, lr=4e-3, eval_every_tokens=24_576, eval_batch=64)
@@ -135,7 +135,7 @@ def test_expert_bias_moves_during_training(cache_dir) -> None:
 
 
 def test_converted_model_widens_its_window_during_training(cache_dir, tmp_path) -> None:
-    from moue_core import convert_layerwise
+    from moue import convert_layerwise
 
     base = ModelConfig(**TINY_MODEL, pool_size=8, window=4, stride=4)
     src_cfg = layerwise_config(base, 4)
@@ -145,7 +145,7 @@ def test_converted_model_widens_its_window_during_training(cache_dir, tmp_path) 
     trial = TrialConfig.from_dict({"model": cfg.to_dict(), "train": {**TINY_TRAIN, "tokens": 8192,
                                    "init_from": str(path), "widen_tokens": 4096}, "data": {"val_tokens": 8192}})
     windows = []
-    import moue_core.moe as moe_mod
+    import moue.moe as moe_mod
 
     original = moe_mod.MoE.set_window
 
@@ -176,8 +176,8 @@ def test_lr_schedules() -> None:
 
 
 def test_param_groups_exclude_norms_and_embedding_from_decay() -> None:
-    from moue_core import MoUEModel
-    from moue_core.train import _param_groups
+    from moue import MoUEModel
+    from moue.train import _param_groups
 
     model = MoUEModel(ModelConfig(**TINY_MODEL, pool_size=4, window=4, stride=0, router="norm"))
     decay, no_decay = _param_groups(model, 0.1)
@@ -209,7 +209,7 @@ def test_bad_trial_input_fails_before_training(extra, message, tmp_path) -> None
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", "from studies.cli import main; main()", "train",
+    proc = subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", "train",
                            "studies/trials/quickstart.toml", "--workspace", str(tmp_path), *extra],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr

@@ -33,8 +33,8 @@ def test_kernels_compile_for_nvidia_gpus_on_tensor_cores_without_spills(arch: in
     """No GPU here, but Triton compiles for one: the bf16 kernels go down to a cubin for A100
     (sm_80) and H100 (sm_90a); each must use tensor-core instructions, spill no registers and fit
     the shared memory of one block."""
-    import moue_core.triton_aot as aot
-    import moue_core.triton_moe as tm
+    import moue.triton_aot as aot
+    import moue.triton_moe as tm
 
     report = aot.compile_report(arch, "bf16", getattr(tm, blocks))
     assert set(report) == {"_up_kernel", "_down_kernel"}
@@ -48,8 +48,8 @@ def test_kernels_compile_for_nvidia_gpus_on_tensor_cores_without_spills(arch: in
 def test_compile_report_sees_spills() -> None:
     """The spill check above can fail: 128x128 tiles with two accumulators in the first kernel (the
     rejected LARGE variant, see the module docstring) spill registers on sm_80."""
-    import moue_core.triton_aot as aot
-    import moue_core.triton_moe as tm
+    import moue.triton_aot as aot
+    import moue.triton_moe as tm
 
     spilling = aot.compile_report(80, "bf16", tm.Blocks(m=128, n_up=128, n_down=128, k=64, warps=8, stages=3))
     assert spilling["_up_kernel"]["spill_bytes"] > 0
@@ -60,8 +60,8 @@ def test_compile_report_specialises_like_the_launcher() -> None:
     """Unit strides become constants and 16-divisible sizes get divisibility hints, as at launch:
     that is what lets Triton pipeline the loads (cp.async); without the hints (odd sizes) it
     cannot, so the report describes the kernel that would actually run for that shape."""
-    import moue_core.triton_aot as aot
-    import moue_core.triton_moe as tm
+    import moue.triton_aot as aot
+    import moue.triton_moe as tm
 
     aligned = aot.compile_report(90, "bf16", tm.LARGE)
     odd = aot.compile_report(90, "bf16", tm.LARGE, D=1000, F=500, P=63)

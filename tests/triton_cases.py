@@ -15,8 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-from moue_core import ModelConfig, MoUEModel  # noqa: E402
-from moue_core.moe import ExpertPool, dispatch, select_backend  # noqa: E402
+from moue import ModelConfig, MoUEModel  # noqa: E402
+from moue.moe import ExpertPool, dispatch, select_backend  # noqa: E402
 
 
 def _case(T: int, D: int, F: int, P: int, K: int, choices: list[int], seed: int):
@@ -41,7 +41,7 @@ CASES = [
 
 @pytest.mark.parametrize("T,D,F,P,K,choices", CASES)
 def test_triton_matches_grouped_mm_outputs_and_gradients(T, D, F, P, K, choices, monkeypatch) -> None:
-    import moue_core.triton_moe as tm
+    import moue.triton_moe as tm
 
     launches = []
     real = tm._launch
@@ -67,8 +67,8 @@ def test_triton_matches_grouped_mm_outputs_and_gradients(T, D, F, P, K, choices,
 def test_large_tiles_match_grouped_mm(T, P, choices) -> None:
     """The LARGE tile configuration (128-row tiles, 8 warps) forced on a small problem: groups
     shorter and longer than one tile, empty experts, F and D not multiples of the tiles."""
-    from moue_core.moe import ExpertPool
-    from moue_core.triton_moe import LARGE, triton_experts
+    from moue.moe import ExpertPool
+    from moue.triton_moe import LARGE, triton_experts
 
     pool, x, ids, gates = _case(T, 72, 40, P, 2, choices, seed=T)
     ids_S = ids.reshape(-1)
@@ -87,7 +87,7 @@ def test_half_precision_kernels_accumulate_in_fp32(blocks) -> None:
     """fp16 inputs (the interpreter's tl.dot is wrong for bf16 in Triton 3.9, so bf16 itself is only
     compiled here, see test_triton.py): the result equals an fp32 computation on the same
     rounded inputs to half-precision output rounding, i.e. the dots accumulate in fp32."""
-    import moue_core.triton_moe as tm
+    import moue.triton_moe as tm
 
     pool, x, ids, gates = _case(160, 64, 48, 4, 2, [0, 1, 2, 3], seed=3)
     h = torch.float16
@@ -98,7 +98,7 @@ def test_half_precision_kernels_accumulate_in_fp32(blocks) -> None:
     w_in, w_out = pool.w_in_PDF2.detach().to(h), pool.w_out_PFD.detach().to(h)
     got = tm.triton_experts(x.to(h), token_S, gates_S.to(h), w_in, w_out, offs, blocks=getattr(tm, blocks))
     assert got.dtype == h
-    from moue_core.grouped import grouped_mm
+    from moue.grouped import grouped_mm
 
     a, b = grouped_mm(x.to(h).float().index_select(0, token_S), w_in.float(), offs).split(48, dim=-1)
     hidden = (torch.nn.functional.silu(a) * b).to(h).float()  # h is stored in fp16 between the kernels
@@ -107,7 +107,7 @@ def test_half_precision_kernels_accumulate_in_fp32(blocks) -> None:
 
 
 def test_dispatch_under_autocast_runs_the_experts_in_the_autocast_dtype(monkeypatch) -> None:
-    import moue_core.triton_moe as tm
+    import moue.triton_moe as tm
 
     seen = []
     real = tm._launch
@@ -180,8 +180,8 @@ def test_autocast_bf16_triton_matches_grouped_mm_on_cuda() -> None:
 def test_fractional_gpu_share_becomes_a_memory_cap() -> None:
     from pathlib import Path
 
-    from studies.runner import resolve_trial
-    from studies.spec import load_study
+    from moue.studies.runner import resolve_trial
+    from moue.studies.spec import load_study
 
     root = Path(__file__).resolve().parent.parent
     study = load_study(root / "studies" / "smoke.toml")
@@ -196,7 +196,7 @@ def test_fractional_gpu_share_becomes_a_memory_cap() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_training_step_on_cuda(tmp_path) -> None:
-    from moue_core.train import TrialConfig, train
+    from moue.train import TrialConfig, train
 
     cfg = TrialConfig.from_dict({"model": {"d_model": 64, "n_layers": 2, "n_heads": 2, "max_seq_len": 64,
                                            "expert_hidden": 64, "pool_size": 8, "window": 4, "stride": 2},

@@ -24,9 +24,9 @@ from collections.abc import Mapping
 from itertools import product
 from typing import Any
 
-from search_spaces._common import half_up, layerwise_topology
-from search_spaces._space import Candidate, Space
-from search_spaces.constraints import CONVERT_OPTIONS, model_value, train_value
+from moue.search_spaces._common import half_up, layerwise_topology
+from moue.search_spaces._space import Candidate, Space
+from moue.search_spaces.constraints import CONVERT_OPTIONS, model_value, train_value
 
 __all__ = ["SPACE", "layerwise_base"]
 

@@ -31,7 +31,7 @@ in the way the scaling-law literature says they should and in no other way:
 - the LR stage: ``lr_scan`` (multipliers, e.g. ``[0.25, 0.5, 1, 2, 4]``) runs every size at each
   multiple of its rule's LR, at ``lr_scan_tokens_per_param`` tokens per parameter (short); ``moue
   lr-rule`` then fits the optimum per size and the power law through them; ``lr_scan_only`` (active
-  counts) keeps only those sizes (the stage's bracket extension, ``studies.stages``).
+  counts) keeps only those sizes (the stage's bracket extension, ``moue.studies.stages``).
 
 ``--dry-run`` prints every derived value of every point and the compute of each trial and of the
 whole study.
@@ -46,13 +46,13 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from moue_core.errors import ConfigError
-from search_spaces._common import half_up, multiple_of_4
-from search_spaces._space import Candidate, Space
-from moue_core.counting import count
-from search_spaces.constraints import model_config, model_value, train_value
-from search_spaces.matching import active_params
-from search_spaces.spaces import virtual_width as vw
+from moue.errors import ConfigError
+from moue.search_spaces._common import half_up, multiple_of_4
+from moue.search_spaces._space import Candidate, Space
+from moue.counting import count
+from moue.search_spaces.constraints import model_config, model_value, train_value
+from moue.search_spaces.matching import active_params
+from moue.search_spaces.spaces import virtual_width as vw
 
 __all__ = ["SPACE", "lr_from_rule"]
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from itertools import product
 from typing import Any
 
-from moue_core.errors import ConfigError
-from search_spaces._common import multiple_of_4
-from search_spaces._space import Candidate, Space
+from moue.errors import ConfigError
+from moue.search_spaces._common import multiple_of_4
+from moue.search_spaces._space import Candidate, Space
 
 __all__ = ["SPACE", "lr_grid"]
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from search_spaces._common import half_up, layerwise_topology
-from search_spaces._space import Candidate, Space
-from search_spaces.constraints import model_value
+from moue.search_spaces._common import half_up, layerwise_topology
+from moue.search_spaces._space import Candidate, Space
+from moue.search_spaces.constraints import model_value
 
 __all__ = ["SPACE"]
 

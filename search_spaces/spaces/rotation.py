@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from itertools import product
 from typing import Any
 
-from search_spaces._common import half_up, stride_from_overlap
-from search_spaces._space import Candidate, Space
-from search_spaces.constraints import model_value, reaching_stride
+from moue.search_spaces._common import half_up, stride_from_overlap
+from moue.search_spaces._space import Candidate, Space
+from moue.search_spaces.constraints import model_value, reaching_stride
 
 __all__ = ["SPACE"]
 

@@ -21,10 +21,10 @@ from collections.abc import Mapping
 from itertools import product
 from typing import Any
 
-from moue_core.config import BALANCES, ROUTERS
-from search_spaces._common import layerwise_topology
-from search_spaces._space import Candidate, Space
-from search_spaces.constraints import model_value
+from moue.config import BALANCES, ROUTERS
+from moue.search_spaces._common import layerwise_topology
+from moue.search_spaces._space import Candidate, Space
+from moue.search_spaces.constraints import model_value
 
 __all__ = ["SPACE"]
 

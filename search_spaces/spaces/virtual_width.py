@@ -60,11 +60,11 @@ from collections.abc import Mapping
 from itertools import product
 from typing import Any
 
-from moue_core.errors import ConfigError
-from search_spaces._common import half_up, layerwise_topology, listed, multiple_of_4
-from search_spaces._space import Candidate, Space
-from search_spaces.constraints import model_value, reaching_stride
-from search_spaces.matching import active_params, match_expert_hidden, match_router_state
+from moue.errors import ConfigError
+from moue.search_spaces._common import half_up, layerwise_topology, listed, multiple_of_4
+from moue.search_spaces._space import Candidate, Space
+from moue.search_spaces.constraints import model_value, reaching_stride
+from moue.search_spaces.matching import active_params, match_expert_hidden, match_router_state
 
 __all__ = ["SPACE", "FAMILIES", "build"]
 

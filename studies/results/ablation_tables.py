@@ -5,7 +5,7 @@
 
 Per variant and depth: the mean final validation loss (sd over seeds, n, expert width f); then
 each variant against the layerwise MoE and against the rotational windows alone, paired over
-(depth, seed) with a paired t-test (``analysis.paired.compare_variants``).
+(depth, seed) with a paired t-test (``moue.analysis.paired.compare_variants``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.figures import family_labels
-from analysis.paired import compare_variants, with_topology
+from moue.analysis.figures import family_labels
+from moue.analysis.paired import compare_variants, with_topology
 
 CSV = Path(__file__).with_name("ablation_runs.csv")
 LOSS = "final/val_loss"
@@ -25,7 +25,7 @@ ORDER = ("layerwise MoE", "UniPool-style", "rotational windows", "rotational + c
 
 
 def add(experiment: str, workspace: str) -> None:
-    from analysis.loading import load_runs
+    from moue.analysis.loading import load_runs
 
     old = pl.read_csv(CSV)
     frame = load_runs(experiment, tracking_uri=f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}").frame

@@ -51,7 +51,7 @@ def cli():
     import typer
     from typer.testing import CliRunner
 
-    from analysis.cli import register
+    from moue.analysis.cli import register
 
     app = typer.Typer()
     register(app)

@@ -117,7 +117,7 @@ def log_study(
             "train.use_compile": False,
             **t.params_extra,
         }
-        if typed_config:  # as studies.callbacks.trial_params logs it
+        if typed_config:  # as moue.studies.callbacks.trial_params logs it
             params["config.json"] = json.dumps(params, sort_keys=True)
         marks = np.linspace(t.tokens / n_marks, t.tokens, n_marks).astype(np.int64)
         metrics = []

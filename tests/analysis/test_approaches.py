@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from analysis.approaches import envelope
+from moue.analysis.approaches import envelope
 
 
 def _curves(n_sizes=12, marks=40, alpha=0.34, beta=0.28):

@@ -17,8 +17,8 @@ def test_import_is_light():
 
     # moue_core's pure-Python modules (the tracking contract, the error type) are light: its
     # package loads torch-backed attributes lazily, and torch is in the list
-    code = ("import sys, analysis.cli; heavy = [m for m in ('polars', 'scipy', 'plotly', "
-            "'mlflow', 'torch', 'ray', 'moue_core.model', 'moue_core.train') if m in sys.modules]; print(heavy)")
+    code = ("import sys, moue.analysis.cli; heavy = [m for m in ('polars', 'scipy', 'plotly', "
+            "'mlflow', 'torch', 'ray', 'moue.model', 'moue.train') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -210,7 +210,7 @@ def test_a_nan_loss_is_refused_with_a_where_that_works_on_nan(cli, tmp_path):
 def test_export_writes_one_typed_row_per_finished_trial(cli, logged_study, tmp_path):
     import polars as pl
 
-    from analysis.loading import load_runs
+    from moue.analysis.loading import load_runs
 
     uri, exp, _, _ = logged_study
     want = load_runs(exp, tracking_uri=uri).frame

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from analysis import AnalysisError, compare, fit, read_baseline, write_baseline
+from moue.analysis import AnalysisError, compare, fit, read_baseline, write_baseline
 
 VARS = {"N": "N", "D": "D"}
 

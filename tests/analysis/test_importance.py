@@ -1,4 +1,4 @@
-"""Parameter importance of a study's search axes (analysis.importance): the axes are the settings
+"""Parameter importance of a study's search axes (moue.analysis.importance): the axes are the settings
 that vary on their own, and the axis the loss depends on gets the importance."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from analysis.importance import MIN_TRIALS, parameter_importance, search_axes
+from moue.analysis.importance import MIN_TRIALS, parameter_importance, search_axes
 from conftest import DATA
 
 

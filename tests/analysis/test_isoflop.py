@@ -9,8 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analysis.errors import AnalysisError
-from analysis.isoflop import group_budgets, isoflop
+from moue.analysis.errors import AnalysisError
+from moue.analysis.isoflop import group_budgets, isoflop
 from conftest import DATA
 
 CSV = DATA / "chinchilla_epoch2024.csv"
@@ -97,7 +97,7 @@ def test_isoflop_cli_json(cli, tmp_path):
 
 
 def test_isoflop_figure_data_draws_each_budget_and_its_minimum():
-    from analysis.figures import isoflop_data
+    from moue.analysis.figures import isoflop_data
 
     loss, n, c, _ = _chinchilla_grid(np.logspace(18, 21, 4))
     r = isoflop(loss, n, c, bootstrap=20)
@@ -116,7 +116,7 @@ def test_a_studys_approach_2_uses_its_cooldown_branches():
     points alone no budget has 3 sizes."""
     from types import SimpleNamespace
 
-    from analysis.report import approach_rows
+    from moue.analysis.report import approach_rows
 
     E, A, B, alpha, beta = 1.69, 406.4, 410.7, 0.34, 0.28
     budgets, rows = np.logspace(18, 21, 4), []

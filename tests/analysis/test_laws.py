@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis import LAWS, AnalysisError, DerivedContext, get_law
-from analysis.objective import huber, make_objective
+from moue.analysis import LAWS, AnalysisError, DerivedContext, get_law
+from moue.analysis.objective import huber, make_objective
 
 
 def _data(law, rng, n=30):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from analysis import AnalysisError, load_runs
-from analysis.loading import default_tracking_uri
+from moue.analysis import AnalysisError, load_runs
+from moue.analysis.loading import default_tracking_uri
 
 
 def test_one_typed_row_per_finished_trial(logged_study):

@@ -1,4 +1,4 @@
-"""Paired comparisons of variants (analysis.paired)."""
+"""Paired comparisons of variants (moue.analysis.paired)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from analysis.paired import compare_variants
+from moue.analysis.paired import compare_variants
 
 
 def test_paired_differences_and_t_test():
@@ -31,7 +31,7 @@ def test_unpaired_runs_are_left_out():
 
 
 def test_topology_labels():
-    from analysis.paired import with_topology
+    from moue.analysis.paired import with_topology
 
     frame = pl.DataFrame({"model.pool_size": [8, 8, 8], "model.window": [4, 8, 7], "model.stride": [4, 0, 4],
                           "model.n_layers": [2, 2, 2]})
@@ -52,7 +52,7 @@ def test_compare_command(cli, logged_study):
 
 
 def test_family_labels_name_the_architectures():
-    from analysis.figures import family_labels
+    from moue.analysis.figures import family_labels
 
     frame = pl.DataFrame({"model.pool_size": [8, 8, 8, 8], "model.window": [4, 8, 7, 7], "model.stride": [4, 0, 4, 4],
                           "model.n_layers": [2, 2, 2, 2], "model.router": ["softmax", "norm", "trajectory", "softmax"],
@@ -77,7 +77,7 @@ def test_relative_interval_is_the_t_interval_of_the_pair_differences():
 
 
 def test_family_comparisons_pair_families_by_size():
-    from analysis.report import family_comparisons
+    from moue.analysis.report import family_comparisons
 
     sizes = [32, 48, 64, 96]
     rows = []

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analysis import FitOptions, Holdout, fit, get_law
+from moue.analysis import FitOptions, Holdout, fit, get_law
 
 CHINCHILLA_VARS = {"N": "Model Size", "D": "D", "C": "Training FLOP"}
 
@@ -30,7 +30,7 @@ def test_chinchilla_point_estimates(epoch_fit):
 def test_optimum_matches_a_tight_scipy_loop(chinchilla_frame, epoch_fit):
     """The reference of ``moue bench fit``: scipy L-BFGS-B (ftol=0) from an evenly spaced subset
     of the same start grid finds the same optimum to 1e-4 in every fitted parameter."""
-    from analysis.fitting import fit_point, prepare
+    from moue.analysis.fitting import fit_point, prepare
 
     law = get_law("chinchilla")
     problem = prepare(chinchilla_frame, law=law, loss="loss",
@@ -119,8 +119,8 @@ def test_clark_huber_delta_is_in_the_units_of_its_residual():
     """The clark law's residuals are log10 L with a typical sd of 0.003: a delta of 1e-3 there acts
     like least absolute deviations, and its default (1e-2) fits typical points by least squares.
     On RL-R, held out by the largest dense size, the default extrapolates better than 1e-3."""
-    from analysis.fitting import Holdout
-    from analysis.laws import get_law
+    from moue.analysis.fitting import Holdout
+    from moue.analysis.laws import get_law
     from conftest import DATA
 
     assert get_law("clark").delta == 1e-2 and get_law("chinchilla").delta == 1e-3

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import figures as F
-from analysis import fit, load_runs
+from moue.analysis import figures as F
+from moue.analysis import fit, load_runs
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -76,7 +76,7 @@ def test_other_figure_data(study):
     b = F.bootstrap_data(fits)
     assert [s.name for s in b.samples] == ["compute: alpha", "vw_multiplicative: alpha",
                                            "vw_multiplicative: gamma", "vw_multiplicative: beta"]
-    from analysis.render import draw_bootstrap
+    from moue.analysis.render import draw_bootstrap
 
     fig = draw_bootstrap(b)  # one panel per exponent, each with its estimate marked
     assert len(fig.data) == 4 and len({t.xaxis for t in fig.data}) == 4 and len(fig.layout.shapes) == 4
@@ -134,8 +134,8 @@ def test_every_figure_renders_in_headless_chromium_offline(report_html, tmp_path
 def test_png_export_is_skipped_cleanly_without_kaleido(study, tmp_path):
     import importlib.util
 
-    from analysis.render import draw_residuals
-    from analysis.report import _export_png
+    from moue.analysis.render import draw_residuals
+    from moue.analysis.report import _export_png
 
     if importlib.util.find_spec("kaleido") is not None:
         pytest.skip("kaleido is installed: the skip path is not reachable")
@@ -150,7 +150,7 @@ def test_laws_without_d_are_fitted_at_the_largest_budget(study):
     """A study of several token budgets: chinchilla and compute use every run, vw_interaction
     (no D term) only the runs at the largest budget, and says so; its nested test and residuals
     use the same rows."""
-    from analysis.report import fit_laws, law_frame
+    from moue.analysis.report import fit_laws, law_frame
 
     frame, _ = study
     budgets = sorted(set(frame.get_column("final/tokens").to_list()))
@@ -192,8 +192,8 @@ def test_laws_of_compute_alone_are_fitted_on_final_points_of_a_ladder():
     size within 2%, where fitted on all 45 points its E falls to the bound 0."""
     import polars as pl
 
-    from analysis.loading import with_cooldown_points
-    from analysis.report import FINAL_POINTS_FILTER, fit_laws, law_rows
+    from moue.analysis.loading import with_cooldown_points
+    from moue.analysis.report import FINAL_POINTS_FILTER, fit_laws, law_rows
 
     runs = pl.read_csv(DATA / "ladder_runs_20261201.csv", infer_schema_length=None)
     frame = with_cooldown_points(runs)

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from analysis import fit, likelihood_ratio_test
-from analysis.nested import huber_loglik
+from moue.analysis import fit, likelihood_ratio_test
+from moue.analysis.nested import huber_loglik
 from study_log import TRUE, true_loss
 
 VARS = {"N": "N", "D": "D", "V": "V"}
@@ -52,7 +52,7 @@ def test_fit_is_its_public_stages(with_v):
     """prepare -> fit_point -> fit_bootstrap -> fit_holdout -> assemble is exactly ``fit``."""
     import warnings
 
-    from analysis import Holdout, assemble, fit_bootstrap, fit_holdout, fit_point, prepare
+    from moue.analysis import Holdout, assemble, fit_bootstrap, fit_holdout, fit_point, prepare
 
     kw = dict(law="vw_multiplicative", loss="loss", variables=VARS)
     with warnings.catch_warnings(record=True) as caught:

@@ -1,4 +1,4 @@
-"""Every fit says whether it identifies its law (analysis.verdict), and the report, its JSON and
+"""Every fit says whether it identifies its law (moue.analysis.verdict), and the report, its JSON and
 the gate act on it."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 import polars as pl
 import pytest
 
-from analysis.fitting import fit
-from analysis.verdict import MAX_HOLDOUT_MAPE, verdict
+from moue.analysis.fitting import fit
+from moue.analysis.verdict import MAX_HOLDOUT_MAPE, verdict
 
 
 @pytest.fixture(scope="module")
