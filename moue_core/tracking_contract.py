@@ -25,7 +25,7 @@ from pathlib import Path
 __all__ = [
     "SCHEMA_VERSION", "KIND", "KIND_STUDY", "KIND_TRIAL", "SCHEMA", "STATUS", "STOP_REASON", "TRIAL_ID", "SEED",
     "SWEEP_ID", "PARENT_RUN", "STATUSES", "DONE", "VAL_LOSS", "TRAIN_LOSS", "FINAL_VAL_LOSS", "FINAL_TOKENS",
-    "TRACKED", "LAYER_METRICS", "COOLDOWN", "is_tracked", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
+    "TRACKED", "LAYER_METRICS", "COOLDOWN", "is_tracked", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "VIEW_TAG", "VIEW_PARAMS", "view_state", "view_url", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
 ]
 
 SCHEMA_VERSION = 1
@@ -42,6 +42,28 @@ SWEEP_ID = "moue.sweep_id"
 PARENT_RUN = "mlflow.parentRunId"
 PARENT_TAGS = ("moue.study", "moue.spec_sha256", "moue.git_sha", "moue.git_dirty", "moue.corpus_fingerprint",
                "moue.search", "moue.scheduler")
+
+# the experiment's saved view in MLflow's UI (an experiment tag MLflow's "shared view" reads): the
+# runs table with the study's key axes as columns, trials ranked by final val loss; opened by
+# ``view_url`` (``moue ui`` prints it per study)
+VIEW_KEY = "moue"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_PARAMS = ("family", "derived.n_params_active", "model.pool_size", "model.window", "model.stride", "model.top_k",
+               "model.n_layers", "derived.virtual_width", "train.tokens")
+
+
+def view_state() -> dict:
+    return {"selectedColumns": ["attributes.`Run Name`", *(f"params.`{p}`" for p in VIEW_PARAMS),
+                                "metrics.`final/val_loss`"],
+            "orderByKey": "metrics.`final/val_loss`", "orderByAsc": True, "searchFilter": "",
+            "runsHiddenMode": "SHOW_ALL"}
+
+
+def view_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow's model-training view (not the GenAI overview MLflow 3
+    opens by default), with the saved view's columns."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+
 
 # params
 CONFIG_PARAM = "config.json"  # the trial's resolved config, typed, as one JSON object

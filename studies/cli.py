@@ -548,12 +548,24 @@ def ui_cmd(
             raise typer.Exit(1)
         where = " (every interface; no authentication)" if probe != host else ""
         typer.echo(f"MLflow UI on http://{host}:{port}{where} (Ctrl-C stops it)")
+        for name, url in _study_views(f"sqlite:///{db}", f"http://{host}:{port}"):
+            typer.echo(f"  {name}: {url}")
         _drain(proc.stderr)
         code = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         code = 0
     raise typer.Exit(code)
+
+
+def _study_views(uri: str, base: str) -> list[tuple[str, str]]:
+    """Each study experiment of the store and the URL of its runs in the model-training view."""
+    from mlflow import MlflowClient
+
+    from moue.tracking_contract import VIEW_TAG, view_url
+
+    return [(e.name, view_url(base, e.experiment_id)) for e in MlflowClient(uri).search_experiments()
+            if VIEW_TAG in e.tags]
 
 
 def _wait_for_health(url: str, proc, wait_s: float) -> bool:

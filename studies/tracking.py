@@ -20,6 +20,7 @@ Everything is written with ``log_batch`` (metrics buffered, ``flush_every`` at a
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
 import numbers
 import operator
@@ -38,7 +39,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from moue.tracking_contract import (DONE, KIND, KIND_STUDY, KIND_TRIAL, PARENT_RUN, SCHEMA, SCHEMA_VERSION, SEED,
+from moue.tracking_contract import (VIEW_TAG, view_state, DONE, KIND, KIND_STUDY, KIND_TRIAL, PARENT_RUN, SCHEMA, SCHEMA_VERSION, SEED,
                                          FINAL_VAL_LOSS, STATUS, STATUSES, STOP_REASON, SWEEP_ID, TRIAL_ID, VAL_LOSS,
                                          search_runs)
 
@@ -92,6 +93,7 @@ class Tracker:
         # MLflow 3's UI opens an experiment of this kind on its runs (model training), not the GenAI
         # overview; the study's description is the experiment's
         self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG, json.dumps(view_state()))
         if description:
             self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
         self._parent_id: str | None = None

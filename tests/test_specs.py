@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,64 @@ def test_tpe_study_validates_sampled_points_before_launch(tmp_path) -> None:
         load_study(spec)
 
 
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+def _log_quickstart_runs(uri: str) -> dict[str, str]:
+    """The first four trials of the quickstart, logged as a sweep logs them (parent, children,
+    params, final metrics). Returns the parent's and the children's run names."""
+    from moue.studies.tracking import Tracker
+
+    study = load_study(ROOT / "studies" / "quickstart.toml")
+    tracker = Tracker(tracking_uri=uri, experiment=study.experiment, description=study.description)
+    tracker.start_parent(sweep_id=study.name, study=study.name, spec_text=study.source, spec_sha256=study.sha256,
+                         tags={}, environment={})
+    children = []
+    for i, plan in enumerate(study.plans[:4]):
+        tracker.trial_run(f"t{i}", params=dict(plan.params), tags=dict(plan.tags), run_name=plan.run_name)
+        tracker.log_metrics(f"t{i}", {"val/loss": 3.0 - 0.1 * i}, step=plan.tokens)
+        tracker.finish_trial(f"t{i}", status="finished", final={"final/val_loss": 3.0 - 0.1 * i,
+                                                                "final/tokens": float(plan.tokens)})
+        children.append(plan.run_name)
+    tracker.flush()
+    tracker.finish_parent()
+    return {"parent": study.name, "children": children}
+
+
+def _chromium(url: str, *args: str) -> str:
+    import subprocess
+
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
+           "--virtual-time-budget=30000", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+
+
+def _check_the_runs_in_chromium(view: str, names: dict, tmp_path: Path) -> None:
+    """MLflow's UI in a real browser: the study's view is the model-training runs table with the
+    key axes as columns and every trial; the plain runs table nests the trials under the sweep."""
+    import re
+
+    def text(url: str) -> str:
+        return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", _chromium(url, "--dump-dom")))
+
+    shown = text(view)
+    assert "You're viewing a shared view" in shown, shown[-3000:]
+    assert "Model registry" in shown and "Observability" not in shown  # model training, not GenAI
+    for column in ("family", "derived.n_params_active", "derived.virtual_width", "model.pool_size", "final/val_loss"):
+        assert column in shown, column
+    assert all(name in shown for name in names["children"]), names
+    for family in ("layerwise", "rotational", "unipool"):
+        assert family in shown
+    plain = text(view.split("?")[0] + "?workflowType=machine_learning")
+    assert names["parent"] in plain and "5 matching runs" in plain
+    assert not any(name in plain for name in names["children"]), "the trials are folded under their sweep"
+    shots = Path(os.environ.get("MOUE_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    for name, url in (("mlflow_study_view.png", view), ("mlflow_runs_nested.png", view.split("?")[0] + "?workflowType=machine_learning")):
+        _chromium(url, f"--screenshot={shots / name}")
+        assert (shots / name).stat().st_size > 20_000, name  # a rendered page, not a blank one
+
+
 def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
     import os
     import signal
@@ -175,7 +235,8 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
 
     ws = tmp_path / "ws"
     ws.mkdir()
-    mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").create_experiment("probe")
+    names = _log_quickstart_runs(f"sqlite:///{ws / 'mlflow.db'}")
+    mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").create_experiment("probe")  # not a study: no view
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -185,11 +246,15 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
     try:
         line = proc.stdout.readline()  # the URL, printed only once the server answers
         assert line.strip() == f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)", line
+        view = proc.stdout.readline().strip()  # then each study's runs, in the model-training view
+        assert view.startswith(f"quickstart: http://127.0.0.1:{port}/#/experiments/") and "workflowType=machine_learning" in view
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
             assert r.status == 200
         out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         if out.strip():  # iproute2 present: the listening socket is on loopback only
             assert all("127.0.0.1" in line for line in out.strip().splitlines()), out
+        if CHROMIUM:
+            _check_the_runs_in_chromium(view.split(": ", 1)[1], names, tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
     missing = runner.invoke(app, ["ui", "--workspace", str(tmp_path / "nothing")])
