@@ -533,9 +533,9 @@ def check_cmd(
     if write_baseline:
         _print_notes(fitted.notes)
         for name, r in fitted.fits.items():
-            if r.verdict.exponent_reasons:
-                typer.echo(f"warning: {name} is not identified (`moue check` will refuse to gate it): "
-                           + "; ".join(r.verdict.exponent_reasons), err=True)
+            for reason in r.verdict.exponent_reasons:  # one reason a message
+                typer.echo(f"warning: {name} is not identified ({reason}); `moue check` will refuse to gate it",
+                           err=True)
         path = write(baseline, experiment=experiment, fits=fitted.fits)
         typer.echo(f"wrote baseline {path} ({', '.join(fitted.fits)}; {runs.frame.height} runs)")
         for name, why in fitted.skipped.items():
@@ -617,8 +617,16 @@ def _print_gate(results) -> None:
                       f"[{row.interval[0]:+.3g}, {row.interval[1]:+.3g}]"
                       + ("" if row.p_value is None else f" p={row.p_value:.3g}"), row.verdict)
         console.print(t)
-    failed = [r.law for r in results if not r.passed]
-    console.print("regression in " + ", ".join(failed) if failed else "pass")
+    console.print(gate_summary(results))
+
+
+def gate_summary(results) -> str:
+    """The gate's last line, counted from its rows: ``pass: ...`` or ``regression in LAW: ...``."""
+    rows = [row for r in results for row in r.rows]
+    failed = [row for row in rows if not row.passed]
+    counted = f"{len(rows) - len(failed)} of {len(rows)} exponent(s) within their interval"
+    laws = [r.law for r in results if not r.passed]
+    return f"regression in {', '.join(laws)}: {counted}" if failed else f"pass: {counted}"
 
 
 def bench_fit_cmd(

@@ -136,3 +136,19 @@ def test_baseline_with_no_derived_quantities_reads_back(base, tmp_path):
     r = read_baseline(write_baseline(tmp_path / "bare.json", experiment="exp", fits={"chinchilla": bare}))
     assert r.fits["chinchilla"].bootstrap_derived.shape == (base.bootstrap.shape[0], 0)
     assert compare(r.fits["chinchilla"], base).passed
+
+
+def test_the_gate_s_last_line_agrees_with_its_rows() -> None:
+    """The summary counts the rows the table shows: a law with one failing exponent is a regression
+    whose count says so; all rows passing is a pass with the same count."""
+    from moue.analysis.cli import gate_summary
+    from moue.analysis.gate import GateResult, GateRow
+
+    def row(name: str, passed: bool) -> GateRow:
+        return GateRow(parameter=name, baseline=0.3, new=0.3 if passed else 0.5, difference=0.0 if passed else 0.2,
+                       interval=(-0.01, 0.01) if passed else (0.1, 0.3), method="wald", p_value=None, passed=passed)
+
+    ok = GateResult(law="chinchilla", method="wald", level=0.95, rows=(row("a", True), row("b", True)))
+    bad = GateResult(law="compute", method="wald", level=0.95, rows=(row("alpha", False),))
+    assert gate_summary([ok]) == "pass: 2 of 2 exponent(s) within their interval"
+    assert gate_summary([ok, bad]) == "regression in compute: 2 of 3 exponent(s) within their interval"
