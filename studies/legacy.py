@@ -18,7 +18,7 @@ import importlib.util
 import sys
 import types
 
-__all__ = ["LEGACY", "install", "installed"]
+__all__ = ["LEGACY", "install"]
 
 LEGACY = {"studies": "moue.studies", "analysis": "moue.analysis", "search_spaces": "moue.search_spaces",
           "moue_core": "moue"}
@@ -68,7 +68,3 @@ def install() -> None:
     """Let ``studies.*`` / ``analysis.*`` / ``search_spaces.*`` / ``moue_core.*`` pickles load."""
     if _FINDER not in sys.meta_path:
         sys.meta_path.append(_FINDER)
-
-
-def installed() -> bool:
-    return _FINDER in sys.meta_path
