@@ -233,6 +233,7 @@ class ProgressCallback(tune.Callback):
         self.rows: dict[str, dict] = {}  # running trial id -> its row
         self.keys: dict[str, str] = {}  # trial id -> its point's key (every trial Tune has shown)
         self.budgets: dict[str, int] = {}  # trial id -> its token budget
+        self.recent: dict[str, list[tuple[float, int]]] = {}  # trial id -> its last (time, tokens) reports
         self._display = None
         self._absorbed = False
 
@@ -241,6 +242,7 @@ class ProgressCallback(tune.Callback):
         is measured from now, over the work done from now."""
         self.t0 = time.time()
         self.trained0 = self._work_done()
+        self.recent = {}  # an earlier driver's clock says nothing of this one's trials
         self._absorbed = False
         self._start_display()
 
@@ -258,7 +260,7 @@ class ProgressCallback(tune.Callback):
 
     def __setstate__(self, state: dict) -> None:  # a sweep saved by an earlier version: its defaults
         self.__dict__.update({"token_cost": {}, "costs": {}, "study": None, "estimate_s": None, "live": None,
-                              "rows": {}, "_display": None, "_absorbed": False, "keys": {}, "budgets": {},
+                              "rows": {}, "_display": None, "_absorbed": False, "keys": {}, "budgets": {}, "recent": {},
                               "planned0": state.get("planned", 0), **state})
 
     # ---- what is shown
@@ -278,16 +280,36 @@ class ProgressCallback(tune.Callback):
             return elapsed / done * max(0, self.total - done) if done else None
         if rate <= 0:
             return None
-        # the rate is of all slots at work; the longest trial left runs on one, so the sweep's
-        # tail (its last trial alone) takes at least that trial's work at one slot's rate
-        return max(left / rate, self._longest_left() * self.concurrency / rate)
+        # the rate is of all slots at work; the sweep's tail is its longest trial, which runs on
+        # one slot: a running trial at its own recent speed (alone, it runs faster than its share
+        # of the paired rate), one not started at one slot's share of the rate
+        return max(left / rate, self._longest_left(self.concurrency / rate))
 
-    def _longest_left(self) -> float:
-        """The most work one trial has left: a trial Tune knows, or a grid point not yet started."""
-        known = [max(0, self._budget_of(i) - self.seen.get(i, 0)) * self._cost(i)
-                 for i in self.keys if self.states.get(i) in (None, "running")]
+    RECENT = 4  # a running trial's own speed: over its last this many reports
+
+    def _own_left_s(self, trial_id: str, now: float) -> float | None:
+        """Seconds a running trial has left at its own speed over its recent reports (``None``
+        before two reports a second apart)."""
+        marks = self.recent.get(trial_id) or []
+        if len(marks) < 2 or marks[-1][0] - marks[0][0] < 1.0 or marks[-1][1] <= marks[0][1]:
+            return None
+        speed = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])  # tokens/s
+        left = max(0, self._budget_of(trial_id) - self.seen.get(trial_id, 0))
+        return max(0.0, left / speed - (now - marks[-1][0]))
+
+    def _longest_left(self, s_per_work: float) -> float:
+        """Seconds the trial with the most time left takes: a trial Tune knows (at its own speed
+        when it has one, else its work at ``s_per_work``), or a grid point not yet started."""
+        now = time.time()
+        known = []
+        for i in self.keys:
+            if self.states.get(i) not in (None, "running"):
+                continue
+            own = self._own_left_s(i, now)
+            known.append(own if own is not None else
+                         max(0, self._budget_of(i) - self.seen.get(i, 0)) * self._cost(i) * s_per_work)
         started = set(self.keys.values())
-        unstarted = [w for k, w in self.token_cost.items() if k not in started]
+        unstarted = [w * s_per_work for k, w in self.token_cost.items() if k not in started]
         return max(known + unstarted, default=0.0)
 
     def _budget_of(self, trial_id: str) -> int:
@@ -459,6 +481,9 @@ class ProgressCallback(tune.Callback):
         row = self._row(trial)
         if isinstance(tokens, (int, float)):
             self.seen[trial.trial_id] = row["tokens"] = int(tokens)
+            marks = self.recent.setdefault(trial.trial_id, [])
+            marks.append((time.time(), int(tokens)))
+            del marks[:-self.RECENT]
         v = result.get(VAL_LOSS)
         if isinstance(v, (int, float)) and math.isfinite(v):
             self.trial_best[trial.trial_id] = min(self.trial_best.get(trial.trial_id, math.inf), v)

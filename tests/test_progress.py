@@ -112,3 +112,28 @@ def test_the_last_trial_alone_runs_on_one_slot() -> None:
     cb.on_trial_complete(0, [], short)
     # 2,000 tokens in 10 s on 2 slots: 200 tokens/s, 100 a slot; the long trial's 3,000 left: 30 s
     assert round(cb.eta_s()) == 30, cb.eta_s()  # not 3,000 / 200 = 15 s
+
+
+def test_the_last_trial_alone_goes_at_its_own_recent_speed() -> None:
+    """Alone, the last trial runs faster than its share of the paired rate (no neighbour for memory
+    bandwidth): once it has reports of its own, its time left is at its recent speed."""
+    cb = ProgressCallback(total=2, concurrency=2, stream=io.StringIO(), total_tokens=5000, default_budget=4000)
+    cb.setup()
+    short, long_ = _trial("short", {"train.tokens": 1000}), _trial("long", {"train.tokens": 4000})
+    cb.on_trial_start(0, [], short)
+    cb.on_trial_start(0, [], long_)
+    cb.t0 -= 10.0
+    cb.on_trial_result(0, [], short, {"tokens": 1000})
+    cb.on_trial_result(0, [], long_, {"tokens": 1000})
+    short.last_result = {"status": "finished"}
+    cb.on_trial_complete(0, [], short)
+    # its last two reports 4 s apart, 600 tokens: 150 tokens/s (the paired share said 100)
+    cb.recent["long"] = [(cb.recent["long"][-1][0] - 4.0, 400), cb.recent["long"][-1]]
+    assert round(cb.eta_s()) == 20, cb.eta_s()  # 3,000 left at 150 tokens/s, not 30 s at 100
+
+
+def test_a_resumed_driver_forgets_the_old_clock() -> None:
+    cb = ProgressCallback(total=1, concurrency=1, stream=io.StringIO(), total_tokens=100, default_budget=100)
+    cb.recent["a"] = [(0.0, 10), (5.0, 20)]
+    cb.setup()
+    assert cb.recent == {}
