@@ -630,6 +630,42 @@ def bench_sweep_cmd(
                f"{slots:.1f} slot-seconds); overhead {result['overhead_s_per_trial']:.2f} s per trial")
 
 
+@bench_app.command("scale")
+@user_errors
+def bench_scale_cmd(
+    counts: str = typer.Option("1000,10000", "--counts", help="The two experiment sizes (trial runs), small,large."),
+    driver_trials: int = typer.Option(64, "--driver-trials", help="Simulated trials at once for the driver's cost."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of each fit."),
+    server: bool = typer.Option(True, "--server/--no-server", help="Also time the driver against a loopback mlflow server."),
+    fresh: bool = typer.Option(False, "--fresh", help="Log the experiments again (default: reuse those an earlier run "
+                               "cached in ~/.cache/moue/bench-scale)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """How moue's own costs grow with the number of trials: the driver's cost per result, loading
+    and fitting 1,000 and 10,000 logged runs, and planning a grid of that many points.
+
+    The driver's callbacks serve simulated trials against a real SQLite store and a loopback mlflow
+    server; the runs are logged by moue's own tracker into a real SQLite store (kept in the cache:
+    logging 10,000 runs takes minutes). Nothing is trained.
+
+    Example: moue bench scale --json
+    """
+    from moue.studies.bench_scale import run_scale_bench
+
+    try:
+        small, large = (int(c) for c in counts.split(","))
+    except ValueError:
+        fail(f"--counts ({counts!r}) must be two trial counts, small,large, e.g. 1000,10000")
+    if not 0 < small < large:
+        fail(f"--counts ({counts!r}) must be two counts with 0 < small < large")
+    if driver_trials < 1:
+        fail(f"--driver-trials ({driver_trials}) must be >= 1")
+    if bootstrap < 0:
+        fail(f"--bootstrap ({bootstrap}) must be >= 0")
+    run_scale_bench(counts=(small, large), driver_trials=driver_trials, n_bootstrap=bootstrap, json=json_out,
+                    server=server, cache=None if fresh else "default", stream=sys.stdout)
+
+
 @app.command("convert")
 @user_errors
 def convert_cmd(
@@ -727,6 +763,7 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its loggers
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars either
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run ... at" per run on a server
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
