@@ -152,8 +152,69 @@ def _param_column(key: str, runs: Sequence, configs: Sequence[dict | None]):
     return _cast_column(strings)
 
 
-def _search_all(client, experiment_id: str, filter_string: str):
+def _search_all(client, experiment_id: str, filter_string: str, *, kind: str | None = None,
+                parent_run_id: str | None = None):
+    """The runs of ``filter_string``; for a SQLite store and a search by ``kind`` (and parent),
+    read with SQL (``_sqlite_runs``: MLflow's ORM builds an object per param, tag and metric, 36 s
+    for 10,000 trial runs, against a few seconds)."""
+    if kind is not None:
+        runs = _sqlite_runs(client.tracking_uri, experiment_id, kind, parent_run_id)
+        if runs is not None:
+            return runs
     return search_runs(client, experiment_id, filter_string)
+
+
+def _sqlite_runs(tracking_uri: str, experiment_id: str, kind: str, parent_run_id: str | None):
+    """The active runs of ``experiment_id`` tagged ``moue.kind = kind`` (and child of
+    ``parent_run_id``), oldest first, as MLflow's search returns them (``info``: run_id,
+    run_name, status, start_time, end_time; ``data``: tags, params, the latest value of each
+    metric), read from the SQLite file with read-only queries on MLflow's tables (``runs``,
+    ``tags``, ``params``, ``latest_metrics``). ``None`` when the store is not a SQLite file or its
+    tables are not as expected: the caller then asks MLflow."""
+    import math
+    import sqlite3
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    if not path.is_file():
+        return None
+    try:
+        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        match = ("SELECT r.run_uuid FROM runs r JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = 'moue.kind' "
+                 "AND k.value = ? WHERE r.experiment_id = ? AND r.lifecycle_stage = 'active'")
+        args: list = [kind, int(experiment_id)]
+        if parent_run_id is not None:
+            match += (" AND r.run_uuid IN (SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId' "
+                      "AND value = ?)")
+            args.append(parent_run_id)
+        con.execute("CREATE TEMP TABLE wanted (run_uuid TEXT PRIMARY KEY)")
+        con.execute(f"INSERT INTO wanted {match}", args)
+        runs = {}
+        for rid, name, status, start, end in con.execute(
+                "SELECT r.run_uuid, r.name, r.status, r.start_time, r.end_time FROM runs r "
+                "JOIN wanted w ON w.run_uuid = r.run_uuid ORDER BY r.start_time ASC, r.run_uuid ASC"):
+            runs[rid] = SimpleNamespace(
+                info=SimpleNamespace(run_id=rid, run_name=name, status=status, start_time=start, end_time=end),
+                data=SimpleNamespace(tags={}, params={}, metrics={}))
+        for table, field in (("tags", "tags"), ("params", "params")):
+            for rid, key, value in con.execute(
+                    f"SELECT t.run_uuid, t.key, t.value FROM {table} t JOIN wanted w ON w.run_uuid = t.run_uuid"):
+                getattr(runs[rid].data, field)[key] = value
+        for rid, key, value, is_nan in con.execute(
+                "SELECT m.run_uuid, m.key, m.value, m.is_nan FROM latest_metrics m "
+                "JOIN wanted w ON w.run_uuid = m.run_uuid"):
+            runs[rid].data.metrics[key] = math.nan if is_nan else float(value)
+    except (sqlite3.Error, KeyError, ValueError):
+        return None
+    finally:
+        con.close()
+    return list(runs.values())
 
 
 def _schema_of(run) -> int:
@@ -178,7 +239,7 @@ def _experiment(client, experiment: str, tracking_uri: str):
 
 def _parents(client, exp, parent_run_id: str | None) -> list:
     """The study runs of the experiment (only ``parent_run_id`` when given), schema-checked."""
-    parents = _search_all(client, exp.experiment_id, "tags.`moue.kind` = 'study'")
+    parents = _search_all(client, exp.experiment_id, "tags.`moue.kind` = 'study'", kind="study")
     if parent_run_id is not None:
         if parent_run_id not in {p.info.run_id for p in parents}:
             raise AnalysisError("parent_run_id", parent_run_id,
@@ -303,7 +364,8 @@ def load_runs(
     flt = "tags.`moue.kind` = 'trial'"
     if parent_run_id is not None:
         flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    kept, excluded = _keep(_search_all(client, exp.experiment_id, flt), include)
+    kept, excluded = _keep(_search_all(client, exp.experiment_id, flt, kind="trial", parent_run_id=parent_run_id),
+                           include)
     frame = _trial_frame(kept, {p.info.run_id: p.data.tags for p in parents})
     _refuse_mixed(frame, experiment)
     curve_frame = None

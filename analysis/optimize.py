@@ -61,6 +61,11 @@ def _fixed_mask(x, g, lower, upper):
     return ((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0))
 
 
+def _norm_rows(a: np.ndarray) -> np.ndarray:
+    """``np.linalg.norm(a, axis=1)`` for small rows, without its per-call overhead."""
+    return np.sqrt(np.einsum("sp,sp->s", a, a))
+
+
 def _trust_region_step(evals, gt, radius):
     """Minimiser of ``g.d + d.H.d / 2`` over ``|d| <= radius`` in the eigenbasis of ``H``.
 
@@ -68,20 +73,23 @@ def _trust_region_step(evals, gt, radius):
     ``lam >= max(0, -min eig)`` that keeps ``|c| <= radius`` (bisection on the secular equation;
     the "hard case" is absorbed by a tiny extra shift).
     """
-    shift = np.maximum(0.0, -evals.min(axis=1))
-    shift += 1e-12 * np.maximum(np.abs(evals).max(axis=1), 1e-300)
-    gnorm = np.linalg.norm(gt, axis=1)
     newton = (evals.min(axis=1) > 0) & (
-        np.linalg.norm(gt / np.where(evals > 0, evals, 1.0), axis=1) <= radius
+        _norm_rows(gt / np.where(evals > 0, evals, 1.0)) <= radius
     )
-    lo = np.full_like(radius, 1e-300)
-    hi = gnorm / radius + 1e-300  # at lam = shift + hi, |c| <= |g| / hi = radius
-    for _ in range(60):  # geometric bisection on lam - shift
-        mid = np.sqrt(lo * hi)
-        too_long = np.linalg.norm(gt / (evals + (shift + mid)[:, None]), axis=1) > radius
-        lo = np.where(too_long, mid, lo)
-        hi = np.where(too_long, hi, mid)
-    lam = np.where(newton, 0.0, shift + hi)
+    lam = np.zeros_like(radius)
+    need = ~newton  # the bisection only for the problems whose Newton step is not inside
+    if need.any():
+        ev, g, r = evals[need], gt[need], radius[need]
+        shift = np.maximum(0.0, -ev.min(axis=1))
+        shift += 1e-12 * np.maximum(np.abs(ev).max(axis=1), 1e-300)
+        lo = np.full_like(r, 1e-300)
+        hi = _norm_rows(g) / r + 1e-300  # at lam = shift + hi, |c| <= |g| / hi = radius
+        for _ in range(60):  # geometric bisection on lam - shift
+            mid = np.sqrt(lo * hi)
+            too_long = _norm_rows(g / (ev + (shift + mid)[:, None])) > r
+            lo = np.where(too_long, mid, lo)
+            hi = np.where(too_long, hi, mid)
+        lam[need] = shift + hi
     return gt / (evals + lam[:, None])
 
 
@@ -122,7 +130,7 @@ def _propose(b: _Batch, active: np.ndarray, eye: np.ndarray):
     step = x_new - xa
     predicted = -(np.einsum("sp,sp->s", ga, step)
                   + 0.5 * np.einsum("sp,spq,sq->s", step, Ha, step))
-    return x_new, np.linalg.norm(step, axis=1), predicted
+    return x_new, _norm_rows(step), predicted
 
 
 def _iterate(b: _Batch, fgh: ObjectiveFn, active: np.ndarray, it: int, gtol: float,

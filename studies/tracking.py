@@ -220,13 +220,7 @@ class Tracker:
                     raise ValueError(f"param {key!r} of trial {trial_id!r} is {value!r} now but "
                                      f"{logged[key]!r} in run {run.info.run_id}; MLflow cannot "
                                      "change a param, and a resumed trial should not")
-            history = self.client.get_metric_history(run.info.run_id, _DEDUP_KEY)
-            self._floor[run.info.run_id] = max((m.step for m in history), default=-1)
-            done = run.data.tags.get(STATUS) in DONE
-            if done:  # the record is final: nothing more is written to it (no second final/*)
-                self._closed.add(run.info.run_id)
-            elif run.info.status != "RUNNING":  # e.g. closed as an orphan: reopen
-                self.client.update_run(run.info.run_id, status="RUNNING")
+            self._reattach(run)
         run_id = run.info.run_id
         new = [Param(k, v) for k, v in values.items() if k not in logged]
         for lo in range(0, len(new), _MAX_PARAMS_PER_BATCH):
@@ -305,11 +299,28 @@ class Tracker:
                 self._n_pending -= len(batch)
             del self._pending[run_id]
 
+    def _reattach(self, run) -> None:
+        """Take up ``run``, found in the store after a driver restart: the steps it holds are not
+        logged again, a final record is not touched, a run closed as an orphan is reopened."""
+        history = self.client.get_metric_history(run.info.run_id, _DEDUP_KEY)
+        self._floor[run.info.run_id] = max((m.step for m in history), default=-1)
+        done = run.data.tags.get(STATUS) in DONE
+        if done:  # the record is final: nothing more is written to it (no second final/*)
+            self._closed.add(run.info.run_id)
+        elif run.info.status != "RUNNING":  # e.g. closed as an orphan: reopen
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        self._children[run.data.tags.get(TRIAL_ID, "")] = run.info.run_id
+
     def _run_of(self, trial_id: str) -> str:
-        try:
+        """The trial's run: attached, or found in the store under this parent (a write the driver
+        before a restart had queued for a trial it had attached)."""
+        if trial_id in self._children:
             return self._children[trial_id]
-        except KeyError:
-            raise KeyError(f"trial {trial_id!r} has no run yet: call Tracker.trial_run first") from None
+        run = self._existing.pop(trial_id, None)
+        if run is None:
+            raise KeyError(f"trial {trial_id!r} has no run yet: call Tracker.trial_run first")
+        self._reattach(run)
+        return run.info.run_id
 
 
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's database stores (dialect[+driver])

@@ -137,3 +137,49 @@ def test_a_resumed_driver_forgets_the_old_clock() -> None:
     cb.recent["a"] = [(0.0, 10), (5.0, 20)]
     cb.setup()
     assert cb.recent == {}
+
+
+def test_the_mlflow_writer_runs_beside_tunes_loop_and_its_queue_is_saved() -> None:
+    """The callbacks only queue; a thread writes in order. Tune saves the queue with its
+    checkpoint (``get_state``) and a restored driver writes it first (``set_state``); an error of
+    the store surfaces at the next callback."""
+    import threading
+
+    import pytest
+
+    from moue.studies.callbacks import MlflowCallback
+
+    release, written = threading.Event(), []
+
+    class Store:  # the tracker's interface, slow and then failing: the logic under test is ours
+        def log_metrics(self, trial_id, metrics, step):
+            release.wait(10)
+            written.append(("log_metrics", trial_id, step))
+
+        def flush(self):
+            written.append(("flush",))
+
+        def finish_trial(self, trial_id, **kw):
+            raise ValueError("the store refused it")
+
+    cb = MlflowCallback(study=None, tracking_uri="sqlite:////nowhere.db", sweep_id="s", parent_tags={})
+    cb._tracker = Store()
+    cb._submit("log_metrics", "a", {"x": 1.0}, step=1)  # returns at once: the writer waits on it
+    cb._submit("flush")
+    saved = cb.get_state()
+    assert [m for m, _, _ in saved["queue"]] == ["log_metrics", "flush"] and written == []
+    release.set()
+    cb.wait_written()
+    assert written == [("log_metrics", "a", 1), ("flush",)] and cb.get_state() == {"queue": []}
+
+    restored = MlflowCallback(study=None, tracking_uri="sqlite:////nowhere.db", sweep_id="s", parent_tags={})
+    restored._tracker = Store()
+    restored.set_state(saved)
+    restored._submit("flush")  # queued after what the killed driver had not written
+    restored.wait_written()
+    assert written[2:] == [("log_metrics", "a", 1), ("flush",), ("flush",)]
+
+    restored._submit("finish_trial", "a", status="finished")
+    with pytest.raises(ValueError, match="refused"):
+        restored.wait_written()
+    restored._stop_writer()

@@ -247,6 +247,31 @@ def test_driver_restart_reuses_runs_and_dedups(sqlite_uri):
                            tags={}, environment={})
 
 
+def test_a_restored_write_queue_finds_its_trials_runs(sqlite_uri):
+    """The driver's writer queue is saved with Tune's checkpoint: a restored driver writes its
+    items before it has re-attached their trials (their runs are found under the parent), and a
+    write the killed driver had already done is not done twice."""
+    first = Tracker(tracking_uri=sqlite_uri, experiment="toy", flush_every=1)
+    parent = _start(first)
+    run = _trial(first, 0)
+    first.log_metrics("t0", _report(STEPS[0], 0), STEPS[0])
+    del first
+
+    second = Tracker(tracking_uri=sqlite_uri, experiment="toy", flush_every=1000)
+    assert _start(second) == parent
+    spy = Spy(second.client)
+    for step in STEPS[:2]:  # the queue: a step already written, then one that was not
+        second.log_metrics("t0", _report(step, 0), step)
+    second.finish_trial("t0", status="finished", final={"final/val_loss": 2.0})
+    assert spy.n_metrics() == len(KEYS) + 1
+    with pytest.raises(KeyError, match="no run yet"):  # a trial the store does not know
+        second.log_metrics("t9", _report(STEPS[0], 0), STEPS[0])
+    second.finish_parent()
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    assert _history(client, run, "val/loss") == list(STEPS[:2])
+    assert client.get_run(run).data.tags["moue.status"] == "finished"
+
+
 _CRASHING_DRIVER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, sys.argv[2])
