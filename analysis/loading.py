@@ -202,10 +202,10 @@ def _sqlite_runs(tracking_uri: str, experiment_id: str, kind: str, parent_run_id
             runs[rid] = SimpleNamespace(
                 info=SimpleNamespace(run_id=rid, run_name=name, status=status, start_time=start, end_time=end),
                 data=SimpleNamespace(tags={}, params={}, metrics={}))
-        for table, field in (("tags", "tags"), ("params", "params")):
+        for table in ("tags", "params"):
             for rid, key, value in con.execute(
                     f"SELECT t.run_uuid, t.key, t.value FROM {table} t JOIN wanted w ON w.run_uuid = t.run_uuid"):
-                getattr(runs[rid].data, field)[key] = value
+                getattr(runs[rid].data, table)[key] = value
         for rid, key, value, is_nan in con.execute(
                 "SELECT m.run_uuid, m.key, m.value, m.is_nan FROM latest_metrics m "
                 "JOIN wanted w ON w.run_uuid = m.run_uuid"):
