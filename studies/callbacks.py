@@ -528,6 +528,9 @@ class ProgressCallback(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._note_cost(trial)
         self.states[trial.trial_id] = "running"
+        # its own speed from its first report on: from its start to the report (start-up included,
+        # so a little slow) until it has reports of its own
+        self.recent[trial.trial_id] = [(time.time(), self.seen.get(trial.trial_id, 0))]
         self._row(trial)
         self._emit()
 

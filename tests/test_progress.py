@@ -183,3 +183,17 @@ def test_the_mlflow_writer_runs_beside_tunes_loop_and_its_queue_is_saved() -> No
     with pytest.raises(ValueError, match="refused"):
         restored.wait_written()
     restored._stop_writer()
+
+
+def test_a_trial_has_its_own_speed_from_its_first_report() -> None:
+    """Its start and first report give a speed (start-up included): the last trial alone is not
+    held to the paired share of the rate until its second report."""
+    cb = ProgressCallback(total=1, concurrency=2, stream=io.StringIO(), total_tokens=4000, default_budget=4000)
+    cb.setup()
+    t = _trial("long", {"train.tokens": 4000})
+    cb.on_trial_start(0, [], t)
+    cb.recent["long"][0] = (cb.recent["long"][0][0] - 10.0, 0)  # started 10 s ago
+    cb.t0 -= 10.0
+    cb.on_trial_result(0, [], t, {"tokens": 1000})
+    # 1,000 tokens in 10 s alone: 3,000 left in 30 s (the paired share would say 2 x 30 = 60 s)
+    assert round(cb.eta_s()) == 30, cb.eta_s()
