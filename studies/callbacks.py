@@ -375,8 +375,12 @@ class ProgressCallback(tune.Callback):
             if self.states.get(i) not in (None, "running"):
                 continue
             own = self._own_left_s(i, now)
-            known.append(own if own is not None else
-                         max(0, self._budget_of(i) - self.seen.get(i, 0)) * self._cost(i) * s_per_work)
+            if own is None:  # its work at one slot's share, less what it has run since its start
+                own = max(0, self._budget_of(i) - self.seen.get(i, 0)) * self._cost(i) * s_per_work
+                marks = self.recent.get(i)
+                if marks and len(marks) == 1 and self.seen.get(i, 0) == marks[0][1]:
+                    own = max(0.0, own - (now - marks[0][0]))
+            known.append(own)
         started = set(self.keys.values())
         unstarted = [w * s_per_work for k, w in self.token_cost.items() if k not in started]
         return max(known + unstarted, default=0.0)

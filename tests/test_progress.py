@@ -197,3 +197,20 @@ def test_a_trial_has_its_own_speed_from_its_first_report() -> None:
     cb.on_trial_result(0, [], t, {"tokens": 1000})
     # 1,000 tokens in 10 s alone: 3,000 left in 30 s (the paired share would say 2 x 30 = 60 s)
     assert round(cb.eta_s()) == 30, cb.eta_s()
+
+
+def test_a_trial_without_reports_counts_the_time_it_has_run() -> None:
+    """Before its first report a trial's time left is its work at one slot's share less the time
+    since it started: the display does not stand still while the last trial runs."""
+    cb = ProgressCallback(total=2, concurrency=2, stream=io.StringIO(), total_tokens=5000, default_budget=4000)
+    cb.setup()
+    short, long_ = _trial("short", {"train.tokens": 1000}), _trial("long", {"train.tokens": 4000})
+    cb.on_trial_start(0, [], short)
+    cb.t0 -= 10.0
+    cb.on_trial_result(0, [], short, {"tokens": 1000})  # 1,000 tokens in 10 s on 2 slots: 50 tokens/s a slot
+    short.last_result = {"status": "finished"}
+    cb.on_trial_complete(0, [], short)
+    cb.on_trial_start(0, [], long_)
+    full = cb.eta_s()  # 4,000 tokens at one slot's share of the rate
+    cb.recent["long"][0] = (cb.recent["long"][0][0] - 15.0, 0)  # it started 15 s ago
+    assert abs(cb.eta_s() - (full - 15.0)) < 0.5, (full, cb.eta_s())
