@@ -22,18 +22,13 @@ Growth is the cost per trial at 10k over that at 1k (flat: 1).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json as _json
 import math
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TextIO
@@ -199,44 +194,6 @@ def _check_written(uri: str, experiment: str, trials: int, results: int) -> None
                            f"points in {len(some)} of them, of {len(some) * results // trials})")
 
 
-@contextlib.contextmanager
-def _server(folder: Path) -> Iterator[str]:
-    """An ``mlflow server`` on loopback over a SQLite file in ``folder``; its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                             "--artifacts-destination", str(folder / "server-artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the mlflow server did not start: {(folder / 'server.log').read_text()[-500:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        import signal
-
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
 # ---- the analysis
 
 
@@ -334,6 +291,8 @@ def run_scale_bench(*, counts: tuple[int, int] = (1000, 10_000), driver_trials: 
     """Run the three measurements; print them (or one JSON object) to ``stream``. ``cache``: where
     the logged experiments are kept between runs (``"default"``: ``~/.cache/moue/bench-scale``;
     ``None``: logged afresh into the run's temporary folder)."""
+    from moue.studies.tracking import loopback_server
+
     small, large = counts
     if cache == "default":
         cache = _cache_root()
@@ -343,7 +302,7 @@ def run_scale_bench(*, counts: tuple[int, int] = (1000, 10_000), driver_trials: 
         study = _study(driver_trials, folder)
         drv = {"sqlite": _driver_ms(study, f"sqlite:///{folder / 'driver.db'}", driver_trials)}
         if server:
-            with _server(folder) as url:
+            with loopback_server(folder) as url:
                 drv["server"] = _driver_ms(study, url, driver_trials)
         out: dict = {"trials": {"small": small, "large": large}, "driver_trials": driver_trials,
                      "driver_results": drv["sqlite"]["results"], "plan_s_1k": plan_small, "plan_s_10k": plan_large}

@@ -19,6 +19,7 @@ Everything is written with ``log_batch`` (metrics buffered, ``flush_every`` at a
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -31,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -548,3 +549,52 @@ def log_study_summary(tracking_uri: str, parent_run_id: str, *, statuses: Mappin
     tags += [RunTag(f"moue.fit.{name}", f"not fitted: {why}"[:5000]) for name, why in (skipped or {}).items()]
     client.log_batch(parent_run_id, metrics=metrics, tags=tags, synchronous=True)
     return out
+
+
+@contextlib.contextmanager
+def loopback_server(folder: str | os.PathLike[str], *, db: str | os.PathLike[str] | None = None,
+                    wait_s: float = 120.0) -> Iterator[str]:
+    """An ``mlflow server`` on 127.0.0.1 (a free port, one worker) over the SQLite file ``db``
+    (default ``folder/server.db``), artifacts in ``folder/server-artifacts``; yields its URL once
+    ``/health`` answers and stops it (its process group) on leaving. For benchmarks and tests:
+    a team's server is its own."""
+    import signal
+    import socket
+    import urllib.request
+
+    folder = Path(folder)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = folder / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{Path(db or folder / 'server.db')}",
+                             "--artifacts-destination", str(folder / "server-artifacts")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                raise RuntimeError(f"the mlflow server did not start (exit {proc.poll()}): "
+                                   + log_path.read_text()[-2000:])
+            time.sleep(0.3)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

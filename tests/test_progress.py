@@ -96,27 +96,9 @@ def test_a_resumed_sweep_counts_what_tune_restored() -> None:
     assert restored.trained0 == 1750  # the rate counts only what this driver trains
 
 
-def test_the_last_trial_alone_runs_on_one_slot() -> None:
-    """Two slots, the rate measured with both at work: when one long trial is what is left, the
-    time left is its work at one slot's rate, not the remaining work at both slots' rate."""
-    budgets = {"short": 1000, "long": 4000}
-    cb = ProgressCallback(total=2, concurrency=2, stream=io.StringIO(), total_tokens=5000, default_budget=4000)
-    cb.setup()
-    short, long_ = (_trial(k, {"train.tokens": v}) for k, v in budgets.items())
-    cb.on_trial_start(0, [], short)
-    cb.on_trial_start(0, [], long_)
-    cb.t0 -= 10.0
-    cb.on_trial_result(0, [], short, {"tokens": 1000})
-    cb.on_trial_result(0, [], long_, {"tokens": 1000})
-    short.last_result = {"status": "finished"}
-    cb.on_trial_complete(0, [], short)
-    # 2,000 tokens in 10 s on 2 slots: 200 tokens/s, 100 a slot; the long trial's 3,000 left: 30 s
-    assert round(cb.eta_s()) == 30, cb.eta_s()  # not 3,000 / 200 = 15 s
-
-
-def test_the_last_trial_alone_goes_at_its_own_recent_speed() -> None:
-    """Alone, the last trial runs faster than its share of the paired rate (no neighbour for memory
-    bandwidth): once it has reports of its own, its time left is at its recent speed."""
+def _paired_then_alone() -> ProgressCallback:
+    """Two slots, a short and a long trial started together, 1,000 tokens each in 10 s, then the
+    short one done: the long one, with 3,000 tokens left, is what is left."""
     cb = ProgressCallback(total=2, concurrency=2, stream=io.StringIO(), total_tokens=5000, default_budget=4000)
     cb.setup()
     short, long_ = _trial("short", {"train.tokens": 1000}), _trial("long", {"train.tokens": 4000})
@@ -127,6 +109,21 @@ def test_the_last_trial_alone_goes_at_its_own_recent_speed() -> None:
     cb.on_trial_result(0, [], long_, {"tokens": 1000})
     short.last_result = {"status": "finished"}
     cb.on_trial_complete(0, [], short)
+    return cb
+
+
+def test_the_last_trial_alone_runs_on_one_slot() -> None:
+    """The rate measured with both slots at work: when one long trial is what is left, the time
+    left is its work at one slot's rate, not the remaining work at both slots' rate."""
+    cb = _paired_then_alone()
+    # 2,000 tokens in 10 s on 2 slots: 200 tokens/s, 100 a slot; the long trial's 3,000 left: 30 s
+    assert round(cb.eta_s()) == 30, cb.eta_s()  # not 3,000 / 200 = 15 s
+
+
+def test_the_last_trial_alone_goes_at_its_own_recent_speed() -> None:
+    """Alone, the last trial runs faster than its share of the paired rate (no neighbour for memory
+    bandwidth): once it has reports of its own, its time left is at its recent speed."""
+    cb = _paired_then_alone()
     # its last two reports 4 s apart, 600 tokens: 150 tokens/s (the paired share said 100)
     cb.recent["long"] = [(cb.recent["long"][-1][0] - 4.0, 400), cb.recent["long"][-1]]
     assert round(cb.eta_s()) == 20, cb.eta_s()  # 3,000 left at 150 tokens/s, not 30 s at 100

@@ -12,12 +12,9 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -384,41 +381,19 @@ def test_environment_and_git_info(tmp_path):
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory, template_db):
+    from moue.studies.tracking import loopback_server
+
     root = tmp_path_factory.mktemp("server")
     shutil.copy(template_db, root / "db.sqlite")  # already migrated: the server starts faster
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.skip(f"mlflow server did not start (exit {proc.poll()}): "
-                            + (root / "server.log").read_text()[-2000:])
-            time.sleep(0.3)
-        yield url, root / "artifacts"
+        server = loopback_server(root, db=root / "db.sqlite", wait_s=90)
+        url = server.__enter__()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield url, root / "server-artifacts"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.__exit__(None, None, None)
 
 
 def test_sweep_on_an_mlflow_server(mlflow_server, tmp_path):
