@@ -268,3 +268,99 @@ def bench_cooldown(cfg, *, at: tuple[int, ...], frac: float, seeds: tuple[int, .
             "main_tokens": main_tokens, **cost,
             "branch_tokens_vs_separate": (cost["wsd_tokens"] - len(seeds) * main_tokens) / max(1, cost["separate_tokens"]),
             "torch": torch.__version__}
+
+
+# ---- where a training step's time goes (moue bench train --profile)
+
+_SCOPES = (("Attention", "attention"), ("Router", "router"), ("MoE", "moe"), ("RMSNorm", "norms"))
+_DISPATCH_OPS = ("index_select", "index_add", "scatter", "gather", "argsort", "sort", "bincount", "cumsum",
+                 "nonzero", "index", "new_zeros", "zeros", "fill_")
+CATEGORIES = ("attention", "router", "dispatch", "experts", "norms", "embedding, head and loss", "optimizer")
+
+
+def _category(scope: str | None, op: str) -> str:
+    if scope == "moe":  # the MoE layer less its router: moving tokens, or the expert FFNs
+        return "dispatch" if any(op.removeprefix("aten::").startswith(d) for d in _DISPATCH_OPS) else "experts"
+    return scope or "embedding, head and loss"
+
+
+def profile_step(cfg, *, steps: int = 3, warmup: int = 2) -> dict:
+    """Where a training step of ``cfg`` (a ``TrialConfig``) spends its time: the profiler's self
+    CPU time of every op, by the model part it ran in (forward: the module that called it, through
+    ``record_function`` scopes the benchmark adds with hooks; backward: the forward op it
+    differentiates, by the autograd sequence number; ``Optimizer.step``: the optimizer), in ms per
+    step and as fractions. Random tokens, the trial's threads; timings include the profiler's own
+    overhead, so the fractions are what to read."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from moue.model import MoUEModel
+    from moue.runtime import set_threads
+
+    tc = cfg.train
+    set_threads(tc.threads or None)
+    torch.manual_seed(0)
+    model = MoUEModel(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len))
+    stack: list = []
+    labels = dict(_SCOPES)
+    for module in model.modules():
+        label = labels.get(type(module).__name__)
+        if label is None:
+            continue
+        module.register_forward_pre_hook(lambda m, a, label=label: stack.append(record_function(f"moue::{label}").__enter__()))
+        module.register_forward_hook(lambda m, a, out: stack.pop().__exit__(None, None, None))
+
+    def step() -> None:
+        out = model(x)
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), x.flatten()) + out.aux_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = list(prof.events())
+
+    def chain(e):
+        while e is not None:
+            yield e
+            e = e.cpu_parent
+
+    def scope_of(e) -> str | None:
+        for a in chain(e):
+            if a.name.startswith("moue::"):
+                return a.name.removeprefix("moue::")
+        return None
+
+    def in_backward(e) -> bool:
+        return any(a.name.startswith("autograd::engine::evaluate_function") for a in chain(e))
+
+    forward_scope = {e.sequence_nr: scope_of(e) for e in events
+                     if getattr(e, "sequence_nr", -1) >= 0 and not in_backward(e)}
+    ms = dict.fromkeys(CATEGORIES, 0.0)
+    ops: dict[str, dict[str, float]] = {c: {} for c in CATEGORIES}
+    for e in events:
+        if e.name.startswith(("moue::", "ProfilerStep")):
+            continue
+        names = [a.name for a in chain(e)]
+        if any(n.startswith(("Optimizer.step", "Optimizer.zero_grad")) for n in names):
+            cat = "optimizer"
+        else:
+            node = next((a for a in chain(e) if a.name.startswith("autograd::engine::evaluate_function")), None)
+            if node is not None:  # backward: the scope of the forward op it differentiates
+                fwd = node.name.rsplit(": ", 1)[-1]
+                cat = _category(forward_scope.get(node.sequence_nr), e.name if e is not node else fwd)
+            else:
+                cat = _category(scope_of(e), e.name)
+        t = e.self_cpu_time_total / 1e3 / steps
+        ms[cat] += t
+        ops[cat][e.name] = ops[cat].get(e.name, 0.0) + t
+    total = sum(ms.values())
+    top = {c: dict(sorted(o.items(), key=lambda kv: -kv[1])[:3]) for c, o in ops.items()}
+    return {"ms_per_step": total, "ms": ms, "fraction": {k: v / total for k, v in ms.items()}, "top_ops_ms": top,
+            "ops_ms": ops, "steps": steps}

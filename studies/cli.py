@@ -242,16 +242,20 @@ def bench_train_cmd(
     steps: int = typer.Option(20, min=2, help="Optimizer steps to time."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace (corpus cache)."),
+    profile: bool = typer.Option(False, "--profile", help="Also profile a few steps: where a step's time goes "
+                                 "(attention, router, dispatch, experts, norms, embedding/head/loss, optimizer)."),
 ) -> None:
     """Model GFLOP/s of a training trial next to this machine's dense matmul GFLOP/s.
 
-    Example: moue bench train --json
+    Example: moue bench train --json --profile
     """
-    from moue.bench import bench_train
+    from moue.bench import bench_train, profile_step
     from moue.studies.trial import load_trial
 
     cfg = load_trial(config)
     result = bench_train(cfg, steps=steps, cache_dir=workspace.resolve() / "cache")
+    if profile:
+        result["profile"] = profile_step(cfg)
     if json_out:
         typer.echo(json.dumps(result))
         return
@@ -261,6 +265,12 @@ def bench_train_cmd(
     typer.echo(f"matmul {result['matmul_gflops']:8.1f} GFLOP/s (1024^3, same process)")
     typer.echo(f"ratio  {result['ratio']:8.3f}   tokens/s {result['tokens_per_s']:,.0f}   "
                f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    if profile:
+        prof = result["profile"]
+        typer.echo(f"a step under the profiler: {prof['ms_per_step']:.0f} ms (self CPU time, profiler overhead included)")
+        for name, frac in sorted(prof["fraction"].items(), key=lambda kv: -kv[1]):
+            ops = ", ".join(f"{op.removeprefix('aten::')} {t:.0f} ms" for op, t in prof["top_ops_ms"][name].items())
+            typer.echo(f"  {name:26s} {100 * frac:5.1f}%  {prof['ms'][name]:7.1f} ms   ({ops})")
 
 
 QUICKSTART = Path(__file__).parent / "quickstart.toml"

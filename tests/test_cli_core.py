@@ -142,3 +142,27 @@ def test_every_help_renders_with_its_text_and_flags_as_flags() -> None:
         bare = [o.opts[0] for o in cmd.params if isinstance(o, click.Option) and not (o.help or "").strip()]
         assert not bare, (path, bare)
     assert "vw_multiplicative" in runner.invoke(app, ["fit", "--help"]).output  # moue fit --help lists the laws
+
+
+def test_bench_train_profile_says_where_a_step_goes() -> None:
+    """The profile puts every op's time in one part of the model: the forward by the module that
+    ran it, the backward by the forward op it differentiates, the optimizer by its step."""
+    import dataclasses
+
+    from moue.bench import CATEGORIES, profile_step
+    from moue.studies.cli import QUICKSTART_TRIAL
+    from moue.studies.trial import load_trial
+
+    cfg = load_trial(QUICKSTART_TRIAL)
+    small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=32, n_heads=2, expert_hidden=32,
+                                                               router_state_dim=8),
+                                train=dataclasses.replace(cfg.train, batch_tokens=1024, seq_len=32))
+    prof = profile_step(small, steps=1, warmup=1)
+    assert set(prof["ms"]) == set(CATEGORIES) and abs(sum(prof["fraction"].values()) - 1) < 1e-9
+    for part in ("attention", "router", "dispatch", "experts", "norms", "optimizer"):
+        assert prof["ms"][part] > 0, (part, prof["ms"])
+    # the backward lands in the parts: attention's backward is attention's, the experts' matmul
+    # backward the experts'
+    sdpa = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
+    assert [c for c, ops in prof["ops_ms"].items() if sdpa in ops] == ["attention"], prof["top_ops_ms"]
+    assert prof["fraction"]["embedding, head and loss"] < 0.5, prof["fraction"]
