@@ -152,16 +152,18 @@ def _param_column(key: str, runs: Sequence, configs: Sequence[dict | None]):
     return _cast_column(strings)
 
 
-def _search_all(client, experiment_id: str, filter_string: str, *, kind: str | None = None,
-                parent_run_id: str | None = None):
-    """The runs of ``filter_string``; for a SQLite store and a search by ``kind`` (and parent),
-    read with SQL (``_sqlite_runs``: MLflow's ORM builds an object per param, tag and metric, 36 s
-    for 10,000 trial runs, against a few seconds)."""
-    if kind is not None:
-        runs = _sqlite_runs(client.tracking_uri, experiment_id, kind, parent_run_id)
-        if runs is not None:
-            return runs
-    return search_runs(client, experiment_id, filter_string)
+def _search_all(client, experiment_id: str, kind: str, parent_run_id: str | None = None):
+    """The runs tagged ``moue.kind = kind`` (children of ``parent_run_id`` when given), oldest
+    first; a SQLite store is read with SQL (``_sqlite_runs``: MLflow's ORM builds an object per
+    param, tag and metric, 36 s for 10,000 trial runs, against a few seconds), any other through
+    MLflow's search."""
+    runs = _sqlite_runs(client.tracking_uri, experiment_id, kind, parent_run_id)
+    if runs is not None:
+        return runs
+    flt = f"tags.`moue.kind` = '{kind}'"
+    if parent_run_id is not None:
+        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    return search_runs(client, experiment_id, flt)
 
 
 def _sqlite_runs(tracking_uri: str, experiment_id: str, kind: str, parent_run_id: str | None):
@@ -239,7 +241,7 @@ def _experiment(client, experiment: str, tracking_uri: str):
 
 def _parents(client, exp, parent_run_id: str | None) -> list:
     """The study runs of the experiment (only ``parent_run_id`` when given), schema-checked."""
-    parents = _search_all(client, exp.experiment_id, "tags.`moue.kind` = 'study'", kind="study")
+    parents = _search_all(client, exp.experiment_id, "study")
     if parent_run_id is not None:
         if parent_run_id not in {p.info.run_id for p in parents}:
             raise AnalysisError("parent_run_id", parent_run_id,
@@ -361,11 +363,7 @@ def load_runs(
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = _experiment(client, experiment, tracking_uri)
     parents = _parents(client, exp, parent_run_id)
-    flt = "tags.`moue.kind` = 'trial'"
-    if parent_run_id is not None:
-        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    kept, excluded = _keep(_search_all(client, exp.experiment_id, flt, kind="trial", parent_run_id=parent_run_id),
-                           include)
+    kept, excluded = _keep(_search_all(client, exp.experiment_id, "trial", parent_run_id), include)
     frame = _trial_frame(kept, {p.info.run_id: p.data.tags for p in parents})
     _refuse_mixed(frame, experiment)
     curve_frame = None

@@ -378,7 +378,7 @@ class ProgressCallback(tune.Callback):
             if own is None:  # its work at one slot's share, less what it has run since its start
                 own = max(0, self._budget_of(i) - self.seen.get(i, 0)) * self._cost(i) * s_per_work
                 marks = self.recent.get(i)
-                if marks and len(marks) == 1 and self.seen.get(i, 0) == marks[0][1]:
+                if marks and len(marks) == 1:  # its start alone: no report yet
                     own = max(0.0, own - (now - marks[0][0]))
             known.append(own)
         started = set(self.keys.values())

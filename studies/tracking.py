@@ -221,7 +221,7 @@ class Tracker:
                     raise ValueError(f"param {key!r} of trial {trial_id!r} is {value!r} now but "
                                      f"{logged[key]!r} in run {run.info.run_id}; MLflow cannot "
                                      "change a param, and a resumed trial should not")
-            self._reattach(run)
+            self._reattach(trial_id, run)
         run_id = run.info.run_id
         new = [Param(k, v) for k, v in values.items() if k not in logged]
         for lo in range(0, len(new), _MAX_PARAMS_PER_BATCH):
@@ -300,7 +300,7 @@ class Tracker:
                 self._n_pending -= len(batch)
             del self._pending[run_id]
 
-    def _reattach(self, run) -> None:
+    def _reattach(self, trial_id: str, run) -> None:
         """Take up ``run``, found in the store after a driver restart: the steps it holds are not
         logged again, a final record is not touched, a run closed as an orphan is reopened."""
         history = self.client.get_metric_history(run.info.run_id, _DEDUP_KEY)
@@ -310,7 +310,7 @@ class Tracker:
             self._closed.add(run.info.run_id)
         elif run.info.status != "RUNNING":  # e.g. closed as an orphan: reopen
             self.client.update_run(run.info.run_id, status="RUNNING")
-        self._children[run.data.tags.get(TRIAL_ID, "")] = run.info.run_id
+        self._children[trial_id] = run.info.run_id
 
     def _run_of(self, trial_id: str) -> str:
         """The trial's run: attached, or found in the store under this parent (a write the driver
@@ -320,7 +320,7 @@ class Tracker:
         run = self._existing.pop(trial_id, None)
         if run is None:
             raise KeyError(f"trial {trial_id!r} has no run yet: call Tracker.trial_run first")
-        self._reattach(run)
+        self._reattach(trial_id, run)
         return run.info.run_id
 
 

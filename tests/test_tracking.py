@@ -386,14 +386,10 @@ def mlflow_server(tmp_path_factory, template_db):
     root = tmp_path_factory.mktemp("server")
     shutil.copy(template_db, root / "db.sqlite")  # already migrated: the server starts faster
     try:
-        server = loopback_server(root, db=root / "db.sqlite", wait_s=90)
-        url = server.__enter__()
-    except RuntimeError as exc:
+        with loopback_server(root, db=root / "db.sqlite", wait_s=90) as url:
+            yield url, root / "server-artifacts"
+    except RuntimeError as exc:  # raised only when the server does not start
         pytest.skip(str(exc))
-    try:
-        yield url, root / "server-artifacts"
-    finally:
-        server.__exit__(None, None, None)
 
 
 def test_sweep_on_an_mlflow_server(mlflow_server, tmp_path):
