@@ -17,11 +17,12 @@ from moue.analysis.laws import Law
 __all__ = ["huber", "make_objective"]
 
 # Elements of the (chunk, n, P) Jacobian per block: small blocks keep every temporary in cache
-# (3x faster than one big block on a 2-core machine). 300,000 was the best on the development
-# machine and 2x slower than 120,000 on an AMD EPYC (issue 14: 6.0 s against 3.0 s for the
+# (3x faster than one big block on a 2-core machine). 300,000 was chosen on the development
+# machine and is 2x slower than 120,000 on an AMD EPYC (issue 14: 6.0 s against 3.0 s for the
 # 4,500-start Chinchilla fit), where 30,000-1,000,000 differ by 20% once glibc keeps large blocks
 # in its heap: the blocks' temporaries are mmapped and page-faulted anew at every block beyond
-# its threshold. 120,000 is within 10% of the best of both.
+# its threshold. 120,000 was the best of 30,000-500,000 there; it is not measured on the
+# development machine.
 _CHUNK_ELEMENTS = 120_000
 
 

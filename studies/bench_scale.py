@@ -204,6 +204,7 @@ def _log_experiment(study, uri: str, n: int) -> float:
     import numpy as np
 
     from moue.studies.tracking import Tracker
+    from moue.tracking_contract import is_tracked
 
     rng = np.random.default_rng(1)
     t0 = time.perf_counter()
@@ -217,15 +218,14 @@ def _log_experiment(study, uri: str, n: int) -> float:
         loss = _loss(plan, rng)
         for mark in range(1, study.marks + 1):
             rep = _report(plan, plan.tokens * mark // study.marks, loss * (1 + 0.1 * (study.marks - mark)))
-            tracker.log_metrics(tid, {k: v for k, v in rep.items() if k not in ("node", "training_iteration")},
-                                step=rep["tokens"])
+            tracker.log_metrics(tid, {k: v for k, v in rep.items() if is_tracked(k)}, step=rep["tokens"])
         tracker.finish_trial(tid, status="finished",
                              final={k: v for k, v in _final(plan, loss).items() if k.startswith("final/")})
     tracker.finish_parent("FINISHED")
     return time.perf_counter() - t0
 
 
-BENCH_VERSION = 1  # of the logged experiments: a change to what _log_experiment writes bumps it
+BENCH_VERSION = 2  # of the logged experiments: a change to what _log_experiment writes bumps it (2: tracked keys only)
 
 
 def _cache_root() -> Path:
@@ -234,7 +234,7 @@ def _cache_root() -> Path:
 
 def _logged_store(n: int, folder: Path, cache: Path | None) -> tuple[str, float | None]:
     """The SQLite URI of an experiment of ``n`` logged trials and the seconds logging took
-    (``None``: reused from ``cache``, where an earlier run of the same spec, schema and MLflow
+    (``None``: reused from ``cache``, where an earlier run of the same spec, law, schema and MLflow
     version left it; written to a temporary name and renamed, so a killed run leaves none)."""
     import hashlib
 
@@ -246,7 +246,8 @@ def _logged_store(n: int, folder: Path, cache: Path | None) -> tuple[str, float 
     if cache is None:
         db = folder / f"runs_{n}.db"
         return f"sqlite:///{db}", _log_experiment(study, f"sqlite:///{db}", n)
-    key = hashlib.sha256(f"{scale_spec(n)}|{SCHEMA_VERSION}|{mlflow.__version__}|{BENCH_VERSION}".encode()).hexdigest()
+    made_of = f"{scale_spec(n)}|{sorted(LAW.items())}|{SCHEMA_VERSION}|{mlflow.__version__}|{BENCH_VERSION}"
+    key = hashlib.sha256(made_of.encode()).hexdigest()
     db = cache / f"runs_{n}_{key[:16]}.db"
     if db.is_file():
         return f"sqlite:///{db}", None
