@@ -270,6 +270,31 @@ def bench_cooldown(cfg, *, at: tuple[int, ...], frac: float, seeds: tuple[int, .
             "torch": torch.__version__}
 
 
+def synthetic_step(cfg):
+    """``(model, step)``: ``cfg``'s model (a ``TrialConfig``'s) and one training step of it on fixed
+    random tokens at the trial's batch (AdamW, the trial's gradient clipping): what the dry run's
+    estimate times (``moue.studies.estimate.step_cost``) and ``profile_step`` takes apart."""
+    import torch.nn.functional as F
+
+    from moue.model import MoUEModel
+
+    tc = cfg.train
+    torch.manual_seed(0)
+    model = MoUEModel(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len))
+
+    def step() -> None:
+        out = model(x)
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), x.flatten()) + out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
 # ---- where a training step's time goes (moue bench train --profile)
 
 _SCOPES = (("Attention", "attention"), ("Router", "router"), ("MoE", "moe"), ("RMSNorm", "norms"))
@@ -291,18 +316,12 @@ def profile_step(cfg, *, steps: int = 3, warmup: int = 2) -> dict:
     differentiates, by the autograd sequence number; ``Optimizer.step``: the optimizer), in ms per
     step and as fractions. Random tokens, the trial's threads; timings include the profiler's own
     overhead, so the fractions are what to read."""
-    import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from moue.model import MoUEModel
     from moue.runtime import set_threads
 
-    tc = cfg.train
-    set_threads(tc.threads or None)
-    torch.manual_seed(0)
-    model = MoUEModel(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len))
+    set_threads(cfg.train.threads or None)
+    model, step = synthetic_step(cfg)
     stack: list = []
     labels = dict(_SCOPES)
     for module in model.modules():
@@ -311,13 +330,6 @@ def profile_step(cfg, *, steps: int = 3, warmup: int = 2) -> dict:
             continue
         module.register_forward_pre_hook(lambda m, a, label=label: stack.append(record_function(f"moue::{label}").__enter__()))
         module.register_forward_hook(lambda m, a, out: stack.pop().__exit__(None, None, None))
-
-    def step() -> None:
-        out = model(x)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), x.flatten()) + out.aux_loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
     for _ in range(warmup):
         step()

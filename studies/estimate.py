@@ -52,28 +52,19 @@ def step_cost(cfg, *, steps: int = 3) -> float:
     """Seconds per training token of ``cfg`` (a ``TrialConfig``): the median of ``steps`` timed
     AdamW steps on random tokens after one untimed, at the trial's threads."""
     import torch
-    import torch.nn.functional as F
 
-    from moue.model import MoUEModel
+    from moue.bench import synthetic_step
     from moue.runtime import set_threads
 
     tc = cfg.train
     threads = torch.get_num_threads()
     set_threads(tc.threads or None)
     try:
-        torch.manual_seed(0)
-        model = MoUEModel(cfg.model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len))
+        _, step = synthetic_step(cfg)
         times = []
         for i in range(steps + 1):
             t0 = time.perf_counter()
-            out = model(x)
-            loss = F.cross_entropy(out.logits.float().flatten(0, 1), x.flatten()) + out.aux_loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
             if i:
                 times.append(time.perf_counter() - t0)
     finally:
