@@ -130,6 +130,12 @@ class Law:
         Hessian of a sum of per-point losses with second derivative ``a`` and first ``-c``."""
         return self.model.objective_hessian(theta, prep, J, cache, a, c)
 
+    def compiled_objective(self, prep):
+        """The model's compiled objective kernel for ``prep`` (None: the model has none, or numba
+        is missing); see :mod:`moue.analysis.kernels`."""
+        compiled = getattr(self.model, "compiled_objective", None)
+        return compiled(prep) if compiled is not None else None
+
     def predict(self, theta: np.ndarray, data: Data) -> np.ndarray:
         """Predicted response (log L or log10 L), shape (S, n)."""
         return self.forward(theta, self.prepare(data))[0]

@@ -103,6 +103,12 @@ class LSEModel:
                 out[:, ps[:, None], ps[None, :]] -= ((c * wk) @ outer).reshape(S, ps.size, ps.size)
         return out
 
+    def compiled_objective(self, prep):
+        """The compiled f, g, H kernel of this term structure (None without numba)."""
+        from moue.analysis.kernels import lse_objective
+
+        return lse_objective(prep)
+
     def to_natural(self, theta: np.ndarray) -> np.ndarray:
         return np.where(np.asarray(self.log_params), np.exp(theta), theta)
 

@@ -33,15 +33,27 @@ def huber(r: np.ndarray, delta: float) -> np.ndarray:
 
 
 def make_objective(law: Law, prep, y: np.ndarray, weights: np.ndarray, delta: float,
-                   *, hessian: bool = True):
+                   *, hessian: bool = True, compiled: bool = True):
     """``fgh(theta_SP, idx_S) -> (f_S, g_SP, H_SPP)`` (``H`` is None when ``hessian=False``).
 
     ``weights`` is (n,) shared by every problem, or (B, n) with problem ``idx[s]`` using row
-    ``idx[s]``.
+    ``idx[s]``. ``compiled``: use the law's compiled kernel where it has one
+    (:mod:`moue.analysis.kernels`; the numpy code below is its reference).
     """
     y = np.asarray(y, dtype=np.float64)
     weights = np.asarray(weights, dtype=np.float64)
     n, P = y.shape[0], law.n_params
+    kernel = law.compiled_objective(prep) if compiled and hessian else None
+    if kernel is not None:
+        shared = weights.ndim == 1
+        w2 = weights[None, :] if shared else weights
+
+        def fgh_compiled(theta: np.ndarray, idx: np.ndarray):
+            theta = np.atleast_2d(theta)
+            widx = np.zeros(theta.shape[0], dtype=np.int64) if shared else idx
+            return kernel(theta, y, w2, widx, delta)
+
+        return fgh_compiled
 
     def block(theta, w):
         pred, J, cache = law.forward(theta, prep)

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moue.analysis.kernels import available as kernels_available
+from moue.analysis.kernels import propose_steps
+
 __all__ = ["BatchResult", "minimize_batched"]
 
 # fgh(x_SP, idx_S) -> (f_S, g_SP, H_SPP) for the problems ``idx`` (indices into the batch) at ``x``.
@@ -108,6 +111,7 @@ class _Batch:
     n_iter: np.ndarray  # (S,)
     status: np.ndarray  # (S,) object
     f_window: np.ndarray  # (_WINDOW, S): f over the last _WINDOW iterations (ring)
+    compiled: bool  # steps by the compiled kernel (moue.analysis.kernels)
 
     def pg_norm(self, ids: np.ndarray) -> np.ndarray:
         """max |projected gradient| of the problems ``ids``."""
@@ -117,16 +121,22 @@ class _Batch:
 
 def _propose(b: _Batch, active: np.ndarray, eye: np.ndarray):
     """The projected trust-region step of every active problem: new points, step lengths and the
-    decrease the quadratic model predicts."""
+    decrease the quadratic model predicts (compiled where numba is; this code is its reference)."""
     xa, ga, Ha = b.x[active], b.g[active], b.H[active]
-    fixed = _fixed_mask(xa, ga, b.lower, b.upper)
+    if b.compiled:
+        return propose_steps(xa, ga, Ha, b.lower, b.upper, b.radius[active])
+    return _propose_numpy(xa, ga, Ha, b.lower, b.upper, b.radius[active], eye)
+
+
+def _propose_numpy(xa, ga, Ha, lower, upper, radius, eye):
+    fixed = _fixed_mask(xa, ga, lower, upper)
     gf = np.where(fixed, 0.0, ga)
     keep = (~fixed)[:, :, None] & (~fixed)[:, None, :]
     evals, evecs = np.linalg.eigh(np.where(keep, Ha, eye))
     gt = np.einsum("spq,sp->sq", evecs, gf)
-    coef = _trust_region_step(evals, gt, b.radius[active])
+    coef = _trust_region_step(evals, gt, radius)
     d = np.where(fixed, 0.0, -np.einsum("spq,sq->sp", evecs, coef))
-    x_new = np.clip(xa + d, b.lower, b.upper)
+    x_new = np.clip(xa + d, lower, upper)
     step = x_new - xa
     predicted = -(np.einsum("sp,sp->s", ga, step)
                   + 0.5 * np.einsum("sp,spq,sq->s", step, Ha, step))
@@ -179,13 +189,15 @@ def minimize_batched(
     upper: np.ndarray,
     gtol: float,
     max_iter: int = 500,
+    compiled: bool = True,
 ) -> BatchResult:
     """Minimise ``S`` independent problems from starts ``x0`` (S, P) within ``[lower, upper]``.
 
     ``fgh(x, idx)`` returns objectives ``(len(idx),)``, gradients ``(len(idx), P)`` and Hessians
     ``(len(idx), P, P)`` of the problems ``idx`` at the points ``x``. ``gtol`` bounds the largest
     component of the projected gradient at a converged optimum; choose it small relative to the
-    objective's gradient scale.
+    objective's gradient scale. ``compiled``: steps by the compiled kernel where numba is
+    (False: the numpy reference).
     """
     x0 = np.asarray(x0, dtype=np.float64)
     S, P = x0.shape
@@ -195,7 +207,7 @@ def minimize_batched(
     f, g, H = fgh(x, np.arange(S))
     b = _Batch(x=x, f=f, g=g, H=H, lower=lower, upper=upper, radius=np.full(S, _RADIUS_START),
                n_iter=np.zeros(S, dtype=np.int64), status=np.full(S, "max_iter", dtype=object),
-               f_window=np.full((_WINDOW, S), np.inf))
+               f_window=np.full((_WINDOW, S), np.inf), compiled=compiled and kernels_available())
     n_evals = S
     done = ~np.isfinite(f)
     b.status[done] = "stalled"

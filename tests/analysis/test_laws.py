@@ -55,8 +55,9 @@ def test_jacobian_matches_finite_differences(name):
         np.testing.assert_allclose(np.broadcast_to(J[p], fd.shape), fd, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("name", sorted(LAWS))
-def test_objective_gradient_and_hessian_match_finite_differences(name):
+def test_objective_gradient_and_hessian_match_finite_differences(name, compiled):
     law = LAWS[name]
     rng = np.random.default_rng(2)
     data = _data(law, rng)
@@ -65,7 +66,7 @@ def test_objective_gradient_and_hessian_match_finite_differences(name):
     y = law.forward(theta[:1], prep)[0][0] + rng.normal(0, 0.05, 30)  # mix of Huber regimes
     delta = 0.03
     w = rng.uniform(0.5, 2.0, 30)
-    fgh = make_objective(law, prep, y, w, delta)
+    fgh = make_objective(law, prep, y, w, delta, compiled=compiled)
     idx = np.arange(3)
     f, g, H = fgh(theta, idx)
     pred = law.forward(theta, prep)[0]
