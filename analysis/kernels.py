@@ -79,10 +79,12 @@ def _term_source(terms) -> tuple[str, int]:
     K = len(terms)
     L = []
     add = L.append
-    add("import math")
+    add(f"# moue.analysis._numba_math {_math_hash()}")
     add("import numba")
+    add("from moue.analysis._numba_math import exp_neg, log_pos")
     add("")
-    add("@numba.njit(parallel=True, cache=True, fastmath={'contract'})")
+    # reassoc: the sums over points may be reordered, so that the loop vectorises
+    add("@numba.njit(parallel=True, cache=True, fastmath={'contract', 'reassoc'})")
     add("def kernel(theta, F, y, w, widx, delta, f_out, g_out, H_out):")
     add("    n = y.shape[0]")
     add("    for s in numba.prange(theta.shape[0]):")
@@ -106,10 +108,11 @@ def _term_source(terms) -> tuple[str, int]:
         for k in range(1, K):
             add(f"            m = max(m, v{k})")
         for k in range(K):
-            add(f"            u{k} = math.exp(v{k} - m)")
+            add(f"            u{k} = exp_neg(v{k} - m)")
         add("            tot = " + " + ".join(f"u{k}" for k in range(K)))
         add("            inv = 1.0 / tot")
-        add("            r = y[i] - m - math.log(tot)")
+        # (tot - tot): NaN where a term is (log_pos does not propagate it), else 0
+        add("            r = y[i] - m - log_pos(tot) + (tot - tot)")
         for k in range(K):
             add(f"            s{k} = u{k} * inv")
     add("            psi = min(max(r, -delta), delta)")
@@ -151,6 +154,13 @@ def _term_source(terms) -> tuple[str, int]:
             if q != p:
                 add(f"        H_out[s, {q}, {p}] = h{p}_{q}")
     return "\n".join(L) + "\n", n_feat
+
+
+@functools.cache
+def _math_hash() -> str:
+    """Hash of the inlined exp/log's source: numba's cache does not follow imports, so a change
+    there must change the generated kernel's source (and so its file)."""
+    return hashlib.sha256((Path(__file__).parent / "_numba_math.py").read_bytes()).hexdigest()[:16]
 
 
 _LOADED: dict[str, object] = {}

@@ -130,3 +130,26 @@ def test_fit_with_compiled_kernels_reaches_the_reference_optimum():
     np.testing.assert_allclose(out[True][0], out[False][0], atol=1e-5)
     assert out[True][1] == pytest.approx(out[False][1], rel=1e-9)
     assert (out[True][2] == "converged").mean() > 0.8
+
+
+def test_inlined_exp_and_log_match_numpy():
+    import numba
+
+    from moue.analysis._numba_math import exp_neg, log_pos
+
+    @numba.njit
+    def both(x, t, e, lg):
+        for i in range(x.shape[0]):
+            e[i] = exp_neg(x[i])
+            lg[i] = log_pos(t[i])
+
+    x = -np.concatenate([np.linspace(0, 700, 200_001), np.geomspace(1e-300, 1, 1000)])
+    t = np.concatenate([np.linspace(1, 9, 200_001), np.geomspace(1e-300, 1e300, 1000)])
+    e, lg = np.empty_like(x), np.empty_like(t)
+    both(x, t, e, lg)
+    np.testing.assert_allclose(e, np.exp(x), rtol=5e-16, atol=0)
+    np.testing.assert_allclose(lg, np.log(t), rtol=5e-16, atol=3e-16)
+    edge = np.array([-708.5, -1e4, -np.inf, np.nan])
+    out = np.empty(4)
+    both(edge, np.ones(4), out, np.empty(4))
+    assert list(out[:3]) == [0.0, 0.0, 0.0] and np.isnan(out[3])
