@@ -243,11 +243,64 @@ def _names(pids: list[int]) -> list[str]:
     return names
 
 
+def _described(pids: list[int]) -> list[str]:
+    """Name, parent and command marker of each process (what a failure needs to be understood)."""
+    out = []
+    for pid, name in zip(pids, _names(pids)):
+        try:
+            ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            command = [e.decode() for e in env if e.startswith(b"MOUE_COMMAND_ID=")]
+        except (OSError, IndexError):
+            ppid, command = "?", []
+        out.append(f"{pid} {name.strip()} (parent {ppid}, {command or 'no command marker'})")
+    return out
+
+
 def _gone(mark: str, timeout: float) -> list[int]:
     end = time.time() + timeout
     while (left := marked_pids(mark)) and time.time() < end:
         time.sleep(0.5)
     return left
+
+
+_COMMAND = r"""
+import os, signal, subprocess, sys, time
+from moue.studies import reaper
+reaper.start(grace_s=1.0)
+marked = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"])
+bare = subprocess.Popen(["sleep", "300"], env={})  # a child given another environment: no marker
+grandchild = subprocess.Popen(["sh", "-c", "sleep 300 & echo $!; wait"], env={}, stdout=subprocess.PIPE, text=True)
+print(marked.pid, bare.pid, grandchild.stdout.readline().strip(), flush=True)  # re-parented once we die
+time.sleep(300)
+"""
+
+
+def test_watchdog_ends_marked_processes_their_descendants_and_what_ignores_sigterm() -> None:
+    mark, env = marked_env()
+    env["PYTHONPATH"] = str(ROOT)
+    command = subprocess.Popen([sys.executable, "-c", _COMMAND], env=env, stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        pids = [int(p) for p in command.stdout.readline().split()]
+        assert len(pids) == 3 and all(Path(f"/proc/{p}").exists() for p in pids)
+        time.sleep(2.5)  # the watchdog looks at the command's descendants once a second
+        os.kill(command.pid, signal.SIGKILL)  # the command dies without cleaning up
+        command.wait(10)
+        end = time.time() + 20
+        while (alive := [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]) \
+                and time.time() < end:
+            time.sleep(0.2)
+        assert not alive, f"left running: {alive} of {pids}"
+    finally:
+        kill_marked(mark)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
 
 
 def test_killed_driver_leaves_no_process_behind(tmp_path) -> None:
@@ -269,7 +322,7 @@ def test_killed_driver_leaves_no_process_behind(tmp_path) -> None:
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(30)
         left = _gone(mark, 30)
-        assert not left, f"left running after the driver was killed: {_names(left)}"
+        assert not left, f"left running after the driver was killed: {_described(left)}"
     finally:
         kill_marked(mark)
 
