@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import math
 import os
 import sys
 import tempfile
@@ -61,99 +60,88 @@ def _cache_dir() -> Path:
     raise OSError("no writable cache folder for the fitter's kernels")
 
 
-def _term_source(terms) -> tuple[str, int]:
+def _term_source(terms) -> str:
     """Source of the kernel for ``terms`` (LSEModel.prepare's: per term its parameter indices and
-    their features, None meaning 1) and the number of feature rows it reads."""
+    their features, None meaning 1): one loop per start over the points, unrolled over the terms
+    and parameters."""
     P = 1 + max(int(p) for ps, _, _ in terms for p in ps)
-    feat_row: list[list[str]] = []
-    n_feat = 0
-    for ps, feats, _ in terms:
+    rows = _feature_rows(terms)
+    lines = [f"# moue.analysis._numba_math {_math_hash()}",
+             "import numba",
+             "from moue.analysis._numba_math import exp_neg, log_pos",
+             "",
+             # reassoc: the sums over points may be reordered, so that the loop vectorises
+             "@numba.njit(parallel=True, cache=True, fastmath={'contract', 'reassoc'})",
+             "def kernel(theta, F, y, w, widx, delta, f_out, g_out, H_out):",
+             "    n = y.shape[0]",
+             "    for s in numba.prange(theta.shape[0]):"]
+    lines += [f"        t{p} = theta[s, {p}]" for p in range(P)]
+    lines += ["        ws = w[widx[s]]", "        f = 0.0"]
+    for p in range(P):
+        lines.append(f"        g{p} = 0.0")
+        lines += [f"        h{p}_{q} = 0.0" for q in range(p, P)]
+    lines.append("        for i in range(n):")
+    lines += ["            " + line for line in _point_lines(terms, rows, P)]
+    lines.append("        f_out[s] = f")
+    for p in range(P):
+        lines.append(f"        g_out[s, {p}] = g{p}")
+        for q in range(p, P):
+            lines.append(f"        H_out[s, {p}, {q}] = h{p}_{q}")
+            if q != p:
+                lines.append(f"        H_out[s, {q}, {p}] = h{p}_{q}")
+    return "\n".join(lines) + "\n"
+
+
+def _feature_rows(terms) -> list[list[str]]:
+    """Per term, per parameter, the expression of its feature: ``F[j, i]`` (the j-th non-constant
+    feature over all terms, as LSEKernel stacks them) or ``1.0``."""
+    rows, j = [], 0
+    for _, feats, _ in terms:
         row = []
         for feat in feats:
-            if feat is None:
-                row.append("1.0")
-            else:
-                row.append(f"F[{n_feat}, i]")
-                n_feat += 1
-        feat_row.append(row)
+            row.append("1.0" if feat is None else f"F[{j}, i]")
+            j += feat is not None
+        rows.append(row)
+    return rows
+
+
+def _times(*factors: str) -> str:
+    """The product of ``factors`` without its ``1.0`` factors."""
+    kept = [x for x in factors if x != "1.0"]
+    return " * ".join(kept) if kept else "1.0"
+
+
+def _point_lines(terms, rows, P: int) -> list[str]:
+    """One point's contribution: its terms, their softmax ``s_k`` and the log-sum-exp, the Huber
+    residual, then ``f``, the gradient and the Hessian's upper triangle accumulated."""
     K = len(terms)
-    L = []
-    add = L.append
-    add(f"# moue.analysis._numba_math {_math_hash()}")
-    add("import numba")
-    add("from moue.analysis._numba_math import exp_neg, log_pos")
-    add("")
-    # reassoc: the sums over points may be reordered, so that the loop vectorises
-    add("@numba.njit(parallel=True, cache=True, fastmath={'contract', 'reassoc'})")
-    add("def kernel(theta, F, y, w, widx, delta, f_out, g_out, H_out):")
-    add("    n = y.shape[0]")
-    add("    for s in numba.prange(theta.shape[0]):")
-    for p in range(P):
-        add(f"        t{p} = theta[s, {p}]")
-    add("        ws = w[widx[s]]")
-    add("        f = 0.0")
-    for p in range(P):
-        add(f"        g{p} = 0.0")
-        for q in range(p, P):
-            add(f"        h{p}_{q} = 0.0")
-    add("        for i in range(n):")
-    for k, (ps, _, _) in enumerate(terms):
-        prods = [f"t{p}" if fr == "1.0" else f"t{p} * {fr}" for p, fr in zip(ps, feat_row[k])]
-        add(f"            v{k} = " + " + ".join(prods))
+    out = [f"v{k} = " + " + ".join(_times(f"t{p}", fr) for p, fr in zip(ps, rows[k]))
+           for k, (ps, _, _) in enumerate(terms)]
     if K == 1:
-        add("            r = y[i] - v0")
-        add("            s0 = 1.0")
+        out += ["r = y[i] - v0", "s0 = 1.0"]
     else:
-        add("            m = v0")
-        for k in range(1, K):
-            add(f"            m = max(m, v{k})")
-        for k in range(K):
-            add(f"            u{k} = exp_neg(v{k} - m)")
-        add("            tot = " + " + ".join(f"u{k}" for k in range(K)))
-        add("            inv = 1.0 / tot")
-        # (tot - tot): NaN where a term is (log_pos does not propagate it), else 0
-        add("            r = y[i] - m - log_pos(tot) + (tot - tot)")
-        for k in range(K):
-            add(f"            s{k} = u{k} * inv")
-    add("            psi = min(max(r, -delta), delta)")
-    add("            wi = ws[i]")
-    add("            f += wi * psi * (r - 0.5 * psi)")
-    add("            c = wi * psi")
-    add("            q = wi * (1.0 if psi == r else 0.0) + c")
-    # J_p = sum over the terms using p of s_k * feature
-    uses: dict[int, list[tuple[int, str]]] = {p: [] for p in range(P)}
-    for k, (ps, _, _) in enumerate(terms):
-        for p, fr in zip(ps, feat_row[k]):
-            uses[int(p)].append((k, fr))
+        out.append("m = v0")
+        out += [f"m = max(m, v{k})" for k in range(1, K)]
+        out += [f"u{k} = exp_neg(v{k} - m)" for k in range(K)]
+        out += ["tot = " + " + ".join(f"u{k}" for k in range(K)), "inv = 1.0 / tot",
+                # (tot - tot): NaN where a term is (log_pos does not propagate it), else 0
+                "r = y[i] - m - log_pos(tot) + (tot - tot)"]
+        out += [f"s{k} = u{k} * inv" for k in range(K)]
+    out += ["psi = min(max(r, -delta), delta)", "wi = ws[i]", "f += wi * psi * (r - 0.5 * psi)",
+            "c = wi * psi", "q = wi * (1.0 if psi == r else 0.0) + c"]
+    # d(-r)/dt_p = J_p = the sum over the terms using p of s_k * feature
+    where = [[(k, rows[k][[int(x) for x in ps].index(p)]) for k, (ps, _, _) in enumerate(terms)
+              if p in [int(x) for x in ps]] for p in range(P)]
+    out += [f"J{p} = " + (" + ".join(_times(f"s{k}", fr) for k, fr in where[p]) or "0.0") for p in range(P)]
+    out += [f"g{p} -= c * J{p}" for p in range(P)]
+    out += [f"qJ{p} = q * J{p}" for p in range(P)]
     for p in range(P):
-        parts = [f"s{k}" if fr == "1.0" else f"s{k} * {fr}" for k, fr in uses[p]]
-        add(f"            J{p} = " + (" + ".join(parts) if parts else "0.0"))
-    for p in range(P):
-        add(f"            g{p} -= c * J{p}")
-    for p in range(P):
-        add(f"            qJ{p} = q * J{p}")
-    for p in range(P):
+        both = dict(where[p])
         for q in range(p, P):
             # minus c * sum_k s_k F_kp F_kq over the terms holding both
-            corr = []
-            for k, (ps, _, _) in enumerate(terms):
-                pl = [int(x) for x in ps]
-                if p in pl and q in pl:
-                    fa, fb = feat_row[k][pl.index(p)], feat_row[k][pl.index(q)]
-                    f2 = " * ".join(x for x in (fa, fb) if x != "1.0")
-                    corr.append(f"s{k}" + (f" * {f2}" if f2 else ""))
-            line = f"            h{p}_{q} += qJ{p} * J{q}"
-            if corr:
-                line += " - c * (" + " + ".join(corr) + ")"
-            add(line)
-    add("        f_out[s] = f")
-    for p in range(P):
-        add(f"        g_out[s, {p}] = g{p}")
-        for q in range(p, P):
-            add(f"        H_out[s, {p}, {q}] = h{p}_{q}")
-            if q != p:
-                add(f"        H_out[s, {q}, {p}] = h{p}_{q}")
-    return "\n".join(L) + "\n", n_feat
+            corr = [_times(f"s{k}", both[k], fr) for k, fr in where[q] if k in both]
+            out.append(f"h{p}_{q} += qJ{p} * J{q}" + (" - c * (" + " + ".join(corr) + ")" if corr else ""))
+    return out
 
 
 @functools.cache
@@ -191,8 +179,7 @@ class LSEKernel:
     ``widx`` (S,) the row of ``w`` each parameter vector uses."""
 
     def __init__(self, prep):
-        source, _ = _term_source(prep["terms"])
-        self._kernel = _load(source)
+        self._kernel = _load(_term_source(prep["terms"]))
         feats = [feat for _, fs, _ in prep["terms"] for feat in fs if feat is not None]
         self._F = (np.ascontiguousarray(np.stack(feats)) if feats
                    else np.zeros((1, prep["n"])))
@@ -221,157 +208,10 @@ def lse_objective(prep) -> LSEKernel | None:
 
 @functools.cache
 def _step_kernels():
-    """The compiled trust-region step (built on first use)."""
-    import numba as _nb
+    """The compiled trust-region step (numba imported, and the kernel loaded, on first use)."""
+    from moue.analysis import _numba_step
 
-
-    @_nb.njit(cache=True)
-    def _jacobi(A, V):  # pragma: no cover - compiled
-        """Eigen-decompose the symmetric ``A`` in place (eigenvalues on its diagonal, vectors in
-        the columns of ``V``) by cyclic Jacobi rotations (Numerical Recipes' update form)."""
-        P = A.shape[0]
-        for i in range(P):
-            for j in range(P):
-                V[i, j] = 1.0 if i == j else 0.0
-        for _ in range(60):
-            off = 0.0
-            scale = 0.0
-            for i in range(P):
-                scale += A[i, i] * A[i, i]
-                for j in range(i + 1, P):
-                    off += A[i, j] * A[i, j]
-            if off <= 1e-34 * scale or off == 0.0:
-                break
-            for p in range(P - 1):
-                for q in range(p + 1, P):
-                    apq = A[p, q]
-                    if apq == 0.0:
-                        continue
-                    th = (A[q, q] - A[p, p]) / (2.0 * apq)
-                    if abs(th) > 1e150:
-                        t = 0.5 / th
-                    else:
-                        t = 1.0 / (abs(th) + math.sqrt(th * th + 1.0))
-                        if th < 0.0:
-                            t = -t
-                    c = 1.0 / math.sqrt(t * t + 1.0)
-                    sn = t * c
-                    tau = sn / (1.0 + c)
-                    A[p, p] -= t * apq
-                    A[q, q] += t * apq
-                    A[p, q] = 0.0
-                    A[q, p] = 0.0
-                    for k in range(P):
-                        if k != p and k != q:
-                            akp, akq = A[k, p], A[k, q]
-                            A[k, p] = A[p, k] = akp - sn * (akq + tau * akp)
-                            A[k, q] = A[q, k] = akq + sn * (akp - tau * akq)
-                        vkp, vkq = V[k, p], V[k, q]
-                        V[k, p] = vkp - sn * (vkq + tau * vkp)
-                        V[k, q] = vkq + sn * (vkp - tau * vkq)
-
-    @_nb.njit(cache=True)
-    def _secular(ev, gt, r):  # pragma: no cover - compiled
-        """The smallest ``lam >= max(0, -min ev)`` with ``|gt / (ev + lam)| <= r`` (``r`` > 0; to a
-        relative 1e-10 in ``|c|``): safeguarded Newton on ``1/r - 1/|c(lam)|`` (More and Sorensen), bracketed so that it
-        cannot leave the root's interval; the "hard case" is absorbed by a tiny extra shift."""
-        P = ev.shape[0]
-        emin = ev[0]
-        emax = 0.0
-        gn = 0.0
-        for j in range(P):
-            emin = min(emin, ev[j])
-            emax = max(emax, abs(ev[j]))
-            gn += gt[j] * gt[j]
-        lo = max(0.0, -emin) + 1e-12 * max(emax, 1e-300)
-        hi = lo + math.sqrt(gn) / r + 1e-300  # there every |ev + lam| >= |g| / r
-        lam = lo
-        for _ in range(200):
-            n2 = 0.0
-            q2 = 0.0
-            for j in range(P):
-                d = ev[j] + lam
-                cj = gt[j] / d
-                n2 += cj * cj
-                q2 += cj * cj / d
-            nrm = math.sqrt(n2)
-            if abs(nrm - r) <= 1e-10 * r:
-                return lam
-            if nrm <= r:
-                if lam == lo:
-                    return lam
-                hi = lam
-            else:
-                lo = lam
-            if hi - lo <= 1e-15 * hi:
-                return hi
-            step = (nrm - r) / r * n2 / q2 if q2 > 0 else 0.0
-            new = lam + step
-            if not (lo < new < hi):
-                new = 0.5 * (lo + hi)
-            lam = new
-        return hi
-
-    @_nb.njit(parallel=True, cache=True)
-    def _propose_kernel(x, g, H, lower, upper, radius, x_new, step_norm, predicted):  # pragma: no cover
-        S, P = x.shape
-        for s in _nb.prange(S):
-            A = np.empty((P, P))
-            V = np.empty((P, P))
-            fixed = np.empty(P, dtype=np.bool_)
-            gf = np.empty(P)
-            for i in range(P):
-                fixed[i] = ((x[s, i] <= lower[i]) and (g[s, i] > 0)) or (
-                    (x[s, i] >= upper[i]) and (g[s, i] < 0))
-                gf[i] = 0.0 if fixed[i] else g[s, i]
-            for i in range(P):
-                for j in range(P):
-                    if fixed[i] or fixed[j]:
-                        A[i, j] = 1.0 if i == j else 0.0
-                    else:
-                        A[i, j] = H[s, i, j]
-            _jacobi(A, V)
-            ev = np.empty(P)
-            gt = np.empty(P)
-            for j in range(P):
-                ev[j] = A[j, j]
-                acc = 0.0
-                for i in range(P):
-                    acc += V[i, j] * gf[i]
-                gt[j] = acc
-            r = radius[s]
-            emin = ev[0]
-            nn = 0.0
-            for j in range(P):
-                emin = min(emin, ev[j])
-                cj = gt[j] / (ev[j] if ev[j] > 0 else 1.0)
-                nn += cj * cj
-            lam = 0.0
-            if not (emin > 0 and math.sqrt(nn) <= r):
-                lam = _secular(ev, gt, r)
-            sq = 0.0
-            lin = 0.0
-            for i in range(P):
-                d = 0.0
-                if not fixed[i]:
-                    for j in range(P):
-                        d -= V[i, j] * (gt[j] / (ev[j] + lam))
-                xn = min(max(x[s, i] + d, lower[i]), upper[i])
-                x_new[s, i] = xn
-                st = xn - x[s, i]
-                gf[i] = st  # reuse: the step
-                sq += st * st
-                lin += g[s, i] * st
-            quad = 0.0
-            for i in range(P):
-                acc = 0.0
-                for j in range(P):
-                    acc += H[s, i, j] * gf[j]
-                quad += gf[i] * acc
-            step_norm[s] = math.sqrt(sq)
-            predicted[s] = -(lin + 0.5 * quad)
-
-    return _propose_kernel
+    return _numba_step.propose_kernel
 
 
 def propose_steps(x, g, H, lower, upper, radius):
