@@ -21,12 +21,13 @@ import subprocess
 import sys
 import uuid
 
-__all__ = ["MARK", "start"]
+__all__ = ["MARK", "WATCHDOG_TAG", "start"]
 
 MARK = "MOUE_COMMAND_ID"
+WATCHDOG_TAG = "# moue.studies.reaper watchdog"  # the first line of its source: how it is told apart
 _watchdog: subprocess.Popen | None = None
 
-_WATCHDOG = r"""
+_WATCHDOG = WATCHDOG_TAG + r"""
 import os, select, signal, sys, time
 marker, grace = sys.argv[1].encode(), float(sys.argv[2])
 needle = b"%s=%s" % (sys.argv[3].encode(), marker)

@@ -14,6 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
+from moue.studies.reaper import WATCHDOG_TAG
+
 MARK = "MOUE_TEST_PROCS"
 
 
@@ -86,7 +88,7 @@ def launched(marker: str, wait_s: float = 10.0) -> list[str]:
         pids = marked_pids(marker)
         for pid in pids:
             cmd = _cmdline(pid)
-            if b"sys.stdin.buffer.read()" not in cmd:  # not the watchdog
+            if WATCHDOG_TAG.encode() not in cmd:  # not the watchdog
                 seen.append(cmd.replace(b"\0", b" ").decode(errors="replace")[:200])
         if seen or not pids:
             return seen
