@@ -209,9 +209,9 @@ def lse_objective(prep) -> LSEKernel | None:
 @functools.cache
 def _step_kernels():
     """The compiled trust-region step (numba imported, and the kernel loaded, on first use)."""
-    from moue.analysis import _numba_step
+    from moue.analysis import numba_step
 
-    return _numba_step.propose_kernel
+    return numba_step.propose_kernel
 
 
 def propose_steps(x, g, H, lower, upper, radius):
