@@ -11,9 +11,10 @@ Dispatch of one layer, with no per-expert Python slicing of autograd tensors:
 1. one stable argsort of the ``S`` pool ids -> ``order_S``; ``token_S = order_S // K``;
 2. counts per expert (``bincount``) -> cumulative ``offs_P`` (int32);
 3. one gather of token rows ``x_SD = x_TD[token_S]``;
-4. grouped matmul ``x_SD @ w_in[p]`` per expert group -> SwiGLU -> times the gate -> grouped matmul
-   with ``w_out`` (``torch.nn.functional.grouped_mm``; empty groups cost nothing and get zero
-   gradient, so experts outside every window are never touched);
+4. grouped matmul ``x_SD @ w_in[p]`` per expert group -> SwiGLU -> grouped matmul with ``w_out``,
+   times the gate (``moue.grouped.gated_experts``: ``torch.nn.functional.grouped_mm`` in one
+   autograd function with its own backward; empty groups cost nothing and get zero gradient, so
+   experts outside every window are never touched);
 5. gather-and-sum back to token order with one ``index_add``.
 """
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from moue.balance import POOLED, balance_loss, pooled_statistic, z_loss
 from moue.config import ModelConfig
-from moue.grouped import grouped_mm
+from moue.grouped import gated_experts, grouped_mm
 from moue.router import Route, Router
 
 __all__ = ["ExpertPool", "MoE", "RouterStats", "SwiGLU", "dispatch", "grouped_mm", "select_backend"]
@@ -94,11 +95,7 @@ def dispatch(
 
         y_SD = triton_experts(x_in, token_S, gates_S, w_in, w_out, offs_P)
     else:
-        x_SD = x_in.index_select(0, token_S)
-        gate_up_SF2 = grouped_mm(x_SD, w_in, offs_P)
-        gate_SF, up_SF = gate_up_SF2.split(pool.hidden, dim=-1)
-        h_SF = F.silu(gate_SF) * up_SF * gates_S.unsqueeze(1)
-        y_SD = grouped_mm(h_SF, w_out, offs_P)
+        y_SD = gated_experts(x_in.index_select(0, token_S), gates_S, w_in, w_out, offs_P)
     # the k contributions of a token are summed in the residual stream's dtype (fp32 under autocast)
     return x_TD.new_zeros(T, x_TD.shape[1]).index_add(0, token_S, y_SD.to(x_TD.dtype))
 

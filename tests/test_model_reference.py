@@ -86,10 +86,12 @@ def naive_dispatch(x, ids, gates, w_in, w_out):
     return y
 
 
+@pytest.mark.parametrize("D,Fh", [(8, 12), (12, 8)], ids=["gate_on_output", "gate_on_hidden"])
 @pytest.mark.parametrize("P,K", [(1, 1), (5, 1), (8, 2), (16, 4)])
-def test_grouped_dispatch_equals_naive_loop(P: int, K: int) -> None:
+def test_grouped_dispatch_equals_naive_loop(P: int, K: int, D: int, Fh: int) -> None:
+    """Values and every gradient; both places the gate can multiply (moue.grouped.gated_experts)."""
     torch.manual_seed(P * 10 + K)
-    T, D, Fh = 24, 8, 12
+    T = 24
     pool = ExpertPool(P, D, Fh, init_std=0.5)
     x = torch.randn(T, D, requires_grad=True)
     # uneven groups and, for P > K, empty groups: draw ids from the first half of the pool only
