@@ -41,8 +41,8 @@ the PTX. Whether the LARGE tiles are the fastest on an H100 is for ``moue bench 
 to say; without a GPU nothing here has been timed.
 
 Backward: ``TritonExperts`` recomputes the forward with grouped matmuls (activation recomputation;
-``torch._grouped_mm``) and differentiates that, so training runs end to end on this path; fused
-backward kernels are future work.
+``moue.grouped.gated_experts``, whose backward is grouped matmuls too) and differentiates that, so
+training runs end to end on this path; fused backward kernels are future work.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (correctness tests only; speed needs a GPU).
 """
@@ -197,16 +197,14 @@ class TritonExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_SD):
-        from moue.grouped import grouped_mm
+        from moue.grouped import gated_experts
 
         x_TD, token_S, gates_S, w_in, w_out, offs_P = ctx.saved_tensors
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(need) for t, need in
                       zip((x_TD, gates_S, w_in, w_out), (ctx.needs_input_grad[i] for i in (0, 2, 3, 4)))]
             x, g, wi, wo = leaves
-            gate_up = grouped_mm(x.index_select(0, token_S), wi, offs_P)
-            a, b = gate_up.split(wo.shape[1], dim=-1)
-            y = grouped_mm(torch.nn.functional.silu(a) * b * g.unsqueeze(1), wo, offs_P)
+            y = gated_experts(x.index_select(0, token_S), g, wi, wo, offs_P)
             wanted = [t for t in leaves if t.requires_grad]
             grads = iter(torch.autograd.grad(y, wanted, grad_SD))
         gx, gg, gwi, gwo = (next(grads) if t.requires_grad else None for t in leaves)
