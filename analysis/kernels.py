@@ -206,20 +206,14 @@ def lse_objective(prep) -> LSEKernel | None:
 
 # ----------------------------------------------------------------------------- trust-region step
 
-@functools.cache
-def _step_kernels():
-    """The compiled trust-region step (numba imported, and the kernel loaded, on first use)."""
-    from moue.analysis import numba_step
-
-    return numba_step.propose_kernel
-
-
 def propose_steps(x, g, H, lower, upper, radius):
     """The projected trust-region step of every problem (see ``optimize._propose``): new points,
-    step lengths and the decrease the quadratic model predicts."""
+    step lengths and the decrease the quadratic model predicts (numba imported on first use)."""
+    from moue.analysis.numba_step import propose_kernel
+
     S, P = x.shape
     x_new, step_norm, predicted = np.empty((S, P)), np.empty(S), np.empty(S)
-    _step_kernels()(np.ascontiguousarray(x), np.ascontiguousarray(g), np.ascontiguousarray(H),
+    propose_kernel(np.ascontiguousarray(x), np.ascontiguousarray(g), np.ascontiguousarray(H),
                     np.ascontiguousarray(lower), np.ascontiguousarray(upper),
                     np.ascontiguousarray(radius), x_new, step_norm, predicted)
     return x_new, step_norm, predicted

@@ -53,17 +53,21 @@ def grouped_mm(a_SK: torch.Tensor, b_GKN: torch.Tensor, offs_G: torch.Tensor) ->
     return _GroupedMM.apply(a_SK, b_GKN, offs_G)
 
 
+def _gate_hidden(w_out_PFD: torch.Tensor) -> bool:
+    """Whether the gate multiplies the hidden activations (``F < D``) rather than the outputs."""
+    return w_out_PFD.shape[1] < w_out_PFD.shape[2]
+
+
 class _GatedExperts(torch.autograd.Function):
     """``y[s] = gate[s] * swiglu_(group(s))(x[s])`` for pairs sorted by expert (ends ``offs``)."""
 
     @staticmethod
     def forward(ctx, x_SD, gates_S, w_in_PDF2, w_out_PFD, offs_P):
-        F_, D = w_out_PFD.shape[1], w_out_PFD.shape[2]
+        F_ = w_out_PFD.shape[1]
         gate_up_SF2 = _grouped_mm(x_SD, w_in_PDF2, offs=offs_P)
         silu_SF = F.silu(gate_up_SF2[:, :F_])  # kept: the up projection's gradient needs it
         h_SF = silu_SF * gate_up_SF2[:, F_:]
-        ctx.gate_hidden = F_ < D  # gate the narrower activation
-        if ctx.gate_hidden:
+        if _gate_hidden(w_out_PFD):  # gate the narrower activation
             hg_SF = h_SF * gates_S.unsqueeze(1)
             ctx.save_for_backward(x_SD, gates_S, w_in_PDF2, w_out_PFD, offs_P, gate_up_SF2, silu_SF, h_SF, hg_SF)
             return _grouped_mm(hg_SF, w_out_PFD, offs=offs_P)
@@ -76,7 +80,7 @@ class _GatedExperts(torch.autograd.Function):
         x_SD, gates_S, w_in, w_out, offs_P, gate_up_SF2, silu_SF, h_SF, saved = ctx.saved_tensors
         F_ = w_out.shape[1]
         grad_SD = grad_SD.contiguous()
-        if ctx.gate_hidden:  # saved: the gated hidden activations
+        if _gate_hidden(w_out):  # saved: the gated hidden activations
             grad_w_out = _grouped_mm(saved.t(), grad_SD, offs=offs_P)
             grad_h_SF = _grouped_mm(grad_SD, w_out.transpose(-2, -1), offs=offs_P)
             grad_gates = torch.linalg.vecdot(grad_h_SF, h_SF)

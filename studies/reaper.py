@@ -68,6 +68,7 @@ while True:
     if select.select([sys.stdin], [], [], 1.0)[0] and not os.read(sys.stdin.fileno(), 4096):
         break  # the command that started us has ended
     procs = table()
+    known = {pid: start for pid, start in known.items() if procs.get(pid, (0, None))[1] == start}  # gone: forgotten
     if command in procs:
         known.update((pid, procs[pid][1]) for pid in with_descendants({command}, procs) - {command})
 

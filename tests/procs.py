@@ -57,11 +57,16 @@ def kill_marked(marker: str, timeout: float = 30.0) -> int:
             pass
     end = time.time() + timeout
     while time.time() < end:
-        alive = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+        alive = [p for p in pids if running(p)]
         if not alive:
             break
         time.sleep(0.2)
     return len(pids)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not exited (a zombie has)."""
+    return Path(f"/proc/{pid}").exists() and not _zombie(pid)
 
 
 def _zombie(pid: int) -> bool:

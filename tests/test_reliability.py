@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from procs import kill_marked, launched, marked_env, marked_pids
+from procs import kill_marked, launched, marked_env, marked_pids, running
 
 from moue.errors import ConfigError
 from moue.studies.locking import LOCK_FILE, hold
@@ -288,19 +288,11 @@ def test_watchdog_ends_marked_processes_their_descendants_and_what_ignores_sigte
         os.kill(command.pid, signal.SIGKILL)  # the command dies without cleaning up
         command.wait(10)
         end = time.time() + 20
-        while (alive := [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]) \
-                and time.time() < end:
+        while (alive := [p for p in pids if running(p)]) and time.time() < end:
             time.sleep(0.2)
         assert not alive, f"left running: {alive} of {pids}"
     finally:
         kill_marked(mark)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
 
 
 def test_killed_driver_leaves_no_process_behind(tmp_path) -> None:
