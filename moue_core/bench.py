@@ -176,31 +176,60 @@ def matmul_gflops(*, n: int = 1024, repeats: int = 10, dtype: torch.dtype = torc
     return 2 * n**3 / best / 1e9
 
 
-def bench_train(cfg, *, steps: int = 20, cache_dir) -> dict:
+def _train_rate(cfg, *, steps: int, warmup: int, cache_dir) -> tuple[float, object, float]:
+    """(model GFLOP/s, result, warm-up seconds) of ``cfg`` trained ``warmup + steps`` steps: the rate
+    over the last ``steps`` (over all of them when ``warmup`` is 0), and the training time beyond
+    what all the steps would have taken at that rate (compilation, mostly)."""
+    import dataclasses
+
+    from moue.train import NullSink, train
+
+    batch = cfg.train.batch_tokens
+    every = warmup if warmup else 10 * steps  # a mark at the end of the warm-up, then at the end
+    tc = dataclasses.replace(cfg.train, tokens=(warmup + steps) * batch, eval_every_tokens=every * batch)
+    sink = NullSink()
+    result = train(dataclasses.replace(cfg, train=tc), sink, cache_dir=cache_dir)
+    if not warmup:
+        return result.counts.flops_per_token * result.tokens / result.train_s / 1e9, result, 0.0
+    tokens_per_s = sink.reports[-1][1]["tokens_per_s"]  # the last interval: after the warm-up
+    warm_s = result.train_s - (warmup + steps) * batch / tokens_per_s  # beyond the steady rate
+    return result.counts.flops_per_token * tokens_per_s / 1e9, result, warm_s
+
+
+def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False) -> dict:
     """Train ``cfg`` (a ``TrialConfig``) for ``steps`` steps; model GFLOP/s vs matmul GFLOP/s.
 
     Model FLOPs come from the counting module (``flops_per_token``, its convention) over the time
     spent inside training steps; the matmul reference is measured before and after training, in
-    this process, at the same dtype (fp32), and averaged.
+    this process, at the same dtype (fp32), and averaged. With ``compile_``, the same trial also
+    trains with ``train.compile = true`` (``MoUEModel.compile_regions``) right after, each mode
+    after ``steps`` warm-up steps (the compiled mode's first steps compile), and the figures of
+    both modes are reported side by side (``ratio`` stays the eager one).
     """
     import dataclasses
     import resource
 
-    from moue.train import train
-
-    tc = dataclasses.replace(cfg.train, tokens=steps * cfg.train.batch_tokens,
-                             eval_every_tokens=10 * steps * cfg.train.batch_tokens)
-    cfg = dataclasses.replace(cfg, train=tc)
     configure_process(cfg.train.threads)  # before the matmul reference: both at the same threads
-    before = matmul_gflops()
-    result = train(cfg, None, cache_dir=cache_dir)
-    after = matmul_gflops()
-    matmul = (before + after) / 2
-    model = result.counts.flops_per_token * result.tokens / result.train_s / 1e9
+    warmup = steps if compile_ else 0
+    refs = [matmul_gflops()]
+    model, result, _ = _train_rate(cfg, steps=steps, warmup=warmup, cache_dir=cache_dir)
+    refs.append(matmul_gflops())
+    out: dict = {}
+    if compile_:
+        ccfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True))
+        c_model, _, warm_s = _train_rate(ccfg, steps=steps, warmup=warmup, cache_dir=cache_dir)
+        refs.append(matmul_gflops())
+        c_matmul = (refs[1] + refs[2]) / 2
+        out = {"model_gflops_compiled": c_model, "matmul_gflops_compiled": c_matmul,
+               "ratio_compiled": c_model / c_matmul, "compiled_over_eager": c_model / model,
+               "compile_warmup_s": warm_s, "warmup_steps": warmup}
+    matmul = (refs[0] + refs[1]) / 2
+    tc = cfg.train
     return {
         "model_gflops": model,
         "matmul_gflops": matmul,
         "ratio": model / matmul,
+        **out,
         "tokens_per_s": result.tokens_per_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "steps": steps,

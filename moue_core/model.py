@@ -114,6 +114,23 @@ class MoUEModel(nn.Module):
         aux, stats = self.moe.finish(routes)
         return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
 
+    def compile_regions(self) -> None:
+        """``torch.compile`` the parts of the model whose shapes do not depend on the routing, in
+        place (``nn.Module.compile``: parameters and state-dict keys unchanged): each block's norms,
+        attention and dense or shared FFN, the router, the final norm and the head. The MoE's
+        dispatch and experts (data-dependent group sizes) stay eager. Compiling the whole model
+        instead breaks its graph at every MoE layer: measured on the quickstart trial (2-core AMD
+        EPYC), a step took 0.97x eager's time that way and 0.82-0.90x this way, with 3x shorter
+        warm-up (``moue bench train --compile``)."""
+        regions: list[nn.Module] = [self.norm, self.lm_head]
+        for block in self.blocks:
+            regions += [block.attn_norm, block.attn, block.ffn_norm]
+            regions += [getattr(block, name) for name in ("mlp", "shared") if hasattr(block, name)]
+        if self.moe is not None:
+            regions.append(self.moe.router)
+        for module in regions:
+            module.compile()
+
     def set_window(self, window: int) -> None:
         """Active window width (window-widening schedule of converted models)."""
         if self.moe is not None:

@@ -207,7 +207,9 @@ class _Run:
         self.pending: list[int] = []
         if resume is not None:
             self._resume(resume)
-        self.forward = torch.compile(self.model) if tc.compile else self.model
+        if tc.compile:  # the routing-independent parts (MoUEModel.compile_regions)
+            self.model.compile_regions()
+        self.forward = self.model
         self.use_bf16 = device.type == "cuda"
         self.visible: dict[int, torch.Tensor] = {}  # active window -> experts some layer can reach
         self.window_sums = _Window()

@@ -244,6 +244,8 @@ def bench_train_cmd(
     workspace: Path = typer.Option(DEFAULT_WORKSPACE, help="Workspace (corpus cache)."),
     profile: bool = typer.Option(False, "--profile", help="Also profile a few steps: where a step's time goes "
                                  "(attention, router, dispatch, experts, norms, embedding/head/loss, optimizer)."),
+    compile_: bool = typer.Option(False, "--compile", help="Also train it with train.compile = true, side by side "
+                                  "(each mode after as many warm-up steps as it times)."),
 ) -> None:
     """Model GFLOP/s of a training trial next to this machine's dense matmul GFLOP/s.
 
@@ -253,7 +255,7 @@ def bench_train_cmd(
     from moue.studies.trial import load_trial
 
     cfg = load_trial(config)
-    result = bench_train(cfg, steps=steps, cache_dir=workspace.resolve() / "cache")
+    result = bench_train(cfg, steps=steps, cache_dir=workspace.resolve() / "cache", compile_=compile_)
     if profile:
         result["profile"] = profile_step(cfg)
     if json_out:
@@ -265,6 +267,10 @@ def bench_train_cmd(
     typer.echo(f"matmul {result['matmul_gflops']:8.1f} GFLOP/s (1024^3, same process)")
     typer.echo(f"ratio  {result['ratio']:8.3f}   tokens/s {result['tokens_per_s']:,.0f}   "
                f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    if compile_:
+        typer.echo(f"compiled (train.compile = true): model {result['model_gflops_compiled']:.1f} GFLOP/s, matmul "
+                   f"{result['matmul_gflops_compiled']:.1f}, ratio {result['ratio_compiled']:.3f} "
+                   f"({result['compiled_over_eager']:.2f}x eager; warm-up {result['compile_warmup_s']:.1f} s)")
     if profile:
         prof = result["profile"]
         typer.echo(f"a step under the profiler: {prof['ms_per_step']:.0f} ms (self CPU time, profiler overhead included)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -166,3 +168,25 @@ def test_bench_train_profile_says_where_a_step_goes() -> None:
     sdpa = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
     assert [c for c, ops in prof["ops_ms"].items() if sdpa in ops] == ["attention"], prof["top_ops_ms"]
     assert prof["fraction"]["embedding, head and loss"] < 0.5, prof["fraction"]
+
+
+def test_bench_train_compile_reports_both_modes_side_by_side(tmp_path) -> None:
+    """bench train --compile: the eager and the compiled (train.compile) rates of one trial, each
+    measured after its warm-up steps, with the warm-up's extra seconds."""
+    import dataclasses
+
+    from moue.bench import bench_train
+    from moue.studies.cli import QUICKSTART_TRIAL
+    from moue.studies.trial import load_trial
+
+    cfg = load_trial(QUICKSTART_TRIAL)
+    small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=32, n_heads=2, expert_hidden=32,
+                                                               router_state_dim=8),
+                                train=dataclasses.replace(cfg.train, batch_tokens=1024, seq_len=32),
+                                data=dataclasses.replace(cfg.data, val_tokens=4096))
+    out = bench_train(small, steps=2, cache_dir=tmp_path, compile_=True)
+    assert out["warmup_steps"] == 2 and out["steps"] == 2
+    for key in ("ratio", "ratio_compiled", "model_gflops_compiled", "matmul_gflops_compiled"):
+        assert 0 < out[key] < math.inf, (key, out)
+    assert out["compiled_over_eager"] == pytest.approx(out["model_gflops_compiled"] / out["model_gflops"])
+    assert out["compile_warmup_s"] > 0  # the compiled mode's first steps compile

@@ -251,3 +251,32 @@ def test_torch_compile_option_trains_like_eager(cache_dir) -> None:
     compiled = train(tiny(ARCHITECTURES["layerwise"], dict(tokens=4096, compile=True)), None, cache_dir=cache_dir)
     assert compiled.status == "finished"
     assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, abs=1e-4)
+
+
+def test_compile_regions_compiles_the_routing_free_parts_with_the_same_values_and_gradients() -> None:
+    """MoUEModel.compile_regions: norms, attention, shared FFN, router and head compiled in place
+    (state-dict keys unchanged); the MoE dispatch stays eager; outputs and gradients as eager."""
+    from moue.model import MoUEModel
+
+    cfg = tiny({**ARCHITECTURES["moue-rotational"], "n_shared": 1}).model
+    torch.manual_seed(0)
+    eager = MoUEModel(cfg)
+    compiled = MoUEModel(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    keys = list(compiled.state_dict())
+    compiled.compile_regions()
+    assert list(compiled.state_dict()) == keys
+    block = compiled.blocks[0]
+    for module in (block.attn_norm, block.attn, block.ffn_norm, block.shared, compiled.moe.router,
+                   compiled.norm, compiled.lm_head):
+        assert module._compiled_call_impl is not None, module
+    assert compiled.moe._compiled_call_impl is None  # data-dependent group sizes: eager
+    idx = torch.randint(0, cfg.vocab_size, (2, 32))
+    outs = []
+    for model in (eager, compiled):
+        out = model(idx)
+        (out.logits.square().mean() + out.aux_loss).backward()
+        outs.append((out.logits, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
