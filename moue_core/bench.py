@@ -212,7 +212,7 @@ def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False) -> d
     configure_process(cfg.train.threads)  # before the matmul reference: both at the same threads
     warmup = steps if compile_ else 0
     refs = [matmul_gflops()]
-    model, result, _ = _train_rate(cfg, steps=steps, warmup=warmup, cache_dir=cache_dir)
+    model, result, eager_warm_s = _train_rate(cfg, steps=steps, warmup=warmup, cache_dir=cache_dir)
     refs.append(matmul_gflops())
     out: dict = {}
     if compile_:
@@ -222,7 +222,7 @@ def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False) -> d
         c_matmul = (refs[1] + refs[2]) / 2
         out = {"model_gflops_compiled": c_model, "matmul_gflops_compiled": c_matmul,
                "ratio_compiled": c_model / c_matmul, "compiled_over_eager": c_model / model,
-               "compile_warmup_s": warm_s, "warmup_steps": warmup}
+               "compile_warmup_s": warm_s, "eager_warmup_s": eager_warm_s, "warmup_steps": warmup}
     matmul = (refs[0] + refs[1]) / 2
     tc = cfg.train
     return {

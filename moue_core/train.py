@@ -207,9 +207,8 @@ class _Run:
         self.pending: list[int] = []
         if resume is not None:
             self._resume(resume)
-        if tc.compile:  # the routing-independent parts (MoUEModel.compile_regions)
+        if tc.compile:  # the routing-independent parts, in place (MoUEModel.compile_regions)
             self.model.compile_regions()
-        self.forward = self.model
         self.use_bf16 = device.type == "cuda"
         self.visible: dict[int, torch.Tensor] = {}  # active window -> experts some layer can reach
         self.window_sums = _Window()
@@ -281,7 +280,7 @@ class _Run:
         if self.schedule is not None:
             model.set_window(self.schedule.window_at(step))
         lr = lr_at(step, tc)
-        loss_v, gn_v, out = self._step(self.forward, model, self.optimizer, self.sampler, lr)
+        loss_v, gn_v, out = self._step(model, self.optimizer, self.sampler, lr)
         if out is None:
             self.timers["train"] += time.perf_counter() - t0
             what = "loss" if not math.isfinite(loss_v) or loss_v > tc.max_loss else "gradient norm"
@@ -293,7 +292,7 @@ class _Run:
         self.window_sums.add(loss_v, gn_v, out.stats, tc.batch_tokens, self.reach())
         return None
 
-    def _step(self, forward, model, optimizer, sampler, lr: float):
+    def _step(self, model, optimizer, sampler, lr: float):
         """Forward, backward, clip, optimizer step, expert-bias update at ``lr``: (loss, grad
         norm, output), the output ``None`` when the step diverged (nothing was applied)."""
         tc = self.cfg.train
@@ -302,7 +301,7 @@ class _Run:
         x, y = next(sampler)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with self.autocast():
-            out = forward(x)
+            out = model(x)
             loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
             total = loss + out.aux_loss
         total.backward()
@@ -324,7 +323,7 @@ class _Run:
         tc = self.cfg.train
         t0 = time.perf_counter()
         steps = max(1, round(tc.cooldown_frac * self.step))
-        model = copy.deepcopy(self.model)
+        model = copy.deepcopy(self.model)  # eager: a copy does not keep nn.Module.compile's compiled call
         optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                       fused=self.device.type == "cuda")
         optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))  # its state tensors, not the main run's
@@ -334,7 +333,7 @@ class _Run:
         peak, val = lr_at(self.step, tc), math.nan
         for i in range(steps):
             lr = cooldown_lr(i, steps, peak, tc.min_lr_ratio * tc.lr, tc.cooldown_shape)
-            if self._step(model, model, optimizer, sampler, lr)[2] is None:
+            if self._step(model, optimizer, sampler, lr)[2] is None:
                 break  # a diverged branch is recorded with a NaN loss
         else:
             val = _evaluate(model, self.val, tc.eval_batch, self.device, self.autocast)
