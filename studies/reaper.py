@@ -10,8 +10,12 @@ ends (normally, by an exception, SIGTERM or SIGKILL) the kernel closes the pipe;
 ends every process that carries the marker or was seen descending from the command, and their
 descendants: SIGTERM, and SIGKILL for what is left after a grace period, sweeping again until
 nothing is left for a while (a process that was being started while the command died, such as
-Ray's dashboard agent, is found by a later sweep). Not found: a process that drops the marker and
-leaves the command's tree within a second of being started.
+Ray's dashboard agent, is found by a later sweep). A process started in the command's last second
+and orphaned with it before any pass saw it is found by its process group, which it inherited
+(its marker may not show: Ray's agents write their title over their environment). Not found: a
+process that leaves both the command's tree and its process group within a second of being
+started. Wrongly ended, in principle: a daemon that a shell script sharing the command's process
+group (no job control) starts within half a second of the command's end.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ marker, grace = sys.argv[1].encode(), float(sys.argv[2])
 needle = b"%s=%s" % (sys.argv[3].encode(), marker)
 command = os.getppid()
 
-# pid -> (parent, start time) of every live process; the start time tells a pid reused apart
+# pid -> (parent, start time, process group) of every live process; the start time (clock ticks
+# since boot) tells a pid reused apart
 def table():
     procs = {}
     for name in os.listdir("/proc"):
@@ -42,11 +47,15 @@ def table():
                 with open(f"/proc/{name}/stat", "rb") as f:
                     fields = f.read().rsplit(b")", 1)[1].split()
                 if fields[0] != b"Z":  # zombies are left to their parents
-                    procs[int(name)] = (int(fields[1]), fields[19])
+                    procs[int(name)] = (int(fields[1]), int(fields[19]), int(fields[2]))
             except (OSError, IndexError, ValueError):
                 pass
     procs.pop(os.getpid(), None)
     return procs
+
+def ticks_now():
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK")
 
 def carries_marker(pid):
     try:
@@ -57,13 +66,13 @@ def carries_marker(pid):
 
 def with_descendants(roots, procs):
     tree = set(roots)
-    while more := {pid for pid, (ppid, _) in procs.items() if ppid in tree and pid not in tree}:
+    while more := {pid for pid, (ppid, _, _) in procs.items() if ppid in tree and pid not in tree}:
         tree |= more
     return tree
 
 # while the command runs: remember its descendants once a second (one given another environment,
 # or re-parented to init when its parent exits, is still this command's)
-known = {}
+known, group = {}, int(sys.argv[4])  # the command's process group, given: it may die before we look
 while True:
     if select.select([sys.stdin], [], [], 1.0)[0] and not os.read(sys.stdin.fileno(), 4096):
         break  # the command that started us has ended
@@ -72,14 +81,29 @@ while True:
     if command in procs:
         known.update((pid, procs[pid][1]) for pid in with_descendants({command}, procs) - {command})
 
-# then end what carries the marker, what was seen descending from the command, and their
-# descendants; sweep until nothing is left for a while (a process being started as we sweep, as
-# Ray's raylet starting an agent, is found by a later pass). SIGTERM first, SIGKILL after `grace`.
-# Quiet for 1 s ends the watch when the command left nothing; once something was ended, 5 s.
+# A process started in the last second of the command, whose parent died with the command before
+# any pass saw it, is in none of those: re-parented to init, and its marker may be gone from what
+# /proc shows (setproctitle, as Ray's agents call it, writes the title over the environment). It
+# is still in the command's process group, which it inherited: an orphan of that group (its parent
+# outside the group) started within 2 s of the command's end, and after this watchdog (so not a
+# process the shell started with the command, as `tee` in `moue sweep | tee log`), is the command's.
+died, tick = ticks_now(), os.sysconf("SC_CLK_TCK")
+with open("/proc/self/stat", "rb") as f:
+    born = int(f.read().rsplit(b")", 1)[1].split()[19])
+window = (max(born, died - 2 * tick), died + 0.5 * tick)
+
+def orphans(procs):
+    return {pid for pid, (ppid, start, pgid) in procs.items()
+            if pgid == group and window[0] <= start <= window[1] and procs.get(ppid, (0, 0, None))[2] != group}
+
+# then end what carries the marker, what was seen descending from the command, those orphans and
+# their descendants; sweep until nothing is left for a while (a process being started as we sweep,
+# as Ray's raylet starting an agent, is found by a later pass). SIGTERM first, SIGKILL after
+# `grace`. Quiet for 1 s ends the watch when the command left nothing; once something was ended, 5 s.
 first, quiet, deadline = {}, 0, time.time() + 120
 while time.time() < deadline and quiet < (20 if first else 4):
     procs = table()
-    roots = {pid for pid in procs if carries_marker(pid)}
+    roots = {pid for pid in procs if carries_marker(pid)} | orphans(procs)
     roots |= {pid for pid, start in known.items() if pid in procs and procs[pid][1] == start}
     pids = with_descendants(roots, procs)
     quiet = 0 if pids else quiet + 1
@@ -105,7 +129,7 @@ def start(grace_s: float = 3.0) -> None:
         return
     marker = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k != MARK}
-    _watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, marker, str(grace_s), MARK], stdin=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                 start_new_session=True, close_fds=True)
+    argv = [sys.executable, "-c", _WATCHDOG, marker, str(grace_s), MARK, str(os.getpgid(0))]
+    _watchdog = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env=env, start_new_session=True, close_fds=True)
     os.environ[MARK] = marker

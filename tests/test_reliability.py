@@ -295,6 +295,35 @@ def test_watchdog_ends_marked_processes_their_descendants_and_what_ignores_sigte
         kill_marked(mark)
 
 
+_ORPHANING = r"""
+import os, signal, subprocess, sys
+from moue.studies import reaper
+reaper.start(grace_s=1.0)
+# a child with no marker whose parent exits at once: re-parented to init before any pass of the
+# watchdog sees it (as a Ray agent whose raylet dies with the driver, its title over its marker)
+orphan = subprocess.run(["sh", "-c", "sleep 300 > /dev/null 2>&1 & echo $!"], env={}, capture_output=True, text=True)
+print(orphan.stdout.strip(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_watchdog_ends_an_orphan_of_the_command_s_last_second_by_its_process_group() -> None:
+    env = marked_env()[1]
+    env["PYTHONPATH"] = str(ROOT)
+    command = subprocess.Popen([sys.executable, "-c", _ORPHANING], env=env, stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    orphan = int(command.stdout.readline())
+    try:
+        command.wait(10)
+        end = time.time() + 20
+        while running(orphan) and time.time() < end:
+            time.sleep(0.2)
+        assert not running(orphan), "the orphan of the command's last second was left running"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+
+
 def test_killed_driver_leaves_no_process_behind(tmp_path) -> None:
     """SIGKILL of the driver alone (an OOM kill): Ray's agents, raylet, GCS and the trial workers
     all end within seconds. (Ray's own fate-sharing already did so here; the watchdog of
