@@ -48,9 +48,19 @@ from functools import cached_property
 
 from moue.errors import ConfigError
 
-__all__ = ["Topology", "LAYOUTS", "layerwise", "unipool", "grouped", "adjacent"]
+__all__ = ["Topology", "LAYOUTS", "family", "layerwise", "unipool", "grouped", "adjacent"]
 
 LAYOUTS = ("ring", "clamped")
+
+
+def family(n_layers: int, pool_size: int, window: int, stride: int) -> str:
+    """The architecture family of a topology: ``unipool`` (every layer sees the whole pool),
+    ``layerwise`` (private windows that tile the pool) or ``rotational`` (anything else)."""
+    if window == pool_size and not stride:
+        return "unipool"
+    if stride == window and window * n_layers == pool_size:
+        return "layerwise"
+    return "rotational"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moue.counting import Counts, count
+from moue.topology import family
 from moue.tracking_contract import CONFIG_PARAM, SEED
 from moue.trial_config import TrialConfig
 
@@ -90,13 +91,7 @@ def resolve_trial(study, config: Mapping[str, Any]) -> dict[str, Any]:
 def model_family(cfg: TrialConfig) -> str:
     """``dense``, ``layerwise`` (private windows), ``unipool`` (one shared pool) or ``rotational``."""
     m = cfg.model
-    if m.ffn == "dense":
-        return "dense"
-    if m.window == m.pool_size and not m.stride:
-        return "unipool"
-    if m.stride == m.window and m.window * m.n_moe_layers == m.pool_size:
-        return "layerwise"
-    return "rotational"
+    return "dense" if m.ffn == "dense" else family(m.n_moe_layers, m.pool_size, m.window, m.stride)
 
 
 def trial_params(cfg: TrialConfig, counts: Counts) -> dict[str, Any]:

@@ -60,6 +60,7 @@ from typing import Any
 
 from moue.errors import ConfigError
 from moue.fields import is_int
+from moue.topology import family
 
 __all__ = ["Study", "LrStageSpec", "STAGES", "SearchSpec", "SchedulerSpec", "ResourcesSpec", "load_study", "STUDIES_DIR", "shipped_studies",
            "flatten_toml"]
@@ -668,12 +669,7 @@ def family_of(fixed: dict[str, Any], point: dict[str, Any]) -> str:
     from moue.search_spaces.constraints import model_value
 
     flat = {**fixed, **point}
-    L, P, w, s = (model_value(flat, k) for k in ("n_layers", "pool_size", "window", "stride"))
-    if w == P and not s:
-        return "unipool"
-    if s == w and w * L == P:
-        return "layerwise"
-    return "rotational"
+    return family(*(model_value(flat, k) for k in ("n_layers", "pool_size", "window", "stride")))
 
 
 def shipped_studies() -> list[Path]:
