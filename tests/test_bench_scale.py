@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from moue.studies import bench_scale
 
 FIELDS = ("driver_ms_per_result_sqlite", "driver_ms_per_result_server", "load_s_1k", "load_s_10k", "fit_s_10k",
@@ -21,6 +23,7 @@ def _moue(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_bench_scale_json_has_the_issue_fields_and_a_fit_of_the_logged_runs(tmp_path) -> None:
     out = _moue(["bench", "scale", "--counts", "30,90", "--driver-trials", "6", "--bootstrap", "10", "--json"],
                 tmp_path)

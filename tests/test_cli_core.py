@@ -170,6 +170,7 @@ def test_bench_train_profile_says_where_a_step_goes() -> None:
     assert prof["fraction"]["embedding, head and loss"] < 0.5, prof["fraction"]
 
 
+@pytest.mark.slow
 def test_bench_train_compile_reports_both_modes_side_by_side(tmp_path) -> None:
     """bench train --compile: the eager and the compiled (train.compile) rates of one trial, each
     measured after its warm-up steps, with the warm-up's extra seconds."""

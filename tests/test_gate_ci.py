@@ -33,6 +33,7 @@ def gate_workspace(tmp_path_factory) -> Path:
     return ws
 
 
+@pytest.mark.slow
 def test_rerun_passes_the_committed_baseline(gate_workspace: Path) -> None:
     proc = moue("check", "gate", "--baseline", str(BASELINE), "--workspace", str(gate_workspace), "--law", "compute_power")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -54,6 +54,7 @@ def _read(fd: int, until, timeout: float) -> str:
     return text.decode(errors="replace")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ctrl_c_stops_the_sweep_cleanly_and_the_next_run_resumes(tmp_path) -> None:
     spec, ws = _spec(tmp_path), tmp_path / "ws"

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent / "legacy"
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
 
 
+@pytest.mark.slow
 def test_a_sweep_saved_under_the_old_module_names_resumes(tmp_path) -> None:
     ws = tmp_path / "ws"
     spec = tmp_path / "smoke.toml"

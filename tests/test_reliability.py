@@ -61,6 +61,7 @@ def test_a_trial_done_in_the_record_gets_no_second_final_point(tmp_path) -> None
     assert recorded.spec_text == SMOKE.read_text()
 
 
+@pytest.mark.slow
 def test_resume_with_an_edited_spec_exits_2_naming_the_change(tmp_path) -> None:
     ws = tmp_path / "ws"
     uri = f"sqlite:///{ws / 'mlflow.db'}"
@@ -162,6 +163,7 @@ def _start_server(root: Path, port: int) -> subprocess.Popen:
     raise AssertionError("the mlflow server did not start")
 
 
+@pytest.mark.slow
 def test_tracking_server_outage_loses_nothing(tmp_path) -> None:
     """The server dies mid-sweep and comes back: the driver tells the user once, keeps every
     record, writes it when the server is back; every trial is complete, nothing is doubled."""
@@ -324,6 +326,7 @@ def test_watchdog_ends_an_orphan_of_the_command_s_last_second_by_its_process_gro
             os.kill(orphan, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_killed_driver_leaves_no_process_behind(tmp_path) -> None:
     """SIGKILL of the driver alone (an OOM kill): Ray's agents, raylet, GCS and the trial workers
     all end within seconds. (Ray's own fate-sharing already did so here; the watchdog of
@@ -348,6 +351,7 @@ def test_killed_driver_leaves_no_process_behind(tmp_path) -> None:
         kill_marked(mark)
 
 
+@pytest.mark.slow
 def test_stopped_ui_leaves_no_server_behind(tmp_path) -> None:
     import socket
     import urllib.request

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # local runs: token auth
@@ -18,6 +19,7 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_moue_run_smoke_end_to_end_and_rerun_resumes(tmp_path) -> None:
     ws = tmp_path / "ws"
     first = _run("studies/smoke.toml", "--workspace", str(ws), "--bootstrap", "200")

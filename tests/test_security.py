@@ -63,6 +63,7 @@ def _spec(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_local_sweep_own_cluster_loopback_only_and_token_required(tmp_path) -> None:
     """A plain local sweep, with somebody else's `ray start --head` on the machine: it starts its
     own cluster (no crash), every port it listens on is on loopback (a connection to this host's

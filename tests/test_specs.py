@@ -223,6 +223,7 @@ def _check_the_runs_in_chromium(view: str, names: dict, tmp_path: Path) -> None:
         assert (shots / name).stat().st_size > 20_000, name  # a rendered page, not a blank one
 
 
+@pytest.mark.slow
 def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
     import os
     import signal

@@ -91,6 +91,7 @@ def test_lr_stage_bad_input_names_the_field(tmp_path, edit, field) -> None:
     assert exc.value.field == field
 
 
+@pytest.mark.slow
 def test_moue_run_ladder_tunes_lr_first_stops_on_an_unidentified_rule_then_resumes(tmp_path) -> None:
     # the smoke ladder's two sizes cannot identify a rule: "stop" ends the study after the LR stage
     spec = _spec(tmp_path, LADDER.replace('on_unidentified = "use"', 'on_unidentified = "stop"'))

@@ -121,6 +121,7 @@ def _points(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
     return {key: [(m.step, m.timestamp) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
 
 
+@pytest.mark.slow
 def test_driver_killed_with_sigkill_resumes(tmp_path) -> None:
     """Killed right after trials finish (Tune saves its state only every ~10 s, so it may still
     list them as running): the resumed sweep trains none of them again and writes no metric
@@ -170,6 +171,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_node_loopback_cluster_with_mlflow_server(tmp_path) -> None:
     """`ray start --head` + a second `ray start --address` node, an `mlflow server` on loopback,
     and `moue sweep --address ... --tracking-uri http://...` from a driver process."""
@@ -286,6 +288,7 @@ def test_the_smoke_sweeps_cover_every_kind_of_shipped_study() -> None:
     assert not missing, f"add a study of each kind to SMOKE_SWEEPS: {missing}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SMOKE_SWEEPS)
 def test_shipped_studies_run_as_smoke(spec: str, local_ray, tmp_path) -> None:
     study = load_study(ROOT / "studies" / spec, smoke=True)
@@ -310,6 +313,7 @@ def test_shipped_studies_run_as_smoke(spec: str, local_ray, tmp_path) -> None:
         assert all(int(c.data.metrics["final/tokens"]) == int(c.data.params["train.tokens"]) for c in children)
 
 
+@pytest.mark.slow
 def test_killed_worker_is_retried_from_its_checkpoint(local_ray, tmp_path) -> None:
     import threading
 

@@ -185,6 +185,7 @@ def test_iso_active_sizes_share_one_curve():
     assert [len(g) for g in F._size_groups(np.array([100.0, 104.0, 110.0]))] == [2, 1]
 
 
+@pytest.mark.slow
 def test_laws_of_compute_alone_are_fitted_on_final_points_of_a_ladder():
     """The ladder's runs with their cooldown branches (tests/data): a law in C alone gets the 15
     final points (one allocation line, 20 tokens per parameter) and says so, a law in (N, D) every
