@@ -8,6 +8,7 @@ is the median over pairs of ``time(MoE) / time(dense)``.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import statistics
@@ -176,6 +177,56 @@ def matmul_gflops(*, n: int = 1024, repeats: int = 10, dtype: torch.dtype = torc
     return 2 * n**3 / best / 1e9
 
 
+def model_gemms(model, tokens: int) -> list[tuple[int, int, int, int]]:
+    """The GEMMs of one forward pass of ``model`` (a ``ModelConfig``) over ``tokens`` tokens, as
+    ``(rows, inner, cols, groups)``: ``rows`` split evenly into ``groups`` products with weights of
+    their own (an MoE layer's experts under a balanced routing, dropless). Attention's projections,
+    the routed experts, shared experts, dense FFNs and the head; not the attention scores (a fused
+    kernel, no GEMM of ours) nor the routers' small matrices."""
+    D, T, moe = model.d_model, tokens, set(model.moe_layers)
+    out = []
+    for layer in range(model.n_layers):
+        out += [(T, D, 3 * D, 1), (T, D, D, 1)]  # qkv, out
+        if layer in moe:
+            F, w = model.expert_hidden, model.window
+            S = T * model.top_k  # (token, slot) pairs; expert and unified routing choose as many
+            out += [(S, D, 2 * F, w), (S, F, D, w)]
+            if model.n_shared:
+                out += [(T, D, 2 * model.n_shared * F, 1), (T, model.n_shared * F, D, 1)]
+        else:
+            out += [(T, D, 2 * model.dense_hidden, 1), (T, model.dense_hidden, D, 1)]
+    return out + [(T, D, model.vocab_size, 1)]
+
+
+def gemm_gflops(model, tokens: int, *, repeats: int = 5) -> tuple[float, float]:
+    """``(GFLOP/s, seconds)`` of the GEMMs one training step of ``model`` runs (``model_gemms``,
+    each as forward ``x W``, input gradient ``dy W^T`` and weight gradient ``x^T dy``), each timed
+    alone at its shape (best of ``repeats``), fp32: the most the step's matmuls can give on this
+    machine, and the time they need at that rate."""
+    flops = seconds = 0.0
+    for (rows, inner, cols, groups), n in collections.Counter(model_gemms(model, tokens)).items():
+        m = rows // groups
+        x, dy = torch.randn(groups, m, inner), torch.randn(groups, m, cols)
+        w, y, dx, dw = (torch.randn(groups, inner, cols), torch.empty(groups, m, cols),
+                        torch.empty(groups, m, inner), torch.empty(groups, inner, cols))
+
+        def step() -> None:
+            for g in range(groups):  # each group its own weights and rows, as a grouped matmul has them
+                torch.mm(x[g], w[g], out=y[g])
+                torch.mm(dy[g], w[g].t(), out=dx[g])
+                torch.mm(x[g].t(), dy[g], out=dw[g])
+
+        step()
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - t0)
+        flops += n * 3 * 2 * groups * m * inner * cols
+        seconds += n * best
+    return flops / seconds / 1e9, seconds
+
+
 def _train_rate(cfg, *, steps: int, warmup: int, cache_dir) -> tuple[float, object, float]:
     """(model GFLOP/s, result, warm-up seconds) of ``cfg`` trained ``warmup + steps`` steps: the rate
     over the last ``steps`` (over all of them when ``warmup`` is 0), and the training time beyond
@@ -201,8 +252,11 @@ def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False) -> d
 
     Model FLOPs come from the counting module (``flops_per_token``, its convention) over the time
     spent inside training steps; the matmul reference is measured before and after training, in
-    this process, at the same dtype (fp32), and averaged. With ``compile_``, the same trial also
-    trains with ``train.compile = true`` (``MoUEModel.compile_regions``) right after, each mode
+    this process, at the same dtype (fp32), and averaged. Where the rest goes: ``gemm_gflops`` is
+    the rate of the step's own GEMMs, each timed alone (``gemm_gflops()``), and
+    ``gemm_step_fraction`` the share of an eager step they need at that rate; the rest of the step
+    is everything else (attention kernels, elementwise work, dispatch, the optimizer, Python).
+    With ``compile_``, the same trial also trains with ``train.compile = true`` (``MoUEModel.compile_regions``) right after, each mode
     after ``steps`` warm-up steps (the compiled mode's first steps compile), and the figures of
     both modes are reported side by side (``ratio`` stays the eager one).
     """
@@ -225,10 +279,14 @@ def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False) -> d
                "compile_warmup_s": warm_s, "eager_warmup_s": eager_warm_s, "warmup_steps": warmup}
     matmul = (refs[0] + refs[1]) / 2
     tc = cfg.train
+    gemm, gemm_s = gemm_gflops(cfg.model, tc.batch_tokens)
+    step_gflop = result.counts.flops_per_token * tc.batch_tokens / 1e9
     return {
         "model_gflops": model,
         "matmul_gflops": matmul,
         "ratio": model / matmul,
+        "gemm_gflops": gemm,
+        "gemm_step_fraction": gemm_s * model / step_gflop,
         **out,
         "tokens_per_s": result.tokens_per_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

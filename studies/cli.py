@@ -267,6 +267,8 @@ def bench_train_cmd(
     typer.echo(f"matmul {result['matmul_gflops']:8.1f} GFLOP/s (1024^3, same process)")
     typer.echo(f"ratio  {result['ratio']:8.3f}   tokens/s {result['tokens_per_s']:,.0f}   "
                f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    typer.echo(f"gemms  {result['gemm_gflops']:8.1f} GFLOP/s (the step's own GEMMs, each timed alone): "
+               f"{100 * result['gemm_step_fraction']:.0f}% of a step, the rest is everything else")
     if compile_:
         typer.echo(f"compiled (train.compile = true): model {result['model_gflops_compiled']:.1f} GFLOP/s, matmul "
                    f"{result['matmul_gflops_compiled']:.1f}, ratio {result['ratio_compiled']:.3f} "

@@ -192,3 +192,34 @@ def test_bench_train_compile_reports_both_modes_side_by_side(tmp_path) -> None:
     assert out["compiled_over_eager"] == pytest.approx(out["model_gflops_compiled"] / out["model_gflops"])
     # the compiled mode's first steps compile (seconds); eager's warm-up costs milliseconds
     assert out["compile_warmup_s"] > out["eager_warmup_s"] + 0.5, out
+    assert out["gemm_gflops"] > 0 and 0 < out["gemm_step_fraction"] < 1, out  # where the rest of a step goes
+
+
+@pytest.mark.parametrize("changes", [{"ffn": "dense"}, {"ffn": "dense", "dense_hidden": 96, "n_layers": 3}])
+def test_model_gemms_are_the_counted_flops_less_attention_scores_and_norms(changes) -> None:
+    """bench train's GEMM list (``model_gemms``): for a dense model, forward and both backward GEMMs
+    make up the counted training FLOPs exactly, less the attention scores (``6 L S D``) and the
+    norms' weights; an MoE model's add the experts its tokens are routed to."""
+    import dataclasses
+
+    from moue.bench import model_gemms
+    from moue.counting import count
+    from moue.studies.cli import QUICKSTART_TRIAL
+    from moue.studies.trial import load_trial
+
+    cfg = load_trial(QUICKSTART_TRIAL)
+    m, S, T = cfg.model, cfg.train.seq_len, cfg.train.batch_tokens
+
+    def gemm_flops(model):
+        return sum(3 * 2 * rows * inner * cols for rows, inner, cols, _ in model_gemms(model, T))
+
+    dense = m.replace(**changes)
+    norms = (2 * dense.n_layers + 1) * dense.d_model
+    counted = count(dense, seq_len=S).flops_per_token - 6 * dense.n_layers * S * dense.d_model - 6 * norms
+    assert gemm_flops(dense) == counted * T
+    # the MoE quickstart: its k experts of F per token (each layer's experts as w groups)
+    rows = [g for g in model_gemms(m, T) if g[3] > 1]
+    assert rows == [(T * m.top_k, m.d_model, 2 * m.expert_hidden, m.window),
+                    (T * m.top_k, m.expert_hidden, m.d_model, m.window)] * m.n_layers
+    moe_counted = count(m, seq_len=S).flops_per_token * T
+    assert 0.85 * moe_counted < gemm_flops(m) < moe_counted  # less the scores, norms and routers
