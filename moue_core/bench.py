@@ -164,17 +164,22 @@ def bench_moe_cuda(*, repeats: int = 20, warmup: int = 5) -> dict:
     return out
 
 
-def matmul_gflops(*, n: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
-    """Dense ``n x n x n`` matmul throughput of this machine (best of ``repeats``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
+def _best_time(fn, *, repeats: int, warmup: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn``, after ``warmup`` untimed ones (seconds)."""
+    for _ in range(warmup):
+        fn()
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def matmul_gflops(*, n: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Dense ``n x n x n`` matmul throughput of this machine (best of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / _best_time(lambda: a @ b, repeats=repeats, warmup=3) / 1e9
 
 
 def model_gemms(model, tokens: int) -> list[tuple[int, int, int, int]]:
@@ -201,8 +206,8 @@ def model_gemms(model, tokens: int) -> list[tuple[int, int, int, int]]:
 def gemm_gflops(model, tokens: int, *, repeats: int = 5) -> tuple[float, float]:
     """``(GFLOP/s, seconds)`` of the GEMMs one training step of ``model`` runs (``model_gemms``,
     each as forward ``x W``, input gradient ``dy W^T`` and weight gradient ``x^T dy``), each timed
-    alone at its shape (best of ``repeats``), fp32: the most the step's matmuls can give on this
-    machine, and the time they need at that rate."""
+    alone at its shape (best of ``repeats``), fp32: the rate of the step's matmuls when nothing
+    else runs between them, and the time they need at that rate."""
     flops = seconds = 0.0
     for (rows, inner, cols, groups), n in collections.Counter(model_gemms(model, tokens)).items():
         m = rows // groups
@@ -216,14 +221,8 @@ def gemm_gflops(model, tokens: int, *, repeats: int = 5) -> tuple[float, float]:
                 torch.mm(dy[g], w[g].t(), out=dx[g])
                 torch.mm(x[g].t(), dy[g], out=dw[g])
 
-        step()
-        best = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            best = min(best, time.perf_counter() - t0)
         flops += n * 3 * 2 * groups * m * inner * cols
-        seconds += n * best
+        seconds += n * _best_time(step, repeats=repeats, warmup=1)
     return flops / seconds / 1e9, seconds
 
 
@@ -256,8 +255,8 @@ def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False) -> d
     the rate of the step's own GEMMs, each timed alone (``gemm_gflops()``), and
     ``gemm_step_fraction`` the share of an eager step they need at that rate; the rest of the step
     is everything else (attention kernels, elementwise work, dispatch, the optimizer, Python).
-    With ``compile_``, the same trial also trains with ``train.compile = true`` (``MoUEModel.compile_regions``) right after, each mode
-    after ``steps`` warm-up steps (the compiled mode's first steps compile), and the figures of
+    With ``compile_``, the same trial also trains with ``train.compile = true``
+    (``MoUEModel.compile_regions``) right after, each mode after ``steps`` warm-up steps (the compiled mode's first steps compile), and the figures of
     both modes are reported side by side (``ratio`` stays the eager one).
     """
     import dataclasses
