@@ -256,8 +256,9 @@ def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False) -> d
     ``gemm_step_fraction`` the share of an eager step they need at that rate; the rest of the step
     is everything else (attention kernels, elementwise work, dispatch, the optimizer, Python).
     With ``compile_``, the same trial also trains with ``train.compile = true``
-    (``MoUEModel.compile_regions``) right after, each mode after ``steps`` warm-up steps (the compiled mode's first steps compile), and the figures of
-    both modes are reported side by side (``ratio`` stays the eager one).
+    (``MoUEModel.compile_regions``) right after, each mode after ``steps`` warm-up steps (the
+    compiled mode's first steps compile), and the figures of both modes are reported side by side
+    (``ratio`` stays the eager one).
     """
     import dataclasses
     import resource
