@@ -36,6 +36,7 @@ from torch import nn
 
 from moue.config import ModelConfig
 from moue.errors import ConfigError
+from moue.fused import RMSNorm
 from moue.model import Attention, MoUEModel, rope_tables
 from moue.moe import SwiGLU
 
@@ -78,9 +79,9 @@ class _LayerMoE(nn.Module):
 class _LayerwiseBlock(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.moe = _LayerMoE(cfg.d_model, cfg.window, cfg.expert_hidden, cfg.top_k, cfg.router_renorm)
         if cfg.n_shared:
             self.shared = SwiGLU(cfg.d_model, cfg.n_shared * cfg.expert_hidden)
@@ -99,7 +100,7 @@ class LayerwiseMoEModel(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(_LayerwiseBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)

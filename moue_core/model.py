@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moue.config import ModelConfig
+from moue.fused import RMSNorm, apply_rope
 from moue.moe import MoE, RouterStats, SwiGLU
 
 __all__ = ["MoUEModel", "ModelOutput"]
@@ -26,13 +27,6 @@ def rope_tables(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Te
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head by position-dependent angles."""
-    x1, x2 = x_BHSd.chunk(2, dim=-1)
-    cos, sin = cos_Sd.to(x_BHSd.dtype), sin_Sd.to(x_BHSd.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class Attention(nn.Module):
@@ -53,9 +47,9 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, *, moe: bool) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if not moe:  # a dense model, or a dense layer among MoE layers (dense_first, moe_every)
             self.mlp = SwiGLU(cfg.d_model, cfg.dense_hidden)
         elif cfg.n_shared:
@@ -79,7 +73,7 @@ class MoUEModel(nn.Module):
         moe_layers = set(cfg.moe_layers)
         self.blocks = nn.ModuleList(Block(cfg, moe=layer in moe_layers) for layer in range(cfg.n_layers))
         self.moe = MoE(cfg) if cfg.ffn == "moe" else None
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
