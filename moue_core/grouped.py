@@ -78,24 +78,34 @@ class _GatedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_SD: torch.Tensor):
         x_SD, gates_S, w_in, w_out, offs_P, gate_up_SF2, silu_SF, h_SF, saved = ctx.saved_tensors
+        need_x, need_gates, need_w_in, need_w_out = ctx.needs_input_grad[:4]
         F_ = w_out.shape[1]
         grad_SD = grad_SD.contiguous()
+        grad_x = grad_gates = grad_w_in = grad_w_out = None
         if _gate_hidden(w_out):  # saved: the gated hidden activations
-            grad_w_out = _grouped_mm(saved.t(), grad_SD, offs=offs_P)
+            if need_w_out:
+                grad_w_out = _grouped_mm(saved.t(), grad_SD, offs=offs_P)
             grad_h_SF = _grouped_mm(grad_SD, w_out.transpose(-2, -1), offs=offs_P)
-            grad_gates = torch.linalg.vecdot(grad_h_SF, h_SF)
+            if need_gates:
+                grad_gates = torch.linalg.vecdot(grad_h_SF, h_SF)
             grad_h_SF.mul_(gates_S.unsqueeze(1))
         else:  # saved: the ungated expert outputs
-            grad_gates = torch.linalg.vecdot(grad_SD, saved)
+            if need_gates:
+                grad_gates = torch.linalg.vecdot(grad_SD, saved)
             grad_y_SD = grad_SD * gates_S.unsqueeze(1)
-            grad_w_out = _grouped_mm(h_SF.t(), grad_y_SD, offs=offs_P)
-            grad_h_SF = _grouped_mm(grad_y_SD, w_out.transpose(-2, -1), offs=offs_P)
+            if need_w_out:
+                grad_w_out = _grouped_mm(h_SF.t(), grad_y_SD, offs=offs_P)
+            grad_h_SF = _grouped_mm(grad_y_SD, w_out.transpose(-2, -1), offs=offs_P) if need_x or need_w_in else None
+        if grad_h_SF is None or not (need_x or need_w_in):  # nothing below the hidden activations needs a gradient
+            return grad_x, grad_gates, grad_w_in, grad_w_out, None
         gate_SF, up_SF = gate_up_SF2[:, :F_], gate_up_SF2[:, F_:]
         grad_gate_up = torch.empty_like(gate_up_SF2)
         torch.mul(grad_h_SF, silu_SF, out=grad_gate_up[:, F_:])  # d/d up
         torch.ops.aten.silu_backward.grad_input(grad_h_SF.mul_(up_SF), gate_SF, grad_input=grad_gate_up[:, :F_])
-        grad_w_in = _grouped_mm(x_SD.t(), grad_gate_up, offs=offs_P)
-        grad_x = _grouped_mm(grad_gate_up, w_in.transpose(-2, -1), offs=offs_P)
+        if need_w_in:
+            grad_w_in = _grouped_mm(x_SD.t(), grad_gate_up, offs=offs_P)
+        if need_x:
+            grad_x = _grouped_mm(grad_gate_up, w_in.transpose(-2, -1), offs=offs_P)
         return grad_x, grad_gates, grad_w_in, grad_w_out, None
 
 

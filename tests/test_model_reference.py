@@ -114,6 +114,30 @@ def test_grouped_dispatch_equals_naive_loop(P: int, K: int, D: int, Fh: int) -> 
     assert (got[2][unused] == 0).all() and (got[3][unused] == 0).all()
 
 
+@pytest.mark.parametrize("D,Fh", [(8, 12), (12, 8)], ids=["gate_on_output", "gate_on_hidden"])
+@pytest.mark.parametrize("needs", ["x", "gates", "w_in", "w_out", "weights", "x+w_out"])
+def test_gated_experts_computes_only_the_gradients_asked_for(needs: str, D: int, Fh: int) -> None:
+    """Frozen inputs get no gradient; the others get the gradients of the all-trainable call."""
+    from moue.grouped import gated_experts
+
+    torch.manual_seed(1)
+    S, P = 20, 4
+    offs = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # one empty expert
+    inputs = [torch.randn(S, D), torch.rand(S), 0.5 * torch.randn(P, D, 2 * Fh), 0.5 * torch.randn(P, Fh, D)]
+    grad = torch.randn(S, D)
+    full = [t.clone().requires_grad_() for t in inputs]
+    gated_experts(*full, offs).backward(grad)
+    names = ["x", "gates", "w_in", "w_out"]
+    wanted = {"weights": {"w_in", "w_out"}, "x+w_out": {"x", "w_out"}}.get(needs, {needs})
+    part = [t.clone().requires_grad_(n in wanted) for n, t in zip(names, inputs)]
+    gated_experts(*part, offs).backward(grad)
+    for name, a, b in zip(names, part, full):
+        if name in wanted:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6, msg=name)
+        else:
+            assert a.grad is None, name
+
+
 @pytest.mark.parametrize("router_init", ["zero", "copy"])
 def test_conversion_gives_identical_logits_then_widens(router_init: str) -> None:
     torch.manual_seed(3)
