@@ -196,7 +196,7 @@ def test_two_node_loopback_cluster_with_mlflow_server(tmp_path) -> None:
                                     capture_output=True, text=True, timeout=60)
             return status.stdout.count("node_") >= 2
 
-        _wait_for(two_nodes, 90, "both nodes in `ray status`")
+        _wait_for(two_nodes, 180, "both nodes in `ray status`")  # 90 s ran out once, both cores busy
 
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
