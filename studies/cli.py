@@ -548,6 +548,11 @@ def ui_cmd(
     db = workspace.resolve() / "mlflow.db"
     if not db.is_file():
         fail(f"--workspace ({str(workspace)!r}) has no mlflow.db yet; run a sweep first")
+    field, why = _cannot_listen(host, port)
+    if field == "host":
+        fail(f"--host ({host!r}) is not an address of this machine ({why}); use 127.0.0.1 or 0.0.0.0")
+    if field == "port":
+        fail(f"--port ({port}) is in use on {host} ({why}); choose a free port")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
            "--host", host, "--port", str(port)]
     from moue.studies import reaper
@@ -584,6 +589,28 @@ def _study_views(uri: str, base: str) -> list[tuple[str, str]]:
 
     return [(e.name, view_url(base, e.experiment_id)) for e in MlflowClient(uri).search_experiments()
             if VIEW_TAG in e.tags]
+
+
+def _cannot_listen(host: str, port: int) -> tuple[str, str]:
+    """``(field, why)`` when ``host:port`` cannot be listened on now (``("", "")`` when it can): the
+    option at fault, ``host`` or ``port``. Checked before the server starts, binding as a server
+    binds (``SO_REUSEADDR``: only a socket bound there fails it), so a taken port is an error at
+    once rather than a server that never answers."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        return "host", e.strerror
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            return ("host" if e.errno == errno.EADDRNOTAVAIL else "port"), e.strerror or str(e)
+    return "", ""
 
 
 def _wait_for_health(url: str, proc, wait_s: float) -> bool:

@@ -260,15 +260,23 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     missing = runner.invoke(app, ["ui", "--workspace", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "has no mlflow.db" in missing.output
-    with socket.socket() as busy:  # the port is taken: an error, no URL
+    ui = [sys.executable, "-c", "from moue.studies.cli import main; main()", "ui", "--workspace"]
+    with socket.socket() as busy:  # the port is taken: an error before any server starts, no URL
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        r = subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", "ui", "--workspace",
-                            str(ws), "--port", str(taken), "--wait-s", "60"], capture_output=True, text=True,
-                           timeout=180)
+        r = subprocess.run([*ui, str(ws), "--port", str(taken)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "http://" not in r.stdout, r.stdout
+    assert r.stderr.strip() == f"error: --port ({taken}) is in use on 127.0.0.1 (Address already in use); choose a free port"
+    r = subprocess.run([*ui, str(ws), "--host", "no-such-host.invalid"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: --host ('no-such-host.invalid') is not an address"), r.stderr
+    junk = tmp_path / "junk"  # a server that starts and dies (not a database): its own error, no URL
+    junk.mkdir()
+    (junk / "mlflow.db").write_text("not a database")
+    r = subprocess.run([*ui, str(junk), "--port", str(port), "--wait-s", "60"], capture_output=True, text=True,
+                       timeout=180)
     assert r.returncode == 1 and "http://" not in r.stdout, r.stdout
-    assert f"the MLflow UI did not answer on 127.0.0.1:{taken}" in r.stderr
+    assert f"the MLflow UI did not answer on 127.0.0.1:{port}" in r.stderr and "(exit " in r.stderr, r.stderr
 
 
 def test_progress_line_estimates_time_left_from_tokens() -> None:
