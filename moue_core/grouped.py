@@ -82,21 +82,26 @@ class _GatedExperts(torch.autograd.Function):
         F_ = w_out.shape[1]
         grad_SD = grad_SD.contiguous()
         grad_x = grad_gates = grad_w_in = grad_w_out = None
+        below = need_x or need_w_in  # whether anything below the hidden activations needs a gradient
         if _gate_hidden(w_out):  # saved: the gated hidden activations
             if need_w_out:
                 grad_w_out = _grouped_mm(saved.t(), grad_SD, offs=offs_P)
-            grad_h_SF = _grouped_mm(grad_SD, w_out.transpose(-2, -1), offs=offs_P)
-            if need_gates:
-                grad_gates = torch.linalg.vecdot(grad_h_SF, h_SF)
-            grad_h_SF.mul_(gates_S.unsqueeze(1))
+            if need_gates or below:
+                grad_h_SF = _grouped_mm(grad_SD, w_out.transpose(-2, -1), offs=offs_P)
+                if need_gates:
+                    grad_gates = torch.linalg.vecdot(grad_h_SF, h_SF)
+                if below:
+                    grad_h_SF.mul_(gates_S.unsqueeze(1))
         else:  # saved: the ungated expert outputs
             if need_gates:
                 grad_gates = torch.linalg.vecdot(grad_SD, saved)
-            grad_y_SD = grad_SD * gates_S.unsqueeze(1)
-            if need_w_out:
-                grad_w_out = _grouped_mm(h_SF.t(), grad_y_SD, offs=offs_P)
-            grad_h_SF = _grouped_mm(grad_y_SD, w_out.transpose(-2, -1), offs=offs_P) if need_x or need_w_in else None
-        if grad_h_SF is None or not (need_x or need_w_in):  # nothing below the hidden activations needs a gradient
+            if need_w_out or below:
+                grad_y_SD = grad_SD * gates_S.unsqueeze(1)
+                if need_w_out:
+                    grad_w_out = _grouped_mm(h_SF.t(), grad_y_SD, offs=offs_P)
+                if below:
+                    grad_h_SF = _grouped_mm(grad_y_SD, w_out.transpose(-2, -1), offs=offs_P)
+        if not below:
             return grad_x, grad_gates, grad_w_in, grad_w_out, None
         gate_SF, up_SF = gate_up_SF2[:, :F_], gate_up_SF2[:, F_:]
         grad_gate_up = torch.empty_like(gate_up_SF2)

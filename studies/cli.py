@@ -534,7 +534,7 @@ def ui_cmd(
     host: str = typer.Option("127.0.0.1", help="Interface to bind: 127.0.0.1 (this machine only, the default), "
                              "or e.g. 0.0.0.0 for every interface. MLflow's UI has no authentication: "
                              "anyone who reaches it can read and edit the runs."),
-    port: int = typer.Option(5000, help="Port."),
+    port: int = typer.Option(5000, help="Port (1-65535)."),
     wait_s: float = typer.Option(120.0, "--wait-s", help="How long to wait for the server to answer."),
 ) -> None:
     """Start the MLflow UI on the workspace's tracking store (bound to 127.0.0.1 by default).
@@ -548,11 +548,16 @@ def ui_cmd(
     db = workspace.resolve() / "mlflow.db"
     if not db.is_file():
         fail(f"--workspace ({str(workspace)!r}) has no mlflow.db yet; run a sweep first")
+    if not 1 <= port <= 65535:
+        fail(f"--port ({port}) must be in 1..65535")
     field, why = _cannot_listen(host, port)
     if field == "host":
-        fail(f"--host ({host!r}) is not an address of this machine ({why}); use 127.0.0.1 or 0.0.0.0")
+        fail(f"--host ({host!r}) is not an address this machine can listen on ({why}); "
+             "use 127.0.0.1, or 0.0.0.0 for every interface")
     if field == "port":
-        fail(f"--port ({port}) is in use on {host} ({why}); choose a free port")
+        fail(f"--port ({port}) cannot be listened on at {host} ({why}); choose a free port")
+    if field:
+        fail(f"cannot listen on {host}:{port} ({why})")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
            "--host", host, "--port", str(port)]
     from moue.studies import reaper
@@ -592,24 +597,31 @@ def _study_views(uri: str, base: str) -> list[tuple[str, str]]:
 
 
 def _cannot_listen(host: str, port: int) -> tuple[str, str]:
-    """``(field, why)`` when ``host:port`` cannot be listened on now (``("", "")`` when it can): the
-    option at fault, ``host`` or ``port``. Checked before the server starts, binding as a server
-    binds (``SO_REUSEADDR``: only a socket bound there fails it), so a taken port is an error at
-    once rather than a server that never answers."""
+    """``(field, why)`` when ``host:port`` cannot be listened on now (``("", "")`` when it can):
+    ``port`` (in use, or privileged), ``host`` (not an address of this machine), or ``""`` with a
+    reason for anything else. Checked before the server starts and bound exactly as the server
+    (uvicorn, under ``mlflow ui``) binds: IPv6 only for a host with a colon, ``SO_REUSEADDR`` (only
+    a socket bound there fails it). A taken port is then an error at once, rather than a server
+    that never answers."""
     import errno
     import socket
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     except socket.gaierror as e:
         return "host", e.strerror
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as e:
-            return ("host" if e.errno == errno.EADDRNOTAVAIL else "port"), e.strerror or str(e)
+    except OSError as e:
+        why = e.strerror or str(e)
+        if e.errno == errno.EADDRINUSE:
+            return "port", why
+        if e.errno == errno.EACCES:
+            return "port", f"{why}: ports below 1024 need privileges"
+        if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
+            return "host", why
+        return "-", why
     return "", ""
 
 

@@ -116,9 +116,10 @@ def test_grouped_dispatch_equals_naive_loop(P: int, K: int, D: int, Fh: int) -> 
 
 @pytest.mark.parametrize("D,Fh", [(8, 12), (12, 8)], ids=["gate_on_output", "gate_on_hidden"])
 @pytest.mark.parametrize("needs", ["x", "gates", "w_in", "w_out", "weights", "x+w_out"])
-def test_gated_experts_computes_only_the_gradients_asked_for(needs: str, D: int, Fh: int) -> None:
-    """Frozen inputs get no gradient; the others get the gradients of the all-trainable call."""
-    from moue.grouped import gated_experts
+def test_gated_experts_computes_only_the_gradients_asked_for(needs: str, D: int, Fh: int, monkeypatch) -> None:
+    """Frozen inputs get no gradient and cost no matmul (counted); the others get the gradients of
+    the all-trainable call."""
+    import moue.grouped as grouped
 
     torch.manual_seed(1)
     S, P = 20, 4
@@ -126,16 +127,24 @@ def test_gated_experts_computes_only_the_gradients_asked_for(needs: str, D: int,
     inputs = [torch.randn(S, D), torch.rand(S), 0.5 * torch.randn(P, D, 2 * Fh), 0.5 * torch.randn(P, Fh, D)]
     grad = torch.randn(S, D)
     full = [t.clone().requires_grad_() for t in inputs]
-    gated_experts(*full, offs).backward(grad)
+    grouped.gated_experts(*full, offs).backward(grad)
     names = ["x", "gates", "w_in", "w_out"]
     wanted = {"weights": {"w_in", "w_out"}, "x+w_out": {"x", "w_out"}}.get(needs, {needs})
     part = [t.clone().requires_grad_(n in wanted) for n, t in zip(names, inputs)]
-    gated_experts(*part, offs).backward(grad)
+    calls = []
+    matmul = grouped._grouped_mm
+    monkeypatch.setattr(grouped, "_grouped_mm", lambda *a, **k: calls.append(1) or matmul(*a, **k))
+    y = grouped.gated_experts(*part, offs)
+    forward = len(calls)
+    y.backward(grad)
     for name, a, b in zip(names, part, full):
         if name in wanted:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6, msg=name)
         else:
             assert a.grad is None, name
+    below = bool(wanted & {"x", "w_in"})  # the hidden activations' gradient is needed
+    hidden = below or ("gates" in wanted and Fh < D)  # gate on the hidden: its gradient needs it too
+    assert forward == 2 and len(calls) - forward == len(wanted - {"gates"}) + hidden, (forward, len(calls))
 
 
 @pytest.mark.parametrize("router_init", ["zero", "copy"])
@@ -443,3 +452,27 @@ def test_fused_rope_and_rmsnorm_equal_the_composite_ops_with_their_gradients() -
 
     for a, b in zip(logits_and_grads(True), logits_and_grads(False)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_functions_fall_back_to_the_composite_ops_where_they_do_not_apply() -> None:
+    """Autocast, low-precision RMSNorm inputs, ``torch.func`` transforms and meta tensors take the
+    composite ops (``moue.fused`` module docstring); plain fp32 takes the fused functions."""
+    from moue.fused import RMSNorm, apply_rope
+    from moue.model import rope_tables
+
+    x = torch.randn(2, 3, 5, 8, requires_grad=True)
+    cos, sin = rope_tables(5, 8, 100.0)
+    norm = RMSNorm(8, eps=1e-5)
+    assert type(apply_rope(x, cos, sin).grad_fn).__name__ == "_RopeBackward"
+    assert type(norm(x).grad_fn).__name__ == "_RMSNormBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(apply_rope(x, cos, sin).grad_fn).__name__ == "CatBackward0"
+        assert not type(norm(x).grad_fn).__name__.startswith("_RMSNorm")
+    low = RMSNorm(8, eps=1e-5).to(torch.bfloat16)
+    xb = x.detach().bfloat16().requires_grad_()
+    assert not type(low(xb).grad_fn).__name__.startswith("_RMSNorm")
+    low(xb).sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
+    g = torch.func.grad(lambda t: norm(apply_rope(t, cos, sin)).square().sum())(x.detach())
+    torch.testing.assert_close(g, torch.autograd.grad(norm(apply_rope(x, cos, sin)).square().sum(), x)[0])
+    assert apply_rope(torch.empty(2, 3, 5, 8, device="meta"), cos.to("meta"), sin.to("meta")).shape == (2, 3, 5, 8)

@@ -267,16 +267,22 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
         taken = busy.getsockname()[1]
         r = subprocess.run([*ui, str(ws), "--port", str(taken)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "http://" not in r.stdout, r.stdout
-    assert r.stderr.strip() == f"error: --port ({taken}) is in use on 127.0.0.1 (Address already in use); choose a free port"
+    assert r.stderr.strip() == (f"error: --port ({taken}) cannot be listened on at 127.0.0.1 (Address already in use); "
+                                "choose a free port")
     r = subprocess.run([*ui, str(ws), "--host", "no-such-host.invalid"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: --host ('no-such-host.invalid') is not an address"), r.stderr
+    r = subprocess.run([*ui, str(ws), "--port", "70000"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --port (70000) must be in 1..65535", r.stderr
     junk = tmp_path / "junk"  # a server that starts and dies (not a database): its own error, no URL
     junk.mkdir()
     (junk / "mlflow.db").write_text("not a database")
-    r = subprocess.run([*ui, str(junk), "--port", str(port), "--wait-s", "60"], capture_output=True, text=True,
+    with socket.socket() as s:  # a fresh port: the killed server's may not be free yet
+        s.bind(("127.0.0.1", 0))
+        fresh = s.getsockname()[1]
+    r = subprocess.run([*ui, str(junk), "--port", str(fresh), "--wait-s", "60"], capture_output=True, text=True,
                        timeout=180)
     assert r.returncode == 1 and "http://" not in r.stdout, r.stdout
-    assert f"the MLflow UI did not answer on 127.0.0.1:{port}" in r.stderr and "(exit " in r.stderr, r.stderr
+    assert f"the MLflow UI did not answer on 127.0.0.1:{fresh}" in r.stderr and "(exit " in r.stderr, r.stderr
 
 
 def test_progress_line_estimates_time_left_from_tokens() -> None:
