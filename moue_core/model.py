@@ -116,8 +116,8 @@ class MoUEModel(nn.Module):
         instead breaks its graph at every MoE layer: measured on the quickstart trial (2-core AMD
         EPYC), a step took 0.97x eager's time that way and 0.82-0.90x this way, with 3x shorter
         warm-up (``moue bench train --compile``). That was against the composite RoPE and RMSNorm;
-        against the fused eager ones (``moue.fused``) it gained nothing on a 2-core Xeon (1.00x,
-        studies/LOG.md 2026-12-07)."""
+        against the fused eager ones (``moue.fused``), a compiled step on a 2-core Xeon was
+        1.06-1.13x faster than eager (studies/LOG.md, 2026-12-07)."""
         regions: list[nn.Module] = [self.norm, self.lm_head]
         for block in self.blocks:
             regions += [block.attn_norm, block.attn, block.ffn_norm]
