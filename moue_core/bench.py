@@ -246,7 +246,8 @@ def _train_rate(cfg, *, steps: int, warmup: int, cache_dir) -> tuple[float, obje
     return result.counts.flops_per_token * tokens_per_s / 1e9, result, warm_s
 
 
-def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False) -> dict:
+def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False, composite_: bool = False,
+                rounds: int = 3) -> dict:
     """Train ``cfg`` (a ``TrialConfig``) for ``steps`` steps; model GFLOP/s vs matmul GFLOP/s.
 
     Model FLOPs come from the counting module (``flops_per_token``, its convention) over the time
@@ -258,7 +259,9 @@ def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False) -> d
     With ``compile_``, the same trial also trains with ``train.compile = true``
     (``MoUEModel.compile_regions``) right after, each mode after ``steps`` warm-up steps (the
     compiled mode's first steps compile), and the figures of both modes are reported side by side
-    (``ratio`` stays the eager one).
+    (``ratio`` stays the eager one). With ``composite_``, the eager trial trains ``rounds`` more
+    times each with the fused RoPE and RMSNorm (``moue.fused``) and with the composite ops,
+    alternating, and ``fused_over_composite`` is the ratio of the two modes' median rates.
     """
     import dataclasses
     import resource
@@ -277,6 +280,16 @@ def bench_train(cfg, *, steps: int = 20, cache_dir, compile_: bool = False) -> d
         out = {"model_gflops_compiled": c_model, "matmul_gflops_compiled": c_matmul,
                "ratio_compiled": c_model / c_matmul, "compiled_over_eager": c_model / model,
                "compile_warmup_s": warm_s, "eager_warmup_s": eager_warm_s, "warmup_steps": warmup}
+    if composite_:
+        from moue.fused import composite
+
+        rates: dict[str, list[float]] = {"fused": [], "composite": []}
+        for _ in range(rounds):  # alternating, so that machine noise hits both alike
+            rates["fused"].append(_train_rate(cfg, steps=steps, warmup=0, cache_dir=cache_dir)[0])
+            with composite():
+                rates["composite"].append(_train_rate(cfg, steps=steps, warmup=0, cache_dir=cache_dir)[0])
+        out.update(model_gflops_fused=rates["fused"], model_gflops_composite=rates["composite"],
+                   fused_over_composite=statistics.median(rates["fused"]) / statistics.median(rates["composite"]))
     matmul = (refs[0] + refs[1]) / 2
     tc = cfg.train
     gemm, gemm_s = gemm_gflops(cfg.model, tc.batch_tokens)

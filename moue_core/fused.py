@@ -28,11 +28,28 @@ derivative through them is an error (``once_differentiable``); no part of moue t
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "apply_rope", "rope_reference"]
+__all__ = ["RMSNorm", "apply_rope", "composite", "rope_reference"]
+
+_forced_composite = False
+
+
+@contextlib.contextmanager
+def composite() -> Iterator[None]:
+    """Run the composite ops instead of the fused functions inside this block (``moue bench train
+    --composite`` compares the two; tests check they agree)."""
+    global _forced_composite
+    before, _forced_composite = _forced_composite, True
+    try:
+        yield
+    finally:
+        _forced_composite = before
 
 
 _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda x: False)
@@ -41,7 +58,7 @@ _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
 def _eager(x: torch.Tensor) -> bool:
     """Whether the hand-written functions run: eager mode (not compiling, exporting or under
     ``torch.func`` transforms: they have no ``vmap`` / ``jvp`` rules), no autocast, a real device."""
-    if x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
+    if _forced_composite or x.device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
         return False
     if _functorch_wrapped(x):
         return False

@@ -246,6 +246,8 @@ def bench_train_cmd(
                                  "(attention, router, dispatch, experts, norms, embedding/head/loss, optimizer)."),
     compile_: bool = typer.Option(False, "--compile", help="Also train it with train.compile = true, side by side "
                                   "(each mode after as many warm-up steps as it times)."),
+    composite_: bool = typer.Option(False, "--composite", help="Also train it 3 more times each with the fused "
+                                    "RoPE and RMSNorm (moue.fused) and with the composite ops, alternating."),
 ) -> None:
     """Model GFLOP/s of a training trial next to this machine's dense matmul GFLOP/s.
 
@@ -255,7 +257,8 @@ def bench_train_cmd(
     from moue.studies.trial import load_trial
 
     cfg = load_trial(config)
-    result = bench_train(cfg, steps=steps, cache_dir=workspace.resolve() / "cache", compile_=compile_)
+    result = bench_train(cfg, steps=steps, cache_dir=workspace.resolve() / "cache", compile_=compile_,
+                         composite_=composite_)
     if profile:
         result["profile"] = profile_step(cfg)
     if json_out:
@@ -273,6 +276,11 @@ def bench_train_cmd(
         typer.echo(f"compiled (train.compile = true): model {result['model_gflops_compiled']:.1f} GFLOP/s, matmul "
                    f"{result['matmul_gflops_compiled']:.1f}, ratio {result['ratio_compiled']:.3f} "
                    f"({result['compiled_over_eager']:.2f}x eager; warm-up {result['compile_warmup_s']:.1f} s)")
+    if composite_:
+        fused, comp = result["model_gflops_fused"], result["model_gflops_composite"]
+        typer.echo(f"fused RoPE/RMSNorm {' '.join(f'{v:.1f}' for v in fused)} against composite "
+                   f"{' '.join(f'{v:.1f}' for v in comp)} GFLOP/s, alternated: "
+                   f"{result['fused_over_composite']:.3f}x (medians)")
     if profile:
         prof = result["profile"]
         typer.echo(f"a step under the profiler: {prof['ms_per_step']:.0f} ms (self CPU time, profiler overhead included)")

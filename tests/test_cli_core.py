@@ -195,6 +195,33 @@ def test_bench_train_compile_reports_both_modes_side_by_side(tmp_path) -> None:
     assert out["gemm_gflops"] > 0 and 0 < out["gemm_step_fraction"] < 1, out  # where the rest of a step goes
 
 
+def test_bench_train_composite_compares_the_fused_functions_with_the_composite_ops(tmp_path, monkeypatch) -> None:
+    """bench train --composite: alternating rounds of the same trial with the fused RoPE / RMSNorm
+    and with the composite ops (``moue.fused.composite``), the ratio of the median rates."""
+    import dataclasses
+    import statistics
+
+    import moue.fused
+    from moue.bench import bench_train
+    from moue.studies.cli import QUICKSTART_TRIAL
+    from moue.studies.trial import load_trial
+
+    cfg = load_trial(QUICKSTART_TRIAL)
+    small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=32, n_heads=2, expert_hidden=32,
+                                                               router_state_dim=8),
+                                train=dataclasses.replace(cfg.train, batch_tokens=1024, seq_len=32),
+                                data=dataclasses.replace(cfg.data, val_tokens=4096))
+    modes = []  # which path each training run's norms took
+    rms_norm = moue.fused.RMSNorm.forward
+    monkeypatch.setattr(moue.fused.RMSNorm, "forward", lambda self, x: modes.append(moue.fused._eager(x))
+                        or rms_norm(self, x))
+    out = bench_train(small, steps=2, cache_dir=tmp_path, composite_=True, rounds=2)
+    assert len(out["model_gflops_fused"]) == len(out["model_gflops_composite"]) == 2
+    assert out["fused_over_composite"] == pytest.approx(
+        statistics.median(out["model_gflops_fused"]) / statistics.median(out["model_gflops_composite"]))
+    assert True in modes and False in modes, "both paths ran"
+
+
 @pytest.mark.parametrize("changes", [{"ffn": "dense"}, {"ffn": "dense", "dense_hidden": 96, "n_layers": 3}])
 def test_model_gemms_are_the_counted_flops_less_attention_scores_and_norms(changes) -> None:
     """bench train's GEMM list (``model_gemms``): for a dense model, forward and both backward GEMMs

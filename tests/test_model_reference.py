@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -439,14 +440,11 @@ def test_fused_rope_and_rmsnorm_equal_the_composite_ops_with_their_gradients() -
     idx = torch.randint(0, 64, (2, 16))
 
     def logits_and_grads(fused: bool) -> list[torch.Tensor]:
+        from moue.fused import composite
+
         model.zero_grad(set_to_none=True)
-        import moue.fused as fused_mod
-        eager = fused_mod._eager
-        fused_mod._eager = eager if fused else (lambda x: False)
-        try:
+        with contextlib.nullcontext() if fused else composite():
             logits = model(idx).logits
-        finally:
-            fused_mod._eager = eager
         _loss(logits).backward()
         return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
 
@@ -457,7 +455,7 @@ def test_fused_rope_and_rmsnorm_equal_the_composite_ops_with_their_gradients() -
 def test_fused_functions_fall_back_to_the_composite_ops_where_they_do_not_apply() -> None:
     """Autocast, low-precision RMSNorm inputs, ``torch.func`` transforms and meta tensors take the
     composite ops (``moue.fused`` module docstring); plain fp32 takes the fused functions."""
-    from moue.fused import RMSNorm, apply_rope
+    from moue.fused import RMSNorm, apply_rope, composite
     from moue.model import rope_tables
 
     x = torch.randn(2, 3, 5, 8, requires_grad=True)
@@ -465,6 +463,10 @@ def test_fused_functions_fall_back_to_the_composite_ops_where_they_do_not_apply(
     norm = RMSNorm(8, eps=1e-5)
     assert type(apply_rope(x, cos, sin).grad_fn).__name__ == "_RopeBackward"
     assert type(norm(x).grad_fn).__name__ == "_RMSNormBackward"
+    with composite():  # what moue bench train --composite compares against
+        assert type(apply_rope(x, cos, sin).grad_fn).__name__ == "CatBackward0"
+        assert not type(norm(x).grad_fn).__name__.startswith("_RMSNorm")
+    assert type(apply_rope(x, cos, sin).grad_fn).__name__ == "_RopeBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert type(apply_rope(x, cos, sin).grad_fn).__name__ == "CatBackward0"
         assert not type(norm(x).grad_fn).__name__.startswith("_RMSNorm")
