@@ -19,11 +19,12 @@ Measured on the quickstart trial's shapes (``T = 8192``, ``D = 128``, 4 heads of
 fp32, forward + backward): RoPE of q and k 12.3 -> 6.6 ms per layer, RMSNorm 3.9 -> 2.8 ms each.
 
 Both fall back to the composite ops where these would not help or are not checked: inside
-``torch.compile`` (Inductor fuses the composite itself) and under autocast (the composite's
-dtypes are what autocast expects), under ``torch.func`` transforms, and on devices other than CPU
-and CUDA; RMSNorm also for inputs other than float32 / float64 and for ``eps = None``. A second
-derivative through them is an error (``once_differentiable``); no part of moue takes one. Values agree with the composite to float rounding
-(``tests/test_model_reference.py``).
+``torch.compile`` (Inductor fuses the composite itself; the fused functions there were slower),
+under autocast (the composite's dtypes are what autocast expects), under ``torch.func``
+transforms, on devices other than CPU and CUDA, and inside ``composite()`` (benchmarks, tests);
+RMSNorm also for inputs other than float32 / float64 and for ``eps = None``. A second derivative
+through them is an error (``once_differentiable``); no part of moue takes one. Values agree with
+the composite to float rounding (``tests/test_model_reference.py``).
 """
 
 from __future__ import annotations
