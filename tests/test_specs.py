@@ -270,7 +270,8 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
     assert r.stderr.strip() == (f"error: --port ({taken}) cannot be listened on at 127.0.0.1 (Address already in use); "
                                 "choose a free port")
     r = subprocess.run([*ui, str(ws), "--host", "no-such-host.invalid"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stderr.startswith("error: --host ('no-such-host.invalid') is not an address"), r.stderr
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: --host ('no-such-host.invalid') is not an address"), r.stderr
     r = subprocess.run([*ui, str(ws), "--port", "70000"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == "error: --port (70000) must be in 1..65535", r.stderr
     junk = tmp_path / "junk"  # a server that starts and dies (not a database): its own error, no URL
