@@ -564,7 +564,7 @@ def ui_cmd(
              "use 127.0.0.1, or 0.0.0.0 for every interface")
     if field == "port":
         fail(f"--port ({port}) cannot be listened on at {host} ({why}); choose a free port")
-    if field:
+    if why:
         fail(f"cannot listen on {host}:{port} ({why})")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
            "--host", host, "--port", str(port)]
@@ -575,11 +575,14 @@ def ui_cmd(
     try:
         probe = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         if not _wait_for_health(f"http://{probe}:{port}/health", proc, wait_s):
-            err = (proc.stderr.read() if proc.poll() is not None else "") or ""
-            last = next((ln for ln in reversed(err.strip().splitlines()) if ln.strip()), "")
-            proc.terminate()
-            typer.echo(f"error: the MLflow UI did not answer on {host}:{port} within {wait_s:g} s"
-                       + (f" (exit {proc.returncode}: {last})" if proc.returncode is not None and last else ""),
+            code = proc.poll()
+            if code is None:  # still running, never answered
+                proc.terminate()
+                typer.echo(f"error: the MLflow UI did not answer on {host}:{port} within {wait_s:g} s", err=True)
+                raise typer.Exit(1)
+            err = proc.stderr.read() or ""
+            last = next((ln for ln in reversed(err.strip().splitlines()) if ln.strip()), "no output")
+            typer.echo(f"error: the MLflow UI on {host}:{port} exited before it answered (exit {code}: {last})",
                        err=True)
             raise typer.Exit(1)
         where = " (every interface; no authentication)" if probe != host else ""
@@ -607,7 +610,7 @@ def _study_views(uri: str, base: str) -> list[tuple[str, str]]:
 def _cannot_listen(host: str, port: int) -> tuple[str, str]:
     """``(field, why)`` when ``host:port`` cannot be listened on now (``("", "")`` when it can):
     ``port`` (in use, or privileged), ``host`` (not an address of this machine), or ``""`` with a
-    reason for anything else. Checked before the server starts and bound exactly as the server
+    reason (``why``) for anything else. Checked before the server starts and bound exactly as the server
     (uvicorn, under ``mlflow ui``) binds: IPv6 only for a host with a colon, ``SO_REUSEADDR`` (only
     a socket bound there fails it). A taken port is then an error at once, rather than a server
     that never answers."""
@@ -629,7 +632,7 @@ def _cannot_listen(host: str, port: int) -> tuple[str, str]:
             return "port", f"{why}: ports below 1024 need privileges"
         if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL):
             return "host", why
-        return "-", why
+        return "", why
     return "", ""
 
 
