@@ -305,6 +305,10 @@ class Tracker:
         logged again, a final record is not touched, a run closed as an orphan is reopened."""
         history = self.client.get_metric_history(run.info.run_id, _DEDUP_KEY)
         self._floor[run.info.run_id] = max((m.step for m in history), default=-1)
+        # final points an earlier driver wrote without the status tag that closes the record (it
+        # was killed inside finish_trial's write): finish_trial does not write them again
+        self._last_step[run.info.run_id] = {k: self._floor[run.info.run_id] for k in run.data.metrics
+                                            if k.startswith("final/")}
         done = run.data.tags.get(STATUS) in DONE
         if done:  # the record is final: nothing more is written to it (no second final/*)
             self._closed.add(run.info.run_id)

@@ -61,6 +61,27 @@ def test_a_trial_done_in_the_record_gets_no_second_final_point(tmp_path) -> None
     assert recorded.spec_text == SMOKE.read_text()
 
 
+def test_final_points_written_without_their_status_tag_are_not_written_again(tmp_path) -> None:
+    """A driver killed inside finish_trial's write, after the final points and before the status
+    tag (seen once in test_driver_killed_with_sigkill_resumes): the restarted driver finishes the
+    trial with one point per final key."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _tracker(uri)
+    run_id = first.trial_run("t1", params={"a": 1}, tags={"moue.seed": "0"})
+    first.log_metrics("t1", {"val/loss": 2.0}, step=100)
+    first.flush()
+    client = mlflow.MlflowClient(uri)
+    client.log_metric(run_id, "final/val_loss", 2.0, step=100)  # the half-written finish: no status tag
+
+    second = _tracker(uri)  # the restarted driver; Tune completes the trial again
+    assert second.trial_run("t1", params={"a": 1}, tags={"moue.seed": "0"}) == run_id
+    second.log_metrics("t1", {"val/loss": 2.0}, step=100)
+    second.finish_trial("t1", status="finished", final={"final/val_loss": 2.0, "final/tokens": 100.0})
+    for key in ("val/loss", "final/val_loss", "final/tokens"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [100], key
+    assert client.get_run(run_id).data.tags["moue.status"] == "finished"
+
+
 @pytest.mark.slow
 def test_resume_with_an_edited_spec_exits_2_naming_the_change(tmp_path) -> None:
     ws = tmp_path / "ws"
