@@ -569,9 +569,10 @@ def ui_cmd(
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
            "--host", host, "--port", str(port)]
     from moue.studies import reaper
+    from moue.studies.tracking import server_env
 
     reaper.start()  # the server and its workers end with this command, however it ends
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=server_env())
     try:
         probe = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         if not _wait_for_health(f"http://{probe}:{port}/health", proc, wait_s):

@@ -45,7 +45,7 @@ from moue.tracking_contract import (VIEW_TAG, view_state, DONE, KIND, KIND_STUDY
                                          search_runs)
 
 __all__ = ["SCHEMA_VERSION", "STATUSES", "DONE", "RecordedSweep", "Tracker", "check_tracking_uri", "environment_info",
-           "git_info", "log_study_summary", "probe_tracking_uri", "recorded_sweep", "sweep_state"]
+           "git_info", "log_study_summary", "probe_tracking_uri", "recorded_sweep", "server_env", "sweep_state"]
 
 ORPHAN_REASON = "sweep ended while the trial was running"
 _MAX_METRICS_PER_BATCH = 1000  # MLflow LogBatch limits (REST API docs: "Request Limits")
@@ -555,6 +555,16 @@ def log_study_summary(tracking_uri: str, parent_run_id: str, *, statuses: Mappin
     return out
 
 
+def server_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for an MLflow server moue starts: MLflow's job execution (a job runner and
+    two huey consumers, for GenAI jobs moue never submits) off unless the user set
+    ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``; the server then answers in 8 s rather than 11 with 7
+    processes rather than 15 (2-core Xeon, MLflow 3.17)."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
 @contextlib.contextmanager
 def loopback_server(folder: str | os.PathLike[str], *, db: str | os.PathLike[str] | None = None,
                     wait_s: float = 120.0) -> Iterator[str]:
@@ -575,7 +585,7 @@ def loopback_server(folder: str | os.PathLike[str], *, db: str | os.PathLike[str
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1", "--backend-store-uri", f"sqlite:///{Path(db or folder / 'server.db')}",
                              "--artifacts-destination", str(folder / "server-artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + wait_s

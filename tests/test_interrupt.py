@@ -24,7 +24,7 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
 def _spec(tmp_path: Path) -> Path:
     """The smoke study without ASHA and with trials long enough to be interrupted (seconds each)."""
     text = (ROOT / "studies" / "smoke.toml").read_text()
-    text = text.replace('kind = "asha"', 'kind = "none"').replace("tokens = 4096", "tokens = 262_144")
+    text = text.replace('kind = "asha"', 'kind = "none"').replace("tokens = 4096", "tokens = 131_072")
     spec = tmp_path / "smoke_long.toml"
     spec.write_text(text)
     return spec

@@ -18,7 +18,7 @@ from procs import kill_marked, launched, marked_env, marked_pids, running
 
 from moue.errors import ConfigError
 from moue.studies.locking import LOCK_FILE, hold
-from moue.studies.tracking import Tracker, recorded_sweep
+from moue.studies.tracking import Tracker, recorded_sweep, server_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "studies" / "smoke.toml"
@@ -171,7 +171,7 @@ def _start_server(root: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=server_env())
     end = time.time() + 120
     while time.time() < end:
         try:

@@ -226,6 +226,7 @@ def _check_the_runs_in_chromium(view: str, names: dict, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
     import os
+    import shutil
     import signal
     import socket
     import subprocess
@@ -254,6 +255,9 @@ def test_moue_ui_serves_the_workspace_store_on_loopback(tmp_path) -> None:
         out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         if out.strip():  # iproute2 present: the listening socket is on loopback only
             assert all("127.0.0.1" in line for line in out.strip().splitlines()), out
+        if shutil.which("pgrep"):  # MLflow's GenAI job runner and its huey consumers are not started
+            jobs = subprocess.run(["pgrep", "-g", str(proc.pid), "-f", "mlflow.server.jobs"], capture_output=True, text=True)
+            assert not jobs.stdout.strip(), "the MLflow UI started its job runner: " + jobs.stdout
         if CHROMIUM:
             _check_the_runs_in_chromium(view.split(": ", 1)[1], names, tmp_path)
     finally:

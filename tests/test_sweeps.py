@@ -21,6 +21,7 @@ from procs import kill_marked, marked_env
 from moue.studies.cluster import ensure_token
 from moue.studies.runner import Workspace, run_sweep
 from moue.studies.spec import load_study, shipped_studies
+from moue.studies.tracking import server_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "studies" / "smoke.toml"
@@ -202,7 +203,7 @@ def test_two_node_loopback_cluster_with_mlflow_server(tmp_path) -> None:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
              "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
              "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            env=server_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         import urllib.request
 
         def healthy():

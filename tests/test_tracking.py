@@ -408,3 +408,11 @@ def test_sweep_on_an_mlflow_server(mlflow_server, tmp_path):
     assert again_spy.n_params() == 0 and again_spy.n_metrics() == 0
     client = MlflowClient(tracking_uri=url)
     assert len(_search(client, tracker.experiment_id, "")) == 4
+
+
+def test_servers_moue_starts_leave_mlflow_job_execution_off_unless_the_user_set_it():
+    from moue.studies.tracking import server_env
+
+    env = server_env({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    assert server_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
