@@ -1,7 +1,9 @@
-"""The suite runs on two pytest-xdist workers by default (``-n auto`` in pyproject.toml, two at
-most): the integration tests spend much of their time waiting on Ray, MLflow servers and
-subprocesses, so a second worker fills the idle CPU. ``-n 0`` runs it in one process;
-``-m 'not slow'`` leaves out the longest integration tests.
+"""The suite runs on pytest-xdist workers (``-n auto`` in pyproject.toml): one more than the
+CPUs, three at most (three on a 2-core machine). The integration tests spend much of their time
+waiting on Ray, MLflow servers and subprocesses: on two workers a 2-core Xeon was busy 58% of the
+suite's time, and a third worker took the suite from 883 s to 749 s (``studies/LOG.md``,
+2026-12-07 session 14). ``-n 0`` runs it in one process; ``-m 'not slow'`` leaves out the
+longest integration tests.
 
 Each worker starts its own Ray clusters and servers (``address="local"``, free ports), and the
 tests that look for leftover processes find theirs by a marker of their own (``tests/procs.py``),
@@ -14,8 +16,9 @@ import os
 
 import pytest
 
-WORKERS = 2  # each integration test starts a Ray cluster sized to the whole machine: more workers oversubscribe it
+WORKERS = 3  # each integration test starts a Ray cluster sized to the whole machine: more workers oversubscribe it
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    return max(1, min(WORKERS, os.cpu_count() or 1))
+    cpus = os.cpu_count() or 1
+    return 1 if cpus < 2 else min(WORKERS, cpus + 1)
