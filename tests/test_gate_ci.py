@@ -16,7 +16,7 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # l
 BASELINE = ROOT / "studies" / "baselines" / "gate.json"
 
 
-def moue(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def moue(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:  # a hang guard: 330 s seen on three workers
     return subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", *args], cwd=ROOT,
                           env=ENV, capture_output=True, text=True, timeout=timeout)
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # local runs: token auth
 
 
-def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:  # a hang guard: a run took 177 s on three workers
     return subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", "run", *args],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
