@@ -21,6 +21,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from moue.analysis import _numba_target  # noqa: F401  (sets numba's vector width before any njit)
+
 __all__ = ["exp_neg", "log_pos"]
 
 _LOG2E = 1.4426950408889634

@@ -137,6 +137,7 @@ def _measure(reference_starts: int) -> dict:
         "bootstrap_1000_s": boot_s,
         "bootstrap_sd": sd,
         "compiled": kernels.available(),
+        "wide_vectors": kernels.wide_vectors(),
         "warmup_s": warmup_s,
         **machine(),
     }
@@ -178,7 +179,8 @@ def _describe(result: dict) -> str:
         f"CPU {result['cpu']}, BLAS {result['blas']}",
         f"  moue batched trust-region Newton: {result['fit_s']:8.2f} s  "
         f"({result['best_basin_starts_ours']} starts reached the best basin; "
-        + (f"compiled kernels, first use {result['warmup_s']:.2f} s apart)" if result["compiled"]
+        + (f"compiled kernels{', 512-bit vectors' if result.get('wide_vectors') else ''}, "
+           f"first use {result['warmup_s']:.2f} s apart)" if result["compiled"]
            else "numpy code: numba is missing)"),
         f"  scipy L-BFGS-B loop (ftol=0, analytic gradient): {result['reference_s']:8.2f} s"
         f"{scaled}",

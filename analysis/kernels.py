@@ -18,7 +18,8 @@ accumulation of ``f``, ``g`` and the Hessian), in parallel over starts on every 
 
 Both compute the same quantities as the numpy code, which stays as the reference (and the path
 where numba is missing: ``available()`` is False); the tests compare them. numba compiles for
-the CPU it runs on, so the speed holds on any x86-64 without settings the user must make.
+the CPU it runs on, so the speed holds on any x86-64 without settings the user must make; where
+the CPU has AVX-512 it compiles for 512-bit vectors (:mod:`moue.analysis._numba_target`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["available", "lse_objective", "propose_steps"]
+__all__ = ["available", "lse_objective", "propose_steps", "wide_vectors"]
 
 
 @functools.cache
@@ -41,6 +42,15 @@ def available() -> bool:
     """Whether the compiled kernels can be used (numba is installed; imported on first use, as it
     brings scipy and llvmlite with it)."""
     return importlib.util.find_spec("numba") is not None
+
+
+def wide_vectors() -> bool:
+    """Whether this process's kernels compile for 512-bit vectors (False without numba)."""
+    if not available():
+        return False
+    from moue.analysis._numba_target import WIDE
+
+    return WIDE
 
 
 # ----------------------------------------------------------------------------- LSE objective

@@ -17,6 +17,8 @@ import math
 import numba
 import numpy as np
 
+from moue.analysis import _numba_target  # noqa: F401  (sets numba's vector width before any njit)
+
 __all__ = ["jacobi", "propose_kernel", "secular"]
 
 

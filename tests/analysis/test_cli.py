@@ -153,8 +153,12 @@ def test_bench_fit_json(cli):
     r = cli("bench-fit", "--json", "--reference-starts", "45")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout.strip().splitlines()[-1])
-    assert {"speedup", "fit_s", "reference_s", "max_param_diff", "bootstrap_1000_s", "cpu", "blas"} <= set(d)
+    assert {"speedup", "fit_s", "reference_s", "max_param_diff", "bootstrap_1000_s", "cpu", "blas",
+            "wide_vectors"} <= set(d)
     assert d["cpu"] and d["blas"]
+    from moue.analysis import kernels
+
+    assert d["wide_vectors"] is kernels.wide_vectors()
     assert d["reference_scaled"] and d["reference_starts"] == 45 and d["n_starts"] == 4500
     assert d["max_param_diff"] < 1e-4
     assert d["params_ours"]["alpha"] == pytest.approx(0.3473, abs=1e-3)

@@ -153,3 +153,61 @@ def test_inlined_exp_and_log_match_numpy():
     out = np.empty(4)
     both(edge, np.ones(4), out, np.empty(4))
     assert list(out[:3]) == [0.0, 0.0, 0.0] and np.isnan(out[3])
+
+
+_WIDTH_PROBE = """
+import json, sys
+import numba
+{before}
+from moue.analysis import _numba_math, _numba_target
+from numba.core import config
+
+@numba.njit(cache=False, fastmath=True)
+def dot(a, b):
+    acc = 0.0
+    for i in range(a.shape[0]):
+        acc += a[i] * b[i]
+    return acc
+
+import numpy as np
+dot(np.ones(64), np.ones(64))
+asm = "\\n".join(dot.inspect_asm().values())
+print(json.dumps({{"wide": _numba_target.WIDE, "features": config.CPU_FEATURES,
+                  "zmm": "zmm" in asm}}))
+"""
+
+
+def _width_probe(before: str = "", env: dict | None = None) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}
+    full_env.update(env or {})
+    out = subprocess.run([sys.executable, "-c", _WIDTH_PROBE.format(before=before)], env=full_env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_kernels_compile_for_512_bit_vectors_where_the_cpu_has_avx512_unless_the_user_chose():
+    """Where the CPU has AVX-512, numba's target loses LLVM's 256-bit preference (the objective's
+    loop then runs in zmm registers); the user's NUMBA_CPU_FEATURES, or a numba target that
+    already exists, is left alone."""
+    from numba.core.codegen import get_host_cpu_features
+
+    host = get_host_cpu_features()
+    avx512 = "+avx512f" in host.split(",")
+    ours = _width_probe()
+    assert ours["wide"] is avx512
+    assert ours["zmm"] is avx512  # the setting reaches the machine code
+    if avx512:
+        assert ours["features"] == f"{host},-prefer-256-bit"
+    else:
+        assert ours["features"] is None
+
+    # left alone (whether LLVM's own tuning for this CPU uses zmm is not ours to assert)
+    users = _width_probe(env={"NUMBA_CPU_FEATURES": host})
+    assert (users["wide"], users["features"]) == (False, host)
+    late = _width_probe(before="numba.njit(lambda: 1)()")  # a numba target made before ours
+    assert (late["wide"], late["features"]) == (False, None)
