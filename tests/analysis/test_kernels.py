@@ -211,3 +211,29 @@ def test_kernels_compile_for_512_bit_vectors_where_the_cpu_has_avx512_unless_the
     assert (users["wide"], users["features"]) == (False, host)
     late = _width_probe(before="numba.njit(lambda: 1)()")  # a numba target made before ours
     assert (late["wide"], late["features"]) == (False, None)
+
+
+@pytest.mark.parametrize("P", range(1, 8))
+def test_jacobi_rounds_cover_every_pair_once_and_decompose_like_lapack(P):
+    """Each round of the step's Jacobi sweep holds disjoint pairs, a sweep holds every pair once,
+    and the decomposition equals numpy's ``eigh`` (including repeated and zero eigenvalues)."""
+    import itertools
+
+    from moue.analysis.numba_step import jacobi, round_robin
+
+    rounds = round_robin(P)
+    assert rounds.shape == (P - 1 + P % 2, P // 2, 2)
+    assert sorted(map(tuple, rounds.reshape(-1, 2).tolist())) == list(itertools.combinations(range(P), 2))
+    for r in rounds:
+        assert len(set(r.ravel().tolist())) == r.size
+    rng = np.random.default_rng(P)
+    Q = np.linalg.qr(rng.normal(size=(P, P)))[0]
+    for ev in (rng.normal(size=P) * np.logspace(0, 6, P), np.repeat([2.0, 0.0], [P - P // 2, P // 2])):
+        M = (Q * ev) @ Q.T
+        M = (M + M.T) / 2
+        A, V, T = M.copy(), np.empty((P, P)), np.empty((max(1, P // 2), 4))
+        jacobi(A, V, rounds, T)
+        np.testing.assert_allclose(np.sort(np.diag(A)), np.linalg.eigvalsh(M), rtol=0,
+                                   atol=1e-12 * np.abs(ev).max())
+        np.testing.assert_allclose(V @ np.diag(np.diag(A)) @ V.T, M, rtol=0, atol=1e-11 * np.abs(ev).max())
+        np.testing.assert_allclose(V.T @ V, np.eye(P), atol=1e-12)
