@@ -81,7 +81,7 @@ def _term_source(terms) -> str:
              "from moue.analysis._numba_math import exp_neg, log_pos",
              "",
              # reassoc: the sums over points may be reordered, so that the loop vectorises
-             "@numba.njit(parallel=True, cache=True, fastmath={'contract', 'reassoc'})",
+             "@numba.njit(parallel=True, cache=True, error_model='numpy', fastmath={'contract', 'reassoc'})",
              "def kernel(theta, F, y, w, widx, delta, f_out, g_out, H_out):",
              "    n = y.shape[0]",
              "    for s in numba.prange(theta.shape[0]):"]

@@ -24,7 +24,7 @@ from moue.analysis import _numba_target  # noqa: F401  (sets numba's vector widt
 __all__ = ["eigen_step", "free_block", "jacobi", "newton_step", "propose_kernel", "round_robin", "secular"]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def round_robin(P):  # pragma: no cover - compiled
     """The ``P (P - 1) / 2`` index pairs of a Jacobi sweep in rounds of disjoint pairs (the
     round-robin tournament's schedule): ``[rounds, pairs per round, 2]``; for odd ``P`` one index
@@ -47,7 +47,7 @@ def round_robin(P):  # pragma: no cover - compiled
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def jacobi(A, V, rounds, T):  # pragma: no cover - compiled
     """Eigen-decompose the symmetric ``A`` in place (eigenvalues on its diagonal, vectors in
     the columns of ``V``) by Jacobi rotations (Numerical Recipes' update form) in the rounds of
@@ -110,7 +110,7 @@ def jacobi(A, V, rounds, T):  # pragma: no cover - compiled
                     V[k, q] = vkq + sn * (vkp - tau * vkq)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def secular(ev, gt, r):  # pragma: no cover - compiled
     """The smallest ``lam >= max(0, -min ev)`` with ``|gt / (ev + lam)| <= r`` (``r`` > 0; to a
     relative 1e-10 in ``|c|``): safeguarded Newton on ``1/r - 1/|c(lam)|`` (More and Sorensen), bracketed so that it
@@ -153,7 +153,7 @@ def secular(ev, gt, r):  # pragma: no cover - compiled
     return hi
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def free_block(x, g, H, lower, upper, A, fixed, gf):  # pragma: no cover - compiled
     """For one problem: which parameters are held at a bound (``fixed``), the gradient without
     them (``gf``), and the Hessian with their rows and columns replaced by the identity (``A``)."""
@@ -166,7 +166,7 @@ def free_block(x, g, H, lower, upper, A, fixed, gf):  # pragma: no cover - compi
             A[i, j] = (1.0 if i == j else 0.0) if (fixed[i] or fixed[j]) else H[i, j]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def newton_step(A, gf, L, d):  # pragma: no cover - compiled
     """``d = -A^-1 gf`` by Cholesky (``L`` its factor) where ``A`` is positive definite: whether it
     is. A fixed parameter's identity row gives it ``d = 0`` exactly."""
@@ -197,7 +197,7 @@ def newton_step(A, gf, L, d):  # pragma: no cover - compiled
     return True
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def eigen_step(A, gf, fixed, r, V, ev, gt, d, rounds, T):  # pragma: no cover - compiled
     """``d``: the step of length at most ``r`` from the eigensystem of ``A`` (destroyed): Newton's
     where ``A`` is positive definite and that step is inside, else the boundary step of the shift
@@ -227,7 +227,7 @@ def eigen_step(A, gf, fixed, r, V, ev, gt, d, rounds, T):  # pragma: no cover - 
         d[i] = acc
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, error_model="numpy")
 def propose_kernel(x, g, H, lower, upper, radius, x_new, step_norm, predicted):  # pragma: no cover
     """Every problem's step (rows of ``x``, ``g``, ``H``) into ``x_new``, ``step_norm`` and
     ``predicted``: Newton's when it is a descent step inside the radius (by Cholesky, which most
