@@ -64,6 +64,15 @@ def _fixed_mask(x, g, lower, upper):
     return ((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0))
 
 
+def _row_abs_max(a: np.ndarray) -> np.ndarray:
+    """``np.abs(a).max(axis=1)`` for few columns, a column at a time: numpy's reduction along a
+    short last axis took 5x as long (4,500 x 5: 190 against 33 us), in every iteration."""
+    out = np.abs(a[:, 0])
+    for j in range(1, a.shape[1]):
+        np.maximum(out, np.abs(a[:, j]), out=out)
+    return out
+
+
 def _norm_rows(a: np.ndarray) -> np.ndarray:
     """``np.linalg.norm(a, axis=1)`` for small rows, without its per-call overhead."""
     return np.sqrt(np.einsum("sp,sp->s", a, a))
@@ -116,7 +125,7 @@ class _Batch:
     def pg_norm(self, ids: np.ndarray) -> np.ndarray:
         """max |projected gradient| of the problems ``ids``."""
         fixed = _fixed_mask(self.x[ids], self.g[ids], self.lower, self.upper)
-        return np.abs(np.where(fixed, 0.0, self.g[ids])).max(axis=1)
+        return _row_abs_max(np.where(fixed, 0.0, self.g[ids]))
 
 
 def _propose(b: _Batch, active: np.ndarray, eye: np.ndarray):
@@ -167,7 +176,7 @@ def _iterate(b: _Batch, fgh: ObjectiveFn, active: np.ndarray, it: int, gtol: flo
 
     conv = ids[b.pg_norm(ids) <= gtol]
     b.status[conv] = "converged"
-    stalled = active[~accept & (r < _RADIUS_MIN * (1.0 + np.abs(xa).max(axis=1)))]
+    stalled = active[~accept & (r < _RADIUS_MIN * (1.0 + _row_abs_max(xa)))]
     # A crawl along a flat ridge (a parameter running off to a bound or infinity): the
     # objective moved by less than 1e-10 of itself over the last _WINDOW iterations.
     old_f = b.f_window[it % _WINDOW, active]
