@@ -45,12 +45,10 @@ def available() -> bool:
 
 
 def wide_vectors() -> bool:
-    """Whether this process's kernels compile for 512-bit vectors (False without numba)."""
-    if not available():
-        return False
-    from moue.analysis._numba_target import WIDE
-
-    return WIDE
+    """Whether this process's kernels compile for 512-bit vectors (False before any kernel was
+    loaded, or without numba); asking changes nothing."""
+    target = sys.modules.get("moue.analysis._numba_target")
+    return bool(target is not None and target.WIDE)
 
 
 # ----------------------------------------------------------------------------- LSE objective
@@ -81,7 +79,7 @@ def _term_source(terms) -> str:
              "from moue.analysis._numba_math import exp_neg, log_pos",
              "",
              # reassoc: the sums over points may be reordered, so that the loop vectorises
-             "@numba.njit(parallel=True, cache=True, error_model='numpy', fastmath={'contract', 'reassoc'})",
+             "@numba.njit(parallel=True, cache=True, fastmath={'contract', 'reassoc'})",
              "def kernel(theta, F, y, w, widx, delta, f_out, g_out, H_out):",
              "    n = y.shape[0]",
              "    for s in numba.prange(theta.shape[0]):"]

@@ -211,6 +211,8 @@ def test_kernels_compile_for_512_bit_vectors_where_the_cpu_has_avx512_unless_the
     assert (users["wide"], users["features"]) == (False, host)
     late = _width_probe(before="numba.njit(lambda: 1)()")  # a numba target made before ours
     assert (late["wide"], late["features"]) == (False, None)
+    off = _width_probe(env={"MOUE_NUMBA_WIDE": "0"})
+    assert (off["wide"], off["features"]) == (False, None)
 
 
 @pytest.mark.parametrize("P", range(1, 8))
