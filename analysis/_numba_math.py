@@ -21,7 +21,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from moue.analysis import _numba_target  # noqa: F401  (sets numba's vector width before any njit)
+from moue.analysis._numba_target import WIDE  # noqa: F401  (its import sets numba's vector width, before any njit)
 
 __all__ = ["exp_neg", "log_pos"]
 

@@ -19,7 +19,7 @@ import math
 import numba
 import numpy as np
 
-from moue.analysis import _numba_target  # noqa: F401  (sets numba's vector width before any njit)
+from moue.analysis._numba_target import WIDE  # noqa: F401  (its import sets numba's vector width, before any njit)
 
 __all__ = ["eigen_step", "free_block", "jacobi", "newton_step", "propose_kernel", "round_robin", "secular"]
 
