@@ -372,16 +372,20 @@ def bench_cooldown(cfg, *, at: tuple[int, ...], frac: float, seeds: tuple[int, .
 
 def synthetic_step(cfg):
     """``(model, step)``: ``cfg``'s model (a ``TrialConfig``'s) and one training step of it on fixed
-    random tokens at the trial's batch (AdamW, the trial's gradient clipping): what the dry run's
-    estimate times (``moue.studies.estimate.step_cost``) and ``profile_step`` takes apart."""
+    random tokens at the trial's batch (the trial's AdamW, ``moue.train.adamw``, at a small LR; the
+    trial's gradient clipping): what the dry run's estimate times (``moue.studies.estimate.step_cost``)
+    and ``profile_step`` takes apart."""
+    import dataclasses
+
     import torch.nn.functional as F
 
     from moue.model import MoUEModel
+    from moue.train import adamw
 
     tc = cfg.train
     torch.manual_seed(0)
     model = MoUEModel(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model, dataclasses.replace(tc, lr=1e-4), torch.device("cpu"))
     x = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len))
 
     def step() -> None:

@@ -280,3 +280,37 @@ def test_compile_regions_compiles_the_routing_free_parts_with_the_same_values_an
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
     for name, grad in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_trial_optimizer_is_fused_adamw_with_the_loops_update() -> None:
+    """``moue.train.adamw`` is one fused kernel on CPU, with the same groups and update as the loop;
+    a loop's saved state (checkpoints before the change) keeps the loop after ``load_state_dict``."""
+    from moue.model import MoUEModel
+    from moue.train import adamw
+
+    cfg = tiny(ARCHITECTURES["moue-rotational"], {"weight_decay": 0.1})
+    torch.manual_seed(0)
+    model = MoUEModel(cfg.model)
+    loop_model = MoUEModel(cfg.model)
+    loop_model.load_state_dict(model.state_dict())
+    fused = adamw(model, cfg.train, torch.device("cpu"))
+    assert [g["fused"] for g in fused.param_groups] == [True, True]
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]
+    loop = torch.optim.AdamW(
+        [{**g, "params": [dict(loop_model.named_parameters())[n] for n, p in model.named_parameters()
+                          if any(p is q for q in g["params"])], "fused": False} for g in fused.param_groups])
+    x = torch.randint(0, 256, (4, 64))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        for m, opt in ((model, fused), (loop_model, loop)):
+            out = m(x)
+            (torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), x.flatten()) + out.aux_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    loop_params = dict(loop_model.named_parameters())
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), n  # it stepped
+        torch.testing.assert_close(p, loop_params[n], rtol=1e-5, atol=1e-6, msg=n)
+    resumed = adamw(loop_model, cfg.train, torch.device("cpu"))
+    resumed.load_state_dict(loop.state_dict())
+    assert [g["fused"] for g in resumed.param_groups] == [False, False]
