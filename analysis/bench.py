@@ -179,7 +179,7 @@ def _describe(result: dict) -> str:
         f"CPU {result['cpu']}, BLAS {result['blas']}",
         f"  moue batched trust-region Newton: {result['fit_s']:8.2f} s  "
         f"({result['best_basin_starts_ours']} starts reached the best basin; "
-        + (f"compiled kernels{', 512-bit vectors' if result.get('wide_vectors') else ''}, "
+        + (f"compiled kernels{', 512-bit vectors' if result['wide_vectors'] else ''}, "
            f"first use {result['warmup_s']:.2f} s apart)" if result["compiled"]
            else "numpy code: numba is missing)"),
         f"  scipy L-BFGS-B loop (ftol=0, analytic gradient): {result['reference_s']:8.2f} s"

@@ -296,9 +296,9 @@ def test_trial_optimizer_is_fused_adamw_with_the_loops_update() -> None:
     fused = adamw(model, cfg.train, torch.device("cpu"))
     assert [g["fused"] for g in fused.param_groups] == [True, True]
     assert [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]
-    loop = torch.optim.AdamW(
-        [{**g, "params": [dict(loop_model.named_parameters())[n] for n, p in model.named_parameters()
-                          if any(p is q for q in g["params"])], "fused": False} for g in fused.param_groups])
+    loop = adamw(loop_model, cfg.train, torch.device("cpu"))
+    for group in loop.param_groups:  # torch's per-parameter loop, on the same groups (read at each step)
+        group["fused"] = False
     x = torch.randint(0, 256, (4, 64))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(3):
