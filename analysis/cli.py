@@ -68,25 +68,36 @@ def report_cmd(
     points: Annotated[str, typer.Option("--points", help="What each run contributes: 'final' (its final "
                                         "loss and cooldown branches) or 'marks' (also every intermediate "
                                         "mark: training curves, not decayed losses).")] = "final",
+    margin: Annotated[float | None, typer.Option("--margin", help="The smallest effect of interest, in percent "
+                                                 "of the reference loss, for every comparison's verdict "
+                                                 "(default: the study's [analysis] margin_pct, else 1.0).")] = None,
 ) -> None:
     """Fit the study's scaling laws and write one self-contained HTML report.
 
     Example: moue report virtual_width --law chinchilla --law vw_multiplicative -o vw.html
     """
+    from moue.analysis.decide import DEFAULT_MARGIN_PCT, comparison_specs, margin_value
     from moue.analysis.errors import AnalysisError
+    from moue.analysis.loading import study_analysis
     from moue.analysis.report import write_report
 
     out = output or (workspace / "reports" / f"{experiment}-report.html")
     err = as_json  # with --json, stdout holds the JSON object only
     try:
-        laws = list(law) if law else _study_laws(experiment, _uri(tracking_uri, workspace), parent, err)
+        if margin is not None:
+            margin_value(margin, "--margin")
+        own = study_analysis(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent) or {}
+        laws = list(law) if law else _study_laws(own, err)
         _check_laws(laws)
         if bootstrap < 0:
             raise AnalysisError("--bootstrap", bootstrap, "must be >= 0")
         rule = _report_rule(lr_rule, workspace / "reports" / f"{experiment}_lr_rule.json")
         res = write_report(experiment, tracking_uri=_uri(tracking_uri, workspace), output=out,
                            laws=laws, parent_run_id=parent, n_bootstrap=bootstrap, seed=seed,
-                           log_artifact=log_artifact, png_dir=png, lr_rule=rule, points=points)
+                           log_artifact=log_artifact, png_dir=png, lr_rule=rule, points=points,
+                           margin_pct=margin if margin is not None else margin_value(
+                               own.get("margin_pct", DEFAULT_MARGIN_PCT)),
+                           comparisons=comparison_specs(own.get("comparisons", [])))
     except AnalysisError as e:
         raise _fail(e) from None
     typer.echo(f"wrote {res.path} ({len(res.fits)} laws fitted, {len(res.figures)} figures); {res.runs_line()}",
@@ -106,16 +117,16 @@ def report_cmd(
 
     for line in law_lines(res.fits):
         typer.echo(line)
-    if res.families_line():
-        typer.echo(res.families_line())
+    for line in res.decision_lines():
+        typer.echo(line)
 
 
-def _study_laws(experiment: str, uri: str, parent: str | None, err: bool) -> list[str]:
-    """The study's own ``[analysis] laws`` (its logged spec), else the report's defaults; says which."""
-    from moue.analysis.loading import study_laws
+def _study_laws(table: dict, err: bool) -> list[str]:
+    """The study's own ``[analysis] laws`` (``table``: its logged spec's), else the report's
+    defaults; says which."""
     from moue.analysis.report import DEFAULT_REPORT_LAWS
 
-    own = study_laws(experiment, tracking_uri=uri, parent_run_id=parent)
+    own = table.get("laws", ["compute"]) if table else None
     laws = list(own or DEFAULT_REPORT_LAWS)
     typer.echo(f"laws: {', '.join(laws)} (" + ("the study's [analysis] laws" if own else
                "the defaults: no spec is logged") + "; --law chooses others)", err=err)
@@ -372,24 +383,29 @@ def compare_cmd(
                                             "train.seed and model.n_layers.")] = [],  # noqa: B006 - typer default
     label: Annotated[list[str], typer.Option("--label", help="NAME=JOINED_VALUE (repeatable).")] = [],  # noqa: B006
     loss: Annotated[str, typer.Option("--loss", help="Loss column.")] = "final/val_loss",
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    margin: Annotated[float, typer.Option("--margin", help="The smallest effect of interest, in percent of the "
+                                          "reference's loss: 'ruled_out' when the 95% interval lies inside "
+                                          "+/- this.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list, one object per variant.")] = False,
     tracking_uri: Annotated[str | None, _TRACKING] = None,
     workspace: Annotated[Path, _WORKSPACE] = Path(DEFAULT_WORKSPACE),
     parent: Annotated[str | None, _PARENT] = None,
 ) -> None:
     """Compare variants on paired runs (same seed, depth, budget...): mean difference, paired t-test
-    and how many pairs each variant wins, per variant against the reference.
+    and how many pairs each variant wins, per variant against the reference, and its verdict:
+    detected, ruled out at the margin, or undecided with the pairs that would decide
+    (docs/FITTING.md, "Decisions").
 
     Example: moue compare ablation --variant model.router --variant model.balance --reference softmax/switch
     --pair train.seed --pair model.n_layers
     """
-    from dataclasses import asdict
-
-    from moue.analysis.paired import compare_variants, with_topology
+    from moue.analysis.decide import margin_value
     from moue.analysis.errors import AnalysisError
     from moue.analysis.loading import load_runs
+    from moue.analysis.paired import compare_variants, with_topology
 
     try:
+        margin_value(margin, "--margin")
         names = {}
         for item in label:
             name, sep, value = item.partition("=")
@@ -401,14 +417,18 @@ def compare_cmd(
         for col in pair:
             if col not in frame.columns:
                 raise AnalysisError("--pair", col, "is not a column")
-        rows = compare_variants(frame, variant=variant, reference=reference, pair=pair, loss=loss, label=names)
+        rows = compare_variants(frame, variant=variant, reference=reference, pair=pair, loss=loss, label=names,
+                                margin=margin)
     except AnalysisError as e:
         raise _fail(e) from None
     if as_json:
-        typer.echo(json.dumps([asdict(r) for r in rows], allow_nan=True))
+        from moue.analysis.report import json_safe
+
+        typer.echo(json.dumps([json_safe(r.to_json()) for r in rows], allow_nan=False))
         return
     for r in rows:
         typer.echo(r.line())
+        typer.echo("    " + r.verdict_line("verdict"))
         typer.echo("    by " + (pair[0] if pair else "all") + ": " + ", ".join(
             f"{k}: {v:+.2f}%" for k, v in r.by_group.items()))
 

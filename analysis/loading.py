@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import polars as pl
 
 __all__ = ["SCHEMA_VERSION", "LoadedRuns", "ParentRun", "default_tracking_uri", "load_runs", "with_cooldown_points",
-           "study_laws", "with_mark_points"]
+           "study_analysis", "study_laws", "with_mark_points"]
 
 _PARENT_TAGS = PARENT_TAGS
 _INT = re.compile(r"^[+-]?\d+$")
@@ -256,6 +256,18 @@ def _parents(client, exp, parent_run_id: str | None) -> list:
 def study_laws(experiment: str, *, tracking_uri: str, parent_run_id: str | None = None) -> tuple[str, ...] | None:
     """The ``[analysis] laws`` of the study that logged ``experiment`` (its latest parent run's
     ``spec.toml``; ``["compute"]`` when the spec names none), or ``None`` when no spec is logged."""
+    table = study_analysis(experiment, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    if table is None:
+        return None
+    laws = table.get("laws", ["compute"])
+    if isinstance(laws, list) and laws and all(isinstance(x, str) for x in laws):
+        return tuple(laws)
+    return None
+
+
+def study_analysis(experiment: str, *, tracking_uri: str, parent_run_id: str | None = None) -> dict | None:
+    """The ``[analysis]`` table of the study that logged ``experiment`` (its latest parent run's
+    ``spec.toml`` with one; ``{}`` when the spec has none), or ``None`` when no spec is logged."""
     import tempfile
     import tomllib
     from pathlib import Path
@@ -269,11 +281,11 @@ def study_laws(experiment: str, *, tracking_uri: str, parent_run_id: str | None 
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 text = Path(client.download_artifacts(p.info.run_id, "spec.toml", tmp)).read_text()
-            laws = tomllib.loads(text).get("analysis", {}).get("laws", ["compute"])
+            table = tomllib.loads(text).get("analysis", {})
         except (OSError, tomllib.TOMLDecodeError, mlflow.exceptions.MlflowException):
             continue
-        if isinstance(laws, list) and laws and all(isinstance(x, str) for x in laws):
-            return tuple(laws)
+        if isinstance(table, dict):
+            return table
     return None
 
 

@@ -5,6 +5,9 @@ count, so a difference is judged against its own seed noise (docs/FITTING.md, "C
 ``variant`` is one column or several (their values joined with ``/``), e.g. the family label
 ``model.router/model.balance/model.window_layout``; ``label`` maps those joined values to
 readable names. A pair is kept when both the variant and the reference have exactly one run in it.
+
+Each comparison carries its ``decision`` (``moue.analysis.decide``): detected, ruled out at the
+margin, or undecided, with the minimum detectable effect and the pairs that would decide.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moue.analysis.decide import DEFAULT_MARGIN_PCT, Decision, paired_decision
 from moue.analysis.errors import AnalysisError
 
 __all__ = ["Comparison", "compare_variants", "variant_labels", "with_topology"]
@@ -51,12 +55,26 @@ class Comparison:
     n_better: int  # pairs where the variant's loss is lower
     by_group: Mapping[str, float]  # mean relative difference (percent) per value of the first pair column
     rel_ci: tuple[float, float] = (math.nan, math.nan)  # 95% t-interval of the mean relative difference (percent)
+    decision: Decision | None = None  # on the relative differences (percent), at the comparison's margin
 
     def line(self) -> str:
         p = "n/a" if math.isnan(self.p_value) else f"{self.p_value:.3g}"
         return (f"{self.variant} vs {self.reference}: {self.mean_rel_diff:+.2f}% (diff {self.mean_diff:+.4f} "
                 f"+/- {self.sd_diff:.4f} sd, {self.n_pairs} pairs, lower in {self.n_better}), paired t = "
                 f"{self.t:.2f}, p = {p}")
+
+    def verdict_line(self, name: str | None = None) -> str:
+        """The decision in plain words: ``MoUE-style vs layerwise MoE: undecided (-0.54% [-3.85, +2.77],
+        4 pairs); this design detects differences of 4.2% or more; about 36 pairs (32 more) would
+        decide at 1%``."""
+        return f"{name or f'{self.variant} vs {self.reference}'}: {self.decision.words()}"
+
+    def to_json(self) -> dict:
+        """The comparison's fields and its decision's (``moue compare --json``, the report's JSON)."""
+        return {"variant": self.variant, "reference": self.reference, "n_pairs": self.n_pairs,
+                "mean": self.mean, "mean_reference": self.mean_reference, "mean_diff": self.mean_diff,
+                "sd_diff": self.sd_diff, "t": self.t, "p_value": self.p_value, "n_better": self.n_better,
+                "by_group": dict(self.by_group), **self.decision.to_json()}
 
 
 def variant_labels(frame, columns: Sequence[str]) -> list[str]:
@@ -69,8 +87,10 @@ def variant_labels(frame, columns: Sequence[str]) -> list[str]:
 
 
 def compare_variants(frame, *, variant: Sequence[str], reference: str, pair: Sequence[str],
-                     loss: str = "final/val_loss", label: Mapping[str, str] | None = None) -> list[Comparison]:
-    """Every variant against ``reference`` (a joined value or a label) on paired runs."""
+                     loss: str = "final/val_loss", label: Mapping[str, str] | None = None,
+                     margin: float = DEFAULT_MARGIN_PCT) -> list[Comparison]:
+    """Every variant against ``reference`` (a joined value or a label) on paired runs, each with its
+    decision at ``margin`` (percent)."""
     from scipy import stats
 
     label = dict(label or {})
@@ -100,7 +120,7 @@ def compare_variants(frame, *, variant: Sequence[str], reference: str, pair: Seq
         else:
             t, p = math.nan, math.nan
         rel = 100 * d / b
-        half = (stats.t.ppf(0.975, len(rel) - 1) * rel.std(ddof=1) / math.sqrt(len(rel))) if len(rel) > 1 else math.nan
+        decision = paired_decision(rel, margin=margin)
         groups: dict[str, list[float]] = {}
         for (key, x, y) in pairs:
             groups.setdefault(str(key[0]) if key else "all", []).append(100 * (x - y) / y)
@@ -109,5 +129,5 @@ def compare_variants(frame, *, variant: Sequence[str], reference: str, pair: Seq
             mean_diff=float(d.mean()), mean_rel_diff=float(100 * (d / b).mean()),
             sd_diff=float(d.std(ddof=1)) if len(d) > 1 else math.nan, t=float(t), p_value=float(p),
             n_better=int((d < 0).sum()), by_group={k: float(np.mean(v)) for k, v in groups.items()},
-            rel_ci=(float(rel.mean() - half), float(rel.mean() + half))))
+            rel_ci=decision.ci, decision=decision))
     return out

@@ -8,6 +8,7 @@ the report with the reason instead of failing the whole report. The report is lo
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from moue.analysis.decide import DEFAULT_MARGIN_PCT, ComparisonSpec, Decision
 from moue.analysis.errors import AnalysisError
 from moue.analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS, fit
 from moue.analysis.laws import get_law
@@ -22,7 +24,8 @@ from moue.analysis.nested import NestedTest, likelihood_ratio_test
 from moue.analysis.result import FitResult
 
 __all__ = ["DEFAULT_REPORT_LAWS", "MAX_BUDGET_FILTER", "LawFits", "ReportResult", "fit_laws",
-           "law_frame", "law_rows", "write_report", "headline", "summary_json", "approach_rows"]
+           "law_frame", "law_rows", "write_report", "headline", "summary_json", "approach_rows", "json_safe",
+           "NamedComparison", "study_comparisons", "v_term_decisions"]
 
 DEFAULT_REPORT_LAWS = ("compute", "chinchilla", "vw_additive", "vw_multiplicative",
                        "vw_interaction")
@@ -45,20 +48,32 @@ class ReportResult:
     approaches: tuple = ()  # moue.analysis.approaches.ApproachRow, one per approach
     families: tuple = ()  # moue.analysis.paired.Comparison: each family against the layerwise MoE, paired by size
     importance: object = None  # moue.analysis.importance.Importance of the search axes (None: too few trials)
+    margin: float = DEFAULT_MARGIN_PCT  # the smallest effect of interest, percent ([analysis] margin_pct)
+    comparisons: tuple = ()  # NamedComparison: the study's [[analysis.comparisons]]
+    v_terms: dict[str, Decision] = field(default_factory=dict)  # law -> the decision on its V term
 
-    def families_line(self) -> str | None:
-        """One line: each family against the layerwise MoE at matched size (None without pairs)."""
-        if not self.families:
-            return None
-        parts = [f"{c.variant} {c.mean_rel_diff:+.2f}% [{c.rel_ci[0]:+.2f}, {c.rel_ci[1]:+.2f}]" for c in self.families]
-        n = max(c.n_pairs for c in self.families)
-        return (f"families against the layerwise MoE at matched active parameters and compute (paired by size and "
-                f"seed, {n} pairs; final loss, 95% t-intervals): " + "; ".join(parts))
+    def decision_lines(self) -> list[str]:
+        """Every comparison's verdict in plain words, one line each: the families against the
+        layerwise MoE (matched active parameters and compute, paired by size and seed), the study's
+        own comparisons, and each virtual-width term (``moue.analysis.decide``)."""
+        lines = [c.verdict_line(f"{c.variant} vs {c.reference}") for c in self.families]
+        lines += [n.comparison.verdict_line(n.name) for n in self.comparisons]
+        lines += [f"virtual width in {law} (loss change from the smallest to the largest V): {d.words()}"
+                  for law, d in self.v_terms.items()]
+        return lines
 
     def runs_line(self) -> str:
         """The runs the report used and those it left out, as its HTML says."""
         parts = ", ".join(f"{v} {k}" for k, v in sorted(self.excluded.items()))
         return f"runs: {self.n_runs} used" + (f"; excluded: {parts}" if parts else "")
+
+
+@dataclass(frozen=True)
+class NamedComparison:
+    """One comparison a study asked for (``[[analysis.comparisons]]``): its name and result."""
+
+    name: str
+    comparison: object  # moue.analysis.paired.Comparison
 
 
 def headline(fits: dict[str, FitResult], preferred: Sequence[str] = ()) -> str | None:
@@ -112,16 +127,22 @@ def summary_json(res: ReportResult) -> dict:
             "holdout": None if h is None else {"rmse": h.rmse, "mape": h.mape, "n": h.n_test,
                                                "n_train": h.n_train, "params_train_only": dict(h.params)},
         }
+        if name in res.v_terms:
+            laws[name]["v_term"] = {"name": f"virtual width in {name}", **res.v_terms[name].to_json()}
     approaches = [{"approach": r.approach, "a": r.a, "a_ci": None if r.a_ci is None else list(r.a_ci), "b": r.b,
                    "b_ci": None if r.b_ci is None else list(r.b_ci), "identified": r.identified,
                    "reasons": list(r.reasons)} for r in res.approaches]
     families = [{"family": c.variant, "reference": c.reference, "n_pairs": c.n_pairs,
                  "mean_rel_diff_pct": c.mean_rel_diff, "ci_pct": list(c.rel_ci), "p_value": c.p_value,
-                 "n_better": c.n_better} for c in res.families]
+                 "n_better": c.n_better, **c.decision.to_json()} for c in res.families]
+    comparisons = [{"name": n.name, "variant": n.comparison.variant, "reference": n.comparison.reference,
+                    "p_value": n.comparison.p_value, "n_better": n.comparison.n_better,
+                    **n.comparison.decision.to_json()} for n in res.comparisons]
     imp = res.importance
     importance = None if imp is None else {"method": imp.method, "n_trials": imp.n_trials,
                                            "target_quantile": imp.target_quantile, "scores": dict(imp.scores)}
-    return _finite({"headline": res.headline, "laws": laws, "approaches": approaches, "families": families,
+    return json_safe({"headline": res.headline, "laws": laws, "approaches": approaches, "families": families,
+                    "comparisons": comparisons, "margin_pct": res.margin, "decisions": res.decision_lines(),
                     "importance": importance, "skipped": dict(res.skipped), "runs": res.n_runs,
                     "report": str(res.path)})
 
@@ -130,7 +151,7 @@ FAMILY_PAIR = ("model.d_model", "model.n_layers", "train.seed")  # what a family
 REFERENCE_FAMILY = "layerwise MoE"
 
 
-def family_comparisons(frame) -> tuple:
+def family_comparisons(frame, *, margin: float = DEFAULT_MARGIN_PCT) -> tuple:
     """Each architecture family against the layerwise MoE on runs of the same size (``FAMILY_PAIR``),
     paired (``moue.analysis.paired``); empty when the runs have no such pairs (e.g. several virtual widths
     of one family per size)."""
@@ -145,18 +166,66 @@ def family_comparisons(frame) -> tuple:
     pair = [c for c in FAMILY_PAIR if c in frame.columns]
     framed = frame.with_columns(pl.Series("family", labels))
     try:
-        out = compare_variants(framed, variant=["family"], reference=REFERENCE_FAMILY, pair=pair, loss=DEFAULT_LOSS)
+        out = compare_variants(framed, variant=["family"], reference=REFERENCE_FAMILY, pair=pair, loss=DEFAULT_LOSS,
+                               margin=margin)
     except AnalysisError:
         return ()
     return tuple(c for c in out if c.n_pairs >= 2)
 
 
-def _finite(x):
+def study_comparisons(frame, specs: Sequence[ComparisonSpec], *, margin: float = DEFAULT_MARGIN_PCT,
+                      loss: str = DEFAULT_LOSS) -> tuple[tuple[NamedComparison, ...], tuple[str, ...]]:
+    """The study's own comparisons (``[[analysis.comparisons]]``) on its runs, and a note for each
+    that could not be made (a column the runs lack, no pairs). A comparison of several variants
+    gives one entry per variant, named ``name (variant)``."""
+    from moue.analysis.paired import compare_variants, with_topology
+
+    framed, out, notes = with_topology(frame), [], []
+    for spec in specs:
+        try:
+            for col in spec.pair:
+                if col not in framed.columns:
+                    raise AnalysisError("pair", col, "is not a column of the runs")
+            rows = compare_variants(framed, variant=spec.variant, reference=spec.reference, pair=spec.pair,
+                                    loss=loss, label=spec.label, margin=margin)
+        except AnalysisError as e:
+            notes.append(f"comparison {spec.name!r} not made: {e}")
+            continue
+        if not rows:
+            notes.append(f"comparison {spec.name!r} not made: no variant has a run paired with the reference")
+        for c in rows:
+            out.append(NamedComparison(name=spec.name if len(rows) == 1 else f"{spec.name} ({c.variant})",
+                                       comparison=c))
+    return tuple(out), tuple(notes)
+
+
+def v_term_decisions(frame, fits: dict[str, FitResult], *, margin: float = DEFAULT_MARGIN_PCT
+                     ) -> dict[str, Decision]:
+    """The decision on the V term of every fitted law with a V variable, on the law's own rows
+    (``moue.analysis.decide.v_effect``)."""
+    from moue.analysis.decide import v_effect
+    from moue.analysis.points import column_values
+
+    out = {}
+    for name, r in fits.items():
+        if "V" not in r.law_spec.variables:
+            continue
+        rows, _ = law_frame(frame, name)
+        columns = {v: column_values(rows, col) for v, col in r.variables.items()}
+        if any(c is None for c in columns.values()):
+            continue
+        d = v_effect(r, columns, margin=margin)
+        if d is not None:
+            out[name] = d
+    return out
+
+
+def json_safe(x):
     """JSON-safe: NaN as None, infinities as "inf" / "-inf" (as ``FitResult.to_dict`` writes them)."""
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
     return x
@@ -281,13 +350,18 @@ def write_report(
     png_dir: str | Path | None = None,
     lr_rule=None,
     points: str = "final",
+    margin_pct: float = DEFAULT_MARGIN_PCT,
+    comparisons: Sequence[ComparisonSpec] = (),
 ) -> ReportResult:
     """Write the report of ``experiment`` to ``output`` and return what it contains. The notes
     of the fits (and which rows a law was fitted on) are listed in the report and returned in
     ``ReportResult.notes``, each once. ``lr_rule`` (an ``moue.analysis.lr_rule.LrRule``: the study's LR
     stage) adds its LR curves and rule. ``points``: ``"final"`` fits each run's final loss and its
     cooldown branches (decayed losses); ``"marks"`` adds every intermediate mark of the training
-    curves (``moue.analysis.loading.with_mark_points``; resampled by run)."""
+    curves (``moue.analysis.loading.with_mark_points``; resampled by run). ``margin_pct`` is the
+    smallest effect of interest of every comparison's verdict and ``comparisons`` the study's own
+    (``[[analysis.comparisons]]``), beside the families against the layerwise MoE
+    (``moue.analysis.decide``)."""
     from moue.analysis import render as R
     from moue.analysis.loading import load_runs, with_cooldown_points, with_mark_points
 
@@ -322,9 +396,13 @@ def write_report(
     sections = _sections(fitted, tests, notes, prov, have_v="loss_vs_virtual_width" in figs)
     importance, imp_html = _importance_section(runs.frame, loss, figs)
     sections.append(("Which settings matter (parameter importance)", imp_html))
-    families = family_comparisons(runs.frame)
+    families = family_comparisons(runs.frame, margin=margin_pct)
+    named, cmp_notes = study_comparisons(runs.frame, comparisons, margin=margin_pct, loss=loss)
+    notes = tuple(dict.fromkeys(notes + cmp_notes))
+    v_terms = v_term_decisions(frame, fitted.fits, margin=margin_pct)
+    decided = dict(margin=margin_pct, comparisons=named, v_terms=v_terms, families=families)
     sections.insert(0, ("Summary", _summary_html(fitted, tests, lead, n_runs=runs.frame.height,
-                                                 n_points=frame.height, families=families)))
+                                                 n_points=frame.height, decisions=ReportDecisions(**decided))))
     sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)
                         + ("{{figure:isoflop}}" if iso is not None else "")))
     if lr_rule is not None:
@@ -338,11 +416,13 @@ def write_report(
                    encoding="utf-8")
 
     extra_notes = [] if png_dir is None else _export_png(figs, Path(png_dir))
-    logged = _log_report(out, runs.parents, tracking_uri) if log_artifact else ()
-    return ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
-                        figures=tuple(figs), notes=notes + tuple(extra_notes),
-                        logged_to=logged, n_runs=runs.frame.height, excluded=dict(runs.excluded), headline=lead,
-                        approaches=tuple(approaches), families=families, importance=importance)
+    res = ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
+                       figures=tuple(figs), notes=notes + tuple(extra_notes),
+                       logged_to=(), n_runs=runs.frame.height, excluded=dict(runs.excluded), headline=lead,
+                       approaches=tuple(approaches), importance=importance, **decided)
+    if log_artifact:
+        res = dataclasses.replace(res, logged_to=_log_report(out, runs.parents, tracking_uri, res))
+    return res
 
 
 def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[list, object]:
@@ -428,8 +508,18 @@ def _approaches_html(rows) -> str:
                     "groups runs within 0.1 decades of compute into budgets.</p>")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReportDecisions:
+    """What the report decides (the ``ReportResult`` fields of the same names)."""
+
+    margin: float
+    families: tuple
+    comparisons: tuple
+    v_terms: dict
+
+
 def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | None, *, n_runs: int,
-                  n_points: int, families: tuple = ()) -> str:
+                  n_points: int, decisions: ReportDecisions | None = None) -> str:
     """The plain-language paragraph at the top, and every law's verdict."""
     fits = fitted.fits
     runs_text = f"{n_runs} runs" + (f" ({n_points} points with their cooldown branches)" if n_points > n_runs else "")
@@ -448,14 +538,28 @@ def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | Non
     for t in v_tests:
         text += (f" Virtual width ({html.escape(t.law)} vs {html.escape(t.nested)}): likelihood-ratio "
                  f"{t.lr_stat:.2f} (df {t.df}), p = {t.p_value:.3g}.")
-    for c in families:
-        text += (f" {html.escape(c.variant)} against the layerwise MoE at the same size: {c.mean_rel_diff:+.2f}% "
-                 f"final loss (95% interval [{c.rel_ci[0]:+.2f}, {c.rel_ci[1]:+.2f}], {c.n_pairs} pairs, "
-                 f"lower in {c.n_better}).")
+    if decisions is not None:
+        text += _decisions_html(decisions)
     rows = "".join(
         f"<li{'' if r.verdict.identified else ' class=note'}><b>{html.escape(n)}</b>: "
         f"{html.escape(r.verdict.line())}</li>" for n, r in fits.items())
     return f"<p class=summary>{text}</p><ul>{rows}</ul>"
+
+
+def _decisions_html(d: ReportDecisions) -> str:
+    """The verdicts in plain words (final loss, 95% intervals, at the study's margin)."""
+    lines = [f"{c.variant} against the layerwise MoE at the same size (final loss, lower in {c.n_better} of "
+             f"{c.n_pairs} pairs): {c.decision.words()}" for c in d.families]
+    lines += [f"{n.name} ({n.comparison.variant} against {n.comparison.reference}): "
+              f"{n.comparison.decision.words()}" for n in d.comparisons]
+    lines += [f"Virtual width in {law} (predicted loss change from the smallest to the largest V): {v.words()}"
+              for law, v in d.v_terms.items()]
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line)}.</li>" for line in lines)
+    return (f"</p><p class=summary><b>Decisions</b> (95% intervals; margin {d.margin:g}%: detected when the "
+            "interval excludes 0, ruled out when it lies inside the margin, else undecided):</p>"
+            f"<ul class=decisions>{items}</ul><p class=summary>")
 
 
 def _figures(frame, fits: dict[str, FitResult], loss: str) -> dict[str, object]:
@@ -537,13 +641,33 @@ def _sections(fitted: LawFits, tests: dict[str, NestedTest], notes: tuple[str, .
     return sections
 
 
-def _log_report(out: Path, parents, tracking_uri: str) -> tuple[str, ...]:
-    """Log the report as an artifact (``reports/<file>``) of every parent run; their ids."""
+def _log_report(out: Path, parents, tracking_uri: str, res: ReportResult) -> tuple[str, ...]:
+    """Log the report as an artifact (``reports/<file>``) of every parent run, and its decisions:
+    the summary JSON (``reports/<stem>.json``) and one tag per decision in plain words
+    (``DECISION_TAG_PREFIX`` + the comparison's name); the parents' ids."""
+    import json
+    import re
+    import tempfile
+
     from mlflow import MlflowClient
 
+    from moue.tracking_contract import DECISION_TAG_PREFIX
+
     client = MlflowClient(tracking_uri=tracking_uri)
-    for p in parents:
-        client.log_artifact(p.run_id, str(out), artifact_path="reports")
+    summary = json.dumps(summary_json(res), allow_nan=False, default=float, indent=1)
+    tags = {}
+    for line in res.decision_lines():
+        name, _, words = line.partition(": ")
+        key = DECISION_TAG_PREFIX + re.sub(r"[^A-Za-z0-9_.\- /]+", "_", name)[:200]
+        tags[key] = words[:5000]
+    with tempfile.TemporaryDirectory() as tmp:
+        js = Path(tmp) / f"{out.stem}.json"
+        js.write_text(summary, encoding="utf-8")
+        for p in parents:
+            client.log_artifact(p.run_id, str(out), artifact_path="reports")
+            client.log_artifact(p.run_id, str(js), artifact_path="reports")
+            for key, value in tags.items():
+                client.set_tag(p.run_id, key, value)
     return tuple(p.run_id for p in parents)
 
 

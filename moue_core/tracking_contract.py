@@ -25,7 +25,7 @@ from pathlib import Path
 __all__ = [
     "SCHEMA_VERSION", "KIND", "KIND_STUDY", "KIND_TRIAL", "SCHEMA", "STATUS", "STOP_REASON", "TRIAL_ID", "SEED",
     "SWEEP_ID", "PARENT_RUN", "STATUSES", "DONE", "VAL_LOSS", "TRAIN_LOSS", "FINAL_VAL_LOSS", "FINAL_TOKENS",
-    "TRACKED", "LAYER_METRICS", "COOLDOWN", "is_tracked", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "VIEW_TAG", "VIEW_PARAMS", "view_state", "view_url", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
+    "TRACKED", "LAYER_METRICS", "COOLDOWN", "is_tracked", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "DECISION_TAG_PREFIX", "VIEW_TAG", "VIEW_PARAMS", "view_state", "view_url", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
 ]
 
 SCHEMA_VERSION = 1
@@ -66,6 +66,7 @@ def view_url(base: str, experiment_id: str) -> str:
 
 
 # params
+DECISION_TAG_PREFIX = "moue.decision."  # parent-run tags: one per comparison's verdict, in plain words (moue report)
 CONFIG_PARAM = "config.json"  # the trial's resolved config, typed, as one JSON object
 
 # a trial's end states; a trial in one of DONE is never trained again (a failed one is retried, an

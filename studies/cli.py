@@ -332,7 +332,8 @@ def run_cmd(
     out = ws.reports / f"{sweep_name(study)}.html"
     # the fits' notes come back as res.notes (nothing is warned), printed once below
     res = write_report(study.experiment, tracking_uri=outcome.tracking_uri, output=out, laws=study.laws,
-                       parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0, lr_rule=staged.rule)
+                       parent_run_id=outcome.parent_run_id, n_bootstrap=bootstrap, seed=0, lr_rule=staged.rule,
+                       margin_pct=study.margin_pct, comparisons=study.comparisons)
     from moue.studies.tracking import log_study_summary
 
     best = log_study_summary(outcome.tracking_uri, outcome.parent_run_id, statuses=outcome.statuses, fits=res.fits,
@@ -347,8 +348,8 @@ def run_cmd(
                    f"would?): statistic {test.lr_stat:.2f} (df {test.df}), p = {test.p_value:.3g}; "
                    f"AIC {test.aic:.1f} vs {test.aic_nested:.1f}")
     typer.echo(_virtual_width_line(res))
-    if res.families_line():
-        typer.echo(res.families_line())
+    for line in res.decision_lines():
+        typer.echo(line)
     for name, why in res.skipped.items():
         typer.echo(f"{name}: not fitted: {why}")
     for note in res.notes:

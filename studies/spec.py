@@ -33,6 +33,13 @@ Format (every table but ``[search]`` and ``[budget]`` optional; see ``studies/*.
 
     [analysis]
     laws = ["compute", "vw_additive"]    # analysis.LAWS names
+    margin_pct = 1.0                     # the smallest effect of interest of every comparison's verdict
+    [[analysis.comparisons]]             # comparisons the report decides (moue compare's options), each:
+    name = "16 vs 2 experts"             #   its name in the report
+    variant = ["model.pool_size"]        #   column(s) naming a variant (values joined with "/")
+    reference = "4"                      #   the reference variant's (joined) value
+    pair = ["train.seed"]                #   columns a pair of runs shares
+    label = { "4" = "2 experts" }        #   optional names of joined values
 
     [space]                              # options of the search space (search_spaces.<space>.defaults)
     [lr_stage]                           # ladder only: tune the LR per size first (moue.studies.stages)
@@ -118,6 +125,8 @@ class Study:
     experiment: str
     tracking_uri: str
     laws: tuple[str, ...]
+    margin_pct: float  # [analysis] margin_pct: the smallest effect of interest (moue.analysis.decide)
+    comparisons: tuple  # [[analysis.comparisons]]: moue.analysis.decide.ComparisonSpec
     space_options: dict[str, Any]
     fixed: dict[str, Any]  # flat dotted model.* / train.* / data.* settings
     source: str  # the spec text as run
@@ -256,7 +265,7 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     c = _table(doc, "scheduler", {"kind": str, "grace_tokens": int, "reduction_factor": (int, float)})
     r = _table(doc, "resources", {"cpus": (int, float), "gpu": (int, float)})
     t = _table(doc, "tracking", {"experiment": str, "tracking_uri": str})
-    a = _table(doc, "analysis", {"laws": list})
+    a = _table(doc, "analysis", {"laws": list, "margin_pct": (int, float), "comparisons": list})
     space_options = dict(_table(doc, "space", {k: object for k in doc.get("space", {})}))
     _rule_next_to_spec(space_options, p)
     if smoke and isinstance(doc.get("smoke", {}).get("lr_stage"), dict) and "lr_stage" in doc:
@@ -280,6 +289,7 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     experiment = ((as_name or t.get("experiment") or name)  # another sweep (--name): its own experiment
                   + ("-smoke" if smoke else ""))  # smoke runs never mix in
     laws = _laws(a)
+    margin_pct, comparisons = _decisions(a)
 
     from moue.search_spaces import get_space
 
@@ -293,7 +303,7 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     study = Study(
         name=name, description=description, search=search, scheduler=scheduler, budget_tokens=budget,
         marks=marks, resources=resources, experiment=experiment, tracking_uri=t.get("tracking_uri", ""),
-        laws=tuple(laws), space_options=options, fixed=fixed, source=text,
+        laws=tuple(laws), margin_pct=margin_pct, comparisons=comparisons, space_options=options, fixed=fixed, source=text,
         sha256=hashlib.sha256(text.encode()).hexdigest(), path=str(p.resolve()), smoke=smoke, budgets=budgets,
         lr_stage=lr_stage if stage == "main" else None, stage=stage,
         lr_rule_file=str(Path(lr_rule).resolve()) if lr_rule is not None and stage == "main" else "",
@@ -351,6 +361,13 @@ def _laws(a: dict[str, Any]) -> list[str]:
         if law not in LAWS:
             raise ConfigError("analysis.laws", law, f"must be one of {', '.join(LAWS)}")
     return laws
+
+
+def _decisions(a: dict[str, Any]) -> tuple[float, tuple]:
+    """``[analysis] margin_pct`` and ``[[analysis.comparisons]]`` (their checks are the analysis's own)."""
+    from moue.analysis.decide import DEFAULT_MARGIN_PCT, comparison_specs, margin_value  # no scipy at import
+
+    return margin_value(a.get("margin_pct", DEFAULT_MARGIN_PCT)), comparison_specs(a.get("comparisons", []))
 
 
 def _rule_next_to_spec(space_options: dict[str, Any], p: Path) -> None:
