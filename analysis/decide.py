@@ -27,6 +27,7 @@ MDE from 3 pairs is itself rough; the verdicts do not depend on it, only the adv
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -123,16 +124,20 @@ def paired_power(n: int, effect_over_sd: float, *, alpha: float = ALPHA) -> floa
 def paired_mde(n: int, sd: float, *, alpha: float = ALPHA, power: float = POWER) -> float:
     """The smallest true mean difference (units of ``sd``'s data) the paired t-test with ``n`` pairs
     detects with probability ``power``: the root of ``paired_power(n, d / sd) = power``."""
-    from scipy.optimize import brentq
-
     if n < 2 or not math.isfinite(sd):
         return math.nan
-    if sd == 0:
-        return 0.0
+    return float(sd * _unit_mde(n, alpha, power))
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit_mde(n: int, alpha: float, power: float) -> float:
+    """:func:`paired_mde` in units of the sd (it scales with the sd)."""
+    from scipy.optimize import brentq
+
     hi = 1.0
     while paired_power(n, hi, alpha=alpha) < power:
         hi *= 2
-    return float(sd * brentq(lambda d: paired_power(n, d, alpha=alpha) - power, 0.0, hi, xtol=1e-10))
+    return float(brentq(lambda d: paired_power(n, d, alpha=alpha) - power, 0.0, hi, xtol=1e-12))
 
 
 def pairs_needed(sd: float, margin: float, *, alpha: float = ALPHA, power: float = POWER) -> int | None:

@@ -52,15 +52,19 @@ class ReportResult:
     comparisons: tuple = ()  # NamedComparison: the study's [[analysis.comparisons]]
     v_terms: dict[str, Decision] = field(default_factory=dict)  # law -> the decision on its V term
 
+    def decisions(self) -> dict[str, Decision]:
+        """Every comparison's decision by name: the families against the layerwise MoE (matched
+        active parameters and compute, paired by size and seed), the study's own comparisons, and
+        each virtual-width term (the predicted loss change from the smallest to the largest V;
+        ``moue.analysis.decide``)."""
+        out = {f"{c.variant} vs {c.reference}": c.decision for c in self.families}
+        out.update({n.name: n.comparison.decision for n in self.comparisons})
+        out.update({f"virtual width in {law}": d for law, d in self.v_terms.items()})
+        return out
+
     def decision_lines(self) -> list[str]:
-        """Every comparison's verdict in plain words, one line each: the families against the
-        layerwise MoE (matched active parameters and compute, paired by size and seed), the study's
-        own comparisons, and each virtual-width term (``moue.analysis.decide``)."""
-        lines = [c.verdict_line(f"{c.variant} vs {c.reference}") for c in self.families]
-        lines += [n.comparison.verdict_line(n.name) for n in self.comparisons]
-        lines += [f"virtual width in {law} (loss change from the smallest to the largest V): {d.words()}"
-                  for law, d in self.v_terms.items()]
-        return lines
+        """:meth:`decisions` in plain words, one line each."""
+        return [f"{name}: {d.words()}" for name, d in self.decisions().items()]
 
     def runs_line(self) -> str:
         """The runs the report used and those it left out, as its HTML says."""
@@ -655,11 +659,8 @@ def _log_report(out: Path, parents, tracking_uri: str, res: ReportResult) -> tup
 
     client = MlflowClient(tracking_uri=tracking_uri)
     summary = json.dumps(summary_json(res), allow_nan=False, default=float, indent=1)
-    tags = {}
-    for line in res.decision_lines():
-        name, _, words = line.partition(": ")
-        key = DECISION_TAG_PREFIX + re.sub(r"[^A-Za-z0-9_.\- /]+", "_", name)[:200]
-        tags[key] = words[:5000]
+    tags = {DECISION_TAG_PREFIX + re.sub(r"[^A-Za-z0-9_.\- /]+", "_", name)[:200]: f"{name}: {d.words()}"[:5000]
+            for name, d in res.decisions().items()}  # MLflow's tag keys take letters, digits and _-. /
     with tempfile.TemporaryDirectory() as tmp:
         js = Path(tmp) / f"{out.stem}.json"
         js.write_text(summary, encoding="utf-8")

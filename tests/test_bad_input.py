@@ -44,6 +44,13 @@ CASES = {  # name -> (spec bytes or text, the field the error names, a phrase of
                               "budget.tokens", "at least one step"),
     "tokens in fixed.train": (SMOKE.replace("[fixed.train]", "[fixed.train]\ntokens = 5"), "fixed.train.tokens",
                               "[budget]"),
+    "zero margin": (SMOKE.replace("[analysis]", "[analysis]\nmargin_pct = 0"), "analysis.margin_pct", "(0, 100)"),
+    "margin as a string": (SMOKE.replace("[analysis]", '[analysis]\nmargin_pct = "1%"'), "analysis.margin_pct",
+                           "int or float"),
+    "comparison without a reference": (SMOKE + '\n[[analysis.comparisons]]\nname = "k"\nvariant = ["model.top_k"]\n',
+                                       "analysis.comparisons[0].reference", "required"),
+    "comparison's pair not a list": (SMOKE + '\n[[analysis.comparisons]]\nname = "k"\nvariant = ["model.top_k"]\n'
+                                     'reference = "1"\npair = 3\n', "analysis.comparisons[0].pair", "list of column"),
 }
 
 

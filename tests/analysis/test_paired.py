@@ -47,6 +47,14 @@ def test_compare_command(cli, logged_study):
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert len(rows) == 3 and all(row["reference"] == "w16" and row["n_pairs"] >= 10 for row in rows)
+    assert all(row["verdict"] in ("detected", "ruled_out", "undecided") and row["margin_pct"] == 1.0
+               and row["mde_pct"] > 0 for row in rows)
+    r = cli("compare", exp, "--tracking-uri", uri, "--variant", "model.window", "--reference", "16",
+            "--pair", "model.d_model", "--pair", "final/tokens", "--margin", "50")
+    assert r.exit_code == 0 and r.output.count("verdict: ") == 3, r.output
+    assert "detected (" in r.output and "smaller than the 50% margin" in r.output
+    r = cli("compare", exp, "--tracking-uri", uri, "--variant", "model.window", "--reference", "16", "--margin", "-1")
+    assert r.exit_code == 2 and "--margin" in r.output
     r = cli("compare", exp, "--tracking-uri", uri, "--variant", "topology", "--reference", "nope")
     assert r.exit_code == 2 and "is not a variant" in r.output
 
