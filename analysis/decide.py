@@ -76,6 +76,8 @@ class Decision:
             out += f", smaller than the {self.margin:g}% margin"
         if math.isfinite(self.mde):
             out += f"; this design detects differences of {self.mde:.2g}% or more"
+        elif self.unit == "runs":
+            out += "; the bootstrap does not measure this term's noise, so what this design can detect is unknown"
         else:
             out += "; too few to estimate the noise, so what this design can detect is unknown"
         if self.verdict == "undecided" and self.needed is not None:
@@ -279,7 +281,10 @@ def v_effect(fit, columns: Mapping[str, np.ndarray], *, margin: float = DEFAULT_
     the smallest to the largest virtual width among the law's rows ``columns`` (law variable ->
     values), the other variables at their medians there; its interval from the fit's bootstrap.
     Negative: wider reach lowers the loss. A law that is not identified gives ``undecided`` (its
-    estimates are not a result), with the noise figures still shown. None for a law without V."""
+    estimates are not a result), with the noise figures still shown; the V term's own interval
+    being wider than its estimate does not count (a term that may be 0 is what is tested), and a V
+    term on a bound of the search box gives no MDE (its resamples' spread is the box's). None for
+    a law without V."""
     law = fit.law_spec
     if "V" not in law.variables or "V" not in columns:
         return None
@@ -293,5 +298,18 @@ def v_effect(fit, columns: Mapping[str, np.ndarray], *, margin: float = DEFAULT_
     if fit.n_bootstrap > 1:
         s = fit.predict(data, samples=True)
         samples = 100 * (s[:, 1] - s[:, 0]) / s[:, 0]
-    why = "" if fit.verdict.identified else "its law is not identified"
+    nested = law.nested_law
+    v_params = [k for k in law.natural if nested is None or k not in nested.natural]
+    stuck = [k for k in v_params if k in fit.diagnostics.on_bound]
+    if stuck:  # the resamples pile up on the bound: their spread is the box's, not the data's noise
+        lo, hi = (np.quantile(samples, [ALPHA / 2, 1 - ALPHA / 2]) if samples.size > 1 else (math.nan, math.nan))
+        return Decision(estimate=estimate, ci=(float(lo), float(hi)), n=fit.provenance.n_clusters, sd=math.nan,
+                        mde=math.nan, margin=margin, verdict="undecided", unit="runs",
+                        why=f"its V term's {', '.join(stuck)} sits on a bound of the search box")
+    from moue.analysis.verdict import verdict
+
+    # a V term whose true value is 0 has an interval wider than its estimate, which alone makes
+    # the law "not identified": that is the null this decision tests, so it does not count here
+    rest = verdict(fit, width_exempt=tuple(v_params))
+    why = "" if rest.identified else "its law is not identified (" + "; ".join(rest.reasons) + ")"
     return bootstrap_decision(estimate, samples, n_runs=fit.provenance.n_clusters, margin=margin, why=why)

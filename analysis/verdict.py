@@ -40,15 +40,17 @@ class Verdict:
         return "identified" if self.identified else "NOT identified: " + "; ".join(self.reasons)
 
 
-def verdict(result) -> Verdict:
-    """The verdict of a ``FitResult`` (module docstring)."""
+def verdict(result, *, width_exempt: tuple[str, ...] = ()) -> Verdict:
+    """The verdict of a ``FitResult`` (module docstring). ``width_exempt`` names exponents whose
+    interval may be wider than their estimate: a term under test whose true value may be 0 (the V
+    term, when deciding whether virtual width matters: ``moue.analysis.decide.v_effect``)."""
     law = result.law_spec
     d, h, prov = result.diagnostics, result.holdout, result.provenance
     exp = []
     for name in d.on_bound:
         exp.append(f"{name} = {result.params[name]:.4g} is on a bound of the search box")
     for name in law.exponents:
-        if name not in result.ci:
+        if name not in result.ci or name in width_exempt:
             continue
         lo, hi = result.ci[name]
         est = result.params[name]

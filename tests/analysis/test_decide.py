@@ -193,3 +193,34 @@ def test_a_study_spec_carries_its_margin_and_comparisons(tmp_path):
     assert study.comparisons == (ComparisonSpec(name="top-k", variant=("model.top_k",), reference="1",
                                                 pair=("train.seed",)),)
     assert load_study(root / "studies" / "smoke.toml").margin_pct == 1.0
+
+
+def _vw_points(gamma, seed=0):
+    rng = np.random.default_rng(seed)
+    N, D, V = (a.ravel() for a in np.meshgrid([1e6, 2e6, 4e6, 8e6, 1.6e7], [2e8, 8e8, 3.2e9], [8.0, 32.0, 128.0]))
+
+    def law(N, D, V):
+        return 1.8 + 400.0 / (N**0.34 * V**gamma) + 2000.0 / D**0.37
+
+    loss = law(N, D, V) * np.exp(rng.normal(0, 0.002, N.size))
+    return {"N": N, "D": D, "V": V, "loss": loss, "run_id": [str(i) for i in range(N.size)]}, law
+
+
+@pytest.mark.parametrize("gamma", [0.15, 0.0])
+def test_v_term_decision_on_data_with_a_known_virtual_width_effect(gamma):
+    from moue.analysis import fit
+    from moue.analysis.decide import v_effect
+
+    data, law = _vw_points(gamma)
+    r = fit(data, law="vw_multiplicative", loss="loss", variables={"N": "N", "D": "D", "V": "V"},
+            n_bootstrap=200, seed=0)
+    N, D = np.median(data["N"]), np.median(data["D"])
+    truth = 100 * (law(N, D, 128.0) - law(N, D, 8.0)) / law(N, D, 8.0)
+    dec = v_effect(r, {k: np.asarray(data[k]) for k in ("N", "D", "V")}, margin=1.0)
+    if gamma > 0:
+        assert truth < -3 and dec.verdict == "detected", dec.words()
+        assert dec.ci[0] < truth < dec.ci[1] and dec.estimate == pytest.approx(truth, abs=0.5)
+        assert 0 < dec.mde < abs(truth)
+    else:  # no effect: gamma's lower bound is 0, where the estimate sits; no MDE from a piled-up bootstrap
+        assert dec.verdict != "detected"
+        assert dec.verdict == "ruled_out" or "bound" in dec.why, dec.words()
