@@ -5,7 +5,8 @@
 
 Per variant and depth: the mean final validation loss (sd over seeds, n, expert width f); then
 each variant against the layerwise MoE and against the rotational windows alone, paired over
-(depth, seed) with a paired t-test (``moue.analysis.paired.compare_variants``).
+(depth, seed) with a paired t-test (``moue.analysis.paired.compare_variants``), and its verdict at a
+1% margin with the minimum detectable effect (``moue.analysis.decide``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main() -> None:
             per = ", ".join(f"L{k.strip('()').split(',')[0]} {v:+.2f}%" if k != "all" else f"{v:+.2f}%"
                             for k, v in sorted(c.by_group.items()))
             print(f"  {c.line()}  [by depth: {per}]")
+            print(f"    {c.decision.words()}")
 
 
 if __name__ == "__main__":
