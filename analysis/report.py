@@ -151,7 +151,9 @@ def summary_json(res: ReportResult) -> dict:
                     "report": str(res.path)})
 
 
-FAMILY_PAIR = ("model.d_model", "model.n_layers", "train.seed")  # what a family comparison holds fixed
+# what a family comparison holds fixed: the size, the physical pool (a grid over experts per layer
+# pairs each family with the layerwise MoE of the same pool L * E) and the seed
+FAMILY_PAIR = ("model.d_model", "model.n_layers", "model.pool_size", "train.seed")
 REFERENCE_FAMILY = "layerwise MoE"
 
 

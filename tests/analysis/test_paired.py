@@ -101,5 +101,16 @@ def test_family_comparisons_pair_families_by_size():
     assert set(out) == {"UniPool-style", "MoUE-style"}
     assert out["UniPool-style"].n_pairs == 4 and out["UniPool-style"].mean_rel_diff > 0
     assert out["MoUE-style"].n_better == 4 and out["MoUE-style"].rel_ci[1] < 0
-    # several runs of a family per size (a virtual-width grid): no pairs, no comparison
+    # several runs of a family per size (two seeds' runs logged with one seed): no pairs, no comparison
     assert family_comparisons(pl.DataFrame(rows + rows)) == ()
+    # a grid over the pool (experts per layer) at one size: each family against the layerwise MoE of its pool
+    grid = []
+    for E in (2, 4):  # experts per layer: P = 2E, layerwise w = E, UniPool-style w = P, MoUE-style w = 2E - 1
+        for seed in (0, 1):
+            for (w, s_, router, balance, bump) in ((E, E, "softmax", "switch", 0.0), (2 * E, 0, "norm", "pool", 0.05),
+                                                   (2 * E - 1, E, "trajectory", "exposure", -0.02)):
+                grid.append({"model.d_model": 64, "model.n_layers": 2, "train.seed": seed, "model.pool_size": 2 * E,
+                             "model.window": w, "model.stride": s_, "model.router": router, "model.balance": balance,
+                             "model.window_layout": "ring", "final/val_loss": 2.0 - 0.05 * E + bump + 0.001 * seed})
+    out = {c.variant: c for c in family_comparisons(pl.DataFrame(grid))}
+    assert out["MoUE-style (ring)"].n_pairs == 4 and out["MoUE-style (ring)"].rel_ci[1] < 0
