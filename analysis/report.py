@@ -152,15 +152,19 @@ def summary_json(res: ReportResult) -> dict:
 
 
 # what a family comparison holds fixed: the size, the physical pool (a grid over experts per layer
-# pairs each family with the layerwise MoE of the same pool L * E) and the seed
+# pairs each family with the layerwise MoE of the same pool L * E) and the seed; a study with several
+# token budgets per size pairs by budget too (BUDGET_PAIR). A ladder's budgets are not a pair column
+# first: its families train for the same tokens per parameter, so their budgets differ by up to the
+# active-count tolerance.
 FAMILY_PAIR = ("model.d_model", "model.n_layers", "model.pool_size", "train.seed")
+BUDGET_PAIR = "train.tokens"
 REFERENCE_FAMILY = "layerwise MoE"
 
 
 def family_comparisons(frame, *, margin: float = DEFAULT_MARGIN_PCT) -> tuple:
-    """Each architecture family against the layerwise MoE on runs of the same size (``FAMILY_PAIR``),
-    paired (``moue.analysis.paired``); empty when the runs have no such pairs (e.g. several virtual widths
-    of one family per size)."""
+    """Each architecture family against the layerwise MoE on runs of the same size and pool
+    (``FAMILY_PAIR``; and token budget, ``BUDGET_PAIR``, when that alone leaves runs unpaired),
+    paired (``moue.analysis.paired``); empty when the runs have no such pairs."""
     import polars as pl
 
     from moue.analysis.figures import family_labels
@@ -171,12 +175,16 @@ def family_comparisons(frame, *, margin: float = DEFAULT_MARGIN_PCT) -> tuple:
         return ()
     pair = [c for c in FAMILY_PAIR if c in frame.columns]
     framed = frame.with_columns(pl.Series("family", labels))
-    try:
-        out = compare_variants(framed, variant=["family"], reference=REFERENCE_FAMILY, pair=pair, loss=DEFAULT_LOSS,
-                               margin=margin)
-    except AnalysisError:
-        return ()
-    return tuple(c for c in out if c.n_pairs >= 2)
+    out = ()
+    for cols in (pair, pair + [BUDGET_PAIR] if BUDGET_PAIR in frame.columns else None):
+        if cols is None or out:
+            continue
+        try:
+            out = tuple(c for c in compare_variants(framed, variant=["family"], reference=REFERENCE_FAMILY, pair=cols,
+                                                    loss=DEFAULT_LOSS, margin=margin) if c.n_pairs >= 2)
+        except AnalysisError:
+            return ()
+    return out
 
 
 def study_comparisons(frame, specs: Sequence[ComparisonSpec], *, margin: float = DEFAULT_MARGIN_PCT,

@@ -103,6 +103,11 @@ def test_family_comparisons_pair_families_by_size():
     assert out["MoUE-style"].n_better == 4 and out["MoUE-style"].rel_ci[1] < 0
     # several runs of a family per size (two seeds' runs logged with one seed): no pairs, no comparison
     assert family_comparisons(pl.DataFrame(rows + rows)) == ()
+    # several token budgets per size: paired by budget too
+    budgets = [{**r, "train.tokens": t, "final/val_loss": r["final/val_loss"] - 0.1 * k}
+               for k, t in enumerate((1000, 2000)) for r in rows]
+    out = {c.variant: c for c in family_comparisons(pl.DataFrame(budgets))}
+    assert out["UniPool-style"].n_pairs == 8 and out["MoUE-style"].n_better == 8
     # a grid over the pool (experts per layer) at one size: each family against the layerwise MoE of its pool
     grid = []
     for E in (2, 4):  # experts per layer: P = 2E, layerwise w = E, UniPool-style w = P, MoUE-style w = 2E - 1
