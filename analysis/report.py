@@ -419,6 +419,8 @@ def write_report(
                                                  n_points=frame.height, decisions=ReportDecisions(**decided))))
     sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)
                         + ("{{figure:isoflop}}" if iso is not None else "")))
+    if families or named or v_terms or cmp_notes:
+        sections.insert(1, ("Decisions", _decisions_table(ReportDecisions(**decided), notes=cmp_notes)))
     if lr_rule is not None:
         from moue.analysis import figures as F
 
@@ -574,6 +576,30 @@ def _decisions_html(d: ReportDecisions) -> str:
     return (f"</p><p class=summary><b>Decisions</b> (95% intervals; margin {d.margin:g}%: detected when the "
             "interval excludes 0, ruled out when it lies inside the margin, else undecided):</p>"
             f"<ul class=decisions>{items}</ul><p class=summary>")
+
+
+def _decisions_table(d: ReportDecisions, notes: Sequence[str] = ()) -> str:
+    """Every comparison's decision as a table (percent of the reference loss, 95% intervals), and
+    the comparisons that could not be made (``notes``)."""
+    from moue.analysis import render as R
+
+    rows = []
+    for name, what, dec in ([(f"{c.variant} vs {c.reference}", "family, paired by size and seed", c.decision)
+                             for c in d.families]
+                            + [(n.name, f"{n.comparison.variant} vs {n.comparison.reference}", n.comparison.decision)
+                               for n in d.comparisons]
+                            + [(f"virtual width in {law}", "law term, smallest to largest V", v)
+                               for law, v in d.v_terms.items()]):
+        needed = "" if dec.needed is None else f"{dec.needed:,} {dec.unit}"
+        rows.append((name, what, f"{dec.estimate:+.2f}%", f"[{dec.ci[0]:+.2f}, {dec.ci[1]:+.2f}]",
+                     f"{dec.n} {dec.unit}", dec.verdict + (f" ({dec.why})" if dec.why else ""),
+                     f"{dec.mde:.2g}%" if math.isfinite(dec.mde) else "unknown", needed))
+    return (R.table(["comparison", "what", "estimate", "95% interval", "n", "verdict", "detectable (80% power)",
+                     f"would decide at {d.margin:g}%"], rows)
+            + f"<p class=note>Verdicts at a margin of {d.margin:g}% ([analysis] margin_pct): detected when the 95% "
+            "interval excludes 0, ruled out when it lies inside the margin (equivalence), else undecided, with "
+            "the pairs or runs the measured noise says would decide (docs/FITTING.md, \"Decisions\").</p>"
+            + "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes))
 
 
 def _figures(frame, fits: dict[str, FitResult], loss: str) -> dict[str, object]:

@@ -173,6 +173,8 @@ def test_the_report_decides_families_comparisons_and_the_v_term(logged_study, tm
     assert any(line.startswith("window 4 vs 16 (2): ") for line in lines)
     page = (tmp_path / "r.html").read_text()
     assert "Decisions" in page and "this design detects differences of" in page
+    assert "<th>detectable (80% power)</th>" in page and "window 4 vs 16 (2)</td>" in page  # the table
+    assert "comparison &#x27;no such column&#x27; not made" in page
     tags = MlflowClient(uri).get_run(pid).data.tags
     decided = {k: v for k, v in tags.items() if k.startswith(DECISION_TAG_PREFIX)}
     assert sorted(decided.values()) == sorted(lines)  # each verdict in plain words on the parent run
