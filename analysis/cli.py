@@ -86,8 +86,9 @@ def report_cmd(
     try:
         if margin is not None:
             margin_value(margin, "--margin")
-        own = study_analysis(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent) or {}
-        laws = list(law) if law else _study_laws(own, err)
+        table = study_analysis(experiment, tracking_uri=_uri(tracking_uri, workspace), parent_run_id=parent)
+        laws = list(law) if law else _study_laws(table, err)
+        own = table or {}
         _check_laws(laws)
         if bootstrap < 0:
             raise AnalysisError("--bootstrap", bootstrap, "must be >= 0")
@@ -121,14 +122,13 @@ def report_cmd(
         typer.echo(line)
 
 
-def _study_laws(table: dict, err: bool) -> list[str]:
-    """The study's own ``[analysis] laws`` (``table``: its logged spec's), else the report's
-    defaults; says which."""
+def _study_laws(table: dict | None, err: bool) -> list[str]:
+    """The study's own ``[analysis] laws`` (``table``: its logged spec's, None when none is logged;
+    ``[]`` is a study that fits no law), else the report's defaults; says which."""
     from moue.analysis.report import DEFAULT_REPORT_LAWS
 
-    own = table.get("laws", ["compute"]) if table else None
-    laws = list(own or DEFAULT_REPORT_LAWS)
-    typer.echo(f"laws: {', '.join(laws)} (" + ("the study's [analysis] laws" if own else
+    laws = list(DEFAULT_REPORT_LAWS if table is None else table.get("laws", ["compute"]))
+    typer.echo(f"laws: {', '.join(laws) or 'none'} (" + ("the study's [analysis] laws" if table is not None else
                "the defaults: no spec is logged") + "; --law chooses others)", err=err)
     return laws
 
@@ -255,11 +255,15 @@ def fit_cmd(
                                              "verdict then says the law is not identified).")] = False,
     samples: Annotated[bool, typer.Option("--samples", help="Include bootstrap samples in "
                                           "--json.")] = False,
+    at: Annotated[list[str] | None, typer.Option("--at", help="Predict the loss here, with its 95% prediction "
+                                                 "interval: every law variable as VAR=VALUE, comma-separated, "
+                                                 "e.g. N=7e10,D=1.4e12 (repeatable).")] = None,
 ) -> None:
     """Fit a scaling law to any table.
 
     Example (Epoch's Chinchilla data): moue fit data.csv --law chinchilla --loss loss
     --set N="Model Size" --set D='"Training FLOP" / (6 * "Model Size")' --holdout-min 1e21
+    --at N=7e10,D=1.4e12
     """
     from moue.analysis.errors import AnalysisError
     from moue.analysis.fitting import Holdout, fit
@@ -267,6 +271,7 @@ def fit_cmd(
 
     try:
         spec = get_law(law)
+        targets = _parse_at(at or [], spec, bootstrap)
         frame = _filtered(_read_table(file), where)
         frame, variables = _apply_sets(frame, set_, spec)
         holdout = None if no_holdout else Holdout(
@@ -277,13 +282,66 @@ def fit_cmd(
     except AnalysisError as e:
         raise _fail(e) from None
     _print_notes(result.notes)
+    predictions = _predictions(result, targets)
     if as_json:
         d = result.to_dict()
         if not samples:
             d.pop("bootstrap")
+        if targets:
+            d["predictions"] = predictions
         typer.echo(json.dumps(d, allow_nan=False))
         return
     _print_fit(result)
+    for p in predictions:
+        at_text = ", ".join(f"{k} = {v:.4g}" for k, v in p["inputs"].items())
+        typer.echo(f"prediction at {at_text}: loss {p['pred']:.4f}, {result.level:.0%} prediction interval "
+                   f"[{p['lo']:.4f}, {p['hi']:.4f}]")
+
+
+def _parse_at(items: list[str], law, n_bootstrap: int) -> list[dict[str, float]]:
+    """``--at VAR=VALUE,...`` (every variable of ``law``, positive numbers) as one dict per point."""
+    import math
+
+    from moue.analysis.errors import AnalysisError
+
+    example = ",".join(f"{v}=1e9" for v in law.variables)
+    points = []
+    for item in items:
+        values: dict[str, float] = {}
+        for part in item.split(","):
+            var, sep, raw = (x.strip() for x in part.partition("="))
+            if not sep or not var or not raw:
+                raise AnalysisError("--at", item, f"must be VAR=VALUE for each variable of law {law.name}, "
+                                    f"comma-separated (e.g. --at {example})")
+            if var not in law.variables:
+                raise AnalysisError("--at", item, f"names {var!r}, which is not a variable of law {law.name} "
+                                    f"({', '.join(law.variables)})")
+            try:
+                x = float(raw)
+            except ValueError:
+                raise AnalysisError("--at", item, f"gives {var}={raw!r}, which is not a number (e.g. {var}=1e9)") from None
+            if not (math.isfinite(x) and x > 0):
+                raise AnalysisError("--at", item, f"gives {var}={raw}: values must be positive and finite")
+            values[var] = x
+        missing = [v for v in law.variables if v not in values]
+        if missing:
+            raise AnalysisError("--at", item, f"lacks {', '.join(missing)}: law {law.name} needs "
+                                f"{', '.join(law.variables)} (e.g. --at {example})")
+        if n_bootstrap < 2:
+            raise AnalysisError("--at", item, f"needs a bootstrap for its interval (--bootstrap >= 2, not {n_bootstrap})")
+        points.append(values)
+    return points
+
+
+def _predictions(result, targets: list[dict[str, float]]) -> list[dict]:
+    """The fit's prediction and interval at each ``--at`` point, as ``--json`` lists them."""
+    import numpy as np
+
+    out = []
+    for inputs in targets:
+        p = result.predict({k: np.array([v]) for k, v in inputs.items()}, interval=True)
+        out.append({"inputs": inputs, "pred": float(p.pred[0]), "lo": float(p.lo[0]), "hi": float(p.hi[0])})
+    return out
 
 
 def isoflop_cmd(
@@ -490,7 +548,9 @@ def _print_fit(r) -> None:
         h = r.holdout
         console.print(f"hold-out ({h.n_test} points with {h.column} >= {h.min_value:.3g}, fit on "
                       f"{h.n_train}): RMSE {h.rmse:.4f}, max |err| {h.max_abs_error:.4f}, "
-                      f"MAPE {h.mape:.2f}%, extrapolation x{h.extrapolation_ratio:.2f}")
+                      f"MAPE {h.mape:.2f}%, extrapolation x{h.extrapolation_ratio:.2f}"
+                      + (f"; {r.level:.0%} prediction intervals cover {round(h.coverage * h.n_test)} of {h.n_test}"
+                         if h.test_lo else ""))
     console.print(f"verdict: {r.verdict.line()}", style=None if r.verdict.identified else "dim")
 
 

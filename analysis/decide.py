@@ -120,7 +120,11 @@ def paired_power(n: int, effect_over_sd: float, *, alpha: float = ALPHA) -> floa
     df = n - 1
     crit = stats.t.ppf(1 - alpha / 2, df)
     nc = math.sqrt(n) * abs(effect_over_sd)
-    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    upper = float(stats.nct.sf(crit, df, nc))
+    lower = float(stats.nct.cdf(-crit, df, nc))  # the wrong-sign rejections: tiny, NaN at df = 1 in scipy
+    if not math.isfinite(lower):
+        lower = float(stats.nct.sf(crit, df, -nc))  # the same tail by symmetry
+    return upper + (lower if math.isfinite(lower) else 0.0)
 
 
 def paired_mde(n: int, sd: float, *, alpha: float = ALPHA, power: float = POWER) -> float:

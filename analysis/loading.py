@@ -260,8 +260,8 @@ def study_laws(experiment: str, *, tracking_uri: str, parent_run_id: str | None 
     if table is None:
         return None
     laws = table.get("laws", ["compute"])
-    if isinstance(laws, list) and laws and all(isinstance(x, str) for x in laws):
-        return tuple(laws)
+    if isinstance(laws, list) and all(isinstance(x, str) for x in laws):
+        return tuple(laws)  # empty: the study fits no law (its comparisons are its result)
     return None
 
 

@@ -89,11 +89,12 @@ def variant_labels(frame, columns: Sequence[str]) -> list[str]:
 def compare_variants(frame, *, variant: Sequence[str], reference: str, pair: Sequence[str],
                      loss: str = "final/val_loss", label: Mapping[str, str] | None = None,
                      margin: float = DEFAULT_MARGIN_PCT) -> list[Comparison]:
-    """Every variant against ``reference`` (a joined value or a label) on paired runs, each with its
-    decision at ``margin`` (percent)."""
+    """Every variant against ``reference`` (a joined value, or its label) on paired runs, each with
+    its decision at ``margin`` (percent)."""
     from scipy import stats
 
     label = dict(label or {})
+    reference = label.get(reference, reference)  # a labelled reference is named by its label
     names = [label.get(v, v) for v in variant_labels(frame, variant)]
     keys = [tuple(row) for row in zip(*(frame[c].to_list() for c in pair))] if pair else [()] * frame.height
     if loss not in frame.columns:

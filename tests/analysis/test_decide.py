@@ -64,6 +64,14 @@ def test_the_issues_example_quickstart_moue_vs_layerwise():
     assert f"about {dec.needed} pairs ({dec.needed - 4} more) would decide at 1%" in words
 
 
+def test_two_pairs_have_an_mde():
+    # one degree of freedom: scipy's non-central t gives NaN for the wrong-sign tail there
+    assert paired_power(2, 8.0) == pytest.approx(stats.nct.sf(stats.t.ppf(0.975, 1), 1, 8.0 * math.sqrt(2)))
+    dec = paired_decision([-5.65, -5.92], margin=1.0)
+    assert dec.verdict == "detected" and math.isfinite(dec.mde)
+    assert paired_power(2, paired_mde(2, 1.0)) == pytest.approx(0.80, abs=1e-8)
+
+
 def test_one_pair_says_the_noise_is_unknown():
     dec = paired_decision([1.5], margin=1.0)
     assert dec.verdict == "undecided" and math.isnan(dec.mde) and dec.needed is None

@@ -24,6 +24,13 @@ def test_paired_differences_and_t_test():
     assert c.by_group["2"] == pytest.approx(100 * ((1.95 - 2.0) / 2.0 + (2.08 - 2.1) / 2.1) / 2)
 
 
+def test_a_labelled_reference_is_named_by_its_value_or_its_label():
+    frame = pl.DataFrame({"family": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1], "final/val_loss": [2.0, 2.1, 1.9, 2.0]})
+    by_value = compare_variants(frame, variant=["family"], reference="a", pair=["seed"], label={"a": "base"})
+    by_label = compare_variants(frame, variant=["family"], reference="base", pair=["seed"], label={"a": "base"})
+    assert by_value == by_label and by_value[0].reference == "base" and by_value[0].n_pairs == 2
+
+
 def test_unpaired_runs_are_left_out():
     frame = pl.DataFrame({"family": ["a", "a", "b"], "seed": [0, 1, 0], "final/val_loss": [2.0, 2.1, 1.9]})
     (c,) = compare_variants(frame, variant=["family"], reference="a", pair=["seed"])
