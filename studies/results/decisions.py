@@ -20,7 +20,7 @@ from moue.analysis.loading import with_cooldown_points
 from moue.analysis.report import family_comparisons, fit_laws, v_term_decisions
 
 HERE = Path(__file__).parent
-STUDIES = ("quickstart", "ladder", "virtual_width", "vw_scaling", "vw_width")
+STUDIES = ("quickstart", "ladder", "isoflop", "virtual_width", "vw_scaling", "vw_width")
 V_LAWS = ("vw_multiplicative", "vw_additive", "vw_interaction")
 
 
