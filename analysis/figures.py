@@ -19,6 +19,7 @@ __all__ = [
     "Band",
     "BootstrapData",
     "HoldoutData",
+    "HoldoutSeries",
     "ModelRow",
     "ParallelData",
     "ParamRow",
@@ -81,9 +82,21 @@ class ResidualData:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HoldoutSeries:
+    """One law's held-out points: ``x`` observed, ``y`` predicted by the fit without them, and each
+    prediction's interval ``[lo, hi]`` (empty when that fit had no bootstrap)."""
+
+    name: str
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+    lo: tuple[float, ...] = ()
+    hi: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class HoldoutData:
     title: str
-    series: tuple[Series, ...]  # per law: x = observed, y = predicted (held-out points)
+    series: tuple[HoldoutSeries, ...]  # one per law with a hold-out
     summary: tuple[str, ...]
 
 
@@ -322,18 +335,21 @@ def residual_data(frame, *, fits: Mapping[str, FitResult], compute: str,
 
 
 def holdout_data(fits: Mapping[str, FitResult]) -> HoldoutData:
-    """Held-out (largest-compute) points: observed against predicted by the fit without them."""
+    """Held-out (largest-compute) points: observed against predicted by the fit without them, with
+    its prediction intervals (``moue.analysis.predict``) and how many held-out losses they cover."""
     series, summary = [], []
     for name, r in fits.items():
         h = r.holdout
         if h is None:
             summary.append(f"{name}: no hold-out ({'; '.join(r.diagnostics.warnings) or 'off'})")
             continue
-        series.append(Series(name=name, x=h.test_loss, y=h.test_pred))
+        series.append(HoldoutSeries(name=name, x=h.test_loss, y=h.test_pred, lo=h.test_lo, hi=h.test_hi))
+        covered = (f"; {r.level:.0%} prediction intervals cover {round(h.coverage * h.n_test)} of {h.n_test}"
+                   if h.test_lo else "")
         summary.append(f"{name}: {h.n_test} points with {h.column} >= {h.min_value:.3g} held out "
                        f"(fit on {h.n_train}); RMSE {h.rmse:.4f}, max |err| "
                        f"{h.max_abs_error:.4f}, MAPE {h.mape:.2f}%, extrapolation x"
-                       f"{h.extrapolation_ratio:.2f}")
+                       f"{h.extrapolation_ratio:.2f}{covered}")
     return HoldoutData(title="Hold-out: largest-compute group predicted by a fit without it",
                        series=tuple(series), summary=tuple(summary))
 

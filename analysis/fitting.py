@@ -5,11 +5,14 @@ Cartesian start grid of the law, every start optimised and the best kept; tolera
 decide the answer; percentile intervals from a bootstrap by cluster (by run: several checkpoints of
 one run resample together); a hold-out fit without the largest-compute group.
 
-:func:`fit` is five public stages, each usable alone (``moue bench fit`` times two of them):
+:func:`fit` is six public stages, each usable alone (``moue bench fit`` times two of them):
 :func:`prepare` (validate the table, extract the points: a :class:`Problem`) ->
 :func:`fit_point` (every start optimised, the best kept: a :class:`PointFit`) ->
 :func:`fit_bootstrap` (refits on resampled clusters: :class:`BootstrapSamples`) ->
-:func:`fit_holdout` (fit without the largest-compute group, predict it: a :class:`HoldoutFit`) ->
+:func:`fit_noise` (the residuals' scatter and the law's errors when it extrapolates within the data: the
+:class:`~moue.analysis.predict.Noise` of prediction intervals) ->
+:func:`fit_holdout` (fit without the largest-compute group, predict it with prediction intervals: a
+:class:`HoldoutFit`) ->
 :func:`assemble` (derived quantities, intervals, diagnostics, provenance: the
 :class:`~moue.analysis.result.FitResult`). The stages' notes (rough intervals, an optimum on a bound,
 unconverged resamples, a skipped hold-out) end up in ``FitResult.diagnostics.warnings`` only.
@@ -37,6 +40,7 @@ from moue.analysis.laws import Law, get_law
 from moue.analysis.objective import make_objective
 from moue.analysis.optimize import BatchResult, minimize_batched
 from moue.analysis.points import Points, column_values, prepare_points
+from moue.analysis.predict import FOLD_BOOTSTRAP, Noise, extrapolation_folds, prediction_interval
 from moue.analysis.result import Diagnostics, FitResult, HoldoutResult, Provenance, percentile_interval
 
 __all__ = [
@@ -52,6 +56,7 @@ __all__ = [
     "fit",
     "fit_bootstrap",
     "fit_holdout",
+    "fit_noise",
     "fit_point",
     "prepare",
     "resample_weights",
@@ -350,17 +355,65 @@ def fit_bootstrap(problem: Problem, point: PointFit, *, n_bootstrap: int,
     W = resample_weights(pts.cluster_index, len(pts.clusters), n_bootstrap, seed)
     W *= pts.weights[None, :]
     x0 = _distinct_optima(law, point.optima, problem.options.bootstrap_starts)
-    K = x0.shape[0]
-    starts = np.repeat(x0[None, :, :], n_bootstrap, axis=0).reshape(n_bootstrap * K, -1)
-    Wk = np.repeat(W, K, axis=0)  # problem i uses resample i // K
-    out = _optimize(problem, Wk, starts, continuation=False)
-    f = out.f.reshape(n_bootstrap, K)
-    best = np.argmin(np.where(np.isfinite(f), f, np.inf), axis=1)
-    pick = np.arange(n_bootstrap) * K + best
-    theta = out.x[pick]
+    theta, status = _refit(problem, x0, W)
     return BootstrapSamples(natural=law.to_natural(theta),
-                            n_unconverged=int(np.sum(out.status[pick] == "max_iter")),
+                            n_unconverged=int(np.sum(status == "max_iter")),
                             n_on_bound=int(sum(bool(_on_bound(law, t)) for t in theta)))
+
+
+def _refit(problem: Problem, x0: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Refit the law with each row of weights ``W`` (R, n), every row from each start in ``x0``
+    (K, P) at ``delta`` directly; the best refit of each row (R, P) and its status (R,)."""
+    R, K = W.shape[0], x0.shape[0]
+    starts = np.repeat(x0[None, :, :], R, axis=0).reshape(R * K, -1)
+    Wk = np.repeat(W, K, axis=0)  # problem i uses row i // K
+    out = _optimize(problem, Wk, starts, continuation=False)
+    f = out.f.reshape(R, K)
+    best = np.argmin(np.where(np.isfinite(f), f, np.inf), axis=1)
+    pick = np.arange(R) * K + best
+    return out.x[pick], out.status[pick]
+
+
+# ----------------------------------------------------------------------------- stage 3b: noise
+
+
+def fit_noise(problem: Problem, point: PointFit, *, n_bootstrap: int = 100, seed: int = 0) -> Noise:
+    """Stage 3b of :func:`fit`: the run-to-run noise of prediction intervals
+    (``moue.analysis.predict``, which states the method): the residuals' scatter at the optimum and
+    the law's misfit when it extrapolates within the data. For each fold of
+    :func:`~moue.analysis.predict.extrapolation_folds` the law is refitted on the points below the
+    cut (warm-started from the optimum, as a bootstrap resample), and that refit is bootstrapped
+    (``n_bootstrap`` resamples of the fold's clusters, ``seed``) for its own parameter uncertainty at
+    the points above the cut. ``n_bootstrap=0`` gives the residuals' scatter only. Folds with fewer
+    than ``P + 2`` points below the cut, or a law variable with a single value there, are left out."""
+    law, pts = problem.law, problem.points
+    if n_bootstrap < 0:
+        raise AnalysisError("n_bootstrap", n_bootstrap, "must be >= 0")
+    used = pts.weights > 0
+    resid = (problem.y - law.predict(point.theta[None, :], pts.data)[0])[used]
+    df = int(resid.size - law.n_params)
+    sd = float(np.sqrt(np.sum(resid**2) / df))
+    folds = [m & used for m in extrapolation_folds(pts.compute)] if n_bootstrap >= 2 else []
+    folds = [m for m in folds if m.sum() >= law.n_params + 2 and (used & ~m).any()
+             and all(np.unique(v[m]).size >= 2 for v in pts.data.values())]
+    if not folds:
+        return Noise(residual_sd=sd, residual_df=df)
+    x0 = _distinct_optima(law, point.optima, problem.options.bootstrap_starts)
+    refits, _ = _refit(problem, x0, np.stack([pts.weights * m for m in folds]))
+    sq_errors, boot_var = [], []
+    for i, m in enumerate(folds):
+        keys, index = np.unique(pts.cluster_index[m], return_inverse=True)
+        W = np.zeros((n_bootstrap, pts.loss.size))
+        W[:, m] = resample_weights(index, keys.size, n_bootstrap, seed + i) * pts.weights[m]
+        theta, _ = _refit(problem, np.vstack([refits[i], x0[:1]]), W)
+        above = {k: v[used & ~m] for k, v in pts.data.items()}
+        err = problem.y[used & ~m] - law.predict(refits[i][None, :], above)[0]
+        sq_errors.append(err**2)
+        boot_var.append(np.var(law.predict(theta, above), axis=0, ddof=1))
+    sq, var = np.concatenate(sq_errors), np.concatenate(boot_var)
+    misfit = float(np.sqrt(max(0.0, np.mean(sq - var) - sd**2)))
+    return Noise(residual_sd=sd, residual_df=df, misfit_sd=misfit, extrapolation_rms=float(np.sqrt(np.mean(sq))),
+                 n_folds=len(folds), n_errors=int(sq.size))
 
 
 # ----------------------------------------------------------------------------- stage 4: hold-out
@@ -374,11 +427,15 @@ class HoldoutFit:
     notes: tuple[str, ...] = ()
 
 
-def fit_holdout(problem: Problem, spec: Holdout = Holdout(), *, frame=None) -> HoldoutFit:
+def fit_holdout(problem: Problem, spec: Holdout = Holdout(), *, frame=None, n_bootstrap: int = 0,
+                seed: int = 0, level: float = 0.95) -> HoldoutFit:
     """Stage 4 of :func:`fit`: fit the law (full start grid) on the rows below the hold-out
-    threshold and predict the rest. ``frame`` is needed only when ``spec.column`` names a column
-    other than the fit's compute axis. Skipped, with a note, when too few rows remain on either
-    side or an axis of the training rows has a single value."""
+    threshold and predict the rest, with prediction intervals at ``level`` from that fit's own
+    bootstrap (``n_bootstrap`` resamples, ``seed``: pass the main fit's) and noise (:func:`fit_noise`
+    on the training rows); with fewer than 2 resamples there are no intervals (``test_lo``,
+    ``test_hi`` empty, ``coverage`` NaN). ``frame`` is needed only when ``spec.column`` names a
+    column other than the fit's compute axis. Skipped, with a note, when too few rows remain on
+    either side or an axis of the training rows has a single value."""
     law, pts = problem.law, problem.points
     if spec.column is None:
         axis, column = pts.compute, pts.compute_column
@@ -402,10 +459,20 @@ def fit_holdout(problem: Problem, spec: Holdout = Holdout(), *, frame=None) -> H
     if any(np.unique(v).size < 2 for v in train.data.values()):
         return HoldoutFit(result=None, notes=(
             "hold-out skipped: an axis has a single value in the training rows",))
-    point = fit_point(dataclasses.replace(problem, points=train))
-    pred = law.predict_loss(point.theta[None, :], {k: v[test] for k, v in pts.data.items()})[0]
+    train_problem = dataclasses.replace(problem, points=train)
+    point = fit_point(train_problem)
+    held = {k: v[test] for k, v in pts.data.items()}
+    pred = law.predict_loss(point.theta[None, :], held)[0]
     obs = pts.loss[test]
     err = pred - obs
+    lo = hi = ()
+    coverage = float("nan")
+    if n_bootstrap >= 2:
+        samples = fit_bootstrap(train_problem, point, n_bootstrap=n_bootstrap, seed=seed)
+        noise = fit_noise(train_problem, point, n_bootstrap=min(n_bootstrap, FOLD_BOOTSTRAP), seed=seed)
+        p = prediction_interval(law, point.theta, samples.natural, noise, held, level=level)
+        lo, hi = tuple(float(v) for v in p.lo), tuple(float(v) for v in p.hi)
+        coverage = float(np.mean((obs >= p.lo) & (obs <= p.hi)))
     return HoldoutFit(result=HoldoutResult(
         column=column,
         min_value=float(threshold),
@@ -419,6 +486,9 @@ def fit_holdout(problem: Problem, spec: Holdout = Holdout(), *, frame=None) -> H
         test_loss=tuple(float(v) for v in obs),
         test_pred=tuple(float(v) for v in pred),
         test_axis=tuple(float(v) for v in axis[test]),
+        test_lo=lo,
+        test_hi=hi,
+        coverage=coverage,
     ))
 
 
@@ -457,12 +527,13 @@ def _intervals(names, samples: np.ndarray, level: float) -> dict[str, tuple[floa
 
 
 def assemble(problem: Problem, point: PointFit, samples: BootstrapSamples,
-             holdout: HoldoutFit | None = None, *, level: float = 0.95, seed: int = 0,
-             context: DerivedContext | None = None, filter_desc: str = "",
+             holdout: HoldoutFit | None = None, *, noise: Noise | None = None, level: float = 0.95,
+             seed: int = 0, context: DerivedContext | None = None, filter_desc: str = "",
              source: str = "") -> FitResult:
     """Stage 5 of :func:`fit`: the :class:`FitResult` of the stages before: natural parameters,
     derived quantities (at ``context``, default from the data: see :func:`fit`), percentile
-    intervals at ``level``, diagnostics with every stage's notes, provenance. ``seed`` is the one
+    intervals at ``level``, diagnostics with every stage's notes, provenance, and ``noise`` (from
+    :func:`fit_noise`; without it the result makes no prediction intervals). ``seed`` is the one
     the bootstrap used (the gate pairs resamples by it)."""
     if not 0 < level < 1:
         raise AnalysisError("level", level, "must be in (0, 1)")
@@ -493,7 +564,7 @@ def assemble(problem: Problem, point: PointFit, samples: BootstrapSamples,
         derived=derived, derived_ci=_intervals(list(derived), boot_derived, level),
         context=ctx, level=level, n_bootstrap=int(n_boot), seed=seed,
         bootstrap=samples.natural, bootstrap_derived=boot_derived,
-        diagnostics=diagnostics, holdout=None if holdout is None else holdout.result,
+        diagnostics=diagnostics, holdout=None if holdout is None else holdout.result, noise=noise,
         provenance=Provenance(
             n_points=int(pts.loss.shape[0]), n_clusters=len(pts.clusters),
             cluster_column=pts.cluster_column, clusters=pts.clusters, filter=filter_desc,
@@ -530,9 +601,11 @@ def fit(
     ``variables`` maps each law variable (``N``, ``D``, ``C``, ``V``, ``E``) to a column; by default
     the moue tracking columns of :data:`DEFAULT_COLUMNS`. ``cluster`` is the column whose values
     resample together in the bootstrap (default ``run_id`` when present, else each row). Use
-    ``n_bootstrap >= 1000`` for reported intervals, ``0`` to skip the bootstrap; ``holdout=None``
-    skips the hold-out fit. ``context`` fixes where derived quantities are evaluated (default: a
-    target compute 10x the largest ``6 N D`` in the data, the observed V range, the largest N).
+    ``n_bootstrap >= 1000`` for reported intervals, ``0`` to skip the bootstrap (and with it every
+    prediction interval); ``holdout=None`` skips the hold-out fit, which is bootstrapped like the
+    main fit for its prediction intervals. ``context`` fixes where derived quantities are evaluated
+    (default: a target compute 10x the largest ``6 N D`` in the data, the observed V range, the
+    largest N).
     ``starts`` replaces the law's start grid (rows of fitted parameters, ``law.params`` order).
     The fit's notes are in ``diagnostics.warnings`` (nothing is warned).
     """
@@ -548,6 +621,8 @@ def fit(
                       weights=weights, cluster=cluster, options=options)
     point = fit_point(problem, starts=starts)
     samples = fit_bootstrap(problem, point, n_bootstrap=n_bootstrap, seed=seed)
-    held = None if holdout is None else fit_holdout(problem, holdout, frame=frame)
-    return assemble(problem, point, samples, held, level=level, seed=seed, context=context,
+    held = None if holdout is None else fit_holdout(problem, holdout, frame=frame, n_bootstrap=n_bootstrap,
+                                                     seed=seed, level=level)
+    noise = fit_noise(problem, point, n_bootstrap=min(n_bootstrap, FOLD_BOOTSTRAP), seed=seed)
+    return assemble(problem, point, samples, held, noise=noise, level=level, seed=seed, context=context,
                     filter_desc=filter_desc, source=source)

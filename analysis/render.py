@@ -80,15 +80,18 @@ def draw_holdout(data: HoldoutData):
     go = _go()
     fig = go.Figure()
     lo, hi = math.inf, -math.inf
-    for s in data.series:
-        fig.add_trace(go.Scatter(x=s.x, y=s.y, mode="markers", name=s.name))
+    for s in data.series:  # predicted against observed, the prediction interval as an error bar
+        bars = None if not s.lo else {"type": "data", "symmetric": False, "thickness": 1,
+                                      "array": [h - y for h, y in zip(s.hi, s.y)],
+                                      "arrayminus": [y - l for l, y in zip(s.lo, s.y)]}
+        fig.add_trace(go.Scatter(x=s.x, y=s.y, mode="markers", name=s.name, error_y=bars))
         if s.x:
-            lo, hi = min(lo, *s.x, *s.y), max(hi, *s.x, *s.y)
+            lo, hi = min(lo, *s.x, *s.y, *s.lo), max(hi, *s.x, *s.y, *s.hi)
     if math.isfinite(lo):
         fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="perfect",
                                  line={"dash": "dot", "color": "gray"}))
     fig.update_layout(title=data.title, xaxis_title="observed loss",
-                      yaxis_title="predicted loss", **_LAYOUT)
+                      yaxis_title="predicted loss (bars: prediction interval)", **_LAYOUT)
     return fig
 
 

@@ -21,6 +21,7 @@ from moue.analysis.errors import AnalysisError
 from moue.analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS, fit
 from moue.analysis.laws import get_law
 from moue.analysis.nested import NestedTest, likelihood_ratio_test
+from moue.analysis.predict import next_prediction
 from moue.analysis.result import FitResult
 
 __all__ = ["DEFAULT_REPORT_LAWS", "MAX_BUDGET_FILTER", "LawFits", "ReportResult", "fit_laws",
@@ -51,6 +52,7 @@ class ReportResult:
     margin: float = DEFAULT_MARGIN_PCT  # the smallest effect of interest, percent ([analysis] margin_pct)
     comparisons: tuple = ()  # NamedComparison: the study's [[analysis.comparisons]]
     v_terms: dict[str, Decision] = field(default_factory=dict)  # law -> the decision on its V term
+    next_prediction: object = None  # moue.analysis.predict.NextPrediction of the headline law (None: none)
 
     def decisions(self) -> dict[str, Decision]:
         """Every comparison's decision by name: the families against the layerwise MoE (matched
@@ -129,7 +131,10 @@ def summary_json(res: ReportResult) -> dict:
             "ci": {k: list(b) for k, b in r.ci.items()}, "exponents": list(r.law_spec.exponents),
             "derived": dict(r.derived), "derived_ci": {k: list(b) for k, b in r.derived_ci.items()},
             "holdout": None if h is None else {"rmse": h.rmse, "mape": h.mape, "n": h.n_test,
-                                               "n_train": h.n_train, "params_train_only": dict(h.params)},
+                                               "n_train": h.n_train, "params_train_only": dict(h.params),
+                                               "test_loss": list(h.test_loss), "test_pred": list(h.test_pred),
+                                               "test_lo": list(h.test_lo), "test_hi": list(h.test_hi),
+                                               "coverage": h.coverage},
         }
         if name in res.v_terms:
             laws[name]["v_term"] = {"name": f"virtual width in {name}", **res.v_terms[name].to_json()}
@@ -148,6 +153,7 @@ def summary_json(res: ReportResult) -> dict:
     return json_safe({"headline": res.headline, "laws": laws, "approaches": approaches, "families": families,
                     "comparisons": comparisons, "margin_pct": res.margin, "decisions": res.decision_lines(),
                     "importance": importance, "skipped": dict(res.skipped), "runs": res.n_runs,
+                    "next_prediction": None if res.next_prediction is None else res.next_prediction.to_dict(),
                     "report": str(res.path)})
 
 
@@ -402,6 +408,8 @@ def write_report(
     prov = _provenance_rows(runs, experiment=experiment, tracking_uri=tracking_uri, flt=flt,
                             loss=loss, delta=delta, n_bootstrap=n_bootstrap, seed=seed)
     lead = headline(fitted.fits, laws)
+    nxt = None if lead is None else next_prediction(fitted.fits[lead], law_frame(frame, lead)[0],
+                                                    columns=DEFAULT_COLUMNS)
     approaches, iso = approach_rows(runs, fitted.fits, seed=seed)
     if iso is not None:
         from moue.analysis import figures as F
@@ -416,7 +424,8 @@ def write_report(
     v_terms = v_term_decisions(frame, fitted.fits, margin=margin_pct)
     decided = dict(margin=margin_pct, comparisons=named, v_terms=v_terms, families=families)
     sections.insert(0, ("Summary", _summary_html(fitted, tests, lead, n_runs=runs.frame.height,
-                                                 n_points=frame.height, decisions=ReportDecisions(**decided))))
+                                                 n_points=frame.height, decisions=ReportDecisions(**decided),
+                                                 next_pred=nxt)))
     sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)
                         + ("{{figure:isoflop}}" if iso is not None else "")))
     if families or named or v_terms or cmp_notes:
@@ -435,7 +444,7 @@ def write_report(
     res = ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
                        figures=tuple(figs), notes=notes + tuple(extra_notes),
                        logged_to=(), n_runs=runs.frame.height, excluded=dict(runs.excluded), headline=lead,
-                       approaches=tuple(approaches), importance=importance, **decided)
+                       approaches=tuple(approaches), importance=importance, next_prediction=nxt, **decided)
     if log_artifact:
         res = dataclasses.replace(res, logged_to=_log_report(out, runs.parents, tracking_uri, res))
     return res
@@ -535,7 +544,7 @@ class ReportDecisions:
 
 
 def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | None, *, n_runs: int,
-                  n_points: int, decisions: ReportDecisions | None = None) -> str:
+                  n_points: int, decisions: ReportDecisions | None = None, next_pred=None) -> str:
     """The plain-language paragraph at the top, and every law's verdict."""
     fits = fitted.fits
     runs_text = f"{n_runs} runs" + (f" ({n_points} points with their cooldown branches)" if n_points > n_runs else "")
@@ -550,6 +559,8 @@ def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | Non
         text = (f"{runs_text}. Headline law: <b>{html.escape(lead)}</b> ({html.escape(r.law_spec.formula)}): "
                 f"{html.escape(exps)} (95% bootstrap intervals); hold-out MAPE {h.mape:.2f}% on {h.n_test} "
                 "largest-compute runs.")
+        if next_pred is not None:  # moue.analysis.predict.next_prediction
+            text += " " + html.escape(next_pred.sentence(lead))
     v_tests = [t for t in tests.values() if t.law in fits and fits[t.law].verdict.identified]
     for t in v_tests:
         text += (f" Virtual width ({html.escape(t.law)} vs {html.escape(t.nested)}): likelihood-ratio "

@@ -1,5 +1,6 @@
 """What a fit returns: :class:`FitResult` (named parameters, intervals, derived quantities,
-bootstrap samples, diagnostics, hold-out, provenance) and its JSON form.
+bootstrap samples, diagnostics, hold-out, provenance, the noise of its prediction intervals) and its
+JSON form.
 
 The JSON form (schema ``RESULT_SCHEMA``) is the dataclasses' own fields, written and read back
 generically from their type annotations: nested dataclasses become objects, tuples and arrays
@@ -26,6 +27,7 @@ import numpy as np
 from moue.analysis.derived import DerivedContext
 from moue.analysis.errors import AnalysisError
 from moue.analysis.laws import Law, get_law
+from moue.analysis.predict import Noise, Prediction, prediction_interval
 
 __all__ = ["RESULT_SCHEMA", "Diagnostics", "FitResult", "HoldoutResult", "Provenance",
            "percentile_interval"]
@@ -49,6 +51,11 @@ class HoldoutResult:
     test_loss: tuple[float, ...]
     test_pred: tuple[float, ...]
     test_axis: tuple[float, ...]
+    # prediction intervals of the training fit at the held-out points (moue.analysis.predict) and
+    # the fraction of held-out losses inside them; empty and NaN without a bootstrap
+    test_lo: tuple[float, ...] = ()
+    test_hi: tuple[float, ...] = ()
+    coverage: float = math.nan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +124,7 @@ class FitResult:
     # (B, P) and (B, Q): their widths are the numbers of params and derived (B may be 0)
     bootstrap: np.ndarray = field(repr=False, metadata={"columns": "params"})
     bootstrap_derived: np.ndarray = field(repr=False, metadata={"columns": "derived"})
+    noise: Noise | None = None  # run-to-run noise for prediction intervals (None: read from an older file)
 
     def __post_init__(self) -> None:
         for name in ("variables", "params", "ci", "derived", "derived_ci"):
@@ -147,10 +155,21 @@ class FitResult:
         j = self.law_spec.natural.index(name)
         return float(np.std(self.bootstrap[:, j], ddof=1))
 
-    def predict(self, data: Mapping[str, np.ndarray], *, samples: bool = False) -> np.ndarray:
+    def predict(self, data: Mapping[str, np.ndarray], *, samples: bool = False,
+                interval: bool = False) -> np.ndarray | Prediction:
         """Predicted loss at ``data`` (law variable -> values); with ``samples=True`` one row per
-        bootstrap resample (B, n) instead of the point estimate (n,)."""
+        bootstrap resample (B, n) instead of the point estimate (n,); with ``interval=True`` a
+        :class:`~moue.analysis.predict.Prediction` (``pred``, and ``lo``, ``hi``: the interval at the
+        fit's ``level`` a new run falls in, parameter uncertainty and run-to-run noise included)."""
         law = self.law_spec
+        if interval:
+            if samples:
+                raise AnalysisError("predict", "samples and interval", "are exclusive: ask for one")
+            if self.noise is None:
+                raise AnalysisError("prediction interval", f"fit of {self.law}",
+                                    "has no noise estimate (a result written by an older moue): refit it")
+            return prediction_interval(law, np.asarray(self.theta), self.bootstrap, self.noise, data,
+                                       level=self.level)
         if samples:
             return law.predict_loss(law.from_natural(self.bootstrap), data)
         return law.predict_loss(np.asarray(self.theta)[None, :], data)[0]

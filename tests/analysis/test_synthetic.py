@@ -49,10 +49,10 @@ def test_exponents_recovered_inside_their_intervals(with_v):
 
 
 def test_fit_is_its_public_stages(with_v):
-    """prepare -> fit_point -> fit_bootstrap -> fit_holdout -> assemble is exactly ``fit``."""
+    """prepare -> fit_point -> fit_bootstrap -> fit_noise -> fit_holdout -> assemble is exactly ``fit``."""
     import warnings
 
-    from moue.analysis import Holdout, assemble, fit_bootstrap, fit_holdout, fit_point, prepare
+    from moue.analysis import Holdout, assemble, fit_bootstrap, fit_holdout, fit_noise, fit_point, prepare
 
     kw = dict(law="vw_multiplicative", loss="loss", variables=VARS)
     with warnings.catch_warnings(record=True) as caught:
@@ -63,7 +63,9 @@ def test_fit_is_its_public_stages(with_v):
     problem = prepare(with_v, **kw)
     point = fit_point(problem)
     samples = fit_bootstrap(problem, point, n_bootstrap=50, seed=2)
-    staged = assemble(problem, point, samples, fit_holdout(problem, Holdout()), seed=2)
+    held = fit_holdout(problem, Holdout(), n_bootstrap=50, seed=2)  # bootstrapped like the main fit
+    staged = assemble(problem, point, samples, held, noise=fit_noise(problem, point, n_bootstrap=50, seed=2),
+                      seed=2)
     assert staged.to_json() == whole.to_json()
     assert samples.natural.shape == (50, 6) and point.objective == whole.diagnostics.objective
     assert whole.diagnostics.warnings[0] == "n_bootstrap=50 < 1000: intervals are rough"

@@ -1,0 +1,207 @@
+"""Prediction intervals (``moue.analysis.predict``): calibrated on a known law, honest on Epoch's
+held-out Chinchilla points, on the command line (``moue fit --at``) and in the result's JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import DATA
+from moue.analysis import FitResult, Holdout, Noise, Prediction, fit
+
+CSV = DATA / "chinchilla_epoch2024.csv"
+CHINCHILLA_VARS = {"N": "Model Size", "D": "D", "C": "Training FLOP"}
+
+
+def _compute_law(c):
+    """The known truth of the simulation: L = 1.8 + 2e6 C^-0.35."""
+    return 1.8 + 2e6 * c**-0.35
+
+
+def test_intervals_cover_new_runs_of_a_known_law():
+    """60 studies of 30 runs each from a known law with 1% log-normal noise; each study's 95% interval
+    at four new points (inside the data, at its top, 3x and 10x beyond) against a new run there: 240
+    trials, so the coverage's standard error is about 1.4 points."""
+    rng = np.random.default_rng(1)
+    sd, at = 0.01, np.array([1e19, 1e21, 3e21, 1e22])  # the data span C = 1e17 .. 1e21
+    hits = []
+    for rep in range(60):
+        c = 10 ** rng.uniform(17, 21, 30)
+        loss = _compute_law(c) * np.exp(rng.normal(0, sd, c.size))
+        r = fit({"C": c, "loss": loss}, law="compute", loss="loss", variables={"C": "C"},
+                n_bootstrap=100, seed=rep, holdout=None)
+        p = r.predict({"C": at}, interval=True)
+        new = _compute_law(at) * np.exp(rng.normal(0, sd, at.size))
+        hits.append((new >= p.lo) & (new <= p.hi))
+    coverage = np.mean(hits)
+    assert 0.92 <= coverage <= 0.99, coverage
+
+
+@pytest.fixture(scope="module")
+def epoch(chinchilla_frame):
+    return fit(chinchilla_frame, law="chinchilla", loss="loss", variables=CHINCHILLA_VARS,
+               n_bootstrap=1000, seed=0, holdout=Holdout(min_value=1e21))
+
+
+def test_epoch_holdout_intervals(epoch):
+    """Epoch's 23 points at C >= 1e21 against the intervals of the fit on the 217 below.
+
+    The bar of issue 33 is coverage >= 0.90 with a median half-width <= 2.5x the hold-out RMSE. The
+    method (fixed on splits of the training rows, docs/FITTING.md) covers 20 of 23 (0.87) at 1.4x
+    the RMSE: the held-out points miss the law by about twice what any split of the training rows
+    shows. This test guards those figures; ``test_epoch_coverage_bar`` is the bar, not yet met."""
+    h = epoch.holdout
+    lo, hi, obs, pred = map(np.array, (h.test_lo, h.test_hi, h.test_loss, h.test_pred))
+    assert lo.shape == hi.shape == obs.shape == (23,)
+    assert np.all(lo < pred) and np.all(pred < hi)
+    assert h.coverage == pytest.approx(np.mean((obs >= lo) & (obs <= hi)))
+    half = np.median((hi - lo) / 2)
+    assert h.coverage >= 20 / 23 - 1e-9, h.coverage
+    assert half <= 2.5 * h.rmse, (half, h.rmse)
+    # the main fit's noise: residual scatter plus a measured extrapolation misfit
+    assert epoch.noise.misfit_sd > 0 and epoch.noise.n_folds == 5
+
+
+@pytest.mark.xfail(strict=True, reason="issue 33's bar: 0.87 measured (docs/FITTING.md, Prediction intervals)")
+def test_epoch_coverage_bar(epoch):
+    h = epoch.holdout
+    half = np.median((np.array(h.test_hi) - np.array(h.test_lo)) / 2)
+    assert h.coverage >= 0.90 and half <= 2.5 * h.rmse
+
+
+def test_predict_interval_api(epoch):
+    data = {"N": np.array([7e10, 1e9]), "D": np.array([1.4e12, 2e10])}
+    p = epoch.predict(data, interval=True)
+    assert isinstance(p, Prediction) and p.level == 0.95
+    assert np.allclose(p.pred, epoch.predict(data))  # the point prediction is the fit's own
+    assert np.all(p.lo < p.pred) and np.all(p.pred < p.hi)
+    assert epoch.predict(data, samples=True).shape == (1000, 2)  # unchanged
+    with pytest.raises(ValueError, match="exclusive"):
+        epoch.predict(data, samples=True, interval=True)
+
+
+def test_no_bootstrap_no_interval(chinchilla_frame):
+    r = fit(chinchilla_frame, law="compute", loss="loss", variables={"C": "Training FLOP"},
+            n_bootstrap=0, holdout=Holdout(min_value=1e21))
+    assert r.holdout.test_lo == () and math.isnan(r.holdout.coverage)
+    assert r.noise.n_folds == 0  # no fold refits without a bootstrap
+    with pytest.raises(ValueError, match="needs a fit with a bootstrap"):
+        r.predict({"C": np.array([1e22])}, interval=True)
+
+
+# ----------------------------------------------------------------------------- moue fit --at
+
+_FIT = ("--law", "chinchilla", "--loss", "loss", "--set", "N=Model Size", "--set",
+        'D="Training FLOP" / (6 * "Model Size")', "--bootstrap", "200", "--no-holdout")
+
+
+def test_fit_at_json_and_text(cli):
+    r = cli("fit", CSV, *_FIT, "--at", "N=7e10,D=1.4e12", "--at", "D=2e10, N=1e9", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    first, second = d["predictions"]
+    assert first["inputs"] == {"N": 7e10, "D": 1.4e12} and second["inputs"] == {"D": 2e10, "N": 1e9}
+    for p in (first, second):
+        assert p["lo"] < p["pred"] < p["hi"]
+    assert 1.8 < first["pred"] < 2.1 < second["pred"]  # the larger model reaches the lower loss
+    text = cli("fit", CSV, *_FIT, "--at", "N=7e10,D=1.4e12")
+    assert text.exit_code == 0, text.output
+    line = [ln for ln in text.stdout.splitlines() if ln.startswith("prediction at")]
+    assert line == [f"prediction at N = 7e+10, D = 1.4e+12: loss {first['pred']:.4f}, 95% prediction "
+                    f"interval [{first['lo']:.4f}, {first['hi']:.4f}]"]
+    assert "predictions" not in json.loads(cli("fit", CSV, *_FIT, "--json").stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize(("at", "message"), [
+    ("N=7e10,X=3", "names 'X', which is not a variable of law chinchilla (N, D)"),
+    ("N=7e10", "lacks D: law chinchilla needs N, D"),
+    ("N=7e10,D=lots", "gives D='lots', which is not a number"),
+    ("N=-7e10,D=1e12", "gives N=-7e10: values must be positive and finite"),
+    ("N=7e10,D=0", "gives D=0: values must be positive and finite"),
+    ("7e10", "must be VAR=VALUE for each variable of law chinchilla"),
+])
+def test_fit_at_bad_input_exits_2_before_fitting(cli, at, message):
+    r = cli("fit", CSV, *_FIT, "--at", at)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --at ({at!r}) ") and message in lines[0], lines
+
+
+def test_fit_at_needs_a_bootstrap(cli):
+    r = cli("fit", CSV, *_FIT[:-3], "--bootstrap", "0", "--at", "N=7e10,D=1.4e12")
+    assert r.exit_code == 2 and "needs a bootstrap for its interval" in r.stderr
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def test_holdout_intervals_round_trip(epoch):
+    back = FitResult.from_json(epoch.to_json())
+    assert back.holdout == epoch.holdout and back.noise == epoch.noise
+    d = epoch.to_dict()
+    assert len(d["holdout"]["test_lo"]) == 23 and d["holdout"]["coverage"] == epoch.holdout.coverage
+    data = {"N": np.array([7e10]), "D": np.array([1.4e12])}
+    a, b = back.predict(data, interval=True), epoch.predict(data, interval=True)
+    assert np.concatenate([a.pred, a.lo, a.hi]) == pytest.approx(np.concatenate([b.pred, b.lo, b.hi]), rel=1e-12)
+
+
+def test_old_json_without_the_new_fields_reads_back(epoch):
+    d = json.loads(epoch.to_json())
+    for key in ("test_lo", "test_hi", "coverage"):
+        del d["holdout"][key]
+    del d["noise"]
+    old = FitResult.from_dict(d)
+    assert old.holdout.test_lo == () and math.isnan(old.holdout.coverage) and old.noise is None
+    assert old.params == epoch.params
+    with pytest.raises(ValueError, match="no noise estimate"):
+        old.predict({"N": np.array([7e10]), "D": np.array([1.4e12])}, interval=True)
+    json.dumps(old.to_dict(), allow_nan=False)  # NaN coverage is written as null
+
+
+def test_noise_is_a_satterthwaite_sum():
+    n = Noise(residual_sd=0.006, residual_df=200, misfit_sd=0.008, n_folds=5)
+    assert n.scale == pytest.approx(0.01)
+    assert n.df == round(1e-8 / (0.006**4 / 200 + 0.008**4 / 5))
+    assert Noise(residual_sd=0.006, residual_df=200).df == 200  # no misfit: the residuals' own
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _ladder(sizes, seed=0):
+    """Final points of a ladder at 20 tokens per parameter, on moue's own columns."""
+    from moue.analysis import DEFAULT_COLUMNS
+
+    rng = np.random.default_rng(seed)
+    n = np.repeat(np.asarray(sizes, dtype=float), 3)  # three seeds a size
+    d = 20.0 * n
+    c = 6.0 * n * d
+    loss = _compute_law(c * 1e6) * np.exp(rng.normal(0, 0.005, n.size))
+    return {DEFAULT_COLUMNS["N"]: n, DEFAULT_COLUMNS["D"]: d, DEFAULT_COLUMNS["C"]: c, "final/val_loss": loss}
+
+
+def test_next_prediction_and_the_report_summary(tmp_path):
+    from moue.analysis import DEFAULT_COLUMNS
+    from moue.analysis.predict import next_prediction
+    from moue.analysis.report import ReportResult, summary_json
+
+    frame = _ladder([1e5, 2e5, 4e5, 8e5, 1.6e6, 3.2e6])
+    r = fit(frame, law="compute", n_bootstrap=100, seed=0)
+    nxt = next_prediction(r, frame, columns=DEFAULT_COLUMNS)
+    c_max = frame[DEFAULT_COLUMNS["C"]].max()
+    assert nxt.what == "the next size up the ladder (N x2)" and nxt.inputs == {"C": pytest.approx(4 * c_max)}
+    assert nxt.lo < nxt.pred < nxt.hi and nxt.pred == pytest.approx(r.predict({"C": np.array([4 * c_max])})[0])
+    assert nxt.sentence("compute").startswith(f"compute predicts loss {nxt.pred:.4g} (95% prediction interval")
+    one_size = {k: v[-3:] for k, v in frame.items()}  # no ladder: 10x the largest compute
+    assert next_prediction(r, one_size, columns=DEFAULT_COLUMNS).inputs == {"C": pytest.approx(10 * c_max)}
+
+    res = ReportResult(path=tmp_path / "r.html", fits={"compute": r}, tests={}, skipped={}, figures=(), notes=(),
+                       logged_to=(), headline="compute", next_prediction=nxt)
+    d = json.loads(json.dumps(summary_json(res), allow_nan=False))
+    assert d["next_prediction"]["inputs"] == {"C": pytest.approx(4 * c_max)} and d["next_prediction"]["what"] == nxt.what
+    h = d["laws"]["compute"]["holdout"]
+    assert len(h["test_lo"]) == len(h["test_hi"]) == len(h["test_loss"]) == len(h["test_pred"]) == h["n"]
+    assert h["coverage"] == r.holdout.coverage
