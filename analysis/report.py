@@ -603,7 +603,7 @@ def _decisions_table(d: ReportDecisions, notes: Sequence[str] = ()) -> str:
                                for law, v in d.v_terms.items()]):
         needed = "" if dec.needed is None else f"{dec.needed:,} {dec.unit}"
         rows.append((name, what, f"{dec.estimate:+.2f}%", f"[{dec.ci[0]:+.2f}, {dec.ci[1]:+.2f}]",
-                     f"{dec.n} {dec.unit}", dec.verdict + (f" ({dec.why})" if dec.why else ""),
+                     f"{dec.n} {dec.unit}", dec.verdict + (f" ({dec.why.split(' (')[0]})" if dec.why else ""),
                      f"{dec.mde:.2g}%" if math.isfinite(dec.mde) else "unknown", needed))
     return (R.table(["comparison", "what", "estimate", "95% interval", "n", "verdict", "detectable (80% power)",
                      f"would decide at {d.margin:g}%"], rows)
