@@ -110,7 +110,9 @@ def law_lines(fits: dict[str, FitResult]) -> list[str]:
     good = {n: r for n, r in fits.items() if r.verdict.identified}
     for name, r in good.items():
         show(name, r)
-    if not good:
+    if not fits:
+        out.append("no law was fitted (none asked for, or none could be: see below)")
+    elif not good:
         out.append("no law is identified by these runs: none is a result (reasons below)")
     for name, r in fits.items():
         if name not in good:

@@ -47,6 +47,7 @@ def test_smoke_runs_end_to_end_and_its_report_decides_the_comparison(tmp_path) -
     assert run.returncode == 0, run.stdout + run.stderr
     assert "sweep positive_control-smoke: 20 trials (20 finished)" in run.stdout
     assert "8 vs 2 experts per layer: " in run.stdout
+    assert "no law was fitted" in run.stdout and "no law is identified" not in run.stdout
     report = _moue("report", "positive_control-smoke", "--workspace", str(ws), "--json")
     assert report.returncode == 0, report.stdout + report.stderr
     out = json.loads(report.stdout)
