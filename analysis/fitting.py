@@ -9,8 +9,8 @@ one run resample together); a hold-out fit without the largest-compute group.
 :func:`prepare` (validate the table, extract the points: a :class:`Problem`) ->
 :func:`fit_point` (every start optimised, the best kept: a :class:`PointFit`) ->
 :func:`fit_bootstrap` (refits on resampled clusters: :class:`BootstrapSamples`) ->
-:func:`fit_noise` (the residuals' scatter and the law's errors when it extrapolates within the data: the
-:class:`~moue.analysis.predict.Noise` of prediction intervals) ->
+:func:`fit_noise` (the residuals' scatter and, along each law variable, the law's errors when it
+extrapolates within the data: the :class:`~moue.analysis.predict.Noise` of prediction intervals) ->
 :func:`fit_holdout` (fit without the largest-compute group, predict it with prediction intervals: a
 :class:`HoldoutFit`) ->
 :func:`assemble` (derived quantities, intervals, diagnostics, provenance: the
@@ -40,7 +40,8 @@ from moue.analysis.laws import Law, get_law
 from moue.analysis.objective import make_objective
 from moue.analysis.optimize import BatchResult, minimize_batched
 from moue.analysis.points import Points, column_values, prepare_points
-from moue.analysis.predict import FOLD_BOOTSTRAP, Noise, extrapolation_folds, prediction_interval
+from moue.analysis.predict import (FOLD_BOOTSTRAP, Direction, Noise, direction_values, extrapolation_directions,
+                                   extrapolation_folds, prediction_interval)
 from moue.analysis.result import Diagnostics, FitResult, HoldoutResult, Provenance, percentile_interval
 
 __all__ = [
@@ -379,13 +380,16 @@ def _refit(problem: Problem, x0: np.ndarray, W: np.ndarray) -> tuple[np.ndarray,
 
 def fit_noise(problem: Problem, point: PointFit, *, n_bootstrap: int = 100, seed: int = 0) -> Noise:
     """Stage 3b of :func:`fit`: the run-to-run noise of prediction intervals
-    (``moue.analysis.predict``, which states the method): the residuals' scatter at the optimum and
-    the law's misfit when it extrapolates within the data. For each fold of
-    :func:`~moue.analysis.predict.extrapolation_folds` the law is refitted on the points below the
-    cut (warm-started from the optimum, as a bootstrap resample), and that refit is bootstrapped
-    (``n_bootstrap`` resamples of the fold's clusters, ``seed``) for its own parameter uncertainty at
-    the points above the cut. ``n_bootstrap=0`` gives the residuals' scatter only. Folds with fewer
-    than ``P + 2`` points below the cut, or a law variable with a single value there, are left out."""
+    (``moue.analysis.predict``, which states the method): the residuals' scatter at the optimum and,
+    for each direction of :func:`~moue.analysis.predict.extrapolation_directions`, the range of the
+    data along it and the law's misfit when it extrapolates that way. For each fold of
+    :func:`~moue.analysis.predict.extrapolation_folds` along a direction the law is refitted on the
+    points below the cut (warm-started from the optimum, as a bootstrap resample), and that refit is
+    bootstrapped (``n_bootstrap`` resamples of the fold's clusters, ``seed`` plus the fold's number)
+    for its own parameter uncertainty at the points above the cut. ``n_bootstrap=0`` gives the
+    residuals' scatter and the ranges only. Folds with fewer than ``P + 2`` points below the cut, or
+    a law variable with a single value there, are left out, and so are those whose refit hits the
+    iteration limit (not bootstrapped)."""
     law, pts = problem.law, problem.points
     if n_bootstrap < 0:
         raise AnalysisError("n_bootstrap", n_bootstrap, "must be >= 0")
@@ -393,27 +397,49 @@ def fit_noise(problem: Problem, point: PointFit, *, n_bootstrap: int = 100, seed
     resid = (problem.y - law.predict(point.theta[None, :], pts.data)[0])[used]
     df = int(resid.size - law.n_params)
     sd = float(np.sqrt(np.sum(resid**2) / df))
-    folds = [m & used for m in extrapolation_folds(pts.compute)] if n_bootstrap >= 2 else []
-    folds = [m for m in folds if m.sum() >= law.n_params + 2 and (used & ~m).any()
+    axes = {name: direction_values(pts.data, name) for name in extrapolation_directions(law.variables)}
+    folds = [(name, m & used) for name, v in axes.items()
+             for m in (extrapolation_folds(v) if n_bootstrap >= 2 else [])]
+    folds = [(name, m) for name, m in folds if m.sum() >= law.n_params + 2 and (used & ~m).any()
              and all(np.unique(v[m]).size >= 2 for v in pts.data.values())]
-    if not folds:
-        return Noise(residual_sd=sd, residual_df=df)
     x0 = _distinct_optima(law, point.optima, problem.options.bootstrap_starts)
-    refits, _ = _refit(problem, x0, np.stack([pts.weights * m for m in folds]))
-    sq_errors, boot_var = [], []
-    for i, m in enumerate(folds):
-        keys, index = np.unique(pts.cluster_index[m], return_inverse=True)
-        W = np.zeros((n_bootstrap, pts.loss.size))
-        W[:, m] = resample_weights(index, keys.size, n_bootstrap, seed + i) * pts.weights[m]
-        theta, _ = _refit(problem, np.vstack([refits[i], x0[:1]]), W)
-        above = {k: v[used & ~m] for k, v in pts.data.items()}
-        err = problem.y[used & ~m] - law.predict(refits[i][None, :], above)[0]
-        sq_errors.append(err**2)
-        boot_var.append(np.var(law.predict(theta, above), axis=0, ddof=1))
-    sq, var = np.concatenate(sq_errors), np.concatenate(boot_var)
-    misfit = float(np.sqrt(max(0.0, np.mean(sq - var) - sd**2)))
-    return Noise(residual_sd=sd, residual_df=df, misfit_sd=misfit, extrapolation_rms=float(np.sqrt(np.mean(sq))),
-                 n_folds=len(folds), n_errors=int(sq.size))
+    refits, status = _refit(problem, x0, np.stack([pts.weights * m for _, m in folds])) if folds else ([], [])
+    sq = {name: [] for name in axes}
+    var = {name: [] for name in axes}
+    for i, ((name, m), refit, st) in enumerate(zip(folds, refits, status)):
+        if st == "max_iter":
+            continue  # the refit's errors would be the optimiser's, not the law's
+        e2, v_j = _fold_errors(problem, refit, x0, m, used & ~m, n_bootstrap=n_bootstrap, seed=seed + i)
+        sq[name].append(e2)
+        var[name].append(v_j)
+    directions = {}
+    for name, v in axes.items():
+        e2 = np.concatenate(sq[name]) if sq[name] else np.empty(0)
+        excess = float(np.mean(e2 - np.concatenate(var[name]))) - sd**2 if e2.size else 0.0
+        misfit = float(np.sqrt(max(0.0, excess)))
+        directions[name] = Direction(lo=float(v[used].min()), hi=float(v[used].max()), misfit_sd=misfit,
+                                     n_folds=len(sq[name]), n_errors=int(e2.size))
+    e2 = np.concatenate([e for name in axes for e in sq[name]] or [np.empty(0)])
+    return Noise(residual_sd=sd, residual_df=df, misfit_sd=max(d.misfit_sd for d in directions.values()),
+                 extrapolation_rms=float(np.sqrt(np.mean(e2))) if e2.size else float("nan"),
+                 n_folds=sum(d.n_folds for d in directions.values()), n_errors=int(e2.size),
+                 directions=directions)
+
+
+def _fold_errors(problem: Problem, refit: np.ndarray, x0: np.ndarray, below: np.ndarray, above: np.ndarray,
+                 *, n_bootstrap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One extrapolation fold: ``refit``, the law refitted on the rows ``below``, predicts the rows
+    ``above``; their squared errors and the variance of that prediction over ``n_bootstrap``
+    resamples of the refit (the clusters of the rows below, ``seed``; each resample from ``refit`` and
+    the full-data optimum ``x0[0]``)."""
+    law, pts = problem.law, problem.points
+    keys, index = np.unique(pts.cluster_index[below], return_inverse=True)
+    W = np.zeros((n_bootstrap, pts.loss.size))
+    W[:, below] = resample_weights(index, keys.size, n_bootstrap, seed) * pts.weights[below]
+    theta, _ = _refit(problem, np.vstack([refit, x0[:1]]), W)
+    data = {k: v[above] for k, v in pts.data.items()}
+    err = problem.y[above] - law.predict(refit[None, :], data)[0]
+    return err**2, np.var(law.predict(theta, data), axis=0, ddof=1)
 
 
 # ----------------------------------------------------------------------------- stage 4: hold-out
