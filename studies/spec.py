@@ -50,7 +50,7 @@ Format (every table but ``[search]`` and ``[budget]`` optional; see ``studies/*.
     extend = 2                           # rounds of 2 more LRs past the edge for sizes whose optimum is there
     [fixed.model] / [fixed.train] / [fixed.data]   # settings every trial shares
     [smoke.model] / [smoke.train] / [smoke.data] / [smoke.budget] / [smoke.space] / [smoke.scheduler] /
-    [smoke.lr_stage]
+    [smoke.lr_stage] / [smoke.search] (num_samples, seeds)
                                          # --smoke overrides
 
 Every error is a ``ConfigError`` naming the field, the value and what is allowed.
@@ -481,8 +481,8 @@ def _apply_smoke(overrides: dict[str, Any], s: dict, b: dict, c: dict, fixed: di
         elif section == "lr_stage":
             continue  # merged into [lr_stage] by load_study
         elif section == "search":
-            if rest != "num_samples":
-                raise ConfigError(f"smoke.{k}", v, "must be search.num_samples")
+            if rest not in ("num_samples", "seeds"):
+                raise ConfigError(f"smoke.{k}", v, "must be search.num_samples or search.seeds")
             s = {**s, rest: v}
         else:
             fixed[k] = v

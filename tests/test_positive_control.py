@@ -45,7 +45,7 @@ def test_smoke_runs_end_to_end_and_its_report_decides_the_comparison(tmp_path) -
     ws = tmp_path / "ws"
     run = _moue("run", str(SPEC), "--smoke", "--workspace", str(ws))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "sweep positive_control-smoke: 20 trials (20 finished)" in run.stdout
+    assert "sweep positive_control-smoke: 6 trials (6 finished)" in run.stdout  # [smoke.search] seeds
     assert "8 vs 2 experts per layer: " in run.stdout
     assert "no law was fitted" in run.stdout and "no law is identified" not in run.stdout
     report = _moue("report", "positive_control-smoke", "--workspace", str(ws), "--json")
@@ -53,5 +53,5 @@ def test_smoke_runs_end_to_end_and_its_report_decides_the_comparison(tmp_path) -
     out = json.loads(report.stdout)
     assert out["laws"] == {} and "laws: none (the study's [analysis] laws" in report.stderr  # laws = []
     (cmp,) = out["comparisons"]
-    assert cmp["name"] == "8 vs 2 experts per layer" and cmp["n_pairs"] == 10
+    assert cmp["name"] == "8 vs 2 experts per layer" and cmp["n_pairs"] == 3
     assert cmp["verdict"] in VERDICTS and len(cmp["ci_pct"]) == 2

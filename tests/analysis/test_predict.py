@@ -23,13 +23,13 @@ def _compute_law(c):
 
 
 def test_intervals_cover_new_runs_of_a_known_law():
-    """60 studies of 30 runs each from a known law with 1% log-normal noise; each study's 95% interval
-    at four new points (inside the data, at its top, 3x and 10x beyond) against a new run there: 240
-    trials, so the coverage's standard error is about 1.4 points."""
+    """40 studies of 30 runs each from a known law with 1% log-normal noise; each study's 95% interval
+    at four new points (inside the data, at its top, 3x and 10x beyond) against a new run there: 160
+    trials, so the coverage's standard error is about 1.7 points."""
     rng = np.random.default_rng(1)
     sd, at = 0.01, np.array([1e19, 1e21, 3e21, 1e22])  # the data span C = 1e17 .. 1e21
     hits = []
-    for rep in range(60):
+    for rep in range(40):
         c = 10 ** rng.uniform(17, 21, 30)
         loss = _compute_law(c) * np.exp(rng.normal(0, sd, c.size))
         r = fit({"C": c, "loss": loss}, law="compute", loss="loss", variables={"C": "C"},
@@ -91,7 +91,7 @@ def clark_by_experts():
                         loss="loss_validation", variables={"N": "dense_parameter_count", "E": "num_experts"},
                         cluster="hyper_id", n_bootstrap=1000, seed=0,
                         holdout=Holdout(column="num_experts", min_value=512))
-            for router in ("S-Base", "RL-R", "Hash")}
+            for router in ("S-Base",)}  # RL-R and Hash measured alike (docs/FITTING.md); one keeps the suite short
 
 
 def test_clark_holdout_by_expert_count(clark_by_experts):
