@@ -472,9 +472,6 @@ def compare_cmd(
             names[value] = name
         frame = with_topology(load_runs(experiment, tracking_uri=_uri(tracking_uri, workspace),
                                         parent_run_id=parent).frame)
-        for col in pair:
-            if col not in frame.columns:
-                raise AnalysisError("--pair", col, "is not a column")
         rows = compare_variants(frame, variant=variant, reference=reference, pair=pair, loss=loss, label=names,
                                 margin=margin)
     except AnalysisError as e:

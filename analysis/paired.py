@@ -48,14 +48,22 @@ class Comparison:
     mean: float  # mean loss of the variant over its pairs
     mean_reference: float
     mean_diff: float  # variant - reference, loss units
-    mean_rel_diff: float  # in percent of the reference
     sd_diff: float
     t: float
     p_value: float  # two-sided paired t-test (NaN with fewer than 2 pairs)
     n_better: int  # pairs where the variant's loss is lower
     by_group: Mapping[str, float]  # mean relative difference (percent) per value of the first pair column
-    rel_ci: tuple[float, float] = (math.nan, math.nan)  # 95% t-interval of the mean relative difference (percent)
-    decision: Decision | None = None  # on the relative differences (percent), at the comparison's margin
+    decision: Decision  # on the relative differences (percent), at the comparison's margin
+
+    @property
+    def mean_rel_diff(self) -> float:
+        """The mean relative difference, in percent of the reference (the decision's estimate)."""
+        return self.decision.estimate
+
+    @property
+    def rel_ci(self) -> tuple[float, float]:
+        """The 95% t-interval of the mean relative difference (percent; the decision's)."""
+        return self.decision.ci
 
     def line(self) -> str:
         p = "n/a" if math.isnan(self.p_value) else f"{self.p_value:.3g}"
@@ -96,6 +104,9 @@ def compare_variants(frame, *, variant: Sequence[str], reference: str, pair: Seq
     label = dict(label or {})
     reference = label.get(reference, reference)  # a labelled reference is named by its label
     names = [label.get(v, v) for v in variant_labels(frame, variant)]
+    for col in pair:
+        if col not in frame.columns:
+            raise AnalysisError("--pair", col, "is not a column")
     keys = [tuple(row) for row in zip(*(frame[c].to_list() for c in pair))] if pair else [()] * frame.height
     if loss not in frame.columns:
         raise AnalysisError("--loss", loss, "is not a column")
@@ -127,8 +138,8 @@ def compare_variants(frame, *, variant: Sequence[str], reference: str, pair: Seq
             groups.setdefault(str(key[0]) if key else "all", []).append(100 * (x - y) / y)
         out.append(Comparison(
             variant=name, reference=reference, n_pairs=len(d), mean=float(a.mean()), mean_reference=float(b.mean()),
-            mean_diff=float(d.mean()), mean_rel_diff=float(100 * (d / b).mean()),
+            mean_diff=float(d.mean()),
             sd_diff=float(d.std(ddof=1)) if len(d) > 1 else math.nan, t=float(t), p_value=float(p),
             n_better=int((d < 0).sum()), by_group={k: float(np.mean(v)) for k, v in groups.items()},
-            rel_ci=decision.ci, decision=decision))
+            decision=decision))
     return out

@@ -26,10 +26,35 @@ from moue.analysis.result import FitResult
 
 __all__ = ["DEFAULT_REPORT_LAWS", "MAX_BUDGET_FILTER", "LawFits", "ReportResult", "fit_laws",
            "law_frame", "law_rows", "write_report", "headline", "summary_json", "approach_rows", "json_safe",
-           "NamedComparison", "study_comparisons", "v_term_decisions"]
+           "NamedComparison", "ReportDecisions", "decide_report", "study_comparisons", "v_term_decisions"]
 
 DEFAULT_REPORT_LAWS = ("compute", "chinchilla", "vw_additive", "vw_multiplicative",
                        "vw_interaction")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportDecisions:
+    """What a report decides (``moue.analysis.decide``): the families against the layerwise MoE
+    (``moue.analysis.paired.Comparison``, paired by size and seed), the study's own comparisons
+    (``NamedComparison``) and each law's virtual-width term, at the study's margin."""
+
+    margin: float = DEFAULT_MARGIN_PCT  # the smallest effect of interest, percent ([analysis] margin_pct)
+    families: tuple = ()
+    comparisons: tuple = ()
+    v_terms: dict[str, Decision] = field(default_factory=dict)  # law -> the decision on its V term
+
+    def entries(self) -> list[tuple[str, str, Decision]]:
+        """(name, what is compared, decision) of every comparison, in the report's order."""
+        return ([(f"{c.variant} vs {c.reference}", "family, paired by size and seed", c.decision)
+                 for c in self.families]
+                + [(n.name, f"{n.comparison.variant} vs {n.comparison.reference}", n.comparison.decision)
+                   for n in self.comparisons]
+                + [(f"virtual width in {law}", "law term: predicted loss from the smallest to the largest V", d)
+                   for law, d in self.v_terms.items()])
+
+    def lines(self) -> list[str]:
+        """Every decision in plain words, one line each."""
+        return [f"{name}: {d.words()}" for name, _, d in self.entries()]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,26 +72,17 @@ class ReportResult:
     excluded: dict[str, int] = field(default_factory=dict)  # runs left out, by reason (diverged, failed, ...)
     headline: str | None = None  # the law the report leads with (``headline``), None when none is identified
     approaches: tuple = ()  # moue.analysis.approaches.ApproachRow, one per approach
-    families: tuple = ()  # moue.analysis.paired.Comparison: each family against the layerwise MoE, paired by size
     importance: object = None  # moue.analysis.importance.Importance of the search axes (None: too few trials)
-    margin: float = DEFAULT_MARGIN_PCT  # the smallest effect of interest, percent ([analysis] margin_pct)
-    comparisons: tuple = ()  # NamedComparison: the study's [[analysis.comparisons]]
-    v_terms: dict[str, Decision] = field(default_factory=dict)  # law -> the decision on its V term
+    decided: ReportDecisions = field(default_factory=ReportDecisions)
     next_prediction: object = None  # moue.analysis.predict.NextPrediction of the headline law (None: none)
 
     def decisions(self) -> dict[str, Decision]:
-        """Every comparison's decision by name: the families against the layerwise MoE (matched
-        active parameters and compute, paired by size and seed), the study's own comparisons, and
-        each virtual-width term (the predicted loss change from the smallest to the largest V;
-        ``moue.analysis.decide``)."""
-        out = {f"{c.variant} vs {c.reference}": c.decision for c in self.families}
-        out.update({n.name: n.comparison.decision for n in self.comparisons})
-        out.update({f"virtual width in {law}": d for law, d in self.v_terms.items()})
-        return out
+        """Every comparison's decision by name (``ReportDecisions.entries``)."""
+        return {name: d for name, _, d in self.decided.entries()}
 
     def decision_lines(self) -> list[str]:
-        """:meth:`decisions` in plain words, one line each."""
-        return [f"{name}: {d.words()}" for name, d in self.decisions().items()]
+        """Every decision in plain words, one line each."""
+        return self.decided.lines()
 
     def runs_line(self) -> str:
         """The runs the report used and those it left out, as its HTML says."""
@@ -138,22 +154,22 @@ def summary_json(res: ReportResult) -> dict:
                                                "test_lo": list(h.test_lo), "test_hi": list(h.test_hi),
                                                "coverage": h.coverage},
         }
-        if name in res.v_terms:
-            laws[name]["v_term"] = {"name": f"virtual width in {name}", **res.v_terms[name].to_json()}
+        if name in res.decided.v_terms:
+            laws[name]["v_term"] = {"name": f"virtual width in {name}", **res.decided.v_terms[name].to_json()}
     approaches = [{"approach": r.approach, "a": r.a, "a_ci": None if r.a_ci is None else list(r.a_ci), "b": r.b,
                    "b_ci": None if r.b_ci is None else list(r.b_ci), "identified": r.identified,
                    "reasons": list(r.reasons)} for r in res.approaches]
     families = [{"family": c.variant, "reference": c.reference, "n_pairs": c.n_pairs,
                  "mean_rel_diff_pct": c.mean_rel_diff, "ci_pct": list(c.rel_ci), "p_value": c.p_value,
-                 "n_better": c.n_better, **c.decision.to_json()} for c in res.families]
+                 "n_better": c.n_better, **c.decision.to_json()} for c in res.decided.families]
     comparisons = [{"name": n.name, "variant": n.comparison.variant, "reference": n.comparison.reference,
                     "p_value": n.comparison.p_value, "n_better": n.comparison.n_better,
-                    **n.comparison.decision.to_json()} for n in res.comparisons]
+                    **n.comparison.decision.to_json()} for n in res.decided.comparisons]
     imp = res.importance
     importance = None if imp is None else {"method": imp.method, "n_trials": imp.n_trials,
                                            "target_quantile": imp.target_quantile, "scores": dict(imp.scores)}
     return json_safe({"headline": res.headline, "laws": laws, "approaches": approaches, "families": families,
-                    "comparisons": comparisons, "margin_pct": res.margin, "decisions": res.decision_lines(),
+                    "comparisons": comparisons, "margin_pct": res.decided.margin, "decisions": res.decision_lines(),
                     "importance": importance, "skipped": dict(res.skipped), "runs": res.n_runs,
                     "next_prediction": None if res.next_prediction is None else res.next_prediction.to_dict(),
                     "report": str(res.path)})
@@ -205,9 +221,6 @@ def study_comparisons(frame, specs: Sequence[ComparisonSpec], *, margin: float =
     framed, out, notes = with_topology(frame), [], []
     for spec in specs:
         try:
-            for col in spec.pair:
-                if col not in framed.columns:
-                    raise AnalysisError("pair", col, "is not a column of the runs")
             rows = compare_variants(framed, variant=spec.variant, reference=spec.reference, pair=spec.pair,
                                     loss=loss, label=spec.label, margin=margin)
         except AnalysisError as e:
@@ -219,6 +232,16 @@ def study_comparisons(frame, specs: Sequence[ComparisonSpec], *, margin: float =
             out.append(NamedComparison(name=spec.name if len(rows) == 1 else f"{spec.name} ({c.variant})",
                                        comparison=c))
     return tuple(out), tuple(notes)
+
+
+def decide_report(run_frame, frame, fits: dict[str, FitResult], comparisons: Sequence[ComparisonSpec], *,
+                  margin: float = DEFAULT_MARGIN_PCT, loss: str = DEFAULT_LOSS) -> tuple[ReportDecisions, tuple[str, ...]]:
+    """Everything a report decides: the families and the study's comparisons on its runs
+    (``run_frame``), the V terms on the fitted points (``frame``); and the notes of comparisons that
+    could not be made."""
+    named, notes = study_comparisons(run_frame, comparisons, margin=margin, loss=loss)
+    return ReportDecisions(margin=margin, families=family_comparisons(run_frame, margin=margin), comparisons=named,
+                           v_terms=v_term_decisions(frame, fits, margin=margin)), notes
 
 
 def v_term_decisions(frame, fits: dict[str, FitResult], *, margin: float = DEFAULT_MARGIN_PCT
@@ -380,26 +403,17 @@ def write_report(
     ``ReportResult.notes``, each once. ``lr_rule`` (an ``moue.analysis.lr_rule.LrRule``: the study's LR
     stage) adds its LR curves and rule. ``points``: ``"final"`` fits each run's final loss and its
     cooldown branches (decayed losses); ``"marks"`` adds every intermediate mark of the training
-    curves (``moue.analysis.loading.with_mark_points``; resampled by run). ``margin_pct`` is the
-    smallest effect of interest of every comparison's verdict and ``comparisons`` the study's own
-    (``[[analysis.comparisons]]``), beside the families against the layerwise MoE
-    (``moue.analysis.decide``)."""
+    curves (``moue.analysis.loading.with_mark_points``; resampled by run). ``margin_pct`` and
+    ``comparisons`` (``[[analysis.comparisons]]``): what the report decides (:func:`decide_report`)."""
     from moue.analysis import render as R
-    from moue.analysis.loading import load_runs, with_cooldown_points, with_mark_points
+    from moue.analysis.loading import load_runs
 
     for name in laws:
         get_law(name)
-    runs = load_runs(experiment, tracking_uri=tracking_uri, parent_run_id=parent_run_id, curves=True)
-    # cooldown branches (train.cooldown_at) are (N, D) points of their own, resampled with their run
     if points not in ("final", "marks"):
         raise AnalysisError("--points", points, "must be 'final' (final losses and cooldown branches) or 'marks'")
-    frame = with_cooldown_points(runs.frame)
-    if points == "marks":
-        frame = with_mark_points(frame, runs.curves)
-    if frame.height == 0:
-        why = ", ".join(f"{v} {k}" for k, v in sorted(runs.excluded.items()))
-        raise AnalysisError("experiment", experiment, "has no finished trials to report on"
-                            + (f" (excluded: {why})" if why else " (no trial runs)"))
+    runs = load_runs(experiment, tracking_uri=tracking_uri, parent_run_id=parent_run_id, curves=True)
+    frame = _report_points(runs, experiment, points)
     flt = "moue.status = finished" + (f", parent {parent_run_id}" if parent_run_id else "")
     fitted = fit_laws(frame, laws=laws, loss=loss, n_bootstrap=n_bootstrap, seed=seed,
                       delta=delta, filter_desc=flt, source=tracking_uri)
@@ -410,8 +424,7 @@ def write_report(
     prov = _provenance_rows(runs, experiment=experiment, tracking_uri=tracking_uri, flt=flt,
                             loss=loss, delta=delta, n_bootstrap=n_bootstrap, seed=seed)
     lead = headline(fitted.fits, laws)
-    nxt = None if lead is None else next_prediction(fitted.fits[lead], law_frame(frame, lead)[0],
-                                                    columns=DEFAULT_COLUMNS)
+    nxt = None if lead is None else next_prediction(fitted.fits[lead], law_frame(frame, lead)[0], columns=DEFAULT_COLUMNS)
     approaches, iso = approach_rows(runs, fitted.fits, seed=seed)
     if iso is not None:
         from moue.analysis import figures as F
@@ -420,18 +433,14 @@ def write_report(
     sections = _sections(fitted, tests, notes, prov, have_v="loss_vs_virtual_width" in figs)
     importance, imp_html = _importance_section(runs.frame, loss, figs)
     sections.append(("Which settings matter (parameter importance)", imp_html))
-    families = family_comparisons(runs.frame, margin=margin_pct)
-    named, cmp_notes = study_comparisons(runs.frame, comparisons, margin=margin_pct, loss=loss)
+    decided, cmp_notes = decide_report(runs.frame, frame, fitted.fits, comparisons, margin=margin_pct, loss=loss)
     notes = tuple(dict.fromkeys(notes + cmp_notes))
-    v_terms = v_term_decisions(frame, fitted.fits, margin=margin_pct)
-    decided = dict(margin=margin_pct, comparisons=named, v_terms=v_terms, families=families)
     sections.insert(0, ("Summary", _summary_html(fitted, tests, lead, n_runs=runs.frame.height,
-                                                 n_points=frame.height, decisions=ReportDecisions(**decided),
-                                                 next_pred=nxt)))
+                                                 n_points=frame.height, decisions=decided, next_pred=nxt)))
     sections.insert(3, ("Compute-optimal exponents, three approaches", _approaches_html(approaches)
                         + ("{{figure:isoflop}}" if iso is not None else "")))
-    if families or named or v_terms or cmp_notes:
-        sections.insert(1, ("Decisions", _decisions_table(ReportDecisions(**decided), notes=cmp_notes)))
+    if decided.entries() or cmp_notes:
+        sections.insert(1, ("Decisions", _decisions_table(decided, notes=cmp_notes)))
     if lr_rule is not None:
         from moue.analysis import figures as F
 
@@ -446,10 +455,26 @@ def write_report(
     res = ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
                        figures=tuple(figs), notes=notes + tuple(extra_notes),
                        logged_to=(), n_runs=runs.frame.height, excluded=dict(runs.excluded), headline=lead,
-                       approaches=tuple(approaches), importance=importance, next_prediction=nxt, **decided)
+                       approaches=tuple(approaches), importance=importance, next_prediction=nxt, decided=decided)
     if log_artifact:
         res = dataclasses.replace(res, logged_to=_log_report(out, runs.parents, tracking_uri, res))
     return res
+
+
+def _report_points(runs, experiment: str, points: str):
+    """The points a report fits: each run's final loss and its cooldown branches (``train.cooldown_at``:
+    (N, D) points of their own, resampled with their run), and with ``points="marks"`` every mark of
+    the training curves; refused when there is none."""
+    from moue.analysis.loading import with_cooldown_points, with_mark_points
+
+    frame = with_cooldown_points(runs.frame)
+    if points == "marks":
+        frame = with_mark_points(frame, runs.curves)
+    if frame.height == 0:
+        why = ", ".join(f"{v} {k}" for k, v in sorted(runs.excluded.items()))
+        raise AnalysisError("experiment", experiment, "has no finished trials to report on"
+                            + (f" (excluded: {why})" if why else " (no trial runs)"))
+    return frame
 
 
 def approach_rows(runs, fits: dict[str, FitResult], *, seed: int = 0) -> tuple[list, object]:
@@ -535,16 +560,6 @@ def _approaches_html(rows) -> str:
                     "groups runs within 0.1 decades of compute into budgets.</p>")
 
 
-@dataclass(frozen=True, kw_only=True)
-class ReportDecisions:
-    """What the report decides (the ``ReportResult`` fields of the same names)."""
-
-    margin: float
-    families: tuple
-    comparisons: tuple
-    v_terms: dict
-
-
 def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | None, *, n_runs: int,
                   n_points: int, decisions: ReportDecisions | None = None, next_pred=None) -> str:
     """The plain-language paragraph at the top, and every law's verdict."""
@@ -577,12 +592,7 @@ def _summary_html(fitted: LawFits, tests: dict[str, NestedTest], lead: str | Non
 
 def _decisions_html(d: ReportDecisions) -> str:
     """The verdicts in plain words (final loss, 95% intervals, at the study's margin)."""
-    lines = [f"{c.variant} against the layerwise MoE at the same size (final loss, lower in {c.n_better} of "
-             f"{c.n_pairs} pairs): {c.decision.words()}" for c in d.families]
-    lines += [f"{n.name} ({n.comparison.variant} against {n.comparison.reference}): "
-              f"{n.comparison.decision.words()}" for n in d.comparisons]
-    lines += [f"Virtual width in {law} (predicted loss change from the smallest to the largest V): {v.words()}"
-              for law, v in d.v_terms.items()]
+    lines = [f"{name} ({what}): {dec.words()}" for name, what, dec in d.entries()]
     if not lines:
         return ""
     items = "".join(f"<li>{html.escape(line)}.</li>" for line in lines)
@@ -597,12 +607,7 @@ def _decisions_table(d: ReportDecisions, notes: Sequence[str] = ()) -> str:
     from moue.analysis import render as R
 
     rows = []
-    for name, what, dec in ([(f"{c.variant} vs {c.reference}", "family, paired by size and seed", c.decision)
-                             for c in d.families]
-                            + [(n.name, f"{n.comparison.variant} vs {n.comparison.reference}", n.comparison.decision)
-                               for n in d.comparisons]
-                            + [(f"virtual width in {law}", "law term, smallest to largest V", v)
-                               for law, v in d.v_terms.items()]):
+    for name, what, dec in d.entries():
         needed = "" if dec.needed is None else f"{dec.needed:,} {dec.unit}"
         rows.append((name, what, f"{dec.estimate:+.2f}%", f"[{dec.ci[0]:+.2f}, {dec.ci[1]:+.2f}]",
                      f"{dec.n} {dec.unit}", dec.verdict + (f" ({dec.why.split(' (')[0]})" if dec.why else ""),

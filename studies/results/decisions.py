@@ -31,9 +31,9 @@ def reread(study: str, margin: float, bootstrap: int) -> list[str]:
     points = with_cooldown_points(frame)
     fitted = fit_laws(points, laws=V_LAWS, n_bootstrap=bootstrap, seed=0)
     for law, d in v_term_decisions(points, fitted.fits, margin=margin).items():
-        gamma = {k: v for k, v in fitted.fits[law].params.items() if k in ("gamma", "b", "c")}
-        terms = ", ".join(f"{k} = {v:.3g} [{fitted.fits[law].ci[k][0]:.3g}, {fitted.fits[law].ci[k][1]:.3g}]"
-                          for k, v in gamma.items())
+        r = fitted.fits[law]
+        v_params = {k: v for k, v in r.params.items() if k not in r.law_spec.nested_law.natural}
+        terms = ", ".join(f"{k} = {v:.3g} [{r.ci[k][0]:.3g}, {r.ci[k][1]:.3g}]" for k, v in v_params.items())
         lines.append(f"virtual width in {law} ({terms}): {d.words()}")
     for law, why in fitted.skipped.items():
         lines.append(f"{law}: not fitted: {why}")
