@@ -25,7 +25,7 @@ from pathlib import Path
 __all__ = [
     "SCHEMA_VERSION", "KIND", "KIND_STUDY", "KIND_TRIAL", "SCHEMA", "STATUS", "STOP_REASON", "TRIAL_ID", "SEED",
     "SWEEP_ID", "PARENT_RUN", "STATUSES", "DONE", "VAL_LOSS", "TRAIN_LOSS", "FINAL_VAL_LOSS", "FINAL_TOKENS",
-    "TRACKED", "LAYER_METRICS", "COOLDOWN", "is_tracked", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "DECISION_TAG_PREFIX", "VIEW_TAG", "VIEW_PARAMS", "view_state", "view_url", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
+    "TRACKED", "LAYER_METRICS", "COOLDOWN", "is_tracked", "CURVE_METRICS", "PARENT_TAGS", "CONFIG_PARAM", "DECISION_TAG_PREFIX", "DESIGN_TAG", "DESIGN_VERDICT_TAG", "DESIGN_ARTIFACT", "DESIGN_METRICS", "VIEW_TAG", "VIEW_PARAMS", "view_state", "view_url", "DEFAULT_WORKSPACE", "default_tracking_uri", "search_runs",
 ]
 
 SCHEMA_VERSION = 1
@@ -67,6 +67,12 @@ def view_url(base: str, experiment_id: str) -> str:
 
 # params
 DECISION_TAG_PREFIX = "moue.decision."  # parent-run tags: one per comparison's verdict, in plain words (moue report)
+# an adaptive study's design (moue.studies.adaptive) on the parent run: why it stopped, its verdict,
+# its whole record, and one step per look of each DESIGN_METRICS curve (the target's interval by round)
+DESIGN_TAG = "moue.design.stop"
+DESIGN_VERDICT_TAG = "moue.design.verdict"
+DESIGN_ARTIFACT = "design.json"
+DESIGN_METRICS = {key: f"design/{key}" for key in ("estimate", "lo", "hi", "half_width", "compute_flops", "n_trials")}
 CONFIG_PARAM = "config.json"  # the trial's resolved config, typed, as one JSON object
 
 # a trial's end states; a trial in one of DONE is never trained again (a failed one is retried, an

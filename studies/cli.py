@@ -483,6 +483,19 @@ def _print_outcome(outcome) -> None:
     hint = f" ({', '.join(f'{n} {k}' for k, n in unfinished.items())}: moue sweep ... --resume retries them)" \
         if unfinished else ""
     typer.echo(f"Tune state: {outcome.storage}{hint}")
+    if outcome.design is not None:
+        typer.echo(design_line(outcome.design))
+
+
+def design_line(record: dict) -> str:
+    """An adaptive sweep's outcome in one line: what it decided, why it stopped, what it spent."""
+    looks = record.get("looks") or [{}]
+    last = looks[-1]
+    interval = (f"{last['estimate']:+.4g} [{last['lo']:+.4g}, {last['hi']:+.4g}]"
+                if last.get("estimate") is not None and last.get("lo") is not None else "no interval")
+    return (f"design {record['target']}: {record['verdict']} ({interval} after {len(looks)} look(s)); "
+            f"stopped: {record['stop'] or 'not yet'}; {record['finished_trials']} of {record['n_candidates']} "
+            f"candidate trials, {record['spent_flops']:.3g} of {record['budget_flops']:.3g} FLOPs")
 
 
 def _print_dry_run(study) -> None:
@@ -500,12 +513,16 @@ def _print_dry_run(study) -> None:
         settings = " ".join(f"{k}={v}" for k, v in point.items())
         typer.echo(f"  pruned: {settings}: {why}")
     early = " (at most: ASHA stops some trials early)" if study.scheduler.kind == "asha" else ""
+    if "design" in totals:
+        early = " (at most: the adaptive design below chooses which to train)"
     typer.echo(f"total: {totals['trials']} trials, {totals['tokens']:,} tokens, {totals['compute']:.3g} FLOPs{early}, "
                f"{totals['pruned']} grid points pruned")
     if any(r["active"] > r["total"] for r in rows):
         typer.echo("note: active counts a weight once per layer that applies it (the N of C = 6ND), so a model "
                    "that reuses weights across depth can have active > total (moue_core/counting.py)")
     typer.echo(_estimate_line(study, [r["plan"] for r in rows]) + early)
+    for line in totals.get("design", ()):
+        typer.echo(line)
 
 
 def _estimate_line(study, plans) -> str:

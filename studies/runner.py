@@ -50,6 +50,7 @@ class SweepOutcome:
     wall_s: float
     train_s: float  # time inside training steps, summed over trials
     concurrency: int
+    design: dict | None = None  # an adaptive study's design record (moue.studies.adaptive.design_record)
 
 
 def _define(trial, *, space_name: str, fixed: dict, options: dict):
@@ -179,7 +180,8 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _new_tuner(study, trainable, storage_root=storage_root, callbacks=callbacks,
-                           concurrency=concurrency, max_failures=max_failures)
+                           concurrency=concurrency, max_failures=max_failures,
+                           record=workspace.design_record(name))
     results = tuner.fit()
     prune_checkpoints(results)
     wall = time.time() - t0
@@ -202,14 +204,30 @@ def _run_sweep_locked(study: Study, *, workspace: Workspace, resume: bool, addre
     interrupted = state is not None and state[0] == "KILLED"
     if interrupted:
         statuses = dict(state[1])
-    outcome = SweepOutcome(name=name, experiment=study.experiment, tracking_uri=uri,
-                           parent_run_id=parent_run_id(uri, study.experiment, name), storage=exp_dir,
-                           trials=len(results), statuses=statuses,
+    parent = parent_run_id(uri, study.experiment, name)
+    design = _log_design(study, workspace, uri, parent)
+    outcome = SweepOutcome(name=name, experiment=study.experiment, tracking_uri=uri, parent_run_id=parent,
+                           storage=exp_dir, trials=len(results), statuses=statuses,
                            best_val_loss=None if not math.isfinite(best) else best, wall_s=wall, train_s=train_s,
-                           concurrency=min(concurrency, total))
+                           concurrency=min(concurrency, total), design=design)
     if interrupted:
         raise SweepInterrupted(outcome, not_started=max(0, total - sum(statuses.values())))
     return outcome
+
+
+def _log_design(study: Study, workspace: Workspace, uri: str, parent: str | None) -> dict | None:
+    """An adaptive sweep's design record, read from the workspace and logged to its parent run."""
+    import json
+
+    path = workspace.design_record(sweep_name(study))
+    if study.design is None or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if parent is not None:
+        from moue.studies.tracking import log_design
+
+        log_design(uri, parent, record)
+    return record
 
 
 def _prior_state(study: Study, *, resume: bool, uri: str, exp_dir: str) -> dict[str, dict[str, Any]]:
@@ -279,8 +297,9 @@ def _eta_basis(study: Study, concurrency: int) -> tuple[dict[str, float] | None,
 
 
 def _new_tuner(study: Study, trainable, *, storage_root: str, callbacks: list, concurrency: int,
-               max_failures: int) -> tune.Tuner:
-    """A fresh Tuner: the grid (``{"point": ...}`` per trial) or the Optuna sampler, ASHA if asked."""
+               max_failures: int, record: Path) -> tune.Tuner:
+    """A fresh Tuner: the grid (``{"point": ...}`` per trial), the adaptive design's searcher
+    (``[design]``: it hands out grid points one round at a time) or the Optuna sampler, ASHA if asked."""
     from ray.tune.schedulers import ASHAScheduler
 
     name = sweep_name(study)
@@ -290,7 +309,12 @@ def _new_tuner(study: Study, trainable, *, storage_root: str, callbacks: list, c
                                   grace_period=study.scheduler.grace_tokens,
                                   reduction_factor=study.scheduler.reduction_factor)
     search_alg = None
-    if study.search.algorithm == "grid":
+    if study.design is not None:
+        from moue.studies.adaptive import AdaptiveSearcher
+
+        search_alg = AdaptiveSearcher(study, metric=METRIC, record=record)
+        param_space, num_samples = {}, len(study.points)
+    elif study.search.algorithm == "grid":
         param_space = {"point": tune.grid_search(study.points)}
         num_samples = 1
     else:
@@ -349,4 +373,9 @@ def dry_run(study: Study) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                      "compute": plan.compute, "plan": plan})
     totals = {"trials": len(rows), "compute": sum(r["compute"] for r in rows), "pruned": len(study.pruned),
               "tokens": sum(r["tokens"] for r in rows)}
+    if study.design is not None:
+        from moue.studies.adaptive import build_design, round_lines
+
+        design = build_design(study)
+        totals["design"] = round_lines(design, design.initial())
     return rows, totals

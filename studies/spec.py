@@ -41,6 +41,11 @@ Format (every table but ``[search]`` and ``[budget]`` optional; see ``studies/*.
     pair = ["train.seed"]                #   columns a pair of runs shares
     label = { "4" = "2 experts" }        #   optional names of joined values
 
+    [design]                             # an adaptive study (moue.analysis.design, moue.studies.adaptive):
+    target = "family:MoUE-style"         #   family:NAME, comparison:NAME, exponent:LAW.PARAM, term:LAW.PARAM
+    precision = 0.01                     #   the margin (paired: a fraction) or the half-width (a parameter)
+    budget_flops = 5e15                  #   stop here at the latest (undecided if so)
+    batch = 2                            #   trials per round; the grid is the candidate set
     [space]                              # options of the search space (search_spaces.<space>.defaults)
     [lr_stage]                           # ladder only: tune the LR per size first (moue.studies.stages)
     multipliers = [0.25, 0.5, 1, 2, 4]   # each size at these multiples of its rule's LR
@@ -50,7 +55,7 @@ Format (every table but ``[search]`` and ``[budget]`` optional; see ``studies/*.
     extend = 2                           # rounds of 2 more LRs past the edge for sizes whose optimum is there
     [fixed.model] / [fixed.train] / [fixed.data]   # settings every trial shares
     [smoke.model] / [smoke.train] / [smoke.data] / [smoke.budget] / [smoke.space] / [smoke.scheduler] /
-    [smoke.lr_stage] / [smoke.search] (num_samples, seeds)
+    [smoke.lr_stage] / [smoke.search] (num_samples, seeds) / [smoke.design]
                                          # --smoke overrides
 
 Every error is a ``ConfigError`` naming the field, the value and what is allowed.
@@ -141,6 +146,7 @@ class Study:
     stage: str = "main"
     lr_rule_file: str = ""  # main stage of a study with [lr_stage]: the fitted rule it runs at
     given_name: str = ""  # ``--name``: this sweep's name (and experiment) instead of the spec's
+    design: Any = None  # [design]: moue.analysis.design.DesignSpec (an adaptive study); None: the grid runs whole
 
     def plan(self, config: dict[str, Any]):
         """The ``TrialPlan`` of the trial Tune configured with ``config`` (``{"point": {...}}`` for
@@ -187,7 +193,7 @@ MAX_NAME = 100  # a study name becomes folder names (Tune's trial dirs add ~100 
 MAX_TOKENS = 10**12  # per trial
 
 _TOP_KEYS = {"name", "description", "search", "scheduler", "budget", "resources", "tracking", "analysis",
-             "space", "lr_stage", "fixed", "smoke"}
+             "space", "lr_stage", "design", "fixed", "smoke"}
 STAGES = ("main", "lr")  # a study with [lr_stage] runs "lr" (its LR scan) and then "main"
 LR_STAGE_SUFFIX = "_lr"
 
@@ -230,7 +236,7 @@ def _flatten_fixed(doc: dict, key: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section, table in fixed.items():
         allowed = ("model", "train", "data") if key == "fixed" else ("model", "train", "data", "budget", "space", "scheduler",
-                                                                   "search", "lr_stage")
+                                                                   "search", "lr_stage", "design")
         if section not in allowed or not isinstance(table, dict):
             raise ConfigError(f"{key}.{section}", table, f"must be one of the tables {', '.join(allowed)}")
         for k, v in table.items():
@@ -268,8 +274,9 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     a = _table(doc, "analysis", {"laws": list, "margin_pct": (int, float), "comparisons": list})
     space_options = dict(_table(doc, "space", {k: object for k in doc.get("space", {})}))
     _rule_next_to_spec(space_options, p)
-    if smoke and isinstance(doc.get("smoke", {}).get("lr_stage"), dict) and "lr_stage" in doc:
-        doc = {**doc, "lr_stage": {**doc["lr_stage"], **doc["smoke"]["lr_stage"]}}
+    for key in ("lr_stage", "design"):
+        if smoke and isinstance(doc.get("smoke", {}).get(key), dict) and key in doc:
+            doc = {**doc, key: {**doc[key], **doc["smoke"][key]}}
     lr_stage = _lr_stage_spec(doc, s)
     if stage == "lr" and lr_stage is None:
         raise ConfigError("lr_stage", None, "is required for the LR stage (the spec has no [lr_stage] table)")
@@ -311,8 +318,33 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     )
     _probe_fixed(fixed)
     study = _resolve_points(study, space)
+    if "design" in doc:
+        study = _with_design(study, doc)
     if not smoke and "smoke" in doc:  # the [smoke.*] overrides are checked now, not at the first --smoke
         _check_smoke(p, _flatten_fixed(doc, "smoke"))
+    return study
+
+
+def _with_design(study: Study, doc: dict) -> Study:
+    """``[design]`` checked against the study: a grid (its candidates) without ASHA, and a target
+    its trials can answer (``moue.studies.adaptive.build_design``)."""
+    from moue.analysis.design import DesignSpec
+
+    d = _table(doc, "design", {"target": str, "precision": (int, float), "budget_flops": (int, float),
+                               "batch": int}, required=("target", "precision", "budget_flops"))
+    if study.search.algorithm != "grid":
+        raise ConfigError("search.algorithm", study.search.algorithm, "must be 'grid' in a study with [design] "
+                          "(the grid is the set of trials the design chooses from)")
+    if study.scheduler.kind != "none":
+        raise ConfigError("scheduler.kind", study.scheduler.kind, "must be 'none' in a study with [design] "
+                          "(the design reads every trial's final loss)")
+    spec = DesignSpec(target=d["target"], precision=float(d["precision"]), budget_flops=float(d["budget_flops"]),
+                      batch=d.get("batch", 2))
+    study = dataclasses.replace(study, design=spec)
+    from moue.studies.adaptive import build_design
+
+    if not build_design(study).initial():
+        raise ConfigError("design.budget_flops", spec.budget_flops, "is less than the cheapest trial of the study")
     return study
 
 
@@ -478,8 +510,8 @@ def _apply_smoke(overrides: dict[str, Any], s: dict, b: dict, c: dict, fixed: di
             if rest not in ("kind", "grace_tokens", "reduction_factor"):
                 raise ConfigError(f"smoke.{k}", v, "must be scheduler.kind, grace_tokens or reduction_factor")
             c = {**c, rest: v}
-        elif section == "lr_stage":
-            continue  # merged into [lr_stage] by load_study
+        elif section in ("lr_stage", "design"):
+            continue  # merged into their tables by load_study
         elif section == "search":
             if rest not in ("num_samples", "seeds"):
                 raise ConfigError(f"smoke.{k}", v, "must be search.num_samples or search.seeds")

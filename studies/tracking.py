@@ -612,3 +612,24 @@ def loopback_server(folder: str | os.PathLike[str], *, db: str | os.PathLike[str
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def log_design(tracking_uri: str, parent_run_id: str, record: Mapping[str, Any]) -> None:
+    """An adaptive study's design record (``moue.studies.adaptive.design_record``) on its parent run:
+    the tags ``moue.design.stop`` (why it stopped) and ``moue.design.verdict``, one step per look of
+    the ``design/*`` curves (the target's estimate and interval, the compute and trials so far), and
+    the whole record as ``design.json``. Idempotent: a resumed sweep logs the same steps again."""
+    from moue.tracking_contract import DESIGN_ARTIFACT, DESIGN_METRICS, DESIGN_TAG, DESIGN_VERDICT_TAG
+
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    metrics = []
+    for look in record.get("looks", ()):
+        metrics += [Metric(name, float(look[key]), now, int(look["round"])) for key, name in DESIGN_METRICS.items()
+                    if look.get(key) is not None and math.isfinite(float(look[key]))]
+    tags = [RunTag(DESIGN_TAG, record.get("stop") or "not stopped: the sweep ended first"),
+            RunTag(DESIGN_VERDICT_TAG, str(record.get("verdict", "undecided")))]
+    for start in range(0, max(1, len(metrics)), 900):  # MLflow's batch limit is 1,000 entries
+        client.log_batch(parent_run_id, metrics=metrics[start:start + 900], tags=tags if start == 0 else [],
+                         synchronous=True)
+    client.log_text(parent_run_id, json.dumps(record, indent=1, allow_nan=True), DESIGN_ARTIFACT)

@@ -38,6 +38,10 @@ class Workspace:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    def design_record(self, sweep: str) -> Path:
+        """Where an adaptive sweep's searcher writes its design record (``moue.studies.adaptive``)."""
+        return self.root / "designs" / f"{sweep}.json"
+
     def create(self) -> None:
         for d in (self.root, self.ray, self.cache, self.reports, self.root / "artifacts"):
             d.mkdir(parents=True, exist_ok=True)
