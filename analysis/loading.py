@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from moue.analysis.errors import AnalysisError
-from moue.tracking_contract import (CONFIG_PARAM, CURVE_METRICS, FINAL_VAL_LOSS,
+from moue.tracking_contract import (CONFIG_PARAM, CURVE_METRICS, DESIGN_TAG, DESIGN_VERDICT_TAG, FINAL_VAL_LOSS,
                                          PARENT_RUN, PARENT_TAGS, SCHEMA, SCHEMA_VERSION, SEED,
                                          STATUS, STATUSES, STOP_REASON, TRIAL_ID,
                                          default_tracking_uri, search_runs)
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["SCHEMA_VERSION", "LoadedRuns", "ParentRun", "default_tracking_uri", "load_runs", "with_cooldown_points",
            "study_analysis", "study_laws", "with_mark_points"]
 
-_PARENT_TAGS = PARENT_TAGS
+_PARENT_TAGS = (*PARENT_TAGS, DESIGN_TAG, DESIGN_VERDICT_TAG)  # provenance, and an adaptive study's outcome
 _INT = re.compile(r"^[+-]?\d+$")
 
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from moue.analysis.decide import DEFAULT_MARGIN_PCT, ComparisonSpec, Decision
+from moue.analysis.design_report import design_figure, design_html, design_json, load_design
 from moue.analysis.errors import AnalysisError
 from moue.analysis.fitting import DEFAULT_COLUMNS, DEFAULT_LOSS, fit
 from moue.analysis.laws import get_law
@@ -75,6 +76,7 @@ class ReportResult:
     importance: object = None  # moue.analysis.importance.Importance of the search axes (None: too few trials)
     decided: ReportDecisions = field(default_factory=ReportDecisions)
     next_prediction: object = None  # moue.analysis.predict.NextPrediction of the headline law (None: none)
+    design: dict | None = None  # an adaptive study's design record (moue.analysis.design_report; None: none)
 
     def decisions(self) -> dict[str, Decision]:
         """Every comparison's decision by name (``ReportDecisions.entries``)."""
@@ -172,6 +174,7 @@ def summary_json(res: ReportResult) -> dict:
                     "comparisons": comparisons, "margin_pct": res.decided.margin, "decisions": res.decision_lines(),
                     "importance": importance, "skipped": dict(res.skipped), "runs": res.n_runs,
                     "next_prediction": None if res.next_prediction is None else res.next_prediction.to_dict(),
+                    "design": None if res.design is None else design_json(res.design),
                     "report": str(res.path)})
 
 
@@ -441,6 +444,10 @@ def write_report(
                         + ("{{figure:isoflop}}" if iso is not None else "")))
     if decided.entries() or cmp_notes:
         sections.insert(1, ("Decisions", _decisions_table(decided, notes=cmp_notes)))
+    design = load_design(runs.parents, tracking_uri)
+    if design is not None:
+        figs["design"] = R.draw_scatter(design_figure(design))
+        sections.insert(1, ("Adaptive design: what it trained and why it stopped", design_html(design)))
     if lr_rule is not None:
         from moue.analysis import figures as F
 
@@ -455,7 +462,8 @@ def write_report(
     res = ReportResult(path=out, fits=fitted.fits, tests=tests, skipped=fitted.skipped,
                        figures=tuple(figs), notes=notes + tuple(extra_notes),
                        logged_to=(), n_runs=runs.frame.height, excluded=dict(runs.excluded), headline=lead,
-                       approaches=tuple(approaches), importance=importance, next_prediction=nxt, decided=decided)
+                       approaches=tuple(approaches), importance=importance, next_prediction=nxt, decided=decided,
+                       design=design)
     if log_artifact:
         res = dataclasses.replace(res, logged_to=_log_report(out, runs.parents, tracking_uri, res))
     return res

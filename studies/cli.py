@@ -484,18 +484,10 @@ def _print_outcome(outcome) -> None:
         if unfinished else ""
     typer.echo(f"Tune state: {outcome.storage}{hint}")
     if outcome.design is not None:
+        from moue.analysis.design_report import design_line
+
         typer.echo(design_line(outcome.design))
 
-
-def design_line(record: dict) -> str:
-    """An adaptive sweep's outcome in one line: what it decided, why it stopped, what it spent."""
-    looks = record.get("looks") or [{}]
-    last = looks[-1]
-    interval = (f"{last['estimate']:+.4g} [{last['lo']:+.4g}, {last['hi']:+.4g}]"
-                if last.get("estimate") is not None and last.get("lo") is not None else "no interval")
-    return (f"design {record['target']}: {record['verdict']} ({interval} after {len(looks)} look(s)); "
-            f"stopped: {record['stop'] or 'not yet'}; {record['finished_trials']} of {record['n_candidates']} "
-            f"candidate trials, {record['spent_flops']:.3g} of {record['budget_flops']:.3g} FLOPs")
 
 
 def _print_dry_run(study) -> None:
