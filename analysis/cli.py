@@ -725,6 +725,27 @@ def bench_fit_cmd(
         raise _fail(e) from None
 
 
+def bench_design_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    reps: Annotated[int | None, typer.Option("--reps", help="Repetitions of each simulated scenario (both "
+                                             "policies on the same draws; default: DEFAULT_REPS of "
+                                             "moue.analysis.design_bench).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the simulated outcomes.")] = 0,
+) -> None:
+    """Benchmark the adaptive design against the fixed grid on simulated trials (a known law plus
+    seed noise): compute ratio, truth coverage, false detection rate.
+
+    Example: moue bench design --json
+    """
+    from moue.analysis.design_bench import run_design_bench
+    from moue.analysis.errors import AnalysisError
+
+    try:
+        run_design_bench(json=as_json, seed=seed, stream=sys.stdout, **({} if reps is None else {"reps": reps}))
+    except AnalysisError as e:
+        raise _fail(e) from None
+
+
 def export_cmd(
     experiment: Annotated[str, typer.Argument(help="Study (MLflow experiment) name.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="File to write: .parquet or .csv.")],
@@ -765,7 +786,8 @@ def export_cmd(
 
 def register(app: typer.Typer, bench: typer.Typer | None = None) -> None:
     """Add ``report``, ``fit``, ``check`` to the ``moue`` app, and the fit benchmark as ``fit`` of
-    its ``bench`` group (or as ``bench-fit`` when no group is given)."""
+    its ``bench`` group (or as ``bench-fit`` when no group is given) with the design benchmark as
+    ``design`` beside it."""
     app.command("report")(report_cmd)
     app.command("fit")(fit_cmd)
     app.command("check")(check_cmd)
@@ -775,5 +797,6 @@ def register(app: typer.Typer, bench: typer.Typer | None = None) -> None:
     app.command("compare")(compare_cmd)
     if bench is not None:
         bench.command("fit")(bench_fit_cmd)
+        bench.command("design")(bench_design_cmd)
     else:
         app.command("bench-fit")(bench_fit_cmd)

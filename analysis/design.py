@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -458,9 +459,10 @@ class Design:
         if rows.height < law.n_params + 1:
             return None
         try:  # fit's stages without its noise model and hold-out, which a look does not use
-            problem = prepare(rows, law=law, variables={v: DEFAULT_COLUMNS[v] for v in law.variables})
-            point = fit_point(problem)
-            samples = fit_bootstrap(problem, point, n_bootstrap=DESIGN_BOOTSTRAP, seed=self.seed)
+            with _one_thread():
+                problem = prepare(rows, law=law, variables={v: DEFAULT_COLUMNS[v] for v in law.variables})
+                point = fit_point(problem)
+                samples = fit_bootstrap(problem, point, n_bootstrap=DESIGN_BOOTSTRAP, seed=self.seed)
             return assemble(problem, point, samples, seed=self.seed)
         except AnalysisError:
             return None
@@ -565,6 +567,26 @@ class Design:
         self.results = {int(k): (tuple(v) if v is not None else None) for k, v in state["results"].items()}
         self.looks = [_look_from_json(x) for x in state["looks"]]
         self.seed = int(state.get("seed", 0))
+
+
+@contextmanager
+def _one_thread():
+    """The fit's compiled kernels on this thread alone while inside (numba's setting is per
+    thread). A look's fit is small (tens of points, a few dozen starts, 200 resamples) and runs in
+    the searcher beside trials that hold the cores; there numba's parallel kernels wait on busy
+    cores: 3 repetitions of ``moue bench design``'s law scenario took 23-35 s on 2 threads and
+    2.0 s on 1, on 2 cores that a study was also using."""
+    try:
+        import numba
+    except ImportError:  # the numpy kernels: nothing to set
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def law_half_width(r, param: str, alpha: float = 0.05) -> float:
