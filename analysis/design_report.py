@@ -88,6 +88,9 @@ def design_html(record: Mapping) -> str:
                      _interval(lk, "lo95", "hi95"), lk["verdict"], props])
     head = (f"<p>{escape(design_line(record))}. The study's grid ({record['n_candidates']} trials, "
             f"{record['candidate_flops']:.3g} FLOPs) is the candidate set; the design chose "
-            f"{record['proposed']} of them (docs/FITTING.md, \"Adaptive designs\").</p>")
+            f"{record['proposed']} of them (docs/FITTING.md, \"Adaptive designs\"). The paired verdicts "
+            "elsewhere in this report are fixed-sample 95% intervals; after a design that looked at its data "
+            "round by round, the interval the design stops on (the repeated confidence interval) is the one "
+            "that keeps its 95% coverage.</p>")
     return head + table(["look", "trials done", "FLOPs done", "estimate", "interval it stops on",
                          "plain 95% interval", "verdict", "next trials (why) or stop"], rows) + "{{figure:design}}"
