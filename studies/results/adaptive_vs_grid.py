@@ -4,7 +4,8 @@ allocation (the grid in seed-major order, every size at every seed, up to the sa
 have had at the same measured pair-to-pair sd. The fixed ladder was not trained: its interval is a
 projection from the design's own runs (the pooled sd does not depend on the allocation), said so.
 
-    python studies/results/adaptive_vs_grid.py [WORKSPACE]   # default /work/ws_adaptive
+    python studies/results/adaptive_vs_grid.py [RECORD]   # default: adaptive_design.json beside this file
+                                                          # (a copy of <workspace>/designs/adaptive.json)
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from moue.studies.adaptive import build_design
 from moue.studies.spec import load_study
 
 SPEC = Path(__file__).resolve().parents[1] / "adaptive.toml"
+RECORD = Path(__file__).resolve().parent / "adaptive_design.json"
 
 
-def main(workspace: str = "/work/ws_adaptive") -> None:
-    record = json.loads((Path(workspace) / "designs" / "adaptive.json").read_text())
+def main(record_file: str = str(RECORD)) -> None:
+    record = json.loads(Path(record_file).read_text())
     study = load_study(SPEC)
     design = build_design(study)
     design.restore(record["state"])
