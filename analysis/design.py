@@ -213,8 +213,9 @@ class Look:
 @dataclass
 class Design:
     """The state of an adaptive design over ``candidates``: what was proposed, what finished (the
-    loss of each of its rows; ``None``: failed or diverged) and the looks so far. ``law`` names the
-    law a parameter target fits (and ``law_rows`` the rows it keeps; default all)."""
+    loss of each of its rows; ``None``: failed or diverged) and the looks so far. A parameter
+    target's law is the one its target names, fitted on the rows ``moue.analysis.report.law_rows``
+    keeps. ``batch``: trials per round for a law target, pairs per round for a paired one."""
 
     spec: DesignSpec
     candidates: tuple[Candidate, ...]
@@ -231,6 +232,19 @@ class Design:
             if not {"variant", "reference"} <= arms:
                 raise AnalysisError("design.target", self.spec.target,
                                     "has no variant or no reference among the study's trials")
+            units: dict[tuple, list[str]] = {}
+            for c in self.candidates:
+                if c.arm:
+                    units.setdefault((c.stratum, c.seed), []).append(c.arm)
+            crowded = [k for k, a in units.items() if a.count("variant") > 1 or a.count("reference") > 1]
+            if crowded:
+                raise AnalysisError("design.target", self.spec.target,
+                                    f"pairs its runs by size and seed, but {crowded[0][0]} seed {crowded[0][1]} has "
+                                    "several runs of one arm (the study varies another setting): give each setting "
+                                    "its own study, or name a comparison whose pair columns tell them apart")
+            if not any({"variant", "reference"} <= set(a) for a in units.values()):
+                raise AnalysisError("design.target", self.spec.target,
+                                    "has no variant and reference run that share a size and seed (no pair to compare)")
         if len({c.index for c in self.candidates}) != len(self.candidates):
             raise AnalysisError("design", "candidates", "must have distinct indices")
 
@@ -254,10 +268,12 @@ class Design:
         return sum(by[i].cost for i in self.proposed)
 
     def observe(self, index: int, losses: Sequence[float] | None) -> None:
-        """A proposed trial finished: the loss of each of its rows (``None``: it failed)."""
+        """A proposed trial finished: the loss of each of its rows (``None``: it failed). A trial
+        whose final loss (the first row) is not finite failed; a diverged cooldown branch (NaN) is
+        only that row missing."""
         if index not in self.proposed:
             raise AnalysisError("design", index, "was not proposed")
-        ok = losses is not None and all(math.isfinite(x) for x in losses)
+        ok = losses is not None and len(losses) > 0 and math.isfinite(losses[0])
         self.results[index] = tuple(float(x) for x in losses) if ok else None
 
     def propose(self, indices: Sequence[int]) -> list[int]:
@@ -282,18 +298,18 @@ class Design:
             second = sorted((seed, m) for (s, seed), m in units.items() if s == cheapest and seed != firsts[cheapest][0])
             if second:
                 chosen.append(second[0][1])
-            picks = [c for members in sorted(chosen, key=lambda m: sum(c.cost for c in m)) for c in members]
+            groups = sorted(chosen, key=lambda m: sum(c.cost for c in m))  # whole pairs
         else:
             first: dict[tuple, Candidate] = {}
             for c in sorted(self.candidates, key=lambda c: c.seed):
                 first.setdefault(c.setting, c)
-            picks = sorted(first.values(), key=lambda c: c.cost)
+            groups = [(c,) for c in sorted(first.values(), key=lambda c: c.cost)]
         out, budget = [], self.spec.budget_flops
-        for c in picks:
-            if self.spent() + c.cost > budget:
+        for group in groups:
+            if self.spent() + sum(c.cost for c in group) > budget:
                 break
-            out.append(c.index)
-            self.proposed.append(c.index)
+            out += [c.index for c in group]
+            self.proposed += [c.index for c in group]
         return out
 
     def step(self) -> Look:
@@ -440,6 +456,8 @@ class Design:
                 continue
             c = self.by_index[i]
             for j, (row, loss) in enumerate(zip(c.rows, losses)):
+                if not math.isfinite(loss):
+                    continue  # a diverged cooldown branch
                 for v, name in DEFAULT_COLUMNS.items():
                     cols[name].append(float(row.get(v, math.nan)))
                 cols[DEFAULT_LOSS].append(loss)
@@ -506,10 +524,10 @@ class Design:
         theta = np.asarray(r.theta, dtype=np.float64)
         grad = _natural_gradient(law, theta, law.natural.index(param))
         done = [self.by_index[i] for i, x in self.results.items() if x is not None]
-        info = _information(law, theta, [row for c in done for row in c.rows])
+        info = _information(law, theta, [row for c in done for row in _fitted_rows(law, c.rows)])
         var_now = _variance(info, grad)
         half_now = (look.hi - look.lo) / 2
-        jac = {c.index: _jacobian(law, theta, c.rows) for c in left}
+        jac = {c.index: _jacobian(law, theta, _fitted_rows(law, c.rows)) for c in left}
         out = []
         for _ in range(self.spec.batch):
             best = None
@@ -631,6 +649,13 @@ def stratified(pairs: Mapping[tuple, Sequence[float]]) -> tuple[float, float, in
 
 def _short(stratum: tuple) -> str:
     return "/".join(str(v) for v in stratum) or "all"
+
+
+def _fitted_rows(law, rows: Sequence[Mapping[str, float]]) -> Sequence[Mapping[str, float]]:
+    """The rows of a trial the law's fit keeps (``moue.analysis.report.law_rows``): every row for a
+    law in D; the final point only for one without D (a law of compute alone describes one
+    allocation line; one of neither is fitted at a single budget)."""
+    return rows if "D" in law.variables else rows[:1]
 
 
 def _jacobian(law, theta: np.ndarray, rows: Sequence[Mapping[str, float]]) -> np.ndarray:

@@ -24,7 +24,10 @@ def load_design(parents: Sequence, tracking_uri: str) -> dict | None:
     if not with_design:
         return None
     client = MlflowClient(tracking_uri=tracking_uri)
-    path = client.download_artifacts(with_design[-1].run_id, DESIGN_ARTIFACT)
+    try:
+        path = client.download_artifacts(with_design[-1].run_id, DESIGN_ARTIFACT)
+    except Exception:  # noqa: BLE001 - MLflow raises its own and OS errors for a missing artifact
+        return None  # the tags without the record (an upload that failed): no design section
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

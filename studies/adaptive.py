@@ -65,6 +65,8 @@ def _arms(study, kind: str, name: str) -> tuple[list[str], list[tuple]]:
         variant = _match_family(name, sorted(set(labels) - {REFERENCE_FAMILY}))
         arms = ["variant" if lab == variant else "reference" if lab == REFERENCE_FAMILY else "" for lab in labels]
         pair = [c for c in FAMILY_PAIR if c not in SEED_KEYS]
+        if len(study.budgets) > 1:  # several token budgets: a pair shares its budget (the report's BUDGET_PAIR)
+            pair.append("train.tokens")
     else:
         spec = next((c for c in study.comparisons if c.name == name), None)
         if spec is None:
@@ -77,7 +79,10 @@ def _arms(study, kind: str, name: str) -> tuple[list[str], list[tuple]]:
         from moue.analysis.paired import variant_labels
 
         values = variant_labels(frame, spec.variant)
-        arms = ["reference" if v == spec.reference else "variant" for v in values]
+        labels = dict(spec.label)
+        reference = {spec.reference, labels.get(spec.reference, spec.reference)}  # by value or by its label
+        reference |= {v for v, lab in labels.items() if lab in reference}
+        arms = ["reference" if v in reference else "variant" for v in values]
         pair = [c for c in spec.pair if c not in SEED_KEYS]
     strata = [tuple(f.get(c) for c in pair) for f in flats]
     return arms, strata
@@ -132,12 +137,22 @@ class AdaptiveSearcher(Searcher):
         self.trial_index: dict[str, int] = {}
         self.queue: list[int] = []
         self.finished = False
+        self.max_concurrent = 0  # 0: no limit (Tune's max_concurrent_trials, kept here)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Keep Tune's concurrency limit here instead of under its ``ConcurrencyLimiter``, which
+        forgets a trial that errored before a resume: Tune retrains it (``resume_errored``) but the
+        limiter would not pass its result on, and the design would hold it as failed."""
+        self.max_concurrent = int(max_concurrent or 0)
+        return True
 
     # ---- Tune's hooks
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if trial_id in self.trial_index:  # asked again for a trial it already has (a restored driver)
             return {"point": self.study.points[self.trial_index[trial_id]]}
+        if self.max_concurrent and len(self.design.pending) - len(self.queue) >= self.max_concurrent:
+            return None  # as many running as allowed
         if not self.queue and not self.finished:
             self._next_round()
         if self.queue:

@@ -318,7 +318,7 @@ def load_study(path: str | Path, *, smoke: bool = False, stage: str = "main", lr
     )
     _probe_fixed(fixed)
     study = _resolve_points(study, space)
-    if "design" in doc:
+    if "design" in doc and stage == "main":  # an LR stage scans its grid whole
         study = _with_design(study, doc)
     if not smoke and "smoke" in doc:  # the [smoke.*] overrides are checked now, not at the first --smoke
         _check_smoke(p, _flatten_fixed(doc, "smoke"))
@@ -344,7 +344,8 @@ def _with_design(study: Study, doc: dict) -> Study:
     from moue.studies.adaptive import build_design
 
     if not build_design(study).initial():
-        raise ConfigError("design.budget_flops", spec.budget_flops, "is less than the cheapest trial of the study")
+        raise ConfigError("design.budget_flops", spec.budget_flops, "is less than the cheapest trial of the study "
+                          "(a paired target: its cheapest pair)")
     return study
 
 

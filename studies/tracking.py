@@ -622,14 +622,15 @@ def log_design(tracking_uri: str, parent_run_id: str, record: Mapping[str, Any])
     from moue.tracking_contract import DESIGN_ARTIFACT, DESIGN_METRICS, DESIGN_TAG, DESIGN_VERDICT_TAG
 
     client = MlflowClient(tracking_uri)
-    now = int(time.time() * 1000)
+    client.log_text(parent_run_id, json.dumps(record, indent=1, allow_nan=True), DESIGN_ARTIFACT)  # before the tags
+    start = client.get_run(parent_run_id).info.start_time or 0  # a fixed timestamp per look: logged again, the same
     metrics = []
     for look in record.get("looks", ()):
-        metrics += [Metric(name, float(look[key]), now, int(look["round"])) for key, name in DESIGN_METRICS.items()
+        when = start + int(look["round"])
+        metrics += [Metric(name, float(look[key]), when, int(look["round"])) for key, name in DESIGN_METRICS.items()
                     if look.get(key) is not None and math.isfinite(float(look[key]))]
     tags = [RunTag(DESIGN_TAG, record.get("stop") or "not stopped: the sweep ended first"),
             RunTag(DESIGN_VERDICT_TAG, str(record.get("verdict", "undecided")))]
-    for start in range(0, max(1, len(metrics)), 900):  # MLflow's batch limit is 1,000 entries
-        client.log_batch(parent_run_id, metrics=metrics[start:start + 900], tags=tags if start == 0 else [],
+    for first in range(0, max(1, len(metrics)), 900):  # MLflow's batch limit is 1,000 entries
+        client.log_batch(parent_run_id, metrics=metrics[first:first + 900], tags=tags if first == 0 else [],
                          synchronous=True)
-    client.log_text(parent_run_id, json.dumps(record, indent=1, allow_nan=True), DESIGN_ARTIFACT)

@@ -132,6 +132,37 @@ def test_searcher_hands_out_rounds_and_a_restored_one_continues_identically(tmp_
     assert all(p["reason"] for look in record["looks"] for p in look["proposals"])
 
 
+def test_the_searcher_keeps_tunes_concurrency_limit(tmp_path) -> None:
+    """Tune's limit lives in the searcher (``set_max_concurrency``), not in a ConcurrencyLimiter that
+    would drop the result of a trial retrained after a resume (review of issue 34)."""
+    s = AdaptiveSearcher(load_study(SPEC, smoke=True), metric="val/loss", record=tmp_path / "r.json")
+    assert s.set_max_concurrency(2) is True
+    assert s.suggest("t0") is not None and s.suggest("t1") is not None
+    assert s.suggest("t2") is None  # two running: wait
+    s.on_trial_complete("t0", _result(3.0))
+    assert s.suggest("t2") is not None
+
+
+def test_log_design_is_idempotent(tmp_path) -> None:
+    """A resumed sweep logs its design record again: the curves keep one point per look."""
+    import mlflow
+
+    from moue.studies.tracking import log_design
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("x"))
+    looks = [{"round": r, "estimate": 0.1 * r, "lo": -1.0, "hi": float("inf"), "half_width": float("inf"),
+              "compute_flops": 1e9 * r, "n_trials": 2 * r} for r in range(3)]
+    record = {"looks": looks, "stop": "budget spent", "verdict": "undecided"}
+    for _ in range(2):
+        log_design(uri, run.info.run_id, record)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "design/estimate")] == [0, 1, 2]
+    assert client.get_metric_history(run.info.run_id, "design/hi") == []  # not finite: not logged
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["moue.design.stop"] == "budget spent" and tags["moue.design.verdict"] == "undecided"
+
+
 def test_a_failed_trial_is_recorded_and_its_pair_not_used(tmp_path) -> None:
     study = load_study(SPEC, smoke=True)
     s = AdaptiveSearcher(study, metric="val/loss", record=tmp_path / "r.json")

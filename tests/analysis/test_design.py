@@ -238,3 +238,38 @@ def test_a_paired_target_needs_both_arms():
     only_ref = tuple(c for c in _paired(seeds=2) if c.arm == "reference")
     with pytest.raises(AnalysisError, match="no variant or no reference"):
         Design(spec=_spec(), candidates=only_ref)
+
+
+def test_a_unit_with_two_runs_of_one_arm_is_refused():
+    """Two token budgets at one size and seed would pair whichever run came last (review of issue 34)."""
+    cands = [Candidate(index=i, cost=1.0, seed=0, arm=arm, stratum=(0,), setting=(budget, arm))
+             for i, (budget, arm) in enumerate([(a, b) for a in (1, 2) for b in ("reference", "variant")])]
+    with pytest.raises(AnalysisError, match="several runs of one arm"):
+        Design(spec=_spec(), candidates=tuple(cands))
+
+
+def test_arms_that_never_share_a_size_and_seed_are_refused():
+    cands = (Candidate(index=0, cost=1.0, seed=0, arm="reference", stratum=(0,)),
+             Candidate(index=1, cost=1.0, seed=1, arm="variant", stratum=(0,)))
+    with pytest.raises(AnalysisError, match="no pair to compare"):
+        Design(spec=_spec(), candidates=cands)
+
+
+def test_a_diverged_cooldown_branch_keeps_the_trial():
+    d = Design(spec=_spec(), candidates=_paired(seeds=3))
+    first = d.initial()
+    for i in first:
+        d.observe(i, [3.0, math.nan])  # the final loss, and a branch that diverged
+    assert all(d.results[i] is not None for i in first)
+    assert sum(len(v) for v in d._pairs().values()) == len(first) // 2
+    d2 = Design(spec=_spec(), candidates=_paired(seeds=3))
+    d2.initial()
+    d2.observe(first[0], [math.nan, 3.0])  # the final loss diverged: the trial failed
+    assert d2.results[first[0]] is None
+
+
+def test_the_initial_round_is_whole_pairs_within_the_budget():
+    d = Design(spec=_spec(budget=1.5), candidates=_paired(seeds=3))  # one trial of the cheapest pair
+    assert d.initial() == []
+    d = Design(spec=_spec(budget=2.0), candidates=_paired(seeds=3))
+    assert len(d.initial()) == 2
