@@ -43,9 +43,11 @@ def _rows(plan) -> tuple[dict[str, float], ...]:
     counts, tc = plan.counts, plan.config.train
     flat = plan.config.model
     base = {"N": float(counts.n_params_active), "V": float(counts.virtual_width), "E": float(flat.pool_size)}
-    out = [{**base, "D": float(plan.tokens), "C": float(counts.compute(plan.tokens))}]
+    bt = tc.batch_tokens
+    final = (plan.tokens // bt) * bt  # whole optimizer steps, as moue.train runs them
+    out = [{**base, "D": float(final), "C": float(counts.compute(final))}]
     for t in sorted(tc.cooldown_at):
-        tokens = t + max(1, round(tc.cooldown_frac * (t // tc.batch_tokens))) * tc.batch_tokens
+        tokens = (t // bt + max(1, round(tc.cooldown_frac * (t // bt)))) * bt
         out.append({**base, "D": float(tokens), "C": float(counts.compute(tokens))})
     return tuple(out)
 
