@@ -270,21 +270,23 @@ def test_smoke_sweep_on_local_ray_and_sqlite(local_ray, tmp_path) -> None:
 
 def _kind(study) -> tuple:
     """What a smoke sweep of a study exercises: its space, search, scheduler, one or several
-    budgets, cooldown branches, an LR stage."""
+    budgets, cooldown branches, an LR stage, an adaptive design."""
     branches = any(p.config.train.cooldown_at for p in study.plans)
     return (study.search.space, study.search.algorithm, study.scheduler.kind, len(study.budgets) > 1, branches,
-            study.lr_stage is not None)
+            study.lr_stage is not None, study.design is not None)
 
 
 # one shipped study of each kind runs a smoke sweep (``smoke.toml`` has its own tests); the others
 # differ from theirs only in settings that every study's load and dry run check (test_specs.py)
 SMOKE_SWEEPS = ("virtual_width.toml", "vw_scaling.toml", "ladder.toml", "quickstart.toml", "conversion.toml",
                 "gate.toml", "lr.toml", "pool_size.toml", "rotation.toml", "router_balance.toml")
+# smoke sweeps run by their own tests (an adaptive design trains a subset of its grid)
+SMOKE_ELSEWHERE = ("adaptive.toml",)  # tests/test_adaptive.py::test_smoke_runs_adaptively_into_mlflow_and_the_report
 
 
 def test_the_smoke_sweeps_cover_every_kind_of_shipped_study() -> None:
     kinds = {p.name: _kind(load_study(p, smoke=True)) for p in shipped_studies()}
-    covered = {kinds[name] for name in SMOKE_SWEEPS} | {kinds["smoke.toml"]}
+    covered = {kinds[name] for name in (*SMOKE_SWEEPS, *SMOKE_ELSEWHERE)} | {kinds["smoke.toml"]}
     missing = {name: kind for name, kind in kinds.items() if kind not in covered}
     assert not missing, f"add a study of each kind to SMOKE_SWEEPS: {missing}"
 
