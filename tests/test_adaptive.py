@@ -151,7 +151,7 @@ def test_log_design_is_idempotent(tmp_path) -> None:
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = mlflow.MlflowClient(uri)
-    run = client.create_run(client.create_experiment("x"))
+    run = client.create_run(client.create_experiment("x", artifact_location=(tmp_path / "artifacts").as_uri()))
     looks = [{"round": r, "estimate": 0.1 * r, "lo": -1.0, "hi": float("inf"), "half_width": float("inf"),
               "compute_flops": 1e9 * r, "n_trials": 2 * r} for r in range(3)]
     record = {"looks": looks, "stop": "budget spent", "verdict": "undecided"}
