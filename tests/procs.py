@@ -101,3 +101,17 @@ def launched(marker: str, wait_s: float = 10.0) -> list[str]:
             return ["the command's watchdog is still running after the command ended"]
         time.sleep(0.25)
 
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# a `moue` command of a test runs with local token auth: no Ray auth settings of an earlier test
+CLI_ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+
+
+def moue_cli(*args: str, timeout: int = 600):
+    """``moue ARGS`` in a fresh process from the repository root; its ``CompletedProcess`` (text)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", *args],
+                          cwd=ROOT, env=CLI_ENV, capture_output=True, text=True, timeout=timeout)

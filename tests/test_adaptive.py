@@ -16,15 +16,10 @@ import pytest
 from moue.errors import ConfigError
 from moue.studies.adaptive import AdaptiveSearcher, build_design
 from moue.studies.spec import load_study
+from procs import CLI_ENV, moue_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "studies" / "adaptive.toml"
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # local runs: token auth
-
-
-def _moue(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def _spec(tmp_path: Path, **design) -> Path:
@@ -56,7 +51,7 @@ def test_shipped_study_is_a_design_over_its_grid() -> None:
 
 
 def test_dry_run_shows_the_candidates_and_the_first_round() -> None:
-    r = _moue("sweep", str(SPEC), "--smoke", "--dry-run")
+    r = moue_cli("sweep", str(SPEC), "--smoke", "--dry-run")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "adaptive design: target family:MoUE-style, precision 0.01" in r.stdout
     assert "first round (6 trials" in r.stdout
@@ -81,7 +76,7 @@ def test_bad_design_input_names_the_field(tmp_path, design, field, says) -> None
 
 def test_bad_design_exits_2_before_anything_is_written(tmp_path) -> None:
     ws = tmp_path / "ws"
-    r = _moue("run", str(_spec(tmp_path, target='"family:nope"')), "--workspace", str(ws))
+    r = moue_cli("run", str(_spec(tmp_path, target='"family:nope"')), "--workspace", str(ws))
     assert r.returncode == 2 and "design.target ('family:nope')" in r.stderr, r.stderr
     assert not ws.exists()
 
@@ -185,7 +180,7 @@ def test_smoke_runs_adaptively_into_mlflow_and_the_report(tmp_path) -> None:
     import mlflow
 
     ws = tmp_path / "ws"
-    run = _moue("run", str(SPEC), "--smoke", "--workspace", str(ws), "--bootstrap", "50")
+    run = moue_cli("run", str(SPEC), "--smoke", "--workspace", str(ws), "--bootstrap", "50")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "design family:MoUE-style: " in run.stdout, run.stdout
     record = json.loads((ws / "designs" / "adaptive-smoke.json").read_text())
@@ -202,7 +197,7 @@ def test_smoke_runs_adaptively_into_mlflow_and_the_report(tmp_path) -> None:
     assert parent.data.tags["moue.design.verdict"] == record["verdict"]
     shown = json.loads(Path(client.download_artifacts(parent.info.run_id, "design.json")).read_text())
     assert shown["looks"] == record["looks"]
-    report = _moue("report", "adaptive-smoke", "--workspace", str(ws), "--json")
+    report = moue_cli("report", "adaptive-smoke", "--workspace", str(ws), "--json")
     assert report.returncode == 0, report.stderr
     design = json.loads(report.stdout)["design"]
     assert design["stop"] == record["stop"] and len(design["looks"]) == len(record["looks"])
@@ -224,7 +219,7 @@ def test_an_interrupted_driver_resumes_the_same_design(tmp_path) -> None:
     record_file = ws / "designs" / "adaptive-smoke.json"
     args = [sys.executable, "-c", "from moue.studies.cli import main; main()", "sweep", str(spec), "--smoke",
             "--workspace", str(ws)]
-    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, cwd=ROOT, env=CLI_ENV, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -238,7 +233,7 @@ def test_an_interrupted_driver_resumes_the_same_design(tmp_path) -> None:
     proc.communicate(timeout=180)
     before = json.loads(record_file.read_text())
     assert not before["finished"]
-    again = _moue("sweep", str(spec), "--smoke", "--workspace", str(ws), "--resume")
+    again = moue_cli("sweep", str(spec), "--smoke", "--workspace", str(ws), "--resume")
     assert again.returncode == 0, again.stdout + again.stderr
     after = json.loads(record_file.read_text())
     assert after["finished"] and after["stop"]

@@ -4,24 +4,16 @@ describes, and its smoke version runs end to end into a report that decides its 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from moue.analysis.decide import VERDICTS
 from moue.studies.spec import load_study
+from procs import moue_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "studies" / "positive_control.toml"
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # local runs: token auth
-
-
-def _moue(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from moue.studies.cli import main; main()", *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_arms_differ_only_in_experts_per_layer_at_matched_active_counts() -> None:
@@ -43,12 +35,12 @@ def test_two_arms_differ_only_in_experts_per_layer_at_matched_active_counts() ->
 @pytest.mark.slow
 def test_smoke_runs_end_to_end_and_its_report_decides_the_comparison(tmp_path) -> None:
     ws = tmp_path / "ws"
-    run = _moue("run", str(SPEC), "--smoke", "--workspace", str(ws))
+    run = moue_cli("run", str(SPEC), "--smoke", "--workspace", str(ws))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "sweep positive_control-smoke: 6 trials (6 finished)" in run.stdout  # [smoke.search] seeds
     assert "8 vs 2 experts per layer: " in run.stdout
     assert "no law was fitted" in run.stdout and "no law is identified" not in run.stdout
-    report = _moue("report", "positive_control-smoke", "--workspace", str(ws), "--json")
+    report = moue_cli("report", "positive_control-smoke", "--workspace", str(ws), "--json")
     assert report.returncode == 0, report.stdout + report.stderr
     out = json.loads(report.stdout)
     assert out["laws"] == {} and "laws: none (the study's [analysis] laws" in report.stderr  # laws = []
