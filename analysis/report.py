@@ -444,10 +444,7 @@ def write_report(
                         + ("{{figure:isoflop}}" if iso is not None else "")))
     if decided.entries() or cmp_notes:
         sections.insert(1, ("Decisions", _decisions_table(decided, notes=cmp_notes)))
-    design = load_design(runs.parents, tracking_uri)
-    if design is not None:
-        figs["design"] = R.draw_scatter(design_figure(design))
-        sections.insert(1, ("Adaptive design: what it trained and why it stopped", design_html(design)))
+    design = _design_section(runs.parents, tracking_uri, sections, figs)
     if lr_rule is not None:
         from moue.analysis import figures as F
 
@@ -467,6 +464,17 @@ def write_report(
     if log_artifact:
         res = dataclasses.replace(res, logged_to=_log_report(out, runs.parents, tracking_uri, res))
     return res
+
+
+def _design_section(parents, tracking_uri: str, sections: list, figs: dict) -> dict | None:
+    """An adaptive study's design record, its section (second) and figure; ``None``: no design."""
+    from moue.analysis import render as R
+
+    design = load_design(parents, tracking_uri)
+    if design is not None:
+        figs["design"] = R.draw_scatter(design_figure(design))
+        sections.insert(1, ("Adaptive design: what it trained and why it stopped", design_html(design)))
+    return design
 
 
 def _report_points(runs, experiment: str, points: str):

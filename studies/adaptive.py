@@ -26,7 +26,7 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from moue.errors import ConfigError
-from moue.tracking_contract import FINAL_VAL_LOSS
+from moue.tracking_contract import COOLDOWN, FINAL_VAL_LOSS
 
 __all__ = ["AdaptiveSearcher", "build_design", "candidates", "design_record", "round_lines"]
 
@@ -220,9 +220,12 @@ def _losses(result: Mapping[str, Any], candidate) -> tuple[float, ...] | None:
     if final is None:
         return None
     out = [float(final)]
-    branches = sorted(int(k.split("/")[2]) for k in result if k.startswith("final/cooldown/") and k.endswith("/val_loss"))
+    final, _, loss = FINAL_VAL_LOSS.rpartition("/")
+    prefix = f"{final}/{COOLDOWN}"  # final/cooldown/<t>/val_loss
+    branches = sorted(int(k[len(prefix):].split("/")[0]) for k in result
+                      if k.startswith(prefix) and k.endswith("/" + loss))
     for t in branches[: len(candidate.rows) - 1]:
-        out.append(float(result[f"final/cooldown/{t}/val_loss"]))
+        out.append(float(result[f"{prefix}{t}/{loss}"]))
     out += [math.nan] * (len(candidate.rows) - len(out))
     return tuple(out)
 

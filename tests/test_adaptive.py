@@ -247,3 +247,14 @@ def test_an_interrupted_driver_resumes_the_same_design(tmp_path) -> None:
                 and r.data.tags.get("moue.status") == "finished"]
     names = [r.info.run_name for r in finished]
     assert len(names) == len(set(names)) == len(proposed), (len(names), len(set(names)), len(proposed))
+
+
+def test_a_trials_rows_are_its_final_loss_then_its_branches_in_order() -> None:
+    from moue.analysis.design import Candidate
+    from moue.studies.adaptive import _losses
+
+    c = Candidate(index=0, cost=1.0, seed=0, rows=({}, {}, {}))
+    result = {"status": "finished", "final/val_loss": 2.0, "final/cooldown/200/val_loss": 2.5,
+              "final/cooldown/100/val_loss": 3.0, "final/cooldown/100/tokens": 5}
+    assert _losses(result, c) == (2.0, 3.0, 2.5)
+    assert _losses({**result, "status": "diverged"}, c) is None
