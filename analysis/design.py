@@ -276,10 +276,6 @@ class Design:
         ok = losses is not None and len(losses) > 0 and math.isfinite(losses[0])
         self.results[index] = tuple(float(x) for x in losses) if ok else None
 
-    def propose(self, indices: Sequence[int]) -> list[int]:
-        self.proposed.extend(indices)
-        return list(indices)
-
     # ------------------------------------------------------------------ the rounds
 
     def initial(self) -> list[int]:
